@@ -1,0 +1,154 @@
+"""Model configs, seeded models and deterministic fixture inputs: everything depends only on (seed, dtype, device)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+from diffusers.models.normalization import RMSNorm
+from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+# diffusers' own test config; "small" is wide enough for several heads per block; "full" is the real model.
+CONFIGS: dict[str, dict] = {
+    "tiny": dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+    ),
+    "small": dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=4, attention_head_dim=32,
+        num_attention_heads=6, joint_attention_dim=64, axes_dims_rope=(8, 12, 12),
+    ),
+    "full": dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Sizes of one fixture: batch, image grid in patches, optional reference image, text length and padding."""
+
+    batch: int = 2
+    height: int = 4  # image grid, in patches
+    width: int = 4
+    edit: bool = False  # a reference image of the same grid follows the target tokens
+    text_len: int = 8
+    pad: tuple[int, ...] = (0, 3)  # padded text tokens at the end, per sample (cycled over the batch)
+    timesteps: tuple[float, ...] = (0.25, 0.9)  # per sample (cycled over the batch)
+
+    @property
+    def images(self) -> int:
+        return 2 if self.edit else 1
+
+    @property
+    def image_tokens(self) -> int:
+        return self.images * self.height * self.width
+
+    def img_shapes(self) -> list[list[tuple[int, int, int]]]:
+        return [[(1, self.height, self.width)] * self.images] * self.batch
+
+
+# The fixtures the report runs: text-to-image and edit, each with a padded text mask and two timesteps.
+FIXTURES: dict[str, InputSpec] = {
+    "text-to-image": InputSpec(),
+    "edit": InputSpec(edit=True),
+}
+
+
+def model_config(name_or_config: str | dict, **overrides) -> dict:
+    """A diffusers config dict from a config name (tiny|small|full) or a dict, with overrides applied."""
+    config = dict(CONFIGS[name_or_config]) if isinstance(name_or_config, str) else dict(name_or_config)
+    config.update(overrides)
+    return config
+
+
+def build_model(config: dict, seed: int, dtype: torch.dtype = torch.float64) -> QwenImageTransformer2DModel:
+    """The standard diffusers model with seeded weights, on the CPU; RMSNorm weights randomised so swaps show."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = QwenImageTransformer2DModel(**config)
+    randomise_norms(model, seed)
+    return model.to(dtype).eval()
+
+
+def randomise_norms(module: torch.nn.Module, seed: int) -> None:
+    """Draw every RMSNorm weight from U(0.5, 1.5): at their initial ones, norm_q and norm_added_q are interchangeable."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for norm in (m for m in module.modules() if isinstance(m, RMSNorm) and m.weight is not None):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g, dtype=torch.float64) + 0.5)
+
+
+def model_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
+    """fp64 CPU inputs of the full model's forward for `spec`."""
+    g = torch.Generator().manual_seed(seed)
+    B = spec.batch
+    return dict(
+        hidden_states=torch.randn(B, spec.image_tokens, config["in_channels"], generator=g, dtype=torch.float64),
+        encoder_hidden_states=torch.randn(
+            B, spec.text_len, config["joint_attention_dim"], generator=g, dtype=torch.float64
+        ),
+        encoder_hidden_states_mask=text_mask(spec),
+        timestep=torch.tensor([spec.timesteps[i % len(spec.timesteps)] for i in range(B)], dtype=torch.float64),
+        img_shapes=spec.img_shapes(),
+    )
+
+
+def text_mask(spec: InputSpec) -> torch.Tensor:
+    """[B, T] float mask: ones, with the last pad[b] tokens of sample b zeroed (at least one token stays)."""
+    mask = torch.ones(spec.batch, spec.text_len, dtype=torch.float64)
+    for b in range(spec.batch):
+        pad = min(spec.pad[b % len(spec.pad)], spec.text_len - 1)
+        if pad:
+            mask[b, -pad:] = 0
+    return mask
+
+
+def rotary_emb(config: dict, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, text) complex RoPE frequencies as the full model computes them for `spec`."""
+    rope = QwenEmbedRope(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
+    return rope(spec.img_shapes(), max_txt_seq_len=spec.text_len, device=torch.device("cpu"))
+
+
+def block_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
+    """fp64 CPU inputs of one transformer block's forward (streams already projected to the inner width)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    B = spec.batch
+    zero_cond = config.get("zero_cond_t", False)
+    inputs = dict(
+        hidden_states=torch.randn(B, spec.image_tokens, dim, generator=g, dtype=torch.float64),
+        encoder_hidden_states=torch.randn(B, spec.text_len, dim, generator=g, dtype=torch.float64),
+        encoder_hidden_states_mask=text_mask(spec).bool(),
+        temb=torch.randn(2 * B if zero_cond else B, dim, generator=g, dtype=torch.float64),
+        image_rotary_emb=rotary_emb(config, spec),
+    )
+    if zero_cond:
+        target = spec.height * spec.width
+        index = [0] * target + [1] * (spec.image_tokens - target)
+        inputs["modulate_index"] = torch.tensor([index] * B, dtype=torch.int)
+    return inputs
+
+
+def attention_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
+    """fp64 CPU inputs of one joint attention's forward."""
+    inputs = block_inputs(config, spec, seed)
+    return {k: inputs[k] for k in ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask",
+                                   "image_rotary_emb")}
+
+
+def cast_inputs(inputs: dict, dtype: torch.dtype, device: torch.device | str) -> dict:
+    """Floating tensors cast to `dtype` and everything moved to `device`; complex RoPE and masks keep their dtype."""
+
+    def cast(x):
+        if isinstance(x, torch.Tensor):
+            keep = x.is_complex() or not x.is_floating_point() or x.dtype == torch.bool
+            return x.to(device=device) if keep else x.to(device=device, dtype=dtype)
+        if isinstance(x, tuple):
+            return tuple(cast(t) for t in x)
+        return x
+
+    return {k: cast(v) for k, v in inputs.items()}
+

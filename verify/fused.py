@@ -1,0 +1,171 @@
+"""The merged-QKV Qwen-Image attention: fused projection modules, their processor, and in-place model conversion.
+
+`fuse_model` replaces each attention's to_q/to_k/to_v (and add_q_proj/add_k_proj/add_v_proj) by one nn.Linear
+and deletes the separate ones, so no code path can silently fall back to them; `unfuse_model` copies the fused
+weights back, so anything trained while merged is kept. `count_fused_calls` proves the fused modules ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    apply_rotary_emb_qwen,
+)
+from torch import nn
+
+from verify import qkv
+from verify.naming import DEFAULT_NAMING, Stream, streams
+
+
+class FusedQwenAttnProcessor:
+    """Joint [text, image] attention of Qwen-Image computed from one fused projection per stream.
+
+    Mirrors diffusers' QwenDoubleStreamAttnProcessor2_0 step for step; each step is a method so that
+    verify.planted can break exactly one of them.
+    """
+
+    def __init__(self, naming: str = DEFAULT_NAMING, layout: str = "blocked"):
+        self.image, self.text = streams(naming)
+        self.naming = naming
+        self.layout = layout
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,  # image stream (B, S_img, dim)
+        encoder_hidden_states: torch.Tensor,  # text stream (B, S_txt, dim)
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is not None:
+            raise ValueError("pass encoder_hidden_states_mask; the processor builds the joint mask")
+        head_dim = attn.inner_dim // attn.heads
+        img_q, img_k, img_v = self.project(attn, self.image, hidden_states, head_dim)  # (B, S_img, H, D)
+        txt_q, txt_k, txt_v = self.project(attn, self.text, encoder_hidden_states, head_dim)  # (B, S_txt, H, D)
+        img_q, img_k, txt_q, txt_k = self.normalise(attn, img_q, img_k, txt_q, txt_k)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_q, img_k = (apply_rotary_emb_qwen(t, img_freqs, use_real=False) for t in (img_q, img_k))
+            txt_q, txt_k = (apply_rotary_emb_qwen(t, txt_freqs, use_real=False) for t in (txt_q, txt_k))
+        joint = dispatch_attention_fn(
+            torch.cat([txt_q, img_q], dim=1),
+            torch.cat([txt_k, img_k], dim=1),
+            torch.cat([txt_v, img_v], dim=1),
+            attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states),
+            dropout_p=0.0,
+            is_causal=False,
+        )  # (B, S_txt + S_img, H, D)
+        joint = joint.flatten(2, 3).to(img_q.dtype)
+        txt_out, img_out = self.split_streams(joint, encoder_hidden_states.shape[1])
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)  # dropout
+        return img_out, attn.to_add_out(txt_out.contiguous())
+
+    def project(self, attn: Attention, stream: Stream, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
+        """One fused matmul, then the (q, k, v) views, each unflattened to heads."""
+        fused = getattr(attn, stream.fused)(x)  # (B, S, 3 * H * D)
+        shape = qkv.QKVShape.equal(fused.shape[-1], head_dim)
+        return tuple(t.unflatten(-1, (-1, head_dim)) for t in qkv.split(fused, shape, self.layout, dim=-1))
+
+    def normalise(self, attn: Attention, img_q, img_k, txt_q, txt_k) -> tuple[torch.Tensor, ...]:
+        """QK RMSNorm over head_dim, each stream with its own weights."""
+        return attn.norm_q(img_q), attn.norm_k(img_k), attn.norm_added_q(txt_q), attn.norm_added_k(txt_k)
+
+    def joint_mask(self, text_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Boolean (B, 1, 1, S_txt + S_img) mask: the text padding mask, then every image token."""
+        if text_mask is None:
+            return None
+        image = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        return torch.cat([text_mask.bool(), image], dim=1)[:, None, None, :]
+
+    def split_streams(self, joint: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text, image) parts of the joint sequence."""
+        return joint[:, :text_len], joint[:, text_len:]
+
+
+def joint_attentions(model: nn.Module) -> list[Attention]:
+    """Every Qwen-Image joint attention in `model` (a full model, a block, or one attention)."""
+    return [m for m in model.modules() if isinstance(m, Attention) and m.added_kv_proj_dim is not None]
+
+
+@torch.no_grad()
+def fuse_attention(
+    attn: Attention, naming: str = DEFAULT_NAMING, layout: str = "blocked", processor=None
+) -> Attention:
+    """Replace the separate q/k/v projections of both streams by fused ones, and install the fused processor."""
+    head_dim = attn.inner_dim // attn.heads
+    for stream in streams(naming):
+        q, k, v = (getattr(attn, name) for name in stream.separate)
+        has_bias = q.bias is not None
+        fused = nn.Linear(q.in_features, q.out_features + k.out_features + v.out_features, bias=has_bias,
+                          device=q.weight.device, dtype=q.weight.dtype)
+        fused.weight.copy_(qkv.merge(q.weight, k.weight, v.weight, layout, head_dim))
+        if has_bias:
+            fused.bias.copy_(qkv.merge(q.bias, k.bias, v.bias, layout, head_dim))
+        for name in stream.separate:
+            delattr(attn, name)
+        setattr(attn, stream.fused, fused)
+    attn.set_processor(processor or FusedQwenAttnProcessor(naming, layout))
+    return attn
+
+
+@torch.no_grad()
+def unfuse_attention(attn: Attention) -> Attention:
+    """Copy the fused weights back into separate q/k/v projections and restore diffusers' processor."""
+    proc = attn.processor
+    head_dim = attn.inner_dim // attn.heads
+    for stream in (proc.image, proc.text):
+        fused = getattr(attn, stream.fused)
+        shape = qkv.QKVShape.equal(fused.out_features, head_dim)
+        weights = qkv.split(fused.weight, shape, proc.layout)
+        biases = qkv.split(fused.bias, shape, proc.layout) if fused.bias is not None else (None,) * 3
+        for name, w, b in zip(stream.separate, weights, biases):
+            linear = nn.Linear(fused.in_features, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            linear.weight.copy_(w)
+            if b is not None:
+                linear.bias.copy_(b)
+            setattr(attn, name, linear)
+        delattr(attn, stream.fused)
+    attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
+    return attn
+
+
+def fuse_model(model: nn.Module, naming: str = DEFAULT_NAMING, layout: str = "blocked") -> nn.Module:
+    """Convert every joint attention of `model` to fused projections, in place; returns `model`."""
+    for attn in joint_attentions(model):
+        fuse_attention(attn, naming, layout)
+    return model
+
+
+def unfuse_model(model: nn.Module) -> nn.Module:
+    """Inverse of fuse_model, in place; returns `model`."""
+    for attn in joint_attentions(model):
+        unfuse_attention(attn)
+    return model
+
+
+def fused_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Qualified name -> fused projection module, for every fused projection in `model`."""
+    fused_names = {s.fused for pair in (streams("seed"), streams("diffusers")) for s in pair}
+    return {name: m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in fused_names}
+
+
+@contextlib.contextmanager
+def count_fused_calls(model: nn.Module) -> Iterator[Counter]:
+    """Count forward calls of every fused projection while the block runs: proof the fused path executed."""
+    calls: Counter = Counter()
+    hooks = [m.register_forward_hook(lambda *_, n=name: calls.update([n])) for name, m in fused_linears(model).items()]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()

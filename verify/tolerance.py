@@ -1,0 +1,64 @@
+"""Tolerances in one place: per-dtype floors from torch.testing's defaults and the named rules that judge a result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+# (atol, rtol) of torch.testing.assert_close for each dtype.
+FLOORS: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float16: (1e-3, 1e-5),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a candidate is judged.
+
+    relative_to_base: err(cand, ref) <= factor * err(base, ref) + floor (flash-attention's rule; the merged path
+    must be no worse than the standard one is anyway). allclose: err(cand, ref) <= floor. exact: bit-identical.
+    """
+
+    name: str
+    factor: float = 0.0
+
+    def bound(self, dtype: torch.dtype, base_err: float, ref_absmax: float) -> float:
+        """Largest allowed max-abs error of the candidate against the reference."""
+        if self.name == "exact":
+            return 0.0
+        atol, rtol = FLOORS[dtype]
+        floor = atol + rtol * ref_absmax
+        return self.factor * base_err + floor if self.name == "relative_to_base" else floor
+
+    def describe(self) -> str:
+        return f"{self.name}(k={self.factor:g})" if self.name == "relative_to_base" else self.name
+
+
+OUTPUTS = Rule("relative_to_base", 2.0)
+GRADIENTS = Rule("relative_to_base", 3.0)
+ALLCLOSE = Rule("allclose")
+EXACT = Rule("exact")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    """'fp64,fp32' -> [torch.float64, torch.float32]; ValueError names an unknown entry."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown or not names:
+        raise ValueError(f"unknown dtype {', '.join(unknown) or '(none)'}; expected a comma list of {', '.join(DTYPES)}")
+    return [DTYPES[n] for n in names]
