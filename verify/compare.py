@@ -25,7 +25,7 @@ class Record:
     rule: str
     passed: bool
     message: str
-    max_abs_err: float = math.nan  # max |cand - ref| of the worst tensor
+    max_abs_err: float = math.nan  # |cand - ref| at the worst element (furthest beyond, or nearest to, its bound)
     base_max_abs_err: float | None = None  # max |base - ref| of that tensor
     rel_l2_err: float = math.nan
     cosine: float = math.nan
@@ -33,7 +33,7 @@ class Record:
     numel: int = 0
     worst_index: str = ""  # "tensor[i, j, ...]"
     ratio: float | None = None  # max_abs_err / base_max_abs_err; None when base is exact
-    tolerance: float = 0.0  # the bound the worst tensor was held to
+    tolerance: float = 0.0  # the bound at the worst element
     bit_identical: bool = False  # cand equals base bit for bit (exact rule: equals the expected tensors)
     nonfinite: int = 0  # NaN/Inf elements in ref, base and cand
     fused_calls: int | None = None  # calls of fused projections during cand's run; None where no model ran
@@ -52,9 +52,10 @@ class Record:
 @dataclass
 class _TensorResult:
     name: str
-    err: float
-    base_err: float | None
-    bound: float
+    err: float  # max |cand - ref|
+    base_err: float | None  # max |base - ref|
+    bound: float  # allowed error at the worst element
+    worst_err: float  # error at the worst element
     rel_l2: float
     cosine: float
     mismatched: int
@@ -67,7 +68,7 @@ class _TensorResult:
     def badness(self) -> float:
         if self.nonfinite:
             return math.inf
-        return self.err / self.bound if self.bound else (math.inf if self.err else 0.0)
+        return self.worst_err / self.bound if self.bound else (math.inf if self.worst_err else 0.0)
 
 
 def compare(
@@ -139,22 +140,23 @@ def _judge(key: str, ref: torch.Tensor, cand: torch.Tensor, base: torch.Tensor |
     r, c = ref.detach().double().cpu(), cand.detach().double().cpu()
     nonfinite = int((~torch.isfinite(c)).sum()) + int((~torch.isfinite(r)).sum())
     diff = (c - r).abs()
-    err = float(diff.max()) if diff.numel() else 0.0
     base_err = None
     if base is not None:
         b = base.detach().double().cpu()
         nonfinite += int((~torch.isfinite(b)).sum())
         base_err = float((b - r).abs().max()) if b.numel() else 0.0
-    finite_ref = r[torch.isfinite(r)]
-    bound = rule.bound(dtype, base_err or 0.0, float(finite_ref.abs().max()) if finite_ref.numel() else 0.0)
-    flat = int(diff.nan_to_num(math.inf).argmax()) if diff.numel() else 0
+    allowed = rule.bound(dtype, base_err or 0.0, r.nan_to_num(0.0, 0.0, 0.0))
+    excess = (diff - allowed).nan_to_num(math.inf)
+    flat = int(excess.argmax()) if diff.numel() else 0  # the element furthest beyond (or nearest to) its bound
     worst = f"{key}[{', '.join(map(str, _unravel(flat, tuple(r.shape))))}]"
     ref_norm = float(r.norm())
     return _TensorResult(
-        name=key, err=err, base_err=base_err, bound=bound,
+        name=key, err=float(diff.nan_to_num(math.inf).max()) if diff.numel() else 0.0, base_err=base_err,
+        bound=float(allowed.flatten()[flat]) if diff.numel() else 0.0,
+        worst_err=float(diff.flatten()[flat]) if diff.numel() else 0.0,
         rel_l2=float((c - r).norm()) / ref_norm if ref_norm else float((c - r).norm()),
         cosine=float(torch.nn.functional.cosine_similarity(c.flatten(), r.flatten(), dim=0)) if c.numel() else 1.0,
-        mismatched=int((diff.nan_to_num(math.inf) > bound).sum()), numel=r.numel(), worst=worst,
+        mismatched=int((excess > 0).sum()), numel=r.numel(), worst=worst,
         nonfinite=nonfinite, identical=base is not None and torch.equal(cand, base),
     )
 
@@ -170,7 +172,8 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
 def _message(worst: _TensorResult, mismatched: int, numel: int, nonfinite: int, rule: Rule) -> str:
     share = 100 * mismatched / numel if numel else 0.0
     text = (f"Mismatched elements: {mismatched} / {numel} ({share:.2g}%); greatest absolute difference "
-            f"{worst.err:.3g} at {worst.worst} (up to {worst.bound:.3g} allowed by {rule.describe()}")
+            f"{worst.err:.3g}; worst element {worst.worst} off by {worst.worst_err:.3g} where "
+            f"{worst.bound:.3g} is allowed by {rule.describe()}")
     text += f", base error {worst.base_err:.3g})" if worst.base_err is not None else ")"
     return text + (f"; {nonfinite} NaN/Inf elements" if nonfinite else "")
 

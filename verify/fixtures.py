@@ -70,11 +70,11 @@ def build_model(config: dict, seed: int, dtype: torch.dtype = torch.float64) -> 
         torch.manual_seed(seed)
         model = QwenImageTransformer2DModel(**config)
     randomise_norms(model, seed)
-    return model.to(dtype).eval()
+    return torch.nn.Module.to(model, dtype).eval()  # ModelMixin.to warns about fp32 modules this model lacks
 
 
 def randomise_norms(module: torch.nn.Module, seed: int) -> None:
-    """Draw every RMSNorm weight from U(0.5, 1.5): at their initial ones, norm_q and norm_added_q are interchangeable."""
+    """Draw RMSNorm weights from U(0.5, 1.5): at their initial ones, norm_q and norm_added_q are interchangeable."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for norm in (m for m in module.modules() if isinstance(m, RMSNorm) and m.weight is not None):

@@ -33,12 +33,12 @@ class Rule:
     name: str
     factor: float = 0.0
 
-    def bound(self, dtype: torch.dtype, base_err: float, ref_absmax: float) -> float:
-        """Largest allowed max-abs error of the candidate against the reference."""
+    def bound(self, dtype: torch.dtype, base_err: float, ref: torch.Tensor) -> torch.Tensor:
+        """Largest allowed |cand - ref| per element: k * max|base - ref| + atol + rtol * |ref|."""
         if self.name == "exact":
-            return 0.0
+            return torch.zeros_like(ref)
         atol, rtol = FLOORS[dtype]
-        floor = atol + rtol * ref_absmax
+        floor = atol + rtol * ref.abs()
         return self.factor * base_err + floor if self.name == "relative_to_base" else floor
 
     def describe(self) -> str:
@@ -60,5 +60,6 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in DTYPES]
     if unknown or not names:
-        raise ValueError(f"unknown dtype {', '.join(unknown) or '(none)'}; expected a comma list of {', '.join(DTYPES)}")
+        wanted = ", ".join(DTYPES)
+        raise ValueError(f"unknown dtype {', '.join(unknown) or '(none)'}; expected a comma list of {wanted}")
     return [DTYPES[n] for n in names]
