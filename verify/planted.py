@@ -1,0 +1,87 @@
+"""Planted bugs: deliberately wrong merged implementations that the same comparison must reject.
+
+Each is a `merge` function (standard module -> broken merged module) that run_case takes in place of fuse_model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from verify import qkv
+from verify.fused import FusedQwenAttnProcessor, fuse_attention, joint_attentions
+from verify.naming import DEFAULT_NAMING
+
+
+class _KVSwapped(FusedQwenAttnProcessor):
+    def project(self, attn, stream, x, head_dim):
+        q, k, v = super().project(attn, stream, x, head_dim)
+        return q, v, k
+
+
+class _NormQSwapped(FusedQwenAttnProcessor):
+    def normalise(self, attn, img_q, img_k, txt_q, txt_k):
+        return attn.norm_added_q(img_q), attn.norm_k(img_k), attn.norm_q(txt_q), attn.norm_added_k(txt_k)
+
+
+class _SplitOffByOne(FusedQwenAttnProcessor):
+    def split_streams(self, joint, text_len):
+        return joint[:, :text_len], joint[:, text_len - 1 : -1]  # image part starts one token early
+
+
+class _MaskIgnored(FusedQwenAttnProcessor):
+    def joint_mask(self, text_mask, hidden_states):
+        return None
+
+
+def _with_processor(processor_type: type[FusedQwenAttnProcessor], layout: str = "blocked") -> Callable:
+    def merge(module: nn.Module) -> nn.Module:
+        for attn in joint_attentions(module):
+            fuse_attention(attn, DEFAULT_NAMING, layout, processor=processor_type(DEFAULT_NAMING, layout))
+        return module
+
+    return merge
+
+
+def _with_weights(rewrite: Callable[[torch.Tensor, int], torch.Tensor], keep_bias: bool = True) -> Callable:
+    """Fuse correctly, then rewrite each fused weight (and bias) as a broken converter would have written it."""
+
+    @torch.no_grad()
+    def merge(module: nn.Module) -> nn.Module:
+        for attn in joint_attentions(module):
+            fuse_attention(attn, DEFAULT_NAMING, "blocked")
+            head_dim = attn.inner_dim // attn.heads
+            for stream in (attn.processor.image, attn.processor.text):
+                linear = getattr(attn, stream.fused)
+                linear.weight.copy_(rewrite(linear.weight, head_dim))
+                if linear.bias is not None:
+                    if keep_bias:
+                        linear.bias.copy_(rewrite(linear.bias, head_dim))
+                    else:
+                        linear.bias.zero_()
+        return module
+
+    return merge
+
+
+def _kqv_order(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    q, k, v = qkv.split(t, qkv.QKVShape.equal(t.shape[0], head_dim), "blocked")
+    return torch.cat([k, q, v])
+
+
+def _interleaved_weights(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return qkv.convert_layout(t, qkv.QKVShape.equal(t.shape[0], head_dim), "blocked", "interleaved")
+
+
+# name -> (what a real converter or processor got wrong, the broken merge)
+PLANTED: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
+    "k_v_swapped": ("the processor reads k where v is and v where k is", _with_processor(_KVSwapped)),
+    "kqv_order": ("weights fused as [k; q; v], read as [q; k; v]", _with_weights(_kqv_order)),
+    "layout_mixup": ("weights fused interleaved per head, read as blocked", _with_weights(_interleaved_weights)),
+    "dropped_bias": ("the fused projection lost its bias", _with_weights(lambda t, _: t, keep_bias=False)),
+    "norm_q_swapped": ("image q normalised with norm_added_q and text q with norm_q", _with_processor(_NormQSwapped)),
+    "split_off_by_one": ("the image part of the joint sequence starts a token early", _with_processor(_SplitOffByOne)),
+    "mask_ignored": ("the text padding mask is ignored", _with_processor(_MaskIgnored)),
+}
