@@ -1,0 +1,78 @@
+"""Build standard and merged models from checkpoints: structure on the meta device, then tensors one at a time."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope
+from torch import nn
+
+from verify.checkpoint import Checkpoint
+from verify.errors import VerifyError
+from verify.fused import fuse_model
+from verify.naming import detect_naming
+
+_ARGS = set(inspect.signature(QwenImageTransformer2DModel.__init__).parameters) - {"self"}
+
+
+def model_config(ckpt: Checkpoint) -> dict:
+    """The model's constructor arguments from config.json (diffusers bookkeeping keys dropped)."""
+    if ckpt.config is None:
+        raise VerifyError(f"{ckpt.path}: a model needs a folder with config.json, not a single file")
+    config = {k: v for k, v in ckpt.config.items() if k in _ARGS}
+    heads, head_dim = config.get("num_attention_heads", 24), config.get("attention_head_dim", 128)
+    axes = config.get("axes_dims_rope", (16, 56, 56))
+    if sum(axes) != head_dim:
+        raise VerifyError(f"{ckpt.path}/config.json: axes_dims_rope {axes} must sum to attention_head_dim {head_dim}")
+    if not (isinstance(heads, int) and heads > 0):
+        raise VerifyError(f"{ckpt.path}/config.json: num_attention_heads must be a positive integer")
+    return config
+
+
+def is_merged(ckpt: Checkpoint) -> bool:
+    return "to_qkv" in ckpt.leaf_names()
+
+
+def empty_model(config: dict) -> QwenImageTransformer2DModel:
+    """The model's structure without weights (meta device); RoPE tables, which are plain attributes, built for real."""
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**config)
+    rope = QwenEmbedLayer3DRope if config.get("use_layer3d_rope") else QwenEmbedRope
+    model.pos_embed = rope(theta=10000, axes_dim=list(model.pos_embed.axes_dim), scale_rope=True)
+    return model
+
+
+def load_standard(ckpt: Checkpoint, dtype: torch.dtype = torch.float64) -> QwenImageTransformer2DModel:
+    """The standard model with the checkpoint's weights, cast to `dtype`."""
+    if is_merged(ckpt):
+        raise VerifyError(f"{ckpt.path}: holds fused to_qkv weights; pass it as --merged-checkpoint")
+    model = empty_model(model_config(ckpt))
+    return _fill(model, ckpt, dtype)
+
+
+def load_merged(ckpt: Checkpoint, config: dict, layout: str, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A merged model (naming detected from the keys, `layout` as told) with the checkpoint's weights."""
+    naming = detect_naming(ckpt.leaf_names())
+    model = fuse_model(empty_model(config), naming, layout)
+    return _fill(model, ckpt, dtype)
+
+
+def _fill(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+    expected = dict(model.named_parameters())
+    missing = sorted(set(expected) - set(ckpt.keys()))
+    unexpected = sorted(set(ckpt.keys()) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise VerifyError(f"{ckpt.path}: does not fit the model of its config ({what}; "
+                          f"{len(missing)} missing, {len(unexpected)} unexpected)")
+    state = {}
+    for key, param in expected.items():
+        tensor = ckpt.get(key)
+        if tuple(tensor.shape) != tuple(param.shape):
+            want = tuple(param.shape)
+            raise VerifyError(f"{ckpt.path}: {key} has shape {tuple(tensor.shape)}, the config wants {want}")
+        state[key] = tensor.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
