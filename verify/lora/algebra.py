@@ -1,4 +1,4 @@
-"""LoRA maths, free of files and models: the update m * (B @ A), scale conventions, exact separate <-> fused conversion."""
+"""LoRA maths, free of files and models: the update m * (B @ A), scale conventions, separate <-> fused conversion."""
 
 from __future__ import annotations
 

@@ -1,0 +1,231 @@
+"""LoRA files (safetensors only) read into normalised pairs: module path, A, B, alpha, and the format they came in."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from verify.errors import VerifyError
+
+# (key prefix, format, path is flattened with underscores); the first that matches wins.
+PREFIXES = (
+    ("lora_unet_", "kohya", True),
+    ("diffusion_model.", "comfyui", False),
+    ("base_model.model.", "peft", False),
+    ("transformer.", "diffusers", False),
+    ("", None, False),
+)
+# key suffix -> (role, format it implies when the prefix does not say)
+SUFFIXES = {
+    ".lora_A.default.weight": ("A", "diffsynth"),
+    ".lora_B.default.weight": ("B", "diffsynth"),
+    ".lora_A.weight": ("A", "diffusers"),
+    ".lora_B.weight": ("B", "diffusers"),
+    ".lora_down.weight": ("A", "lightning"),
+    ".lora_up.weight": ("B", "lightning"),
+    ".alpha": ("alpha", None),
+}
+# pattern found in a key -> the variant it marks, refused with "not supported"
+UNSUPPORTED = {
+    r"lora_magnitude_vector|dora_scale": "DoRA", r"hada_": "LoHa", r"lokr_": "LoKr", r"lora_mid": "LoCon",
+    r"\.diff(_b)?$": "full-weight diff", r"\.bias$": "LoRA bias", r"lora_embedding": "embedding LoRA",
+}
+CONFIG_FORMATS = ("diffusers", "peft")  # formats whose scale comes from a PEFT LoraConfig
+METADATA_KEY = "lora_adapter_metadata"
+MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One LoRA module of a file: where it points, its factors, and what the file says about its scale."""
+
+    path: str  # module path without prefix; kohya: dots flattened to underscores (resolved against a model)
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    alpha: float | None
+    rslora: bool
+    format: str
+    keys: tuple[str, ...]  # the file's tensors of this module, alpha included
+    flat: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file's pairs, where their alphas came from, and notes for the audit."""
+
+    pairs: list[Pair]
+    alpha_source: str  # "alpha keys" | "adapter config" | "metadata" | "assumed: no alpha found"
+    metadata: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def format(self) -> str:
+        return "+".join(sorted({p.format for p in self.pairs}))
+
+
+def read(path: str | Path, adapter_config: str | Path | None = None) -> LoraFile:
+    """Read a safetensors LoRA file; VerifyError for anything not a supported LoRA (never a partial load)."""
+    path = Path(path)
+    tensors, metadata = read_safetensors(path)
+    config, source = _config(path, metadata, adapter_config)
+    modules: dict[tuple[str, str, bool], dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        _refuse_unsupported(key)
+        prefix_format, flat, rest = _prefix(key)
+        suffix = next((s for s in SUFFIXES if rest.endswith(s)), None)
+        if suffix is None:
+            raise VerifyError(f"{path}: key {key!r} is not a LoRA A/B/alpha tensor: variant not supported")
+        role, suffix_format = SUFFIXES[suffix]
+        module = modules.setdefault((rest[: -len(suffix)], prefix_format or "", flat), {})
+        module[role] = (key, tensor)
+        if suffix_format:
+            module.setdefault("format", (suffix_format, None))
+    pairs = [_pair(path, name, fmt, flat, parts, config) for (name, fmt, flat), parts in modules.items()]
+    if not pairs:
+        raise VerifyError(f"{path}: no LoRA tensors found")
+    return _with_scale_notes(pairs, source, metadata, config)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, after checking its header size; never unpickles."""
+    check_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for malformed files
+        raise VerifyError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def check_header(path: Path) -> None:
+    """VerifyError unless `path` is a file that starts like safetensors: a pickle or a header size past the end."""
+    if not path.is_file():
+        raise VerifyError(f"{path}: no such file")
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        raise VerifyError(f"{path}: pickle files are refused; convert to safetensors")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or not 2 <= struct.unpack("<Q", head)[0] <= min(size - 8, MAX_HEADER):
+        raise VerifyError(f"{path}: not a safetensors file (bad header size)")
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Save safetensors atomically: a temporary file beside `path`, renamed over it only once complete."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _refuse_unsupported(key: str) -> None:
+    for pattern, variant in UNSUPPORTED.items():
+        if re.search(pattern, key):
+            raise VerifyError(f"key {key!r}: {variant} is not supported (refusing a partial load)")
+
+
+def _prefix(key: str) -> tuple[str | None, bool, str]:
+    for prefix, fmt, flat in PREFIXES:
+        if key.startswith(prefix):
+            return fmt, flat, key[len(prefix) :]
+    raise AssertionError("the empty prefix always matches")
+
+
+def _pair(path: Path, name: str, prefix_format: str, flat: bool, parts: dict, config: dict | None) -> Pair:
+    if "A" not in parts or "B" not in parts:
+        have = ", ".join(k for k, _ in (v for r, v in parts.items() if r in ("A", "B", "alpha")))
+        raise VerifyError(f"{path}: module {name!r} lacks its {'B' if 'A' in parts else 'A'} tensor (has {have})")
+    (a_key, A), (b_key, B) = parts["A"], parts["B"]
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        shapes = f"A {tuple(A.shape)} and B {tuple(B.shape)}"
+        raise VerifyError(f"{path}: module {name!r} has {shapes}, not (r, in) and (out, r)")
+    fmt = prefix_format or parts["format"][0]
+    keys = (a_key, b_key)
+    alpha, rslora = None, False
+    if "alpha" in parts:
+        keys += (parts["alpha"][0],)
+        alpha = float(parts["alpha"][1].double().reshape(-1)[0])
+    if config is not None and fmt in CONFIG_FORMATS:
+        alpha, rslora = _config_alpha(config, name, A.shape[0])
+    return Pair(name, A, B, alpha, rslora, fmt, keys, flat)
+
+
+def _config(path: Path, metadata: dict, explicit: str | Path | None) -> tuple[dict | None, str | None]:
+    """The PEFT LoraConfig that applies: --adapter-config, else the file's metadata, else adapter_config.json beside."""
+    if explicit is not None:
+        return _load_json(Path(explicit)), "adapter config"
+    if METADATA_KEY in metadata:
+        try:
+            config = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise VerifyError(f"{path}: metadata {METADATA_KEY!r} is not JSON ({e})") from None
+        if any(k.startswith("transformer.") for k in config):  # a pipeline's save_lora_weights packs per model
+            config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+        return _check_config(config, f"{path} metadata"), "metadata"
+    beside = path.with_name("adapter_config.json")
+    if beside.is_file():
+        return _load_json(beside), "adapter config"
+    return None, None
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise VerifyError(f"{path}: no such adapter config")
+    try:
+        return _check_config(json.loads(path.read_text()), str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VerifyError(f"{path}: adapter config is not JSON ({e})") from None
+
+
+def _check_config(config: dict, where: str) -> dict:
+    if not isinstance(config, dict) or "lora_alpha" not in config or "r" not in config:
+        raise VerifyError(f"{where}: not a PEFT LoraConfig (needs 'r' and 'lora_alpha')")
+    if config.get("use_dora"):
+        raise VerifyError(f"{where}: DoRA (use_dora) is not supported (refusing a partial load)")
+    if config.get("lora_bias"):
+        raise VerifyError(f"{where}: LoRA bias (lora_bias) is not supported (refusing a partial load)")
+    return config
+
+
+def _pattern(patterns: dict, name: str):
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key k with re.match(rf'(.*\\.)?({k})$', name)."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), None)
+
+
+def _config_alpha(config: dict, name: str, rank: int) -> tuple[float, bool]:
+    r = _pattern(config.get("rank_pattern") or {}, name) or config["r"]
+    alpha = _pattern(config.get("alpha_pattern") or {}, name) or config["lora_alpha"]
+    if r != rank:
+        raise VerifyError(f"module {name!r}: the adapter config says rank {r}, the file's tensors have rank {rank}")
+    return float(alpha), bool(config.get("use_rslora", False))
+
+
+def _with_scale_notes(pairs: list[Pair], source: str | None, metadata: dict, config: dict | None) -> LoraFile:
+    has_alpha_keys = any(len(p.keys) == 3 for p in pairs)
+    by_config = config is not None and any(p.format in CONFIG_FORMATS for p in pairs)
+    warnings = []
+    if by_config and has_alpha_keys:
+        warnings.append(f"alpha keys present but ignored: PEFT scales by the {source}'s lora_alpha / r")
+    if by_config:
+        alpha_source = source
+    elif has_alpha_keys:
+        alpha_source = "alpha keys"
+    else:
+        alpha_source = "assumed: no alpha found"
+    return LoraFile(pairs, alpha_source, metadata, warnings)
