@@ -127,12 +127,17 @@ def _exact_problem(key: str, a: torch.Tensor | None, b: torch.Tensor | None) -> 
         return f"{key} missing from {'expected' if a is None else 'actual'}"
     if a.dtype != b.dtype or a.shape != b.shape:
         return f"{key}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
-    same = a.view(torch.uint8).cpu() == b.view(torch.uint8).cpu() if a.numel() else torch.ones(0, dtype=torch.bool)
+    same = _bytes(a) == _bytes(b)
     if bool(same.all()):
         return None
     diff = (a.double().cpu() - b.double().cpu()).abs() if a.is_floating_point() else None
     detail = f", max abs difference {float(diff.nan_to_num(math.inf).max()):.3g}" if diff is not None else ""
     return f"{key}: {int((~same).sum())} of {a.numel() * a.element_size()} bytes differ{detail}"
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of `t` in logical order; works for 0-dim and non-contiguous (transposed, strided) tensors."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
 def _judge(key: str, ref: torch.Tensor, cand: torch.Tensor, base: torch.Tensor | None, rule: Rule,
