@@ -1,0 +1,187 @@
+"""Hypothesis strategies: draw small metadata (sizes, heads, flags, seeds), then build tensors from a seeded Generator.
+
+Every strategy takes keyword-only options, checks them first, and keeps its defaults tiny so that an example runs
+in milliseconds. Tensors are never drawn element by element: a strategy draws a seed and a builder makes the tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from verify import fixtures
+from verify.fixtures import InputSpec
+from verify.naming import NAMINGS
+from verify.qkv import LAYOUTS, QKVShape
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def expensive(divisor: int = 4) -> int:
+    """Example budget of a model-level property: the profile's max_examples / divisor (25 under `ci`)."""
+    return max(3, settings.default.max_examples // divisor)
+
+
+def _positive(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def seeds() -> st.SearchStrategy[int]:
+    return st.integers(min_value=0, max_value=2**31 - 1)
+
+
+def layouts() -> st.SearchStrategy[str]:
+    return st.sampled_from(LAYOUTS)
+
+
+def namings() -> st.SearchStrategy[str]:
+    return st.sampled_from(tuple(NAMINGS))
+
+
+def float_dtypes(*, low_precision: bool = True) -> st.SearchStrategy[torch.dtype]:
+    return st.sampled_from(FLOAT_DTYPES if low_precision else FLOAT_DTYPES[:2])
+
+
+# --- q/k/v shapes and tensors -------------------------------------------------------------------------------------
+
+
+@st.composite
+def qkv_shapes(draw, *, max_groups: int = 4, max_q_per_group: int = 3, max_head_dim: int = 7) -> QKVShape:
+    """Shapes valid in both layouts: G KV groups of head_dim rows for k and v, r q heads per group (r > 1: GQA)."""
+    _positive(max_groups=max_groups, max_q_per_group=max_q_per_group, max_head_dim=max_head_dim)
+    groups = draw(st.integers(1, max_groups))
+    q_per_group = draw(st.integers(1, max_q_per_group))
+    head_dim = draw(st.integers(1, max_head_dim))
+    return QKVShape(groups * q_per_group * head_dim, groups * head_dim, groups * head_dim, head_dim)
+
+
+@st.composite
+def blocked_shapes(draw, *, max_rows: int = 24) -> QKVShape:
+    """Any positive q, k, v row counts, all different in general: valid in the blocked layout only."""
+    _positive(max_rows=max_rows)
+    q, k, v = (draw(st.integers(1, max_rows)) for _ in range(3))
+    return QKVShape(q, k, v, draw(st.integers(1, max_rows)))
+
+
+@st.composite
+def shapes_and_layouts(draw) -> tuple[QKVShape, str]:
+    """A (shape, layout) pair valid together: interleaved needs the grouped shapes, blocked takes any."""
+    layout = draw(layouts())
+    shape = draw(qkv_shapes() if layout == "interleaved" else st.one_of(qkv_shapes(), blocked_shapes()))
+    return shape, layout
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where the fused dimension sits: the sizes of the dimensions before and after it."""
+
+    before: tuple[int, ...]
+    after: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        return len(self.before)
+
+    def shape(self, rows: int) -> tuple[int, ...]:
+        return (*self.before, rows, *self.after)
+
+
+@st.composite
+def frames(draw, *, max_ndim: int = 3, max_side: int = 4) -> Frame:
+    """Weights (rows, in), biases (rows,), activations (B, S, rows) and anything between: the fused dim anywhere."""
+    _positive(max_ndim=max_ndim, max_side=max_side)
+    ndim = draw(st.integers(1, max_ndim))
+    sides = tuple(draw(st.lists(st.integers(1, max_side), min_size=ndim - 1, max_size=ndim - 1)))
+    dim = draw(st.integers(0, ndim - 1))
+    return Frame(sides[:dim], sides[dim:])
+
+
+def random_tensor(shape: tuple[int, ...], *, seed: int, dtype: torch.dtype, specials: bool = False) -> torch.Tensor:
+    """Seeded normal values; with `specials`, some entries replaced by NaN, +-Inf and -0.0 (bit patterns to keep)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    if specials and t.numel():
+        values = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0], dtype=torch.float64)
+        where = torch.rand(shape, generator=g) < 0.1
+        pick = torch.randint(len(values), shape, generator=g)
+        t = torch.where(where, values[pick], t)
+    return t.to(dtype)
+
+
+def qkv_tensors(shape: QKVShape, frame: Frame, *, seed: int, dtype: torch.dtype, specials: bool = False):
+    """(q, k, v) with their row counts along frame.dim and the frame's other sizes."""
+    return tuple(
+        random_tensor(frame.shape(rows), seed=seed + i, dtype=dtype, specials=specials)
+        for i, rows in enumerate((shape.q_rows, shape.k_rows, shape.v_rows))
+    )
+
+
+# --- models and inputs --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def rope_axes(draw, *, max_head_dim: int = 16) -> tuple[int, int, int]:
+    """Three even, positive RoPE axes; their sum is the head_dim (odd sizes such as 6, 10, 14 included)."""
+    if max_head_dim < 6:
+        raise ValueError(f"max_head_dim must be at least 6 (three even axes), got {max_head_dim}")
+    pairs = draw(st.integers(3, max_head_dim // 2))  # head_dim / 2
+    a = draw(st.integers(1, pairs - 2))
+    b = draw(st.integers(1, pairs - a - 1))
+    return (2 * a, 2 * b, 2 * (pairs - a - b))
+
+
+@st.composite
+def model_configs(
+    draw, *, max_heads: int = 5, min_heads: int = 1, max_head_dim: int = 16, max_layers: int = 2,
+    zero_cond_t: bool | None = None,
+) -> dict:
+    """A tiny Qwen-Image config: 1-5 heads (odd, non powers of two), even head_dim from three even RoPE axes."""
+    _positive(max_heads=max_heads, min_heads=min_heads, max_layers=max_layers)
+    if min_heads > max_heads:
+        raise ValueError(f"min_heads {min_heads} > max_heads {max_heads}")
+    axes = draw(rope_axes(max_head_dim=max_head_dim))
+    return fixtures.model_config(
+        "tiny",
+        num_attention_heads=draw(st.integers(min_heads, max_heads)),
+        attention_head_dim=sum(axes),
+        axes_dims_rope=axes,
+        num_layers=draw(st.integers(1, max_layers)),
+        in_channels=draw(st.integers(1, 12)),
+        out_channels=draw(st.integers(1, 4)),
+        joint_attention_dim=draw(st.integers(1, 12)),
+        zero_cond_t=draw(st.booleans()) if zero_cond_t is None else zero_cond_t,
+    )
+
+
+@st.composite
+def input_specs(
+    draw, *, max_batch: int = 3, max_side: int = 4, max_text: int = 9, edit: bool | None = None,
+    padded: bool = False,
+) -> InputSpec:
+    """Batch, image grid (odd and 1-wide sides), text length, padding per sample, timesteps, edit flag.
+
+    `padded` guarantees an observable padding mask: at least two text tokens, at least one of them padded, and at
+    least two image tokens.
+    """
+    _positive(max_batch=max_batch, max_side=max_side, max_text=max_text)
+    batch = draw(st.integers(1, max_batch))
+    min_text = 2 if padded else 1
+    if max_text < min_text:
+        raise ValueError(f"max_text must be at least {min_text}, got {max_text}")
+    text_len = draw(st.integers(min_text, max_text))
+    pad = draw(st.lists(st.integers(0, text_len - 1), min_size=batch, max_size=batch))
+    if padded and not any(pad):
+        pad[draw(st.integers(0, batch - 1))] = draw(st.integers(1, text_len - 1))
+    height = draw(st.integers(1, max_side))
+    min_width = 2 if padded and height == 1 else 1
+    width = draw(st.integers(min_width, max(max_side, min_width)))
+    timesteps = draw(st.lists(st.floats(0.0, 1.0, width=32), min_size=batch, max_size=batch))
+    return InputSpec(
+        batch=batch, height=height, width=width, edit=draw(st.booleans()) if edit is None else edit,
+        text_len=text_len, pad=tuple(pad), timesteps=tuple(timesteps),
+    )
