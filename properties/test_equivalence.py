@@ -1,0 +1,67 @@
+"""Equivalence properties: the merged attention, block and full model compute the standard one's function.
+
+Each example draws a tiny config, inputs and a seed, runs the registry case through `run_case` (fp64 oracle, standard
+and merged in each dtype, judged by the relative-to-base rule) and requires every record to pass with the fused
+projections having run exactly once per stream and attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from properties.strategies import expensive, input_specs, layouts, model_configs, namings, seeds
+from verify.cases import CASES
+from verify.compare import assert_passed
+from verify.equivalence import run_case
+from verify.fused import fuse_model
+
+HIGH = (torch.float64, torch.float32)  # every example; a bf16- or fp16-only pass is not an equivalence
+LOW = st.sampled_from([None, torch.bfloat16, torch.float16])
+
+
+def _check(case_name: str, device: str, config: dict, spec, seed: int, naming: str, layout: str, low) -> None:
+    case = CASES[case_name]
+    dtypes = HIGH + ((low,) if low else ())
+    records = run_case(case, dtypes=dtypes, device=device, seed=seed, config=config, spec=spec,
+                       merge=lambda module: fuse_model(module, naming, layout))
+    attentions = config["num_layers"] if case.component == "model" else 1
+    assert len(records) == len(dtypes) * (2 if case.grads else 1), [r.name for r in records]
+    for record in records:
+        assert_passed(record)
+        assert record.fused_calls > 0, f"{record.name} [{record.dtype}]: the fused projections never ran"
+        assert record.fused_calls == 2 * attentions, f"{record.fused_calls} fused calls, expected {2 * attentions}"
+        event(f"{record.name} {record.dtype}: {'bit-identical' if record.bit_identical else 'within tolerance'}")
+
+
+@settings(max_examples=expensive())
+@given(config=model_configs(), spec=input_specs(), seed=seeds(), naming=namings(), layout=layouts(), low=LOW)
+def test_fused_attention_equals_standard(device, config, spec, seed, naming, layout, low):
+    """Outputs and gradients w.r.t. both input streams and every weight."""
+    _check("attention", device, config, spec, seed, naming, layout, low)
+
+
+@settings(max_examples=expensive())
+@given(config=model_configs(), spec=input_specs(), seed=seeds(), naming=namings(), layout=layouts(), low=LOW)
+def test_fused_block_equals_standard(device, config, spec, seed, naming, layout, low):
+    """Outputs and gradients, with and without zero_cond_t and a reference image."""
+    _check("block-edit-zero-cond" if config["zero_cond_t"] else "block", device, config, spec, seed, naming, layout,
+           low)
+
+
+@settings(max_examples=expensive())
+@given(config=model_configs(), spec=input_specs(edit=False), seed=seeds(), naming=namings(), layout=layouts(),
+       low=LOW)
+def test_fused_model_equals_standard_text_to_image(device, config, spec, seed, naming, layout, low):
+    """The whole transformer, text-to-image: outputs and gradients."""
+    _check("model-text-to-image", device, config, spec, seed, naming, layout, low)
+
+
+@settings(max_examples=expensive())
+@given(config=model_configs(), spec=input_specs(edit=True), seed=seeds(), naming=namings(), layout=layouts(),
+       low=LOW)
+def test_fused_model_equals_standard_edit(device, config, spec, seed, naming, layout, low):
+    """The whole transformer with a reference image, zero_cond_t drawn (Edit-2511 modulates it with t = 0)."""
+    _check("model-edit-zero-cond" if config["zero_cond_t"] else "model-edit", device, config, spec, seed, naming,
+           layout, low)
