@@ -72,6 +72,7 @@ def test_split_of_fuse_returns_the_factors(case):
     back = algebra.split(fused, shape, layout)
     assert split_error(algebra.split, fused, shape, layout) <= TOL
     for part, got in zip(parts, back):
+        assert (got is None) == (part is None), "a missing part came back, or a present one vanished"
         if part is not None and fused.scale == part.scale:
             assert torch.equal(got.A, part.A) and torch.equal(got.B, part.B), "split(fuse(x)) is not x bit for bit"
 

@@ -62,17 +62,16 @@ def fuse(parts: Sequence[Factors | None], rows: Sequence[int], layout: str, head
     return Factors(A, qkv.merge(*blocks, layout=layout, head_dim=head_dim), scale)
 
 
-def split(fused: Factors, shape: qkv.QKVShape, layout: str) -> tuple[Factors, Factors, Factors]:
+def split(fused: Factors, shape: qkv.QKVShape, layout: str) -> tuple[Factors | None, ...]:
     """A fused update as three updates of q, k, v, exactly: A copied, B split by rows.
 
-    Rank columns a part never uses (all-zero columns of its B) are dropped, so fuse followed by split returns the
-    original factors; a part with no non-zero column keeps them all.
+    Rank columns a part never uses (all-zero columns of its B) are dropped, and a part with no non-zero column is
+    None (no update), so split inverts fuse: the original factors come back, a missing part stays missing.
     """
     out = []
     for B in qkv.split(fused.B, shape, layout):
         used = B.ne(0).any(dim=0)
-        keep = used if used.any() else torch.ones_like(used)
-        out.append(Factors(fused.A[keep].clone(), B[:, keep].clone(), fused.scale))
+        out.append(Factors(fused.A[used].clone(), B[:, used].clone(), fused.scale) if used.any() else None)
     return tuple(out)
 
 

@@ -155,7 +155,7 @@ def _updates(factors: dict[str, algebra.Factors], spec: ModelSpec, others: dict[
             updates.append(Update(path, f, (path,)))
         elif path == alt.fused:  # a fused LoRA on a standard model: one update per q, k, v
             parts = algebra.split(f, fused_shape(spec, alt.shape[0]), spec.layout)
-            updates += [Update(p, part, (path,)) for p, part in zip(alt.separate, parts)]
+            updates += [Update(p, part, (path,)) for p, part in zip(alt.separate, parts) if part is not None]
         else:
             to_fuse.setdefault(alt, {})[path] = f
     for alt, found in to_fuse.items():
