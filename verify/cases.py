@@ -81,6 +81,7 @@ CASES: dict[str, Case] = {
              config=fixtures.model_config("tiny", zero_cond_t=True), spec=InputSpec(edit=True), grads=True),
         _model_case("model-text-to-image", FIXTURES["text-to-image"], grads=True),
         _model_case("model-edit", FIXTURES["edit"]),
-        _model_case("model-edit-zero-cond", FIXTURES["edit"], zero_cond_t=True),
+        _model_case("model-edit-zero-cond", FIXTURES["edit"], zero_cond_t=True),  # Qwen-Image-Edit-2511
+        _model_case("model-layered", FIXTURES["edit"], use_layer3d_rope=True, use_additional_t_cond=True),
     ]
 }

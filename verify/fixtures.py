@@ -85,7 +85,8 @@ def model_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
     """fp64 CPU inputs of the full model's forward for `spec`."""
     g = torch.Generator().manual_seed(seed)
     B = spec.batch
-    return dict(
+    extra = {"additional_t_cond": torch.arange(B) % 2} if config.get("use_additional_t_cond") else {}
+    return extra | dict(
         hidden_states=torch.randn(B, spec.image_tokens, config["in_channels"], generator=g, dtype=torch.float64),
         encoder_hidden_states=torch.randn(
             B, spec.text_len, config["joint_attention_dim"], generator=g, dtype=torch.float64
