@@ -159,3 +159,38 @@ def test_saved_checkpoint_holds_the_model(tmp_path):
     expected = model.state_dict()
     assert tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in expected)
     assert json.loads((folder / "config.json").read_text())["num_layers"] == CONFIGS["tiny"]["num_layers"]
+
+
+def test_default_is_the_full_architecture(tmp_path):
+    from properties.test_lora_audit import FULL
+
+    paths = ["transformer_blocks.59.attn.add_v_proj", "transformer_blocks.0.txt_mod.1"]
+    path = write_lora(tmp_path / "l.safetensors", "comfyui", random_modules(FULL, paths, 1, 0, torch.bfloat16))
+    rc, record = audit_json(tmp_path, str(path))
+    assert rc == 0 and record["modules_matched"] == 2 and record["unmatched_keys"] == []
+
+
+def test_json_is_strict_even_with_nan(tmp_path):
+    modules = random_modules(STANDARD, OTHERS, 1, 0)
+    path = write_lora(tmp_path / "l.safetensors", "lightning", modules, float("nan"))
+    rc, _ = audit_json(tmp_path, str(path), "--config", "tiny")
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    record = json.loads((tmp_path / "audit.json").read_text(), parse_constant=refuse)
+    assert rc == 0 and any("NaN/Inf" in w for w in record["warnings"])
+
+
+def test_convert_copies_unmatched_modules_and_says_so(tmp_path, capsys):
+    modules = random_modules(STANDARD, OTHERS, 1, 0)
+    src = write_lora(tmp_path / "src.safetensors", "lightning", modules, 1.0)
+    tensors, metadata = formats.read_safetensors(src)
+    extra = {f"{MISSING}.lora_down.weight": torch.ones(1, 64), f"{MISSING}.lora_up.weight": torch.ones(64, 1),
+             f"{MISSING}.alpha": torch.tensor(1.0)}
+    save_file(tensors | extra, src, metadata=metadata)
+    dst = tmp_path / "dst.safetensors"
+    assert main(["lora-convert", str(src), str(dst), "--to", "merged", "--config", "tiny"]) == 0
+    out, _ = formats.read_safetensors(dst)
+    assert all(torch.equal(out[k], v.double() if k.endswith("alpha") else v) for k, v in extra.items())
+    assert MISSING in capsys.readouterr().out

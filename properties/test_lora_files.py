@@ -171,3 +171,22 @@ def test_wrong_size_is_an_error(tmp_path):
     lora = formats.read(write_lora(tmp_path / "l.safetensors", "diffsynth", modules))
     with pytest.raises(VerifyError, match="another model size"):
         mapping.plan(lora, STANDARD)
+
+
+def test_pipeline_packed_metadata(tmp_path):
+    modules = random_modules(STANDARD, ["transformer_blocks.0.attn.to_k"], 2, 0)
+    path = tmp_path / "p.safetensors"
+    save_file({keys("diffusers", p)[i]: t for p, ab in modules.items() for i, t in enumerate(ab)}, path, metadata={
+        "lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 6,
+                                             "text_encoder.r": 8, "text_encoder.lora_alpha": 1})})
+    lora = formats.read(path)
+    assert lora.alpha_source == "metadata" and lora.pairs[0].alpha == 6
+
+
+def test_ambiguous_kohya_name_is_an_error(tmp_path):
+    spec = mapping.ModelSpec({"a.b_c": (4, 4), "a_b.c": (4, 4)}, head_dim=4)
+    g = torch.Generator().manual_seed(0)
+    path = write_lora(tmp_path / "k.safetensors", "kohya", {"a.b_c": (torch.randn(1, 4, generator=g),
+                                                                      torch.randn(4, 1, generator=g))}, 1.0)
+    with pytest.raises(VerifyError, match="fits several modules"):
+        mapping.plan(formats.read(path), spec)

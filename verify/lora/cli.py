@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -67,7 +68,7 @@ def audit_command(args) -> int:
     record = audit(lora, mapping.plan(lora, _spec(args)))
     print(table(record))
     if args.json is not None:
-        _write_text(args.json, json.dumps(record, indent=2))
+        _write_text(args.json, json.dumps(_strict(record), indent=2, allow_nan=False))
     return 0
 
 
@@ -98,6 +99,15 @@ def convert_command(args) -> int:
     for p in passed:
         print(f"unmatched, copied unchanged: {p.path}")
     return 0
+
+
+def _strict(value):
+    """The record with NaN and Inf as strings, so the JSON is standard."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -175,8 +175,10 @@ def _config(path: Path, metadata: dict, explicit: str | Path | None) -> tuple[di
             config = json.loads(metadata[METADATA_KEY])
         except json.JSONDecodeError as e:
             raise VerifyError(f"{path}: metadata {METADATA_KEY!r} is not JSON ({e})") from None
-        if any(k.startswith("transformer.") for k in config):  # a pipeline's save_lora_weights packs per model
+        if any("." in k for k in config):  # a pipeline's save_lora_weights packs one config per model: "transformer.r"
             config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+            if not config:
+                return None, None
         return _check_config(config, f"{path} metadata"), "metadata"
     beside = path.with_name("adapter_config.json")
     if beside.is_file():

@@ -98,10 +98,12 @@ def plan(lora: LoraFile, spec: ModelSpec, multiplier: float | None = None) -> Pl
     VerifyError if no pair matches or a matched pair's shape is not its target's.
     """
     others = _other_layout(spec)
-    flat = {p.replace(".", "_"): p for p in [*spec.targets, *others]}
+    flat: dict[str, set[str]] = {}
+    for p in [*spec.targets, *others]:
+        flat.setdefault(p.replace(".", "_"), set()).add(p)
     matched, unmatched = {}, []
     for pair in lora.pairs:
-        path = flat.get(pair.path) if pair.flat else pair.path
+        path = _unflatten(pair.path, flat) if pair.flat else pair.path
         if path in spec.targets or path in others:
             _check_shape(pair, path, spec.targets[path] if path in spec.targets else others[path].shape)
             matched[path] = pair
@@ -137,6 +139,14 @@ def _other_layout(spec: ModelSpec) -> dict[str, Alternative]:
             if leaf(path) == stream.fused:
                 out.update({p: Alternative(fused, separate, (rows // 3, cols)) for p in separate})
     return out
+
+
+def _unflatten(name: str, flat: dict[str, set[str]]) -> str | None:
+    """The model path whose dots-as-underscores spelling is `name` (kohya); VerifyError if several are."""
+    found = flat.get(name, set())
+    if len(found) > 1:
+        raise VerifyError(f"kohya name {name!r} fits several modules: {', '.join(sorted(found))}")
+    return next(iter(found), None)
 
 
 def _check_shape(pair: Pair, path: str, shape: tuple[int, int]) -> None:
