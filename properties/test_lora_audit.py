@@ -127,3 +127,26 @@ def test_alpha_ignored_by_a_convention_warns(tmp_path):
     save_file(tensors, path, metadata={"lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 2})})
     lora = formats.read(path)
     assert _warned(audit(lora, mapping.plan(lora, STANDARD)), "alpha keys present but ignored")
+
+
+@pytest.mark.parametrize("naming", ["seed", "diffusers"])
+def test_load_report(tmp_path, naming):
+    from verify.fixtures import CONFIGS, build_model
+    from verify.fused import fuse_model
+
+    model = fuse_model(build_model(CONFIGS["tiny"], 0), naming)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_v_proj", "img_in"]
+    modules = random_modules(STANDARD, paths, 2, 0, torch.float64)
+    lora = formats.read(write_lora(tmp_path / "l.safetensors", "lightning", modules, 1.0))
+    report, _ = mapping.apply(model, mapping.plan(lora, mapping.spec_of(model)))
+    text = "to_added_qkv" if naming == "diffusers" else "add_qkv_proj"
+    by_target = {m.target: m for m in report.modules}
+    assert (report.modules_matched, report.tensors_used, report.weights_changed) == (3, 9, 3)
+    assert by_target["transformer_blocks.0.attn.to_qkv"].parts == ("q",)
+    assert by_target[f"transformer_blocks.0.attn.{text}"].parts == ("v",)
+    assert by_target["img_in"].parts is None and by_target["img_in"].sources == ("img_in",)
+    after = model.state_dict()
+    for target, m in by_target.items():
+        W = before[f"{target}.weight"]
+        assert m.relative_delta == pytest.approx(float((after[f"{target}.weight"] - W).norm() / W.norm()), rel=1e-9)

@@ -54,11 +54,12 @@ class Plan:
 
 @dataclass(frozen=True)
 class ModuleLoad:
-    """One changed weight: ||delta W|| / ||W||, and for a fused projection the q, k, v parts it touches."""
+    """One changed weight: ||delta W|| / ||W||, for a fused projection the q, k, v parts it touches, and its sources."""
 
     target: str
     relative_delta: float
     parts: tuple[str, ...] | None
+    sources: tuple[str, ...]  # the file's modules (in its own layout) this change comes from
 
 
 @dataclass
@@ -193,7 +194,8 @@ def apply(model: nn.Module, plan: Plan) -> tuple[LoadReport, dict[str, torch.Ten
         parts = None
         if leaf(u.target) in FUSED_LEAVES:
             parts = algebra.touched(delta, fused_shape(plan.spec, W.shape[0]), plan.spec.layout)
-        report.modules.append(ModuleLoad(u.target, float(delta.norm() / saved[u.target].double().norm()), parts))
+        relative = float(delta.norm() / saved[u.target].double().norm())
+        report.modules.append(ModuleLoad(u.target, relative, parts, u.sources))
         W += delta.to(W.dtype)
     return report, saved
 
