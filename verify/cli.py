@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from verify.errors import VerifyError
+from verify.lora.cli import register as register_lora
 from verify.qkv import LAYOUTS
 from verify.tolerance import parse_dtypes
 
@@ -53,7 +54,7 @@ def _report(args) -> int:
     return 0 if summary["verdict"] == "pass" else 1
 
 
-REGISTRARS = [register_report]
+REGISTRARS = [register_report, register_lora]
 
 
 def parser() -> argparse.ArgumentParser:
