@@ -136,6 +136,7 @@ Q = "transformer_blocks.0.attn.to_q"
     ({f"{Q}.lora_A.weight": A, f"{Q}.lora_B.weight": B, f"{Q}.lora_B.bias": torch.ones(64)}, None, "bias"),
     ({f"{Q}.weight": A}, None, "not supported"),
     ({f"{Q}.lora_A.weight": A}, None, "lacks its B"),
+    ({f"{Q}.lora_A.weight": A, f"{Q}.lora_B.weight": B, f"transformer.{Q}.lora_A.weight": A}, None, "same tensor"),
     ({f"{Q}.lora_A.weight": A, f"{Q}.lora_B.weight": B},
      {"lora_adapter_metadata": json.dumps({"r": 2, "lora_alpha": 2, "use_dora": True})}, "DoRA"),
     ({f"{Q}.lora_A.weight": A, f"{Q}.lora_B.weight": B}, {"lora_adapter_metadata": json.dumps({"r": 3,

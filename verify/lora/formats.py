@@ -68,7 +68,6 @@ class LoraFile:
 
     pairs: list[Pair]
     alpha_source: str  # "alpha keys" | "adapter config" | "metadata" | "assumed: no alpha found"
-    metadata: dict[str, str]
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -81,7 +80,8 @@ def read(path: str | Path, adapter_config: str | Path | None = None) -> LoraFile
     path = Path(path)
     tensors, metadata = read_safetensors(path)
     config, source = _config(path, metadata, adapter_config)
-    modules: dict[tuple[str, str, bool], dict[str, tuple[str, torch.Tensor]]] = {}
+    modules: dict[tuple[str, bool], dict[str, tuple[str, torch.Tensor]]] = {}  # (name, flat) -> role -> key, tensor
+    module_format: dict[tuple[str, bool], str] = {}
     for key, tensor in tensors.items():
         _refuse_unsupported(key)
         prefix_format, flat, rest = _prefix(key)
@@ -89,14 +89,17 @@ def read(path: str | Path, adapter_config: str | Path | None = None) -> LoraFile
         if suffix is None:
             raise VerifyError(f"{path}: key {key!r} is not a LoRA A/B/alpha tensor: variant not supported")
         role, suffix_format = SUFFIXES[suffix]
-        module = modules.setdefault((rest[: -len(suffix)], prefix_format or "", flat), {})
-        module[role] = (key, tensor)
-        if suffix_format:
-            module.setdefault("format", (suffix_format, None))
-    pairs = [_pair(path, name, fmt, flat, parts, config) for (name, fmt, flat), parts in modules.items()]
+        module = (rest[: -len(suffix)], flat)
+        if role in modules.setdefault(module, {}):
+            raise VerifyError(f"{path}: {modules[module][role][0]!r} and {key!r} are the same tensor of one module")
+        modules[module][role] = (key, tensor)
+        if prefix_format or suffix_format:
+            module_format.setdefault(module, prefix_format or suffix_format)
+    pairs = [_pair(path, name, module_format.get((name, flat)), flat, parts, config)
+             for (name, flat), parts in modules.items()]
     if not pairs:
         raise VerifyError(f"{path}: no LoRA tensors found")
-    return _with_scale_notes(pairs, source, metadata, config)
+    return _with_scale_notes(pairs, source, config)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -147,15 +150,14 @@ def _prefix(key: str) -> tuple[str | None, bool, str]:
     raise AssertionError("the empty prefix always matches")
 
 
-def _pair(path: Path, name: str, prefix_format: str, flat: bool, parts: dict, config: dict | None) -> Pair:
+def _pair(path: Path, name: str, fmt: str | None, flat: bool, parts: dict, config: dict | None) -> Pair:
     if "A" not in parts or "B" not in parts:
-        have = ", ".join(k for k, _ in (v for r, v in parts.items() if r in ("A", "B", "alpha")))
+        have = ", ".join(key for key, _ in parts.values())
         raise VerifyError(f"{path}: module {name!r} lacks its {'B' if 'A' in parts else 'A'} tensor (has {have})")
     (a_key, A), (b_key, B) = parts["A"], parts["B"]
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         shapes = f"A {tuple(A.shape)} and B {tuple(B.shape)}"
         raise VerifyError(f"{path}: module {name!r} has {shapes}, not (r, in) and (out, r)")
-    fmt = prefix_format or parts["format"][0]
     keys = (a_key, b_key)
     alpha, rslora = None, False
     if "alpha" in parts:
@@ -218,7 +220,7 @@ def _config_alpha(config: dict, name: str, rank: int) -> tuple[float, bool]:
     return float(alpha), bool(config.get("use_rslora", False))
 
 
-def _with_scale_notes(pairs: list[Pair], source: str | None, metadata: dict, config: dict | None) -> LoraFile:
+def _with_scale_notes(pairs: list[Pair], source: str | None, config: dict | None) -> LoraFile:
     has_alpha_keys = any(len(p.keys) == 3 for p in pairs)
     by_config = config is not None and any(p.format in CONFIG_FORMATS for p in pairs)
     warnings = []
@@ -230,4 +232,4 @@ def _with_scale_notes(pairs: list[Pair], source: str | None, metadata: dict, con
         alpha_source = "alpha keys"
     else:
         alpha_source = "assumed: no alpha found"
-    return LoraFile(pairs, alpha_source, metadata, warnings)
+    return LoraFile(pairs, alpha_source, warnings)
