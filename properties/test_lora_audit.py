@@ -150,3 +150,14 @@ def test_load_report(tmp_path, naming):
     for target, m in by_target.items():
         W = before[f"{target}.weight"]
         assert m.relative_delta == pytest.approx(float((after[f"{target}.weight"] - W).norm() / W.norm()), rel=1e-9)
+
+
+def test_spec_takes_the_layout_of_the_fused_model():
+    from verify.errors import VerifyError
+    from verify.fixtures import CONFIGS, build_model
+    from verify.fused import fuse_model
+
+    model = fuse_model(build_model(CONFIGS["tiny"], 0), layout="interleaved")
+    assert mapping.spec_of(model).layout == "interleaved"
+    with pytest.raises(VerifyError, match="layout interleaved"):
+        mapping.spec_of(model, "blocked")

@@ -80,10 +80,17 @@ def leaf(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
-def spec_of(model: nn.Module, layout: str = "blocked") -> ModelSpec:
-    """The ModelSpec of a diffusers Qwen-Image model (real or on the meta device)."""
+def spec_of(model: nn.Module, layout: str | None = None) -> ModelSpec:
+    """The ModelSpec of a diffusers Qwen-Image model (real or on the meta device).
+
+    A merged model's fused processors know their q/k/v layout; it is used, and a different `layout` is refused
+    (a LoRA loaded in the wrong layout lands on the wrong rows without any error).
+    """
+    found = {p.layout for p in model.attn_processors.values() if hasattr(p, "layout")}
+    if len(found) > 1 or (found and layout not in (None, *found)):
+        raise VerifyError(f"the model's fused projections use layout {', '.join(sorted(found))}, not {layout}")
     targets = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return ModelSpec(targets, model.config.attention_head_dim, layout)
+    return ModelSpec(targets, model.config.attention_head_dim, layout or next(iter(found), "blocked"))
 
 
 def lora_layout(lora: LoraFile) -> str:
