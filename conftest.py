@@ -30,12 +30,16 @@ settings.load_profile(_profile())
 
 
 def _deterministic() -> None:
-    """Deterministic kernels and no TF32: a result depends only on (seed, dtype, device)."""
+    """Deterministic kernels, no TF32, one CPU thread: a result depends only on (seed, dtype, device)."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
+    # One CPU thread unless OMP_NUM_THREADS says otherwise: the models are tiny, a reduction's order then does not
+    # depend on the machine, and on a busy 2-core runner two spinning OpenMP threads made the suite 5-8x slower.
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
 
 
 _deterministic()

@@ -1,0 +1,111 @@
+"""Planted bugs: the comparison that passes the correct merge must reject every broken one, in fp64 and fp32.
+
+A check that cannot fail is a defect. Each entry of verify.planted.PLANTED is a realistic wrong merged implementation;
+each must be caught on every drawn config where it is observable (more than one head, a padded text mask), by the same
+`run_case` call that passes `fuse_model` on the same draw. bf16 verdicts are recorded, never asserted: bugs hide in
+bf16 noise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from properties.strategies import expensive, input_specs, model_configs, seeds
+from verify.cases import CASES
+from verify.compare import Record, assert_failed, assert_passed
+from verify.equivalence import run_case
+from verify.fused import fuse_model, joint_attentions
+from verify.planted import PLANTED
+
+HIGH = (torch.float64, torch.float32)
+# The bugs DESIGN.md section 5 lists for the merged path; removing one from PLANTED must not go unnoticed.
+LISTED = {"k_v_swapped", "kqv_order", "layout_mixup", "dropped_bias", "norm_q_swapped", "split_off_by_one",
+          "mask_ignored"}
+COMPONENTS = ("attention", "block", "model")
+
+
+def _case(component: str, config: dict, spec) -> str:
+    """The registry case for a component and the drawn flags."""
+    zero_cond = config.get("zero_cond_t", False)
+    if component == "attention":
+        return "attention"
+    if component == "block":
+        return "block-edit-zero-cond" if zero_cond else "block"
+    if not spec.edit:
+        return "model-text-to-image"
+    return "model-edit-zero-cond" if zero_cond else "model-edit"
+
+
+def _caught(record: Record) -> bool:
+    """Rejected on the numbers, with the fused path having run (a 'never ran' rejection catches nothing)."""
+    return not record.passed and bool(record.fused_calls) and (record.mismatched > 0 or record.nonfinite > 0)
+
+
+def _outputs(records: list[Record], dtype: str) -> Record:
+    return next(r for r in records if r.name.endswith("/outputs") and r.dtype == dtype)
+
+
+def test_every_listed_bug_is_planted():
+    assert LISTED <= set(PLANTED), f"planted bugs missing: {sorted(LISTED - set(PLANTED))}"
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+@settings(max_examples=expensive(5))
+@given(component=st.sampled_from(COMPONENTS), config=model_configs(min_heads=2), spec=input_specs(padded=True),
+       seed=seeds())
+def test_planted_bug_is_caught(device, bug, component, config, spec, seed):
+    case = CASES[_case(component, config, spec)]
+    run = dict(dtypes=HIGH, device=device, seed=seed, config=config, spec=spec)
+    for record in run_case(case, **run, merge=fuse_model):
+        assert_passed(record)  # the same comparison passes the correct merge on this draw
+    broken = run_case(case, **run, merge=PLANTED[bug][1])
+    for dtype in ("fp64", "fp32"):
+        record = _outputs(broken, dtype)
+        assert_failed(record)
+        assert _caught(record), f"{bug} rejected for the wrong reason: {record.message}"
+
+
+def test_kill_rate_is_total(device, record_property):
+    """Every planted bug is caught on each component's registry fixture, in fp64 and in fp32."""
+    survivors = []
+    for bug, (description, merge) in PLANTED.items():
+        for name in ("attention", "block", "model-text-to-image", "model-edit-zero-cond"):
+            records = run_case(CASES[name], dtypes=HIGH, device=device, merge=merge)
+            missed = [dtype for dtype in ("fp64", "fp32") if not _caught(_outputs(records, dtype))]
+            if missed:
+                survivors.append(f"{bug} ({description}) on {name} in {', '.join(missed)}")
+    killed = len(PLANTED) - len({s.split(" ", 1)[0] for s in survivors})
+    record_property("kill_rate", f"{killed}/{len(PLANTED)}")
+    assert not survivors, f"kill rate {killed}/{len(PLANTED)}; survived: " + "; ".join(survivors)
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+def test_bf16_verdict_is_recorded_not_trusted(bug, record_property):
+    """fp64 catches the bug; whether bf16 does is noted only (a fused processor ignoring the mask passes bf16)."""
+    records = run_case(CASES["model-text-to-image"], dtypes=(torch.float64, torch.bfloat16), merge=PLANTED[bug][1])
+    assert _caught(_outputs(records, "fp64")), _outputs(records, "fp64").message
+    bf16 = _outputs(records, "bf16")
+    record_property("bf16_caught", not bf16.passed)
+    record_property("bf16_error_over_base", bf16.ratio)
+
+
+def _diffusers_fuse_projections(module: torch.nn.Module) -> torch.nn.Module:
+    """diffusers' own fusion: builds to_qkv / to_added_qkv, keeps to_q... and the processor that reads those."""
+    for attn in joint_attentions(module):
+        attn.fuse_projections()
+    return module
+
+
+@pytest.mark.parametrize("merge", [lambda module: module, _diffusers_fuse_projections], ids=["identity", "diffusers"])
+@pytest.mark.parametrize("case", ["attention", "block", "model-text-to-image"])
+def test_a_fused_path_that_never_runs_is_rejected(device, merge, case):
+    """The numbers agree (the standard path ran), yet the record fails: the fused projections were never called."""
+    records = run_case(CASES[case], dtypes=HIGH, device=device, merge=merge)
+    assert records
+    for record in records:
+        assert record.fused_calls == 0
+        assert_failed(record)
+        assert "never ran" in record.message
