@@ -192,3 +192,12 @@ def test_ambiguous_kohya_name_is_an_error(tmp_path):
                                                                       torch.randn(4, 1, generator=g))}, 1.0)
     with pytest.raises(VerifyError, match="fits several modules"):
         mapping.plan(formats.read(path), spec)
+
+
+def test_two_spellings_of_one_module_are_refused(tmp_path):
+    A, B = random_modules(STANDARD, [Q], 1, 0)[Q]
+    path = _raw(tmp_path, {f"{Q}.lora_A.weight": A, f"{Q}.lora_B.weight": B,
+                           f"lora_unet_{Q.replace('.', '_')}.lora_down.weight": A.clone(),
+                           f"lora_unet_{Q.replace('.', '_')}.lora_up.weight": B.clone()})
+    with pytest.raises(VerifyError, match="two modules of the file target"):
+        mapping.plan(formats.read(path), STANDARD)

@@ -112,6 +112,8 @@ def plan(lora: LoraFile, spec: ModelSpec, multiplier: float | None = None) -> Pl
     matched, unmatched = {}, []
     for pair in lora.pairs:
         path = _unflatten(pair.path, flat) if pair.flat else pair.path
+        if path in matched:
+            raise VerifyError(f"two modules of the file target {path}: {matched[path].keys[0]!r}, {pair.keys[0]!r}")
         if path in spec.targets or path in others:
             _check_shape(pair, path, spec.targets[path] if path in spec.targets else others[path].shape)
             matched[path] = pair
