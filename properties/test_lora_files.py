@@ -201,3 +201,14 @@ def test_two_spellings_of_one_module_are_refused(tmp_path):
                            f"lora_unet_{Q.replace('.', '_')}.lora_up.weight": B.clone()})
     with pytest.raises(VerifyError, match="two modules of the file target"):
         mapping.plan(formats.read(path), STANDARD)
+
+
+def test_kohya_text_encoder_keys_are_listed_unmatched(tmp_path):
+    modules = random_modules(STANDARD, [Q], 1, 0)
+    path = write_lora(tmp_path / "k.safetensors", "kohya", modules, 1.0)
+    tensors, _ = formats.read_safetensors(path)
+    te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    tensors |= {f"{te}.lora_down.weight": torch.ones(1, 8), f"{te}.lora_up.weight": torch.ones(8, 1)}
+    save_file(tensors, path)
+    lora = formats.read(path)
+    assert lora.format == "kohya" and mapping.plan(lora, STANDARD).unmatched == [te]

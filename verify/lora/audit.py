@@ -86,6 +86,9 @@ def capacity(plan: Plan) -> dict:
 def _warnings(lora: LoraFile, plan: Plan, scales: dict[str, float]) -> list[str]:
     pairs = plan.matched
     out = []
+    if plan.unmatched:
+        out.append(f"{len(plan.unmatched)} modules of the file match nothing in the model (a loader that skips "
+                    f"them silently loads a partial LoRA), e.g. {plan.unmatched[0]}")
     if lora.alpha_source != "assumed: no alpha found" and any(s != 1 for s in scales.values()):
         out.append(
             f"alpha present ({lora.alpha_source}): a loader that ignores it (DiffSynth: W += multiplier * B @ A) "

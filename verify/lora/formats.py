@@ -19,6 +19,7 @@ from verify.errors import VerifyError
 # (key prefix, format, path is flattened with underscores); the first that matches wins.
 PREFIXES = (
     ("lora_unet_", "kohya", True),
+    ("lora_te", "kohya", True),  # kohya text encoder keys (lora_te_, lora_te1_): never the transformer's
     ("diffusion_model.", "comfyui", False),
     ("base_model.model.", "peft", False),
     ("transformer.", "diffusers", False),

@@ -118,7 +118,7 @@ def plan(lora: LoraFile, spec: ModelSpec, multiplier: float | None = None) -> Pl
             _check_shape(pair, path, spec.targets[path] if path in spec.targets else others[path].shape)
             matched[path] = pair
         else:
-            unmatched.append(("lora_unet_" if pair.flat else "") + pair.path)
+            unmatched.append(pair.keys[0].split(".", 1)[0] if pair.flat else pair.path)  # kohya: as the file has it
     if not matched:
         raise VerifyError(
             f"no LoRA module matched the model: {len(unmatched)} modules in the file, e.g. {unmatched[0]!r}"
