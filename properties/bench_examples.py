@@ -58,7 +58,8 @@ def _properties(pattern: str):
     for path in sorted((ROOT / "properties").glob("test_*.py")):
         module = importlib.import_module(f"properties.{path.stem}")
         for name, test in inspect.getmembers(module, inspect.isfunction):
-            if name.startswith("test_") and getattr(test, "is_hypothesis_test", False) and pattern in f"{path.stem}::{name}":
+            label = f"{path.stem}::{name}"
+            if name.startswith("test_") and getattr(test, "is_hypothesis_test", False) and pattern in label:
                 yield path.stem, name, test
 
 
