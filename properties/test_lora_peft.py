@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
 from properties.test_lora_algebra import fuse_into_k_third, fuse_sharing_first_A, split_in_kqv_order
+from verify.cli import main
 from verify.compare import Record, assert_failed, assert_passed, compare, compare_exact
 from verify.fixtures import CONFIGS, FIXTURES, build_model, model_inputs
 from verify.fused import count_fused_calls, fuse_model
@@ -124,6 +125,22 @@ def peft_check(case: Case, folder: Path) -> Record:
 @given(cases())
 def test_loaded_lora_matches_peft(tmp_path_factory, case):
     assert_passed(peft_check(case, tmp_path_factory.mktemp("peft")))
+
+
+@EXPENSIVE
+@given(cases())
+def test_converted_lora_matches_peft(tmp_path_factory, case):
+    """lora-convert to the target's layout carries each module's scale: the written file loads at the same effect."""
+    folder = tmp_path_factory.mktemp("peft")
+    trained, path = train(case, folder)
+    converted = folder / "converted.safetensors"
+    assert main(["lora-convert", str(path), str(converted), "--to", case.load_into, "--naming", case.naming,
+                 "--layout", case.layout, "--config", "tiny"]) == 0
+    assert formats.read(converted).alpha_source == "alpha keys"
+    loaded, _, _ = load(case, converted)
+    (ref, _), (out, calls) = forward(trained, case), forward(loaded, case)
+    assert_passed(compare("peft adapter vs converted LoRA", "lora", {"out": ref}, {"out": out}, ALLCLOSE,
+                          torch.float64, "cpu", fused_calls=calls if case.load_into == "merged" else None))
 
 
 @EXPENSIVE
