@@ -22,7 +22,7 @@ from properties.test_lora_files import (
 from verify.cli import main
 from verify.fixtures import CONFIGS, build_model
 from verify.fused import fuse_model
-from verify.lora import checkpoint, formats
+from verify.lora import checkpoint, formats, mapping
 
 BOTH_STREAMS = [f"transformer_blocks.{b}.attn.{n}" for b in (0, 1)
                 for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")]
@@ -194,3 +194,15 @@ def test_convert_copies_unmatched_modules_and_says_so(tmp_path, capsys):
     out, _ = formats.read_safetensors(dst)
     assert all(torch.equal(out[k], v.double() if k.endswith("alpha") else v) for k, v in extra.items())
     assert MISSING in capsys.readouterr().out
+
+
+def test_convert_renames_between_fused_namings(tmp_path):
+    seed_merged = mapping.retarget(STANDARD, "merged", "seed")
+    modules = random_modules(seed_merged, ["transformer_blocks.1.attn.add_qkv_proj"], 2, 0, torch.float64)
+    src = write_lora(tmp_path / "seed.safetensors", "diffsynth", modules)
+    dst = tmp_path / "diffusers.safetensors"
+    argv = ["lora-convert", str(src), str(dst), "--to", "merged", "--naming", "diffusers", "--config", "tiny"]
+    assert main(argv) == 0
+    ((A, B),) = modules.values()
+    assert delta_by_module(dst).keys() == {"transformer_blocks.1.attn.to_added_qkv"}
+    assert torch.equal(delta_by_module(dst)["transformer_blocks.1.attn.to_added_qkv"], B @ A)

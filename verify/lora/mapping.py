@@ -139,8 +139,10 @@ class Alternative:
 
 
 def _other_layout(spec: ModelSpec) -> dict[str, Alternative]:
+    """Paths a LoRA may name that the model holds differently: fused or separate, or fused in the other naming."""
     out = {}
-    for stream in {s for pair in NAMINGS.values() for s in pair}:
+    all_streams = {s for pair in NAMINGS.values() for s in pair}
+    for stream in all_streams:
         for path, (rows, cols) in spec.targets.items():
             prefix = path[: -len(leaf(path))]
             fused, separate = prefix + stream.fused, tuple(prefix + n for n in stream.separate)
@@ -148,6 +150,8 @@ def _other_layout(spec: ModelSpec) -> dict[str, Alternative]:
                 out[fused] = Alternative(fused, separate, (sum(spec.targets[p][0] for p in separate), cols))
             if leaf(path) == stream.fused:
                 out.update({p: Alternative(fused, separate, (rows // 3, cols)) for p in separate})
+                renamed = {prefix + s.fused for s in all_streams if s.q == stream.q and s.fused != stream.fused}
+                out.update({p: Alternative(fused, separate, (rows, cols)) for p in renamed})
     return out
 
 
@@ -176,6 +180,8 @@ def _updates(factors: dict[str, algebra.Factors], spec: ModelSpec, others: dict[
         elif path == alt.fused:  # a fused LoRA on a standard model: one update per q, k, v
             parts = algebra.split(f, fused_shape(spec, alt.shape[0]), spec.layout)
             updates += [Update(p, part, (path,)) for p, part in zip(alt.separate, parts) if part is not None]
+        elif leaf(path) in FUSED_LEAVES:  # the fused projection under the other naming's name
+            updates.append(Update(alt.fused, f, (path,)))
         else:
             to_fuse.setdefault(alt, {})[path] = f
     for alt, found in to_fuse.items():
