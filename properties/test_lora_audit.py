@@ -161,3 +161,15 @@ def test_spec_takes_the_layout_of_the_fused_model():
     assert mapping.spec_of(model).layout == "interleaved"
     with pytest.raises(VerifyError, match="layout interleaved"):
         mapping.spec_of(model, "blocked")
+
+
+def test_stacked_fused_lora_is_not_called_a_third(tmp_path):
+    merged = mapping.retarget(STANDARD, "merged", "seed")
+    separate = formats.read(write_lora(tmp_path / "s.safetensors", "diffsynth", random_modules(
+        STANDARD, [f"transformer_blocks.0.attn.to_{x}" for x in "qkv"], 2, 1, torch.float64)))
+    (update,) = [u for u in mapping.plan(separate, merged).updates]
+    fused = formats.read(write_lora(tmp_path / "f.safetensors", "diffsynth", {update.target: (update.factors.A,
+                                                                                             update.factors.B)}))
+    cap = audit(fused, mapping.plan(fused, STANDARD))["capacity"]
+    assert cap["rank_reaching"] == {"q": 2, "k": 2, "v": 2} and cap["joint_rank"] == 6
+    assert "a third" not in cap["note"] and "split among them" in cap["note"]

@@ -67,9 +67,12 @@ def capacity(plan: Plan) -> dict:
         return {"qkv_streams": 0, "parameters": params, "qkv_parameters": 0}
     reach = {name: max(g[name] for g in groups.values()) for name in (*algebra.PARTS, "joint")}
     top = max(p.rank for path, p in plan.matched.items() if leaf(path) in _QKV)
+    shared = all(reach[name] == reach["joint"] for name in algebra.PARTS)
     if any(_QKV[leaf(path)][1] is None for path in plan.matched if leaf(path) in _QKV):
-        note = (f"fused q/k/v LoRA: one A shared by q, k and v, so together they reach rank <= {reach['joint']}; "
-                f"separate rank-{top} LoRAs on q, k, v would reach {3 * top} (same rank, a third of the capacity)")
+        note = (f"fused q/k/v LoRA: one A for q, k and v, so together they reach rank <= {reach['joint']}; "
+                f"separate rank-{top} LoRAs on q, k, v would reach {3 * top}"
+                + (" (same rank, a third of the capacity)" if shared else
+                   f" (this file's rank is split among them: q {reach['q']}, k {reach['k']}, v {reach['v']})"))
     else:
         note = (f"separate q/k/v LoRAs: together they reach rank <= {reach['joint']}; "
                 f"a fused rank-{top} LoRA on the same stream would reach only {top}")
