@@ -1,33 +1,32 @@
 """The report run: the full model, standard vs merged, over the fixtures in each dtype -> one summary dict.
 
-The summary is data only (the verdict, every check's record, output statistics, environment, inputs); the
-presentation lives in verify.render and never recomputes a verdict.
+The model is streamed block by block (verify.streaming), so the real width and real checkpoints fit. The summary
+is data only; presentation lives in verify.render and verify.charts and never recomputes a verdict.
 """
 
 from __future__ import annotations
 
-import copy
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from verify import __version__, fixtures
-from verify.cases import Case, model_outputs
 from verify.checkpoint import Checkpoint
-from verify.compare import Record, compare_exact
-from verify.equivalence import evaluate
+from verify.compare import Record, compare, compare_exact
 from verify.errors import VerifyError
 from verify.fixtures import FIXTURES
 from verify.fused import fuse_model
-from verify.loading import is_merged, load_merged, load_standard, model_config
-from verify.naming import detect_naming
+from verify.loading import empty_model, is_merged, model_config
 from verify.state_dict import split_state_dict
-from verify.tolerance import dtype_name
+from verify.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
+from verify.tolerance import OUTPUTS, dtype_name
 
 REQUIRED_DTYPES = (torch.float64, torch.float32)  # bugs hide in bf16 noise: no verdict without these
+SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 32.0)  # times the audited LoRA scale
+SAMPLES = 64  # output values stored per fixture, dtype and implementation, for regression checks
 
 
 @dataclass(frozen=True)
@@ -41,99 +40,207 @@ class Options:
     device: str = "cpu"
     dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     seed: int = 0
+    lora: Path | None = None
+    adapter_config: Path | None = None
 
 
 @dataclass
 class Subject:
-    """The standard model (fp64, CPU) under test, its config, and how to make its merged counterpart."""
+    """Where the standard weights come from, and the user's merged weights if any."""
 
-    standard: torch.nn.Module
-    config: dict
-    merged: torch.nn.Module | None  # the user's own merged weights, else None: fuse the standard model
+    std: StateDictSource
+    cand: StateDictSource | None
     weight_check: Record | None
 
 
 def load_subject(opts: Options) -> Subject:
-    """Validate and load every input before anything runs or is written."""
+    """Validate and open every input before anything runs or is written."""
     if opts.merged_checkpoint and not opts.checkpoint:
         raise VerifyError("--merged-checkpoint needs --checkpoint (the standard weights to compare against)")
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise VerifyError("--device cuda: no CUDA device is available")
     if not opts.checkpoint:
-        if opts.config == "full":
-            raise VerifyError("--config full is not supported yet: its fp64 oracle (160 GB) needs block-by-block runs")
         config = fixtures.model_config(opts.config)
-        return Subject(fixtures.build_model(config, opts.seed), config, None, None)
+        if opts.config == "full":
+            return Subject(SeededSource(config, opts.seed, opts.device), None, None)
+        return Subject(StateDictSource(fixtures.build_model(config, opts.seed).state_dict(), config), None, None)
     std_ckpt = Checkpoint(opts.checkpoint)
+    if is_merged(std_ckpt):
+        raise VerifyError(f"{opts.checkpoint}: holds fused to_qkv weights; pass it as --merged-checkpoint")
     config = model_config(std_ckpt)
-    standard = load_standard(std_ckpt)
+    std = CheckpointSource(std_ckpt, config)
     if not opts.merged_checkpoint:
-        return Subject(standard, config, None, None)
+        return Subject(std, None, None)
     merged_ckpt = Checkpoint(opts.merged_checkpoint)
     if not is_merged(merged_ckpt):
         raise VerifyError(f"{opts.merged_checkpoint}: holds no fused to_qkv weights; is it a standard checkpoint?")
-    merged = load_merged(merged_ckpt, config, opts.layout)
-    return Subject(standard, config, merged, weight_check(std_ckpt, merged_ckpt, config, opts.layout))
+    cand = CheckpointSource(merged_ckpt, config, opts.layout)
+    return Subject(std, cand, weight_check(std, cand))
 
 
-def weight_check(std: Checkpoint, merged: Checkpoint, config: dict, layout: str) -> Record:
-    """Split the merged weights in `layout` and require them bit-identical to the standard ones."""
-    naming = detect_naming(merged.leaf_names())
-    split = split_state_dict(merged.state_dict(), naming, layout, config.get("attention_head_dim", 128))
-    return compare_exact(f"weights/split-{naming}-{layout}-equals-standard", "weights", std.state_dict(), split)
+def weight_check(std: StateDictSource, cand: StateDictSource) -> Record:
+    """Split the merged weights block by block in the given layout; require them bit-identical to the standard."""
+    naming, layout = cand.fused
+    head_dim = std.config["attention_head_dim"]
+    name = f"weights/split-{naming}-{layout}-equals-standard"
+    parts = [("", std.top(), cand.top())]
+    parts += [(f"transformer_blocks.{i}.", None, None) for i in range(std.config["num_layers"])]
+    total = 0
+    for prefix, expected, actual in parts:
+        if expected is None:
+            i = int(prefix.split(".")[1])
+            expected, actual = std.block(i), split_state_dict(cand.block(i), naming, layout, head_dim)
+        record = compare_exact(name, "weights", {prefix + k: v for k, v in expected.items()},
+                               {prefix + k: v for k, v in actual.items()})
+        if not record.passed:
+            return record
+        total += record.numel
+    return replace(record, numel=total, message=f"every tensor bit-identical after splitting ({total} values)")
 
 
 def run_report(opts: Options) -> dict:
-    """Load, run every fixture in every dtype, and return the summary."""
+    """Load, run every fixture in every dtype (and the LoRA sections), and return the summary."""
     subject = load_subject(opts)
+    lora = _load_lora(opts, subject) if opts.lora else None
     dtypes = list(dict.fromkeys([*REQUIRED_DTYPES, *opts.dtypes]))
     notes = [f"{dtype_name(d)} added: a verdict needs fp64 and fp32 runs (bugs hide in bf16 noise)"
              for d in REQUIRED_DTYPES if d not in opts.dtypes]
     records = [subject.weight_check] if subject.weight_check else []
-    stats = []
-    for fixture, spec in tqdm(FIXTURES.items(), desc="fixtures", unit="fixture", leave=False):
-        case = Case(name=f"model/{fixture}", component="model", build=lambda config, seed: subject.standard,
-                    inputs=fixtures.model_inputs, outputs=model_outputs, config=subject.config, spec=spec)
-        run = evaluate(case, dtypes, opts.device, opts.seed, merge=_merge_fn(subject))
-        records += run.records
-        stats.append(output_stats(fixture, "fp64", "oracle", run.ref))
-        for dtype in dtypes:
-            stats.append(output_stats(fixture, dtype_name(dtype), "standard", run.base[dtype]))
-            stats.append(output_stats(fixture, dtype_name(dtype), "merged", run.cand[dtype]))
+    stats, samples = [], []
+    progress = tqdm(total=len(FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),
+                    desc="qkv-verify report", unit="run", leave=False)
+    for fixture, spec in FIXTURES.items():
+        inputs = fixtures.model_inputs(subject.std.config, spec, opts.seed)
+        run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.cand)
+        progress.update()
+        records += _records(f"model/{fixture}", run, opts.device)
+        stats += _stats(fixture, run)
+        samples += _samples(fixture, run)
+        if lora:
+            lora_run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.cand,
+                                     *lora.updates(1.0))
+            progress.update()
+            records += _records(f"lora/{fixture}", lora_run, opts.device)
+    if lora:
+        lora.summary["sweep"] = _sweep(subject, lora, opts, progress)
+    progress.close()
     return {
         "verdict": "pass" if all(r.passed for r in records) else "fail",
         "checks": [r.to_dict() for r in records],
         "output_stats": stats,
+        "output_samples": samples,
+        "lora": lora.summary if lora else None,
         "environment": environment(opts.device),
         "inputs": inputs_section(opts, subject, dtypes),
         "notes": notes,
     }
 
 
-def _merge_fn(subject: Subject):
-    """Merged model for a dtype: the user's merged weights if given, else the standard model fused here."""
-    if subject.merged is None:
-        return lambda module: fuse_model(module)
-
-    def user_merged(module: torch.nn.Module) -> torch.nn.Module:
-        p = next(module.parameters())
-        return torch.nn.Module.to(copy.deepcopy(subject.merged), device=p.device, dtype=p.dtype)
-
-    return user_merged
+def _records(name: str, run: StreamRun, device: str) -> list[Record]:
+    return [compare(f"{name}/outputs", "model", run.ref, run.cand[d], OUTPUTS, d, device, base=run.base[d],
+                    fused_calls=run.fused_calls[d]) for d in run.cand]
 
 
-def output_stats(fixture: str, dtype: str, implementation: str, outputs: dict[str, torch.Tensor]) -> dict:
-    """Summary statistics of one output tensor: more than the mean the write-up compared."""
-    x = outputs["sample"].detach().double().cpu().flatten()
+def _stats(fixture: str, run: StreamRun) -> list[dict]:
+    rows = [output_stats(fixture, "fp64", "oracle", run.ref["sample"])]
+    for d in run.cand:
+        rows.append(output_stats(fixture, dtype_name(d), "standard", run.base[d]["sample"]))
+        rows.append(output_stats(fixture, dtype_name(d), "merged", run.cand[d]["sample"]))
+    return rows
+
+
+def output_stats(fixture: str, dtype: str, implementation: str, sample: torch.Tensor) -> dict:
+    """Summary statistics of one output: more than the mean the write-up compared."""
+    x = sample.detach().double().cpu().flatten()
     finite = x[torch.isfinite(x)]
+    q = torch.quantile(finite, torch.tensor([0.01, 0.05, 0.5, 0.95, 0.99], dtype=torch.float64)).tolist() \
+        if finite.numel() else [None] * 5
     return {
         "fixture": fixture, "dtype": dtype, "implementation": implementation,
         "mean": float(finite.mean()) if finite.numel() else None,
         "std": float(finite.std()) if finite.numel() > 1 else None,
         "min": float(finite.min()) if finite.numel() else None,
         "max": float(finite.max()) if finite.numel() else None,
+        **dict(zip(("p1", "p5", "p50", "p95", "p99"), q)),
         "nan": int(torch.isnan(x).sum()), "inf": int(torch.isinf(x).sum()), "numel": x.numel(),
     }
+
+
+def _samples(fixture: str, run: StreamRun) -> list[dict]:
+    """A fixed, seed-independent set of output elements for each implementation: regression checks compare them."""
+    numel = run.ref["sample"].numel()
+    indices = torch.randperm(numel, generator=torch.Generator().manual_seed(0))[:SAMPLES].sort().values
+    rows = [("fp64", "oracle", run.ref["sample"])]
+    rows += [(dtype_name(d), impl, outs[d]["sample"]) for d in run.cand
+             for impl, outs in (("standard", run.base), ("merged", run.cand))]
+    return [{"fixture": fixture, "dtype": dtype, "implementation": impl, "indices": indices.tolist(),
+             "values": [_finite_or_none(v) for v in x.detach().double().cpu().flatten()[indices].tolist()]}
+            for dtype, impl, x in rows]
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if v == v and abs(v) != float("inf") else None
+
+
+class _Lora:
+    """A LoRA file planned onto both models: its load report and audit, and per-block updates at a factor."""
+
+    def __init__(self, opts: Options, subject: Subject):
+        from verify.lora import audit, formats, mapping
+
+        self.file = formats.read(opts.lora, opts.adapter_config)
+        config = subject.std.config
+        naming, layout = subject.cand.fused if subject.cand else ("seed", "blocked")
+        self.std_plan = mapping.plan(self.file, mapping.spec_of(empty_model(config)))
+        self.cand_plan = mapping.plan(self.file, mapping.spec_of(fuse_model(empty_model(config), naming, layout)))
+        record = audit.audit(self.file, self.std_plan)
+        self.scale = record["scale"]["value"]
+        self.summary = {"file": str(opts.lora), **{k: record[k] for k in (
+            "format", "layout", "modules_matched", "tensors", "weights_changed", "unmatched_keys", "ranks",
+            "scale", "capacity", "warnings")}}
+        self.summary["modules"] = [{"target": u.target, "sources": list(u.sources), "rank": u.factors.rank,
+                                    "scale": u.factors.scale} for u in self.cand_plan.updates]
+
+    def updates(self, factor: float):
+        """(standard update, merged update): functions applying the LoRA at `factor` x its scale to a module."""
+        return _updater(self.std_plan.updates, factor), _updater(self.cand_plan.updates, factor)
+
+
+def _updater(updates, factor: float):
+    @torch.no_grad()
+    def update(module: torch.nn.Module, prefix: str) -> None:
+        for u in updates:
+            if u.target.startswith(prefix) and (prefix or not u.target.startswith("transformer_blocks.")):
+                W = module.get_submodule(u.target[len(prefix):]).weight
+                W += (factor * u.factors.delta(torch.promote_types(W.dtype, torch.float32))).to(W.dtype)
+
+    return update
+
+
+def _load_lora(opts: Options, subject: Subject) -> _Lora:
+    return _Lora(opts, subject)
+
+
+def _sweep(subject: Subject, lora: _Lora, opts: Options, progress) -> list[dict]:
+    """Output deviation from the base model as the LoRA multiplier grows, standard and merged, in fp32."""
+    fixture, spec = next(iter(FIXTURES.items()))
+    inputs = fixtures.model_inputs(subject.std.config, spec, opts.seed)
+    rows, base = [], None
+    for factor in SWEEP_FACTORS:
+        run = run_streaming(subject.std, inputs, [torch.float32], opts.device, subject.cand, *lora.updates(factor))
+        progress.update()
+        outs = {"oracle": run.ref["sample"], "standard": run.base[torch.float32]["sample"],
+                "merged": run.cand[torch.float32]["sample"]}
+        base = base or outs  # factor 0 comes first: the base model
+        row = {"fixture": fixture, "factor": factor,
+               "multiplier": None if lora.scale is None else factor * lora.scale,
+               "merged_vs_standard_max_abs": float((outs["merged"].double() - outs["standard"].double()).abs().max())}
+        for impl, x in outs.items():
+            ref = base[impl].double()
+            row[f"{impl}_rel_dev"] = float((x.double() - ref).norm() / ref.norm())
+            row[f"{impl}_mean"], row[f"{impl}_std"] = float(x.double().mean()), float(x.double().std())
+        rows.append(row)
+    return rows
 
 
 def environment(device: str) -> dict:
@@ -154,8 +261,9 @@ def inputs_section(opts: Options, subject: Subject, dtypes: list[torch.dtype]) -
     return {
         "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
         "merged_checkpoint": str(opts.merged_checkpoint) if opts.merged_checkpoint else None,
+        "lora": str(opts.lora) if opts.lora else None,
         "config": None if opts.checkpoint else opts.config,
-        "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in subject.config.items()},
+        "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in subject.std.config.items()},
         "layout": opts.layout if opts.merged_checkpoint else "blocked",
         "seed": opts.seed,
         "dtypes": [dtype_name(d) for d in dtypes],
