@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from verify.convert import register as register_convert
 from verify.errors import VerifyError
 from verify.lora.cli import register as register_lora
 from verify.qkv import LAYOUTS
+from verify.regress import register_regress
 from verify.tolerance import parse_dtypes
 
 
@@ -34,6 +36,8 @@ def register_report(subparsers) -> None:
     p.add_argument("--dtypes", type=_dtypes, default=_dtypes("fp64,fp32,bf16,fp16"),
                    help="comma list of fp64,fp32,bf16,fp16 (fp64 and fp32 are always run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", type=Path, help="a LoRA file (any format lora-audit reads): standard+LoRA vs merged+LoRA")
+    p.add_argument("--adapter-config", type=Path, help="PEFT adapter_config.json for --lora")
     p.add_argument("--out", type=Path, default=Path("qkv-verify-report"), help="output folder")
     p.set_defaults(func=_report)
 
@@ -43,7 +47,8 @@ def _report(args) -> int:
     from verify.report import Options, run_report
 
     opts = Options(checkpoint=args.checkpoint, merged_checkpoint=args.merged_checkpoint, config=args.config,
-                   layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed)
+                   layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed, lora=args.lora,
+                   adapter_config=args.adapter_config)
     summary = run_report(opts)
     write_report(summary, args.out)
     failed = [c for c in summary["checks"] if not c["passed"]]
@@ -54,7 +59,7 @@ def _report(args) -> int:
     return 0 if summary["verdict"] == "pass" else 1
 
 
-REGISTRARS = [register_report, register_lora]
+REGISTRARS = [register_report, register_lora, register_regress, register_convert]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
-"""Presentation: summary.json, report.md and a self-contained index.html from a summary dict (never recomputed)."""
+"""Presentation: summary.json, report.md, CSV tables, PNG charts and a self-contained index.html (never recomputed)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -11,48 +12,66 @@ from pathlib import Path
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from verify.charts import charts
+
 CHECK_COLUMNS = ["name", "component", "dtype", "device", "passed", "max_abs_err", "base_max_abs_err", "ratio",
                  "tolerance", "rel_l2_err", "cosine", "mismatched_fraction", "bit_identical", "fused_calls",
                  "worst_index"]
-STAT_COLUMNS = ["fixture", "dtype", "implementation", "mean", "std", "min", "max", "nan", "inf"]
+STAT_COLUMNS = ["fixture", "dtype", "implementation", "mean", "std", "min", "p1", "p50", "p99", "max", "nan", "inf"]
+SWEEP_COLUMNS = ["factor", "multiplier", "oracle_rel_dev", "standard_rel_dev", "merged_rel_dev",
+                 "merged_vs_standard_max_abs", "merged_mean", "merged_std"]
+LORA_FIELDS = ["file", "format", "layout", "modules_matched", "tensors", "weights_changed", "ranks"]
 
 
 def tables(summary: dict) -> dict[str, pd.DataFrame]:
-    """The report's tables, named; the same frames feed markdown and HTML."""
-    checks = pd.DataFrame(summary["checks"]).reindex(columns=CHECK_COLUMNS)
-    return {
-        "checks": checks,
+    """The report's tables, named; the same frames feed CSV, markdown and HTML."""
+    out = {
+        "checks": pd.DataFrame(summary["checks"]).reindex(columns=CHECK_COLUMNS),
         "failures": pd.DataFrame([c for c in summary["checks"] if not c["passed"]]).reindex(
             columns=["name", "dtype", "message"]),
         "output_stats": pd.DataFrame(summary["output_stats"]).reindex(columns=STAT_COLUMNS),
     }
+    lora = summary.get("lora")
+    if lora:
+        scale = lora["scale"]
+        facts = {k: lora[k] for k in LORA_FIELDS} | {
+            "scale": scale["value"], "scale range": f"{scale['min']:g} .. {scale['max']:g}",
+            "scale source": scale["source"], "unmatched keys": ", ".join(lora["unmatched_keys"]) or "none"}
+        out["lora"] = pd.DataFrame({"field": list(facts), "value": [str(v) for v in facts.values()]})
+        out["lora_sweep"] = pd.DataFrame(lora["sweep"]).reindex(columns=SWEEP_COLUMNS)
+    if summary.get("claims"):
+        out["claims"] = pd.DataFrame(summary["claims"])
+    if summary.get("regression"):
+        out["regression"] = pd.DataFrame(summary["regression"]["moved"])
+    return out
 
 
 def markdown(summary: dict) -> str:
     t = tables(summary)
-    lines = [f"# qkv-verify report: **{summary['verdict'].upper()}**", ""]
     passed = sum(c["passed"] for c in summary["checks"])
-    lines += [f"{passed} of {len(summary['checks'])} checks passed.", ""]
-    lines += [f"- {note}" for note in summary["notes"]] + [""] if summary["notes"] else []
-    if len(t["failures"]):
-        lines += ["## Failures", "", t["failures"].to_markdown(index=False), ""]
-    lines += ["## Checks", "", "Each merged output is judged against the fp64 oracle: its error may be at most k times "
-              "the standard model's own error in that dtype plus a floor (`relative_to_base`).", "",
-              t["checks"].to_markdown(index=False, floatfmt=".3g"), ""]
-    lines += ["## Output statistics", "", t["output_stats"].to_markdown(index=False, floatfmt=".6g"), ""]
+    lines = [f"# qkv-verify report: **{summary['verdict'].upper()}**", "",
+             f"{passed} of {len(summary['checks'])} checks passed.", ""]
+    lines += [f"- {note}" for note in summary["notes"]] + ([""] if summary["notes"] else [])
+    sections = [("Failures", "failures"), ("Claims ledger", "claims"), ("Regression against the baseline",
+                 "regression"), ("Checks", "checks"), ("Output statistics", "output_stats"), ("LoRA", "lora"),
+                ("LoRA alpha sweep", "lora_sweep")]
+    for title, name in sections:
+        if name in t and len(t[name]):
+            lines += [f"## {title}", "", t[name].to_markdown(index=False, floatfmt=".4g"), ""]
     lines += ["## Inputs", "", "```json", json.dumps(summary["inputs"], indent=2), "```", ""]
     lines += ["## Environment", "", "```json", json.dumps(summary["environment"], indent=2), "```", ""]
     return "\n".join(lines)
 
 
-def html(summary: dict) -> str:
+def html(summary: dict, pngs: dict[str, bytes]) -> str:
     env = Environment(loader=PackageLoader("verify", "templates"), autoescape=select_autoescape())
     frames = {name: df.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", classes="table",
                                border=0) for name, df in tables(summary).items()}
-    passed = sum(c["passed"] for c in summary["checks"])
+    images = {name: "data:image/png;base64," + base64.b64encode(data).decode() for name, data in pngs.items()}
     return env.get_template("report.html.j2").render(
-        summary=summary, tables=frames, passed=passed, total=len(summary["checks"]),
-        inputs=json.dumps(summary["inputs"], indent=2), environment=json.dumps(summary["environment"], indent=2),
+        summary=summary, tables=frames, images=images, passed=sum(c["passed"] for c in summary["checks"]),
+        total=len(summary["checks"]), inputs=json.dumps(summary["inputs"], indent=2),
+        environment=json.dumps(summary["environment"], indent=2),
     )
 
 
@@ -62,9 +81,14 @@ def write_report(summary: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        pngs = charts(summary)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         (tmp / "report.md").write_text(markdown(summary))
-        (tmp / "index.html").write_text(html(summary))
+        (tmp / "index.html").write_text(html(summary, pngs))
+        for name, data in pngs.items():
+            (tmp / name).write_bytes(data)
+        for name, frame in tables(summary).items():
+            frame.to_csv(tmp / f"{name}.csv", index=False)
         out.mkdir(exist_ok=True)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
