@@ -9,6 +9,7 @@ from pathlib import Path
 from verify.errors import VerifyError
 from verify.lora.cli import register as register_lora
 from verify.qkv import LAYOUTS
+from verify.regress import register_regress
 from verify.tolerance import parse_dtypes
 
 
@@ -57,7 +58,7 @@ def _report(args) -> int:
     return 0 if summary["verdict"] == "pass" else 1
 
 
-REGISTRARS = [register_report, register_lora]
+REGISTRARS = [register_report, register_lora, register_regress]
 
 
 def parser() -> argparse.ArgumentParser:
