@@ -7,6 +7,7 @@ headers are checked before they are trusted; nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +19,18 @@ from verify.errors import VerifyError
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors dtype names -> torch dtypes (those torch can hold; others are refused as unknown)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, validated: size, JSON, and every tensor's offsets inside the file."""
+    """The JSON header of a safetensors file, validated as safetensors itself would: size, JSON, every tensor's
+    dtype, shape and offsets, the offsets packed back to back up to the end of the file."""
     if not path.is_file():
         raise VerifyError(f"{path}: no such file")
     if path.suffix in PICKLE_SUFFIXES:
@@ -36,18 +45,59 @@ def read_header(path: Path) -> dict:
             raise VerifyError(f"{path}: corrupt safetensors header (claims {n} bytes in a {size}-byte file)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise VerifyError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise VerifyError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data = size - 8 - n
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise VerifyError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings)")
+    end = 0
+    for key, info in sorted(_tensor_entries(path, header), key=lambda kv: kv[1]["data_offsets"]):
+        start, stop = info["data_offsets"]
+        if start != end:
+            raise VerifyError(f"{path}: tensor {key!r} starts at byte {start}, not {end} (overlapping or corrupt)")
+        end = stop
+    if end != size - 8 - n:
+        raise VerifyError(f"{path}: tensor data ends at byte {end} of {size - 8 - n} (truncated or corrupt)")
+    return header
+
+
+def _tensor_entries(path: Path, header: dict) -> Iterator[tuple[str, dict]]:
+    """(name, info) of every tensor, each info checked: a known dtype, a shape, offsets that hold exactly it."""
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data):
+        if not isinstance(info, dict):
+            raise VerifyError(f"{path}: tensor {key!r} has no dtype/shape/data_offsets entry (corrupt header)")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise VerifyError(f"{path}: tensor {key!r} has unknown dtype {str(dtype)[:40]!r}")
+        if not (isinstance(shape, list) and all(_natural(s) for s in shape)):
+            raise VerifyError(f"{path}: tensor {key!r} has no valid shape (corrupt header)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
             raise VerifyError(f"{path}: tensor {key!r} lies outside the file (truncated or corrupt)")
-    return header
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise VerifyError(f"{path}: tensor {key!r} spans {offsets[1] - offsets[0]} bytes, its {dtype} shape "
+                              f"{tuple(shape)} needs {nbytes} (corrupt header)")
+        yield key, info
+
+
+def _natural(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def non_finite(tensor: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count) of a tensor; (0, 0) for integer and boolean tensors."""
+    if not tensor.is_floating_point():
+        return 0, 0
+    if tensor.dtype.itemsize == 1:  # fp8: widened first, isnan/isinf are not implemented for it everywhere
+        tensor = tensor.float()
+    if bool(torch.isfinite(tensor).all()):
+        return 0, 0
+    return int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
 
 
 class Checkpoint:
@@ -95,6 +145,15 @@ class Checkpoint:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.items())
+
+    def non_finite(self) -> dict[str, tuple[int, int]]:
+        """name -> (NaN count, Inf count) of every tensor that holds a NaN or an Inf, read one tensor at a time."""
+        found = {}
+        for key in self.index:
+            counts = non_finite(self.get(key))
+            if any(counts):
+                found[key] = counts
+        return found
 
     def leaf_names(self) -> set[str]:
         """Module leaf names of all parameters ('to_q', 'to_added_qkv', ...)."""

@@ -1,0 +1,614 @@
+"""`qkv-verify convert`: a checkpoint streamed between standard and merged QKV, and `--check` that proves a conversion.
+
+Planning reads headers only: the tensors of SRC on the meta device go through verify.state_dict's merge/split, which
+names the output tensors and checks every q/k/v group. Writing streams: every tensor outside a q/k/v group is copied
+byte for byte in chunks; a group's tensors are read with safe_open (from whichever shards hold them), converted by
+the same merge/split, written and dropped. Memory holds one q/k/v group and one copy buffer, never a shard.
+Output shard i holds what source shard i held (a fused tensor goes where its q was; q, k, v where their fused
+tensor was), named as diffusers names shards, written into a temporary folder beside DST and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from verify import manifest as mf
+from verify.checkpoint import DTYPES, Checkpoint, non_finite, read_header
+from verify.errors import VerifyError
+from verify.naming import DEFAULT_NAMING, NAMINGS, detect_naming, streams
+from verify.qkv import LAYOUTS, QKVShape
+from verify.state_dict import merge_state_dict, split_state_dict
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+INDEX = WEIGHTS + ".index.json"
+CHUNK = 16 * 2**20  # bytes per read/write of a copied tensor
+DIRECTIONS = ("merged", "standard")
+FUSED_LEAVES = {s.fused for pair in NAMINGS.values() for s in pair}
+DIFFUSERS_DEFAULTS = {"num_attention_heads": 24, "attention_head_dim": 128}  # QwenImageTransformer2DModel's
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """Where one tensor's bytes sit: file, absolute offset, size; with its safetensors dtype and shape."""
+
+    key: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """One fused tensor and its q, k, v; `sources` are the keys read, `targets` the keys written."""
+
+    fused: str
+    parts: tuple[str, str, str]
+    to: str
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.parts if self.to == "merged" else (self.fused,)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (self.fused,) if self.to == "merged" else self.parts
+
+
+@dataclass
+class Plan:
+    """What a conversion reads and writes, worked out from SRC's headers before anything is written."""
+
+    to: str
+    naming: str
+    layout: str
+    head_dim: int
+    shape: QKVShape | None  # q/k/v rows from config.json; None without one (equal thirds)
+    src: dict[str, Tensor]
+    out: dict[str, tuple[str, tuple[int, ...]]]  # key -> (dtype, shape)
+    groups: dict[str, Group]  # every target key -> its group
+    shards: list[tuple[Path, list[str]]] = field(default_factory=list)  # source shard -> output keys, write order
+
+    @property
+    def conversion(self) -> dict:
+        return {"to": self.to, "naming": self.naming, "layout": self.layout, "head_dim": self.head_dim}
+
+    def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One group's target tensors from its source tensors, by verify.state_dict's merge or split."""
+        if self.to == "merged":
+            return merge_state_dict(tensors, self.naming, self.layout, self.head_dim)
+        return split_state_dict(tensors, self.naming, self.layout, self.head_dim, self.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning
+
+
+def tensors_of(ckpt: Checkpoint) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint located in its shard (headers only), each shard also opened by safetensors."""
+    out = {}
+    for shard in ckpt.shards:
+        header = read_header(shard)
+        start = 8 + struct.unpack("<Q", shard.open("rb").read(8))[0]
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except Exception as e:  # safetensors raises its own error types
+            raise VerifyError(f"{shard}: cannot be read as safetensors ({e})") from None
+        for key, info in header.items():
+            if key != "__metadata__":
+                a, b = info["data_offsets"]
+                out[key] = Tensor(key, shard, info["dtype"], tuple(info["shape"]), start + a, b - a)
+    return out
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint folder or file; a folder without config.json that holds one weights file (what convert writes
+    from a single-file SRC) is read as that file."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").exists() and (path / WEIGHTS).is_file():
+        if len(list(path.glob("*.safetensors"))) == 1:
+            return Checkpoint(path / WEIGHTS)
+    return Checkpoint(path)
+
+
+def fused_leaves(ckpt: Checkpoint) -> set[str]:
+    return ckpt.leaf_names() & FUSED_LEAVES
+
+
+def plan(ckpt: Checkpoint, to: str, naming: str | None = None, layout: str = "blocked") -> Plan:
+    """Work out the conversion of `ckpt` to `to` from its headers; VerifyError for anything that cannot convert."""
+    if to not in DIRECTIONS:
+        raise VerifyError(f"unknown --to {to!r}; expected merged or standard")
+    if layout not in LAYOUTS:
+        raise VerifyError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if naming is not None:
+        streams(naming)
+    src = tensors_of(ckpt)
+    fused = fused_leaves(ckpt)
+    if to == "merged" and fused:
+        raise VerifyError(f"{ckpt.path}: already holds fused tensors ({', '.join(sorted(fused))}); nothing to merge")
+    if to == "standard" and not fused:
+        raise VerifyError(f"{ckpt.path}: holds no fused q/k/v tensors; it is standard already")
+    if to == "standard":
+        found = detect_naming(ckpt.leaf_names())
+        if naming not in (None, found):
+            raise VerifyError(f"{ckpt.path}: its fused tensors use the {found} naming, not {naming}")
+        naming = found
+    naming = naming or DEFAULT_NAMING
+    head_dim, shape = _dims(ckpt, src)
+    _check_rows(src, to, naming, shape)
+    meta = {k: torch.empty(t.shape, dtype=DTYPES[t.dtype], device="meta") for k, t in src.items()}
+    try:
+        out = merge_state_dict(meta, naming, layout, head_dim) if to == "merged" else \
+            split_state_dict(meta, naming, layout, head_dim, shape)
+    except VerifyError as e:
+        raise VerifyError(f"{ckpt.path}: {e}") from None
+    p = Plan(to, naming, layout, head_dim, shape, src, {k: (_dtype_name(t.dtype), tuple(t.shape))
+                                                         for k, t in out.items()}, {})
+    for group in _groups(src, out, naming, to):
+        _check_group(group, src)
+        p.groups.update(dict.fromkeys(group.targets, group))
+    p.shards = _layout_shards(ckpt, p)
+    return p
+
+
+def _dims(ckpt: Checkpoint, src: dict[str, Tensor]) -> tuple[int, QKVShape | None]:
+    """head_dim, and the q/k/v rows config.json implies (None for a single file without a config)."""
+    config = ckpt.config
+    norm = next((t for k, t in src.items() if k.endswith("attn.norm_q.weight") and len(t.shape) == 1), None)
+    if config is None:
+        return (norm.shape[0] if norm else DIFFUSERS_DEFAULTS["attention_head_dim"]), None
+    dims = {k: config.get(k, v) for k, v in DIFFUSERS_DEFAULTS.items()}
+    for k, v in dims.items():
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise VerifyError(f"{ckpt.path}/config.json: {k} must be a positive integer, got {v!r}")
+    heads, head_dim = dims["num_attention_heads"], dims["attention_head_dim"]
+    if norm and norm.shape != (head_dim,):
+        raise VerifyError(f"{norm.path}: {norm.key} has shape {norm.shape}, config.json says attention_head_dim "
+                          f"{head_dim}")
+    rows = heads * head_dim
+    return head_dim, QKVShape(rows, rows, rows, head_dim)
+
+
+def _check_rows(src: dict[str, Tensor], to: str, naming: str, shape: QKVShape | None) -> None:
+    """Each q/k/v (or fused) tensor has the rows config.json implies, or thirds of equal rows without a config."""
+    leaves = {leaf for s in streams(naming) for leaf in ((s.fused,) if to == "standard" else s.separate)}
+    for key, t in src.items():
+        _, leaf, param = _split_key(key)
+        if leaf not in leaves or param not in ("weight", "bias"):
+            continue
+        rows = t.shape[0] if t.shape else 0
+        if shape is None:
+            if to == "standard" and (rows == 0 or rows % 3):
+                raise VerifyError(f"{t.path}: {key} has {rows} rows, which do not divide into equal q, k, v")
+            continue
+        want = shape.rows if to == "standard" else shape.q_rows
+        if rows != want:
+            times = "3 x " if to == "standard" else ""
+            raise VerifyError(f"{t.path}: {key} has {rows} rows; config.json implies {want} "
+                              f"({times}{shape.q_rows // shape.head_dim} heads x {shape.head_dim})")
+
+
+def _groups(src: dict, out: dict, naming: str, to: str) -> Iterator[Group]:
+    """The q/k/v groups merge/split formed: from the keys they consumed; a target that SRC also holds is refused."""
+    consumed = sorted(set(src) - set(out))
+    by_leaf = {leaf: s for s in streams(naming) for leaf in (s.fused, *s.separate)}
+    seen = set()
+    for key in consumed:
+        prefix, leaf, param = _split_key(key)
+        s = by_leaf[leaf]
+        group = Group(f"{prefix}{s.fused}.{param}", tuple(f"{prefix}{x}.{param}" for x in s.separate), to)
+        if group.fused in seen:
+            continue
+        seen.add(group.fused)
+        clash = [k for k in group.targets if k in src]
+        if clash:
+            raise VerifyError(f"{src[clash[0]].path}: holds {clash[0]} as well as "
+                              f"{', '.join(group.sources)}: fused and separate q/k/v of one projection")
+        yield group
+
+
+def _check_group(group: Group, src: dict[str, Tensor]) -> None:
+    dtypes = [src[k].dtype for k in group.sources]
+    if len(set(dtypes)) > 1:
+        raise VerifyError(f"{src[group.sources[0]].path}: {', '.join(group.sources)} have dtypes "
+                          f"{', '.join(dtypes)}; one fused tensor needs one dtype")
+
+
+def _layout_shards(ckpt: Checkpoint, p: Plan) -> list[tuple[Path, list[str]]]:
+    """Output keys per source shard: a group's targets go where its first source is, next to each other."""
+    def anchor(key: str) -> str:
+        return min(p.groups[key].targets) if key in p.groups else key
+
+    home = {key: p.src[p.groups[key].sources[0] if key in p.groups else key].path for key in p.out}
+    shards = []
+    for shard in ckpt.shards:
+        keys = [k for k in p.out if home[k] == shard]
+        keys.sort(key=lambda k: (-DTYPES[p.out[k][0]].itemsize, anchor(k), k))  # as safetensors orders them
+        if keys:
+            shards.append((shard, keys))
+    return shards
+
+
+def _split_key(key: str) -> tuple[str, str, str]:
+    """'a.b.to_q.weight' -> ('a.b.', 'to_q', 'weight')."""
+    head, _, param = key.rpartition(".")
+    prefix, _, leaf = head.rpartition(".")
+    return (prefix + "." if prefix else ""), leaf, param
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def load(t: Tensor) -> torch.Tensor:
+    """One tensor through safe_open, the handle closed again at once (no shard stays mapped)."""
+    try:
+        with safe_open(str(t.path), framework="pt") as f:
+            return f.get_tensor(t.key)
+    except Exception as e:  # safetensors raises its own error types
+        raise VerifyError(f"{t.path}: tensor {t.key!r} cannot be read ({e})") from None
+
+
+def raw_bytes(t: Tensor, buffer: bytearray) -> Iterator[memoryview]:
+    """The bytes of `t` straight from its file, a buffer's worth at a time."""
+    view = memoryview(buffer)
+    with t.path.open("rb") as f:
+        f.seek(t.offset)
+        left = t.nbytes
+        while left:
+            n = f.readinto(view[: min(left, len(buffer))])
+            if not n:
+                raise VerifyError(f"{t.path}: ends inside tensor {t.key!r} (was it changed while being read?)")
+            left -= n
+            yield view[:n]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class Scan:
+    """sha256 and NaN/Inf counts of one tensor's bytes, fed in pieces."""
+
+    def __init__(self, dtype: str):
+        self.dtype = DTYPES[dtype]
+        self.hash = hashlib.sha256()
+        self.nan = self.inf = 0
+
+    def update(self, data: memoryview) -> None:
+        self.hash.update(data)
+        if self.dtype.is_floating_point and len(data):
+            nan, inf = non_finite(torch.frombuffer(data, dtype=self.dtype))
+            self.nan, self.inf = self.nan + nan, self.inf + inf
+
+
+Warn = Callable[[str], None]
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"qkv-verify: warning: {message}", file=sys.stderr)
+
+
+def write(p: Plan, folder: Path, warn: Warn = _warn_stderr) -> tuple[dict[str, mf.Entry], dict[str, mf.Entry]]:
+    """Write the converted shards (and index) into `folder`; returns the (output, source) manifest entries."""
+    out_entries: dict[str, mf.Entry] = {}
+    src_entries: dict[str, mf.Entry] = {}
+    single = len(p.shards) == 1
+    names = [WEIGHTS if single else f"diffusion_pytorch_model-{i:05d}-of-{len(p.shards):05d}.safetensors"
+             for i in range(1, len(p.shards) + 1)]
+    buffer = bytearray(CHUNK)
+    for name, (shard, keys) in zip(names, p.shards):
+        metadata = read_header(shard).get("__metadata__") or {"format": "pt"}
+        with (folder / name).open("wb") as f:
+            f.write(_header(p, keys, metadata))
+            pending: dict[str, torch.Tensor] = {}
+            for key in keys:
+                if key in p.groups and not pending:
+                    pending = _materialize(p, p.groups[key], src_entries, warn)
+                if key in p.groups:
+                    data = tensor_bytes(pending.pop(key))
+                    f.write(data)
+                    entry = mf.Entry(p.out[key][1], p.out[key][0], hashlib.sha256(data).hexdigest())
+                else:
+                    entry = _copy(p.src[key], f, buffer, warn)
+                    src_entries[key] = entry
+                out_entries[key] = entry
+            assert not pending, f"group outputs left unwritten: {sorted(pending)}"
+            f.flush()
+            os.fsync(f.fileno())
+    if not single:
+        weight_map = {key: name for name, (_, keys) in zip(names, p.shards) for key in keys}
+        total = sum(p.src[k].nbytes for k in p.src)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_text(folder / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_entries, src_entries
+
+
+def _header(p: Plan, keys: list[str], metadata: dict) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key in keys:
+        dtype, shape = p.out[key]
+        nbytes = DTYPES[dtype].itemsize * _numel(shape)
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+    return struct.pack("<Q", len(text)) + text
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _copy(t: Tensor, f, buffer: bytearray, warn: Warn) -> mf.Entry:
+    scan = Scan(t.dtype)
+    for piece in raw_bytes(t, buffer):
+        scan.update(piece)
+        f.write(piece)
+    _warn_non_finite(t, scan, warn)
+    return mf.Entry(t.shape, t.dtype, scan.hash.hexdigest())
+
+
+def _materialize(p: Plan, group: Group, src_entries: dict, warn: Warn) -> dict[str, torch.Tensor]:
+    """Read a group's sources (each from its own shard), record and scan them, and convert."""
+    tensors = {}
+    for key in group.sources:
+        t = p.src[key]
+        tensors[key] = load(t)
+        scan = Scan(t.dtype)
+        scan.update(tensor_bytes(tensors[key]))
+        _warn_non_finite(t, scan, warn)
+        src_entries[key] = mf.Entry(t.shape, t.dtype, scan.hash.hexdigest())
+    out = p.convert(tensors)
+    assert set(out) == set(group.targets), (sorted(out), group)
+    return out
+
+
+def _warn_non_finite(t: Tensor, scan: Scan, warn: Warn) -> None:
+    if scan.nan or scan.inf:
+        warn(f"{t.key} in {t.path.name} holds {scan.nan} NaN and {scan.inf} Inf values; converted exactly as is")
+
+
+def _write_text(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command: convert, and --check
+
+
+@dataclass
+class Result:
+    """What a conversion wrote."""
+
+    dst: Path
+    plan: Plan
+    shards: int
+    nbytes: int
+    seconds: float
+    manifest: dict
+
+
+def convert(src: Path, dst: Path, to: str, naming: str | None = None, layout: str = "blocked", force: bool = False,
+            warn: Warn = _warn_stderr) -> Result:
+    """Convert SRC into DST (a new folder, renamed into place once complete); SRC is only read."""
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    ckpt = open_checkpoint(src)
+    check_paths(src, dst, force)
+    p = plan(ckpt, to, naming, layout)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".qkv-verify-tmp", dir=dst.parent))
+    try:
+        out_entries, src_entries = write(p, tmp, warn)
+        if ckpt.config is not None:
+            shutil.copyfile(ckpt.path / "config.json", tmp / "config.json")
+        manifest = mf.build(out_entries, src_entries, src, p.conversion)
+        _write_text(tmp / mf.NAME, json.dumps(manifest, indent=2) + "\n")
+        _fsync_dir(tmp)
+        _replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    nbytes = sum(t.nbytes for t in p.src.values())
+    return Result(dst, p, len(p.shards), nbytes, time.perf_counter() - start, manifest)
+
+
+def check_paths(src: Path, dst: Path, force: bool) -> None:
+    """Refuse a DST that is SRC, lies inside SRC or holds SRC, exists (without --force), or has no parent folder."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise VerifyError(f"{dst}: DST is SRC; refusing to write over the source")
+    if src.is_dir() and d.is_relative_to(s):
+        raise VerifyError(f"{dst}: lies inside SRC {src}; refusing to write into the source")
+    if s.is_relative_to(d):
+        raise VerifyError(f"{dst}: holds SRC {src}; refusing to replace the source's folder")
+    if not d.parent.is_dir():
+        raise VerifyError(f"{dst.parent}: no such folder for DST")
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise VerifyError(f"{dst}: exists; pass --force to replace it")
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+    """Rename the finished `tmp` to `dst`; an existing `dst` (allowed by --force) is moved aside, then removed."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".qkv-verify-old", dir=dst.parent))
+        old.rmdir()
+        os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except OSError:
+        if old is not None:
+            os.rename(old, dst)
+        raise
+    _fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Verdict:
+    """The outcome of --check: proven, or the first tensor that differs and how many do."""
+
+    proven: bool
+    message: str
+
+
+def check(src: Path, dst: Path, naming: str | None = None, layout: str | None = None) -> Verdict:
+    """Prove that DST holds exactly SRC's tensors in the other layout, reading both files in full."""
+    src, dst = Path(src), Path(dst)
+    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
+        raise VerifyError(f"{dst}: DST is SRC; nothing to prove")
+    src_ckpt, dst_ckpt = open_checkpoint(src), open_checkpoint(dst)
+    to = "standard" if fused_leaves(src_ckpt) else "merged"
+    manifest = mf.read(dst) if dst.is_dir() else None
+    conversion = manifest["conversion"] if manifest and manifest["conversion"].get("to") == to else {}
+    if layout is not None and conversion.get("layout", layout) != layout:
+        raise VerifyError(f"--layout {layout} contradicts {dst / mf.NAME}, which says {conversion['layout']}")
+    layout = layout or conversion.get("layout", "blocked")
+    if to == "merged" and fused_leaves(dst_ckpt):
+        naming = detect_naming(dst_ckpt.leaf_names())
+    p = plan(src_ckpt, to, naming or conversion.get("naming"), layout)
+    got = tensors_of(dst_ckpt)
+    missing, extra = sorted(set(p.out) - set(got)), sorted(set(got) - set(p.out))
+    if missing:
+        return Verdict(False, f"DST lacks {missing[0]} ({len(missing)} of SRC's converted tensors missing)")
+    if extra:
+        return Verdict(False, f"DST holds {extra[0]}, which SRC's conversion does not ({len(extra)} extra)")
+    for key in sorted(p.out):
+        if p.out[key] != (got[key].dtype, got[key].shape):
+            return Verdict(False, f"tensor {key} differs: SRC converts to {p.out[key][0]} {p.out[key][1]}, DST "
+                                  f"holds {got[key].dtype} {got[key].shape}")
+    differ, dst_entries, src_entries = _compare_all(p, got)
+    what = f"{len(p.out)} tensors, {p.to} layout (naming {p.naming}, layout {p.layout})"
+    if differ:
+        return Verdict(False, f"tensor {differ[0]} differs ({len(differ)} of {what} differ)")
+    if manifest is not None:
+        listed = mf.entries_of(manifest)
+        wrong = sorted(k for k in set(listed) | set(dst_entries) if listed.get(k) != dst_entries.get(k))
+        if wrong:
+            return Verdict(False, f"{dst / mf.NAME}: entry for {wrong[0]} does not match DST ({len(wrong)} wrong)")
+        if manifest["source"].get("identity") != mf.identity(src_entries):
+            return Verdict(False, f"{dst / mf.NAME}: names a source other than SRC (identity differs)")
+    return Verdict(True, f"proven: DST holds exactly SRC's tensors in the other layout: {what}"
+                         + ("; manifest matches" if manifest is not None else "; DST has no manifest"))
+
+
+def _compare_all(p: Plan, got: dict[str, Tensor]) -> tuple[list[str], dict, dict]:
+    """Keys whose bytes differ (sorted), and the DST and SRC manifest entries computed on the way."""
+    differ, dst_entries, src_entries = [], {}, {}
+    a, b = bytearray(CHUNK), bytearray(CHUNK)
+    done = set()
+    for _, keys in p.shards:
+        for key in keys:
+            if key in done:
+                continue
+            if key in p.groups:
+                targets = _materialize(p, p.groups[key], src_entries, lambda m: None)
+            else:
+                targets = {key: None}
+            for k, want in targets.items():
+                done.add(k)
+                same, sha = _same(p.src.get(k), want, got[k], a, b)
+                dst_entries[k] = mf.Entry(got[k].shape, got[k].dtype, sha)
+                if k not in p.groups:
+                    src_entries[k] = dst_entries[k]
+                if not same:
+                    differ.append(k)
+    return sorted(differ), dst_entries, src_entries
+
+
+def _same(src: Tensor | None, want: torch.Tensor | None, t: Tensor, a: bytearray, b: bytearray) -> tuple[bool, str]:
+    """Whether DST's tensor `t` has the bytes of SRC's tensor `src` (copied) or of `want` (converted); its sha256."""
+    h = hashlib.sha256()
+    if want is not None:
+        data = tensor_bytes(load(t))
+        h.update(data)
+        return data == tensor_bytes(want), h.hexdigest()
+    same = True
+    for x, y in zip(raw_bytes(src, a), raw_bytes(t, b)):
+        h.update(y)
+        same = same and x == y
+    return same, h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def register(subparsers) -> None:
+    """Add `convert` to the qkv-verify command line."""
+    c = subparsers.add_parser(
+        "convert", help="stream a checkpoint between standard and merged QKV; --check proves a conversion",
+        description="Exit status: 0 written (with --check: proven), 1 (--check) a tensor differs, 2 bad input.",
+    )
+    c.add_argument("src", type=Path, help="diffusers transformer folder (config.json + safetensors) or one file")
+    c.add_argument("dst", type=Path, help="output folder (never inside SRC; written beside, renamed when complete)")
+    c.add_argument("--to", help="merged | standard (with --check: inferred from SRC)")
+    c.add_argument("--naming", help="fused names: seed (to_qkv, add_qkv_proj; default) or diffusers (to_added_qkv)")
+    c.add_argument("--layout", help="fused rows: blocked (default) or interleaved per head")
+    c.add_argument("--force", action="store_true", help="replace an existing DST")
+    c.add_argument("--check", action="store_true", help="prove that DST holds exactly SRC's tensors, converted")
+    c.set_defaults(func=command)
+
+
+def command(args) -> int:
+    if args.naming is not None:
+        streams(args.naming)
+    if args.layout is not None and args.layout not in LAYOUTS:
+        raise VerifyError(f"unknown layout {args.layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if args.to is not None and args.to not in DIRECTIONS:
+        raise VerifyError(f"unknown --to {args.to!r}; expected merged or standard")
+    if args.check:
+        if args.to is not None and args.to != _direction(args.src):
+            raise VerifyError(f"--to {args.to}: SRC {args.src} converts to {_direction(args.src)}")
+        verdict = check(args.src, args.dst, args.naming, args.layout)
+        print(verdict.message if verdict.proven else f"not proven: {verdict.message}")
+        return 0 if verdict.proven else 1
+    if args.to is None:
+        raise VerifyError("convert needs --to merged or --to standard (or --check)")
+    r = convert(args.src, args.dst, args.to, args.naming, args.layout or "blocked", args.force)
+    gb = r.nbytes / 1e9
+    print(f"wrote {r.dst}: {len(r.plan.out)} tensors in {r.shards} shard(s), {r.plan.to} (naming {r.plan.naming}, "
+          f"layout {r.plan.layout}), {gb:.3f} GB in {r.seconds:.1f} s ({gb / max(r.seconds, 1e-9):.2f} GB/s); "
+          f"manifest {r.dst / mf.NAME}")
+    return 0
+
+
+def _direction(src: Path) -> str:
+    return "standard" if fused_leaves(open_checkpoint(src)) else "merged"
