@@ -10,6 +10,7 @@ from verify.convert import register as register_convert
 from verify.errors import VerifyError
 from verify.lora.cli import register as register_lora
 from verify.qkv import LAYOUTS
+from verify.regress import register_regress
 from verify.tolerance import parse_dtypes
 
 
@@ -58,7 +59,7 @@ def _report(args) -> int:
     return 0 if summary["verdict"] == "pass" else 1
 
 
-REGISTRARS = [register_report, register_lora, register_convert]
+REGISTRARS = [register_report, register_lora, register_regress, register_convert]
 
 
 def parser() -> argparse.ArgumentParser:
