@@ -1,0 +1,236 @@
+"""`qkv-verify regress`: identical runs never move, a 1% change in one block's weights (or another seed) does, in
+fp64 and fp32; thresholds follow the dtype's noise; bad input exits 2; today's default run matches the committed
+baseline (QKV_VERIFY_REGEN_BASELINE=1 rewrites it; a missing baseline is written and the test fails)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from properties.checkpoint_files import standard_checkpoint
+from verify.cli import main
+from verify.errors import VerifyError
+from verify.regress import EPS, Thresholds, format_result, load_summary, regress
+from verify.selector import resolve
+
+BASELINE = Path(__file__).resolve().parent.parent / "reports" / "baselines" / "default.json"
+OBTAINED = BASELINE.with_name("default.obtained.json")
+PERTURBED = "transformer_blocks.1.img_mlp.net.2.weight"
+
+
+def _report(out: Path, *args: str) -> dict:
+    code = main(["report", "--out", str(out), "--dtypes", "fp64,fp32", *args])
+    assert code == 0, f"report {args} exited {code}"
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Report folders: the tiny checkpoint twice, the same with one block's weight x 1.01, and with seed 1."""
+    root = tmp_path_factory.mktemp("regress")
+    ckpt = standard_checkpoint(root / "ckpt", shard_size="10GB")
+    perturbed = root / "perturbed"
+    perturbed.mkdir()
+    (perturbed / "config.json").write_text((ckpt / "config.json").read_text())
+    sd = load_file(ckpt / "diffusion_pytorch_model.safetensors")
+    sd[PERTURBED] = sd[PERTURBED] * 1.01
+    save_file(sd, str(perturbed / "diffusion_pytorch_model.safetensors"))
+    folders = {"first": ("--checkpoint", ckpt), "second": ("--checkpoint", ckpt),
+               "perturbed": ("--checkpoint", perturbed), "seed1": ("--checkpoint", ckpt, "--seed", "1")}
+    for name, args in folders.items():
+        _report(root / name, *map(str, args))
+    return {name: root / name / "summary.json" for name in folders}
+
+
+def _regress_cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["regress", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_identical_runs_are_never_flagged(runs, capsys, tmp_path):
+    code, out, _ = _regress_cli(capsys, runs["first"], runs["second"], "--json", tmp_path / "r.json")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and result["passed"] and result["moved"] == [], out
+    samples = load_summary(runs["first"])["output_samples"]
+    assert samples, "the report must store output samples for element-wise comparison"
+    assert result["compared"] > sum(len(s["values"]) for s in samples), "samples, stats and checks all compared"
+    assert "nothing moved" in out and "fp64" in out and "fp32" in out, "thresholds are shown"
+
+
+@pytest.mark.parametrize("variant", ["perturbed", "seed1"])
+def test_one_percent_in_one_block_or_another_seed_is_flagged_in_fp64_and_fp32(runs, capsys, tmp_path, variant):
+    code, out, _ = _regress_cli(capsys, runs["first"], runs[variant], "--json", tmp_path / "r.json")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert code == 1 and not result["passed"]
+    moved = result["moved"]
+    for dtype in ("fp64", "fp32"):
+        for fixture in ("text-to-image", "edit"):
+            for section in ("output_samples", "output_stats"):
+                prefix = f"{section}[fixture={fixture},dtype={dtype},implementation=merged]"
+                assert any(m["name"].startswith(prefix) for m in moved), f"{prefix} not flagged"
+    assert all(m["name"] in out for m in moved), "every moved item is named in the console table"
+    candidate = load_summary(runs[variant])
+    for m in moved:  # every name is a metric path that selects the candidate's value
+        assert resolve(candidate, m["name"]) == m["candidate"]
+
+
+def test_seed_change_is_stated_as_a_note(runs):
+    result = regress(load_summary(runs["first"]), load_summary(runs["seed1"]))
+    assert any("inputs.seed" in note for note in result["notes"])
+
+
+def test_thresholds_follow_the_dtype_noise_of_the_baseline(runs):
+    base = load_summary(runs["first"])
+    t = regress(base, base, Thresholds(rtol_scale=3.0, atol=1e-9))["thresholds"]["per_dtype"]
+    fp32_err = max(c["base_max_abs_err"] for c in base["checks"] if c["dtype"] == "fp32")
+    scale = max(abs(s[k]) for s in base["output_stats"] if s["implementation"] == "oracle" for k in ("min", "max"))
+    assert t["fp32"] == pytest.approx(3.0 * max(fp32_err, EPS["fp32"] * scale) + 1e-9)
+    fp64 = max(fp32_err * EPS["fp64"] / EPS["fp32"], EPS["fp64"] * scale)
+    assert t["fp64"] == pytest.approx(3.0 * fp64 + 1e-9)
+    default = regress(base, base)["thresholds"]["per_dtype"]
+    assert 0 < default["fp64"] < 1e-12 < default["fp32"] < 1e-4, "fp64 has a tolerance too; both far below 1%"
+
+
+def _nudge(summary: dict, dtype: str, factor: float) -> tuple[dict, str]:
+    """A copy whose first merged sample value of `dtype` moved by factor x that dtype's threshold."""
+    threshold = regress(summary, summary)["thresholds"]["per_dtype"][dtype]
+    cand = copy.deepcopy(summary)
+    rec = next(s for s in cand["output_samples"] if s["dtype"] == dtype and s["implementation"] == "merged")
+    rec["values"][0] += factor * threshold
+    return cand, f"output_samples[fixture={rec['fixture']},dtype={dtype},implementation=merged].values[0]"
+
+
+@pytest.mark.parametrize("dtype", ["fp64", "fp32"])
+def test_one_sample_just_beyond_its_threshold_is_flagged_and_just_within_is_not(runs, dtype):
+    base = load_summary(runs["first"])
+    beyond, name = _nudge(base, dtype, 1.5)
+    moved = regress(base, beyond)["moved"]
+    assert [m["name"] for m in moved] == [name], "only the nudged sample moved; its statistics stay within noise"
+    within, _ = _nudge(base, dtype, 0.5)
+    assert regress(base, within)["passed"]
+
+
+def test_fp64_is_compared_with_a_tolerance_not_bit_for_bit(runs):
+    base = load_summary(runs["first"])
+    cand = copy.deepcopy(base)
+    for rec in cand["output_samples"]:
+        if rec["dtype"] == "fp64":
+            rec["values"] = [v * (1 + 4 * EPS["fp64"]) for v in rec["values"]]  # another BLAS's rounding
+    assert cand != base and regress(base, cand)["passed"]
+
+
+def test_same_statistics_with_different_outputs_is_caught_by_the_samples(runs):
+    base = load_summary(runs["first"])
+    cand = copy.deepcopy(base)
+    rec = next(s for s in cand["output_samples"] if s["dtype"] == "fp32" and s["implementation"] == "merged")
+    rec["values"] = rec["values"][::-1]  # the same values elsewhere: mean, std, percentiles unchanged
+    moved = regress(base, cand)["moved"]
+    assert moved and all(m["name"].startswith("output_samples[") for m in moved)
+
+
+@pytest.mark.parametrize("field, value", [("passed", False), ("bit_identical", False), ("fused_calls", 0),
+                                          ("nonfinite", 3), ("max_abs_err", 1e-3)])
+def test_a_moved_check_metric_is_named(runs, field, value):
+    base = load_summary(runs["first"])
+    cand = copy.deepcopy(base)
+    check = next(c for c in cand["checks"] if c["dtype"] == "fp32")
+    if check[field] == value:
+        pytest.skip(f"{field} is already {value}")
+    check[field] = value
+    moved = regress(base, cand)["moved"]
+    assert [m["name"] for m in moved] == [f"checks[name={check['name']},dtype=fp32].{field}"]
+
+
+def test_nan_count_and_a_missing_check_are_changes(runs):
+    base = load_summary(runs["first"])
+    cand = copy.deepcopy(base)
+    cand["output_stats"][0]["nan"] = 1
+    dropped = cand["checks"].pop()
+    names = [m["name"] for m in regress(base, cand)["moved"]]
+    assert names[0] == f"checks[name={dropped['name']},dtype={dropped['dtype']}]"
+    assert any(n.endswith("].nan") for n in names)
+
+
+def test_thresholds_are_adjustable_by_flag(runs, capsys):
+    code, out, _ = _regress_cli(capsys, runs["first"], runs["perturbed"], "--atol", "1")
+    assert code == 0 and "atol 1" in out
+    code, out, _ = _regress_cli(capsys, runs["first"], runs["second"], "--rtol-scale", "0")
+    assert code == 0, "identical runs stay identical even with no allowance at all"
+
+
+def _bad(kind: str, good: dict, tmp_path: Path) -> Path:
+    path = tmp_path / "cand.json"
+    cand = copy.deepcopy(good)
+    if kind == "missing":
+        return tmp_path / "nowhere.json"
+    if kind == "invalid":
+        path.write_text("{not json")
+        return path
+    if kind == "list":
+        cand = [cand]
+    elif kind == "no_stats":
+        del cand["output_stats"]
+    elif kind == "dtype_missing":
+        cand["output_stats"] = [s for s in cand["output_stats"] if s["dtype"] != "fp32"]
+    elif kind == "fixture_renamed":
+        for s in cand["output_stats"] + cand["output_samples"]:
+            s["fixture"] = s["fixture"].replace("edit", "inpaint")
+    elif kind == "other_indices":
+        cand["output_samples"][0]["indices"] = cand["output_samples"][0]["indices"][::-1]
+    elif kind == "no_samples":
+        del cand["output_samples"]
+    elif kind == "other_size":
+        cand["output_stats"][0]["numel"] += 1
+    path.write_text(json.dumps(cand))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "invalid", "list", "no_stats", "dtype_missing", "fixture_renamed",
+                                  "other_indices", "no_samples", "other_size"])
+def test_bad_input_exits_2_with_one_line(runs, capsys, tmp_path, kind):
+    bad = _bad(kind, load_summary(runs["first"]), tmp_path)
+    code, _, err = _regress_cli(capsys, runs["first"], bad, "--json", tmp_path / "r.json")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("qkv-verify: error:"), err
+    assert not (tmp_path / "r.json").exists()
+    code, _, _ = _regress_cli(capsys, bad, runs["first"])
+    assert code == 2, "bad input as the baseline too"
+
+
+def test_what_does_not_line_up_is_said(runs):
+    good = load_summary(runs["first"])
+    cand = copy.deepcopy(good)
+    cand["output_stats"] = [s for s in cand["output_stats"] if s["dtype"] != "fp32"]
+    with pytest.raises(VerifyError, match=r"dtypes.*only in baseline: \['fp32'\]"):
+        regress(good, cand)
+
+
+# --- the committed baseline of `qkv-verify report` with no arguments --------------------------------------------
+
+
+def test_default_report_matches_the_committed_baseline(tmp_path, capsys):
+    code = main(["report", "--out", str(tmp_path / "out")])
+    assert code == 0
+    obtained = json.loads((tmp_path / "out" / "summary.json").read_text())
+    text = json.dumps(obtained, indent=2, allow_nan=False) + "\n"
+    if os.environ.get("QKV_VERIFY_REGEN_BASELINE") == "1" or not BASELINE.exists():
+        existed = BASELINE.exists()
+        BASELINE.parent.mkdir(parents=True, exist_ok=True)
+        BASELINE.write_text(text)
+        pytest.fail(f"{'regenerated' if existed else 'wrote the missing'} baseline {BASELINE}; review and commit it "
+                    "(this run fails so that a baseline is never written silently)")
+    result = regress(load_summary(BASELINE), obtained)
+    if not result["passed"]:
+        OBTAINED.write_text(text)
+        pytest.fail(f"the default report moved against {BASELINE} (obtained run in {OBTAINED}; if the change is "
+                    f"intended, rerun with QKV_VERIFY_REGEN_BASELINE=1):\n"
+                    + format_result(result, str(BASELINE), "this run"))
+    assert result["compared"] > 0 and result["thresholds"]["per_dtype"].keys() == {"fp64", "fp32", "bf16", "fp16"}
+    OBTAINED.unlink(missing_ok=True)
