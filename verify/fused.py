@@ -8,6 +8,7 @@ weights back, so anything trained while merged is kept. `count_fused_calls` prov
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections import Counter
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from torch import nn
 
 from verify import qkv
+from verify.errors import VerifyError
 from verify.naming import DEFAULT_NAMING, Stream, streams
 
 
@@ -139,10 +141,27 @@ def unfuse_attention(attn: Attention) -> Attention:
     return attn
 
 
-def fuse_model(model: nn.Module, naming: str = DEFAULT_NAMING, layout: str = "blocked") -> nn.Module:
+# Fused processors by name: "reference" mirrors diffusers step by step; "fast" (verify.fast_fused) makes fewer passes.
+PROCESSORS = {
+    "reference": "verify.fused:FusedQwenAttnProcessor",
+    "fast": "verify.fast_fused:FastFusedQwenAttnProcessor",
+}
+
+
+def processor_class(name: str) -> type[FusedQwenAttnProcessor]:
+    """The fused processor class registered as `name` (imported on demand: verify.fast_fused imports this module)."""
+    if name not in PROCESSORS:
+        raise VerifyError(f"unknown fused processor {name!r}; expected one of {', '.join(PROCESSORS)}")
+    module, _, cls = PROCESSORS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def fuse_model(model: nn.Module, naming: str = DEFAULT_NAMING, layout: str = "blocked",
+               processor: str = "reference") -> nn.Module:
     """Convert every joint attention of `model` to fused projections, in place; returns `model`."""
+    cls = processor_class(processor)
     for attn in joint_attentions(model):
-        fuse_attention(attn, naming, layout)
+        fuse_attention(attn, naming, layout, cls(naming, layout))
     return model
 
 

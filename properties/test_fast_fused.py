@@ -1,0 +1,122 @@
+"""The fast merged processor (verify.fast_fused) computes the standard function: the same properties as the reference.
+
+Each example runs a registry case through `run_case` with `fuse_model(..., processor="fast")` in fp64, fp32, bf16
+and fp16, judged by the relative-to-base rule against the fp64 oracle, with the fused projections counted. Both of
+its code paths run in eager: the few-pass kernels (eager default) and the single expression torch.compile fuses.
+A planted bug in its own arithmetic (RoPE rotated the wrong way, pairs not swapped) must be rejected in fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+
+from properties.strategies import input_specs, layouts, model_configs, namings, seeds
+from verify import fast_fused
+from verify.cases import CASES
+from verify.compare import assert_failed, assert_passed
+from verify.equivalence import run_case
+from verify.errors import VerifyError
+from verify.fast_fused import FastFusedQwenAttnProcessor
+from verify.fused import FusedQwenAttnProcessor, fuse_attention, fuse_model, joint_attentions, unfuse_model
+from verify.tolerance import DTYPES
+
+ALL = tuple(DTYPES.values())  # fp64, fp32, bf16, fp16 in every example
+PATHS = pytest.mark.parametrize("functional", [False, True], ids=["kernels", "compile-expression"])
+
+
+def fast_merge(naming: str = "seed", layout: str = "blocked", functional: bool | None = None):
+    """merge function for run_case: the fast processor, with one of its two paths forced (None: automatic)."""
+
+    def merge(module):
+        for attn in joint_attentions(module):
+            fuse_attention(attn, naming, layout, FastFusedQwenAttnProcessor(naming, layout, functional))
+        return module
+
+    return merge
+
+
+def _check(case_name, device, config, spec, seed, naming, layout, functional) -> None:
+    case = CASES[case_name]
+    records = run_case(case, dtypes=ALL, device=device, seed=seed, config=config, spec=spec,
+                       merge=fast_merge(naming, layout, functional))
+    attentions = config["num_layers"] if case.component == "model" else 1
+    assert len(records) == len(ALL) * (2 if case.grads else 1), [r.name for r in records]
+    for record in records:
+        assert_passed(record)
+        assert record.fused_calls == 2 * attentions, f"{record.fused_calls} fused calls, expected {2 * attentions}"
+        event(f"{record.name} {record.dtype}: {'bit-identical' if record.bit_identical else 'within tolerance'}")
+
+
+@PATHS
+@settings(max_examples=8)
+@given(config=model_configs(), spec=input_specs(), seed=seeds(), naming=namings(), layout=layouts())
+def test_fast_block_equals_standard(device, functional, config, spec, seed, naming, layout):
+    """One block: outputs and gradients w.r.t. both streams and every weight, zero_cond_t and edit drawn."""
+    name = "block-edit-zero-cond" if config["zero_cond_t"] else "block"
+    _check(name, device, config, spec, seed, naming, layout, functional)
+
+
+@PATHS
+@settings(max_examples=6)
+@given(config=model_configs(), spec=input_specs(padded=True), seed=seeds(), naming=namings(), layout=layouts())
+def test_fast_attention_equals_standard(device, functional, config, spec, seed, naming, layout):
+    """One attention with an observable text padding mask: outputs and gradients."""
+    _check("attention", device, config, spec, seed, naming, layout, functional)
+
+
+@PATHS
+@settings(max_examples=4)
+@given(config=model_configs(), spec=input_specs(edit=False), seed=seeds(), naming=namings(), layout=layouts())
+def test_fast_model_equals_standard(device, functional, config, spec, seed, naming, layout):
+    """The whole transformer, text-to-image: outputs and gradients."""
+    _check("model-text-to-image", device, config, spec, seed, naming, layout, functional)
+
+
+@pytest.mark.parametrize("case_name", ["model-edit-zero-cond", "model-layered"])
+def test_fast_model_variants(device, case_name):
+    """Edit-2511 (zero_cond_t) and Layered (layer-3D RoPE) at the registry's own config, automatic path."""
+    for record in run_case(CASES[case_name], dtypes=ALL, device=device, merge=fast_merge()):
+        assert_passed(record)
+        assert record.fused_calls > 0
+
+
+@pytest.mark.parametrize("bug", ["rotated-back", "pairs-not-swapped"])
+def test_fast_arithmetic_bug_is_caught(bug, monkeypatch):
+    """A planted bug in the fast processor's own RoPE is rejected in fp32 by the rule that passes the correct one."""
+    original = fast_fused.rope_coefficients
+
+    def broken(freqs, dtype):
+        cos, sin = original(freqs, dtype)
+        return (cos, -sin) if bug == "rotated-back" else (cos, sin.abs())
+
+    monkeypatch.setattr(fast_fused, "rope_coefficients", broken)
+    if bug == "pairs-not-swapped":
+        monkeypatch.setattr(fast_fused, "_swap_pairs", lambda x: x)
+    record = run_case(CASES["block"], dtypes=(torch.float32,), merge=fast_merge(functional=False))[0]
+    assert_failed(record)
+
+
+def test_processor_registry():
+    """fuse_model(processor=...) installs the named processor; unfuse restores diffusers'; unknown names refused."""
+    model = CASES["model-text-to-image"].build(CASES["model-text-to-image"].config, 0)
+    fuse_model(model, processor="fast")
+    assert all(type(a.processor) is FastFusedQwenAttnProcessor for a in joint_attentions(model))
+    unfuse_model(model)
+    fuse_model(model)
+    assert all(type(a.processor) is FusedQwenAttnProcessor for a in joint_attentions(model))
+    with pytest.raises(VerifyError, match="unknown fused processor"):
+        fuse_model(model, processor="fastest")
+
+
+def test_rope_coefficients_cached_by_identity():
+    """The coefficients are computed once per frequency tensor, and again when that tensor changes in place."""
+    freqs = torch.polar(torch.ones(5, 4), torch.rand(5, 4))
+    first = fast_fused.rope_coefficients(freqs, torch.float32)
+    assert fast_fused.rope_coefficients(freqs, torch.float32) is first
+    freqs.mul_(1j)
+    cos, sin = fast_fused.rope_coefficients(freqs, torch.float32)
+    torch.testing.assert_close(cos[:, 0, ::2], freqs.real)
+    torch.testing.assert_close(sin[:, 0, 1::2], freqs.imag)
+    torch.testing.assert_close(sin[:, 0, ::2], -freqs.imag)
