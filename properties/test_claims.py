@@ -1,0 +1,293 @@
+"""The claims ledger: the write-up's claims confirmed or refuted by real runs (a correct and a planted merged
+checkpoint), a same mean with different outputs refuted, and user claims files: every comparison, malformed files
+and metric paths that select nothing refused with the claim's name."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
+from verify import qkv
+from verify.claims import CONFIRMED, REFUTED, UNMEASURED, judge, ledger, load_bench, load_claims, refuted_user_claims
+from verify.cli import main
+from verify.errors import VerifyError
+from verify.selector import SelectError, parse, path_of, resolve
+
+WRITE_UP = ["merge-split-exact", "attention-block-match", "lossless-conversion", "base-output-same",
+            "lora-480-tensors", "alpha-1", "faster-10-15pct", "kernels-67pct-fewer"]
+
+
+def _report(out: Path, *args: str) -> dict:
+    main(["report", "--out", str(out), "--dtypes", "fp64,fp32", *args])
+    return json.loads((out / "summary.json").read_text())
+
+
+def _swap_kv(sd: dict) -> dict:
+    key = "transformer_blocks.1.attn.to_qkv.weight"
+    q, k, v = qkv.split(sd[key], qkv.QKVShape.equal(sd[key].shape[0], 16), "blocked")
+    return sd | {key: torch.cat([q, v, k])}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict]:
+    """Summaries: the default run; a correct merged checkpoint; one with k and v swapped in block 1."""
+    root = tmp_path_factory.mktemp("claims")
+    std = standard_checkpoint(root / "std")
+    good = merged_checkpoint(std, root / "good")
+    bad = merged_checkpoint(std, root / "bad", mutate=_swap_kv)
+    return {"default": _report(root / "default"),
+            "merged": _report(root / "merged", "--checkpoint", str(std), "--merged-checkpoint", str(good)),
+            "planted": _report(root / "planted", "--checkpoint", str(std), "--merged-checkpoint", str(bad))}
+
+
+def _by_id(rows: list[dict]) -> dict[str, dict]:
+    return {r["id"]: r for r in rows}
+
+
+def test_every_write_up_claim_has_a_row_with_a_verdict(runs):
+    rows = ledger(runs["default"], None, None)
+    assert [r["id"] for r in rows] == WRITE_UP
+    assert all({"id", "claim", "verdict", "measured", "expected", "detail"} <= set(r) for r in rows)
+    assert {r["verdict"] for r in rows} <= {CONFIRMED, REFUTED, UNMEASURED}
+    assert all(r["detail"] for r in rows), "every verdict says what it rests on"
+    rows = _by_id(rows)
+    assert rows["base-output-same"]["verdict"] == CONFIRMED
+    for unmeasured in ("merge-split-exact", "lora-480-tensors", "alpha-1", "faster-10-15pct"):
+        assert rows[unmeasured]["verdict"] == UNMEASURED and rows[unmeasured]["measured"] is None
+
+
+def test_weights_of_a_correct_merged_checkpoint_confirm_merge_split_zero(runs):
+    row = _by_id(ledger(runs["merged"], None, None))["merge-split-exact"]
+    assert row["verdict"] == CONFIRMED and row["measured"] == 0.0
+
+
+def test_a_planted_kv_swap_refutes_merge_split_and_same_output(runs):
+    rows = _by_id(ledger(runs["planted"], None, None))
+    assert rows["merge-split-exact"]["verdict"] == REFUTED and "transformer_blocks.1" in rows["merge-split-exact"][
+        "detail"]
+    assert rows["base-output-same"]["verdict"] == REFUTED
+    assert rows["base-output-same"]["measured"] > 0
+
+
+def test_same_mean_with_different_outputs_is_refuted(runs):
+    """The write-up compared one mean. Here the merged outputs are the standard ones in another order: the mean (and
+    every statistic) is equal, the outputs are not."""
+    summary = copy.deepcopy(runs["default"])
+    std = {(s["fixture"], s["dtype"]): s for s in summary["output_samples"] if s["implementation"] == "standard"}
+    for rec in summary["output_samples"]:
+        if rec["implementation"] == "merged" and rec["dtype"] == "fp32":
+            rec["values"] = std[(rec["fixture"], "fp32")]["values"][::-1]
+    stats = {(s["fixture"], s["dtype"]): s for s in summary["output_stats"] if s["implementation"] == "standard"}
+    for rec in summary["output_stats"]:
+        if rec["implementation"] == "merged":
+            rec.update({k: v for k, v in stats[(rec["fixture"], rec["dtype"])].items() if k != "implementation"})
+    row = _by_id(ledger(summary, None, None))["base-output-same"]
+    assert row["verdict"] == REFUTED
+    assert "the means agree, yet the outputs differ" in row["detail"]
+
+
+def test_a_moved_percentile_with_the_same_mean_is_refuted(runs):
+    summary = copy.deepcopy(runs["default"])
+    rec = next(s for s in summary["output_stats"] if s["implementation"] == "merged" and s["dtype"] == "fp32")
+    rec["p95"] += 0.1
+    rec["p5"] -= 0.1
+    assert _by_id(ledger(summary, None, None))["base-output-same"]["verdict"] == REFUTED
+
+
+def _with_lora(summary: dict, **lora) -> dict:
+    return {**summary, "lora": {"modules_matched": 4, "tensors": 8, "weights_changed": 4, "unmatched_keys": [],
+                                "scale": {"value": 1.0, "min": 1.0, "max": 1.0, "source": "default"}, **lora}}
+
+
+def test_lora_counts_are_judged_per_block_of_the_run(runs):
+    summary = runs["default"]
+    blocks = summary["inputs"]["model_config"]["num_layers"]
+    # the write-up's merged list on a merged model: 4 matrices per block from 8 A/B tensors per block
+    row = _by_id(ledger(_with_lora(summary, weights_changed=4 * blocks, tensors=8 * blocks), None, None))
+    assert row["lora-480-tensors"]["verdict"] == REFUTED and row["lora-480-tensors"]["measured"] == 4 * blocks
+    row = _by_id(ledger(_with_lora(summary, weights_changed=8 * blocks), None, None))
+    assert row["lora-480-tensors"]["verdict"] == CONFIRMED
+
+
+@pytest.mark.parametrize("value, lo, hi, verdict", [(1.0, 1.0, 1.0, CONFIRMED), (0.125, 0.125, 0.125, REFUTED),
+                                                    (1.0, 0.5, 1.0, REFUTED)])
+def test_alpha_one_is_judged_on_the_files_own_scale(runs, value, lo, hi, verdict):
+    summary = _with_lora(runs["default"], scale={"value": value, "min": lo, "max": hi, "source": "alpha keys"})
+    row = _by_id(ledger(summary, None, None))["alpha-1"]
+    assert row["verdict"] == verdict and row["measured"] == value
+
+
+def test_bench_rows_judge_speed_and_kernel_claims(runs, tmp_path):
+    # DESIGN.md section 7: on an H200 the fused forward ran at 0.945x with 97 -> 91 kernels
+    measured = {"rows": [{"name": "forward", "speedup": 0.945, "kernels_standard": 97, "kernels_merged": 91},
+                         {"name": "train", "speedup": 0.991, "kernels_standard": 300, "kernels_merged": 282}]}
+    rows = _by_id(ledger(runs["default"], None, measured))
+    assert rows["faster-10-15pct"]["verdict"] == REFUTED and rows["faster-10-15pct"]["measured"] == 0.945
+    assert rows["kernels-67pct-fewer"]["verdict"] == REFUTED
+    assert rows["kernels-67pct-fewer"]["measured"] == pytest.approx(min(1 - 91 / 97, 1 - 282 / 300)), "the worst row"
+    claimed = [{"name": "forward", "speedup": 1.12, "kernels_standard": 90, "kernels_merged": 30}]
+    (tmp_path / "bench-h200.json").write_text(json.dumps(claimed))
+    rows = _by_id(ledger(runs["default"], None, load_bench(tmp_path)))
+    assert rows["faster-10-15pct"]["verdict"] == CONFIRMED and rows["kernels-67pct-fewer"]["verdict"] == CONFIRMED
+    (tmp_path / "empty").mkdir()
+    assert load_bench(tmp_path / "empty") is None
+
+
+def test_property_suite_results_back_attention_and_block(runs):
+    def results(outcome):
+        return {"tests": [{"test": f"properties/test_equivalence.py::test_fused_{c}_equals_standard[cpu]",
+                           "outcome": outcome, "examples": 100} for c in ("attention", "block")]}
+
+    assert _by_id(ledger(runs["default"], None, None))["attention-block-match"]["verdict"] == UNMEASURED
+    row = _by_id(ledger(runs["default"], None, None, properties=results("passed")))["attention-block-match"]
+    assert row["verdict"] == CONFIRMED and "2 passed" in row["detail"]
+    row = _by_id(ledger(runs["default"], None, None, properties=results("failed")))["attention-block-match"]
+    assert row["verdict"] == REFUTED
+
+
+# --- user claims -------------------------------------------------------------------------------------------------
+
+
+def _claims(tmp_path: Path, claims, suffix: str = ".yaml") -> Path:
+    path = tmp_path / f"claims{suffix}"
+    path.write_text(json.dumps(claims) if suffix == ".json" else yaml.safe_dump(claims))
+    return path
+
+
+FP32 = "checks[name=model/edit/outputs,dtype=fp32]"
+
+
+def _ops_claims(summary: dict) -> list[tuple[dict, str]]:
+    """(claim, expected verdict) for every comparison, true and false, against values read from the summary."""
+    err = resolve(summary, f"{FP32}.max_abs_err")
+    mean = resolve(summary, "output_stats[fixture=edit,dtype=fp32,implementation=merged].mean")
+    cases = [("<", 2 * err, CONFIRMED), ("<", err, REFUTED), ("<=", err, CONFIRMED), ("<=", err / 2, REFUTED),
+             (">", err / 2, CONFIRMED), (">", err, REFUTED), (">=", err, CONFIRMED), (">=", 2 * err, REFUTED),
+             ("==", err, CONFIRMED), ("==", 2 * err, REFUTED), ("!=", 2 * err, CONFIRMED), ("!=", err, REFUTED)]
+    claims = [({"id": f"op{i}", "metric": f"{FP32}.max_abs_err", "op": op, "expected": x}, v)
+              for i, (op, x, v) in enumerate(cases)]
+    claims += [({"id": "approx-in", "metric": "output_stats[fixture=edit,dtype=fp32,implementation=merged].mean",
+                 "op": "approx", "expected": mean * (1 + 1e-4), "rel": 1e-3}, CONFIRMED),
+               ({"id": "approx-out", "metric": "output_stats[fixture=edit,dtype=fp32,implementation=merged].mean",
+                 "op": "approx", "expected": mean * (1 + 1e-2), "rel": 1e-3}, REFUTED),
+               ({"id": "abs", "metric": f"{FP32}.max_abs_err", "op": "approx", "expected": 0, "abs": 2 * err},
+                CONFIRMED),
+               ({"id": "verdict", "text": "the run passes", "metric": "verdict", "op": "==", "expected": "pass"},
+                CONFIRMED),
+               ({"id": "passed", "metric": f"{FP32}.passed", "op": "==", "expected": False}, REFUTED)]
+    return claims
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_user_claims_are_measured_with_every_comparison(runs, tmp_path, suffix):
+    summary = runs["default"]
+    cases = _ops_claims(summary)
+    rows = ledger(summary, _claims(tmp_path, {"claims": [c for c, _ in cases]}, suffix), None)
+    user = [r for r in rows if r["source"] == "user"]
+    assert [(r["id"], r["verdict"]) for r in user] == [(c["id"], v) for c, v in cases]
+    assert all(r["measured"] is not None and r["detail"] for r in user)
+    assert user[-2]["claim"] == "the run passes"
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(runs, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"- id: small\n  metric: {FP32}.max_abs_err\n  op: '<'\n  expected: 1e-2\n")
+    row = ledger(runs["default"], path, None)[-1]
+    assert row["verdict"] == CONFIRMED
+
+
+def test_only_refuted_user_claims_fail_the_exit_status(runs, tmp_path):
+    summary = _with_lora(runs["default"], scale={"value": 0.5, "min": 0.5, "max": 0.5, "source": "alpha keys"})
+    claims = [{"id": "ok", "metric": "verdict", "op": "==", "expected": "pass"},
+              {"id": "too-tight", "metric": f"{FP32}.max_abs_err", "op": "<", "expected": 0}]
+    rows = ledger(summary, _claims(tmp_path, claims), None)
+    assert _by_id(rows)["alpha-1"]["verdict"] == REFUTED, "a refuted write-up claim..."
+    assert [r["id"] for r in refuted_user_claims(rows)] == ["too-tight"], "...does not fail the run; a user claim does"
+    assert refuted_user_claims(ledger(summary, _claims(tmp_path, claims[:1]), None)) == []
+
+
+def test_a_metric_through_a_null_section_is_not_measurable(runs, tmp_path):
+    claims = [{"id": "alpha", "metric": "lora.scale.value", "op": "approx", "expected": 1.0}]
+    row = ledger(runs["default"], _claims(tmp_path, claims), None)[-1]
+    assert row["verdict"] == UNMEASURED and "lora" in row["detail"]
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("checks[name=model/edit/outputs,dtype=fp16].max_abs_err", "no record"),
+    ("checks[dtype=fp32].max_abs_err", "records of checks have dtype=fp32"),
+    ("checks[name=model/edit/outputs,dtype=fp32].max_abs_eror", "no key 'max_abs_eror'"),
+    ("summary.verdict", "no key 'summary'"),
+    ("output_samples[fixture=edit,dtype=fp32,implementation=merged].values[9999]", "out of range"),
+    ("checks[name=model/edit/outputs,dtype=fp32]", "selects a dict"),
+])
+def test_a_metric_that_selects_nothing_is_an_error_naming_the_claim(runs, tmp_path, metric, message):
+    path = _claims(tmp_path, [{"id": "my-claim", "metric": metric, "op": "<", "expected": 1}])
+    with pytest.raises(VerifyError, match=message) as e:
+        ledger(runs["default"], path, None)
+    assert "my-claim" in str(e.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not: [valid", "not valid YAML"),
+    ("[]", "non-empty list"),
+    ("claims: 3", "non-empty list"),
+    ("- just a string", "claim #1: expected a mapping"),
+    ("- {metric: verdict, op: '==', expected: pass}", "claim #1: needs an id"),
+    ("- {id: a, metric: verdict, op: '==', expected: pass}\n- {id: a, metric: verdict, op: '==', expected: pass}",
+     "'a' \\(#2\\): duplicate id"),
+    ("- {id: a, metric: verdict, op: '~', expected: pass}", "'a' \\(#1\\): op '~'"),
+    ("- {id: a, metric: verdict, op: '==', exepcted: pass}", "'a' \\(#1\\): unknown field"),
+    ("- {id: a, metric: verdict, op: '=='}", "'a' \\(#1\\): missing expected"),
+    ("- {id: a, metric: 'checks[name]', op: '<', expected: 1}", "'a' \\(#1\\): .*not field=value"),
+    ("- {id: a, metric: 'checks[dtype=fp32', op: '<', expected: 1}", "never closed"),
+    ("- {id: a, metric: verdict, op: '<', expected: pass}", "needs a number"),
+    ("- {id: a, metric: verdict, op: '<', expected: 1, rel: 0.1}", "approx only"),
+    ("- {id: a, metric: verdict, op: approx, expected: 1, rel: -1}", "rel must be"),
+])
+def test_a_malformed_claims_file_is_refused_with_the_claim_named(tmp_path, content, message):
+    path = tmp_path / "claims.yaml"
+    path.write_text(content)
+    with pytest.raises(VerifyError, match=message):
+        load_claims(path)
+
+
+def test_bad_json_claims_file_and_missing_file(tmp_path):
+    (tmp_path / "c.json").write_text("{")
+    with pytest.raises(VerifyError, match="not valid JSON"):
+        load_claims(tmp_path / "c.json")
+    with pytest.raises(VerifyError, match="cannot read"):
+        load_claims(tmp_path / "none.yaml")
+
+
+def test_comparing_a_string_with_a_number_is_an_error(runs):
+    with pytest.raises(VerifyError, match="'v'"):
+        judge({"id": "v", "metric": "verdict", "op": "==", "expected": 1}, runs["default"])
+
+
+# --- selector ----------------------------------------------------------------------------------------------------
+
+
+def test_every_record_field_is_reachable_by_its_path(runs):
+    summary = runs["default"]
+    for section, key in (("checks", ("name", "dtype")), ("output_stats", ("fixture", "dtype", "implementation"))):
+        for rec in summary[section]:
+            for field, value in rec.items():
+                if not isinstance(value, (dict, list)):
+                    assert resolve(summary, path_of(section, {k: rec[k] for k in key}, field)) == value
+
+
+def test_selector_parses_filters_indices_and_values_with_slashes_and_dots():
+    steps = parse("a[name=model/x.y,dtype=fp32].values[3].b")
+    assert [(s.key, s.filters, s.index) for s in steps] == [
+        ("a", (("name", "model/x.y"), ("dtype", "fp32")), None), ("values", None, 3), ("b", None, None)]
+    assert resolve({"a": [{"f": 2.0, "v": 1}, {"f": 3.0, "v": 2}]}, "a[f=2].v") == 1, "numbers match numerically"
+    assert resolve({"a": [{"ok": True, "v": 1}, {"ok": False, "v": 2}]}, "a[ok=false].v") == 2
+    for bad in ("", "a..b", "a[k=v]x", "1a", "a[3][k=v]"):
+        with pytest.raises(SelectError):
+            parse(bad)
