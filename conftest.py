@@ -77,3 +77,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         params.append(pytest.param(device, marks=marks, id=device))
     # Session scope: Hypothesis rejects function-scoped fixtures, and a device name carries no state.
     metafunc.parametrize("device", params, scope="session")
+
+
+_RECORDED: list[tuple[str, list[tuple[str, object]]]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed and report.user_properties:
+        _RECORDED.append((report.nodeid, list(report.user_properties)))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """What tests recorded with record_property (the planted-bug kill rate, bf16 verdicts), one line per test."""
+    if not _RECORDED:
+        return
+    terminalreporter.section("recorded properties")
+    for nodeid, props in _RECORDED:
+        terminalreporter.line(f"{nodeid}: " + ", ".join(f"{k}={_short(v)}" for k, v in props))
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
