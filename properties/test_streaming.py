@@ -25,8 +25,8 @@ def test_streaming_equals_the_whole_model_forward_bit_for_bit(flags, fixture, de
     inputs = fixtures.model_inputs(config, fixtures.FIXTURES[fixture], seed=3)
     run = run_streaming(StateDictSource(model.state_dict(), config), inputs, [torch.float32], device)
     with torch.no_grad():
-        ref = model(**inputs).sample
-        base = torch.nn.Module.to(model, device=device, dtype=torch.float32)(
+        ref = torch.nn.Module.to(model, device=device)(**fixtures.cast_inputs(inputs, torch.float64, device)).sample
+        base = torch.nn.Module.to(model, dtype=torch.float32)(
             **fixtures.cast_inputs(inputs, torch.float32, device)).sample
     assert torch.equal(run.ref["sample"], ref)
     assert torch.equal(run.base[torch.float32]["sample"], base)
