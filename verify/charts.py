@@ -40,7 +40,7 @@ def errors_chart(summary: dict):
                     ax.text(i + offset, 1e-17, "exact", ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks(list(x), [c["dtype"] for c in rows])
         ax.set_yscale("log")
-        ax.set_ylim(1e-17, 1)
+        ax.set_ylim(1e-17, max([1.0] + [3 * (c[k] or 0.0) for c in rows for k in ("base_max_abs_err", "max_abs_err")]))
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("dtype")
         ax.set_ylabel("max |output − fp64 oracle| (output units)")
