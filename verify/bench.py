@@ -1,0 +1,651 @@
+"""`qkv-verify bench`: the speed of the merged-QKV block against diffusers' standard one, measured, never assumed.
+
+One seeded Qwen-Image transformer block (or, with --full-model, the whole model) in bf16, standard vs merged
+(`fuse_model` with the chosen processor), forward and training step (forward + backward), eager and torch.compile.
+Times are medians of many calls after a warm-up (CUDA events on a GPU, time.perf_counter on the CPU), standard and
+merged measured in alternating rounds; kernels per call come from torch.profiler (GPU kernels; on the CPU, leaf aten
+ops that compute); achieved TFLOP/s and the matmul floor are against a bf16 matmul peak measured in the same run.
+Before anything is timed, the merged block is judged against an fp64 oracle by verify.compare (relative-to-base
+rule, fused calls counted) at one size, and checked against the standard output at every size, so the bench never
+times a wrong kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from verify.errors import VerifyError
+
+DTYPE = torch.bfloat16
+MODES = ("eager", "compiled")
+PHASES = ("forward", "train")
+# Leaf aten ops on the CPU that launch no computation (views, allocation, metadata): not counted as kernels.
+_NO_KERNEL = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view", "aten::as_strided",
+    "aten::reshape", "aten::_reshape_alias", "aten::unsqueeze", "aten::squeeze", "aten::t", "aten::transpose",
+    "aten::permute", "aten::expand", "aten::select", "aten::slice", "aten::narrow", "aten::split", "aten::chunk",
+    "aten::unflatten", "aten::flatten", "aten::unbind", "aten::detach", "aten::alias", "aten::lift_fresh",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::view_as_real", "aten::view_as_complex", "aten::result_type",
+    "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense", "aten::split_with_sizes", "aten::contiguous",
+    "aten::set_", "aten::resize_", "aten::to", "aten::_to_copy", "aten::type_as", "aten::zeros", "aten::ones",
+}
+
+
+@dataclass
+class Options:
+    """What to measure; every size comes from here, so a CPU smoke test runs the same code with tiny dims."""
+
+    device: str = "cuda"
+    dim: int = 3072
+    heads: int = 24
+    head_dim: int = 128
+    image_tokens: tuple[int, ...] = (4096, 8192, 16384)
+    text_tokens: int = 256
+    batch: int = 1
+    modes: tuple[str, ...] = MODES
+    phases: tuple[str, ...] = PHASES
+    processor: str = "fast"
+    repeats: int = 30  # timed calls per implementation and row
+    warmup: int = 5
+    seed: int = 0
+    compile_backend: str = "auto"  # inductor on cuda; dynamo capture only ("eager") on the CPU
+    full_model: bool = False
+    layers: int = 60
+    check_tokens: int | None = None  # image tokens of the fp64-oracle check (default: the smallest size)
+    log: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
+
+    def validate(self) -> None:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise VerifyError("--device cuda: no CUDA device on this machine (use --device cpu for a smoke test)")
+        if self.dim != self.heads * self.head_dim:
+            raise VerifyError(f"--dim {self.dim} is not --heads {self.heads} x --head-dim {self.head_dim}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise VerifyError(f"--head-dim must be even and at least 6 (three RoPE axes), got {self.head_dim}")
+        if min(self.image_tokens, default=0) < 1 or self.text_tokens < 1 or self.batch < 1:
+            raise VerifyError("--image-tokens, --text-tokens and --batch must be positive")
+        if self.repeats < 1 or self.warmup < 1:
+            raise VerifyError("--repeats and --warmup must be at least 1")
+
+    @property
+    def backend(self) -> str:
+        if self.compile_backend != "auto":
+            return self.compile_backend
+        return "inductor" if self.device == "cuda" else "eager"
+
+
+# --- model, inputs, FLOPs -----------------------------------------------------------------------------------------
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Three even RoPE axes summing to head_dim: (16, 56, 56) for the real 128, the same proportions otherwise."""
+    first = 2 * max(1, round(head_dim / 16))
+    rest = head_dim - first
+    second = 2 * ((rest // 2) // 2)
+    return first, second, rest - second
+
+
+def image_grid(tokens: int) -> tuple[int, int]:
+    """(height, width) in patches with height * width = tokens, as square as the factors allow."""
+    height = max(h for h in range(1, math.isqrt(tokens) + 1) if tokens % h == 0)
+    return height, tokens // height
+
+
+def build_block(opts: Options) -> nn.Module:
+    """A standard diffusers block with seeded weights, built on the device and cast to bf16 (never fp64)."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+    from verify.fixtures import randomise_norms
+
+    torch.manual_seed(opts.seed)
+    with torch.device(opts.device):
+        block = QwenImageTransformerBlock(opts.dim, num_attention_heads=opts.heads, attention_head_dim=opts.head_dim)
+    randomise_norms(block, opts.seed)
+    return nn.Module.to(block, dtype=DTYPE).eval()
+
+
+def merged_block(std: nn.Module, processor: str) -> nn.Module:
+    """The merged block the bench times: a copy of `std` through fuse_model with `processor` (tests judge this)."""
+    from verify.fused import fuse_model
+
+    return fuse_model(copy.deepcopy(std), processor=processor)
+
+
+def block_inputs(opts: Options, image_tokens: int) -> dict:
+    """Seeded bf16 inputs of one block (standard normal, never all zeros); no text padding (pipelines pass None)."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+    g = torch.Generator(device=opts.device).manual_seed(opts.seed + image_tokens)
+    B, dim = opts.batch, opts.dim
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, device=opts.device, dtype=DTYPE)
+
+    rope = QwenEmbedRope(theta=10000, axes_dim=list(rope_axes(opts.head_dim)), scale_rope=True)
+    img_shapes = [[(1, *image_grid(image_tokens))]] * B
+    freqs = rope(img_shapes, max_txt_seq_len=opts.text_tokens, device=torch.device(opts.device))
+    return dict(hidden_states=randn(B, image_tokens, dim), encoder_hidden_states=randn(B, opts.text_tokens, dim),
+                encoder_hidden_states_mask=None, temb=randn(B, dim), image_rotary_emb=freqs)
+
+
+def block_flops(opts: Options, image_tokens: int, phase: str) -> float:
+    """FLOPs of one block's matrix multiplies: projections, MLPs, modulation, and the two attention products.
+
+    Training: backward of a linear layer is twice its forward (input and weight gradients); attention's backward is
+    2.5 times its forward (scores recomputed, as torch.utils.flop_counter counts it).
+    """
+    B, d, N = opts.batch, opts.dim, image_tokens + opts.text_tokens
+    linear = B * (24 * N * d * d + 2 * 2 * d * 6 * d)  # q, k, v, out: 8 N d^2; MLP 16 N d^2; img_mod and txt_mod
+    attention = B * 4 * N * N * d  # Q K^T and P V over every head
+    return linear + attention if phase == "forward" else 3 * linear + 3.5 * attention
+
+
+# --- measuring ----------------------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], device: str, calls: int) -> list[float]:
+    """Milliseconds of each of `calls` calls: CUDA events around each call on a GPU, perf_counter on the CPU."""
+    if device == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median_pair(a: Callable, b: Callable, opts: Options, rounds: int = 3) -> tuple[float, float]:
+    """Median ms of a and of b: warm-up excluded, then `rounds` alternating rounds so that drift hits both alike."""
+    for fn in (a, b):
+        for _ in range(opts.warmup):
+            fn()
+    _sync(opts.device)
+    per_round = max(1, math.ceil(opts.repeats / rounds))
+    times_a, times_b = [], []
+    for _ in range(rounds):
+        times_a += time_calls(a, opts.device, per_round)
+        times_b += time_calls(b, opts.device, per_round)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def count_kernels(fn: Callable[[], object], device: str, calls: int = 2) -> int:
+    """Kernels per call from torch.profiler: GPU kernels (memcpy/memset excluded); on the CPU, computing leaf ops."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    events = prof.events()
+    if device == "cuda":
+        n = sum(1 for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")))
+    else:
+        n = sum(1 for e in events if e.device_type == DeviceType.CPU and not e.cpu_children
+                and e.name.startswith("aten::") and e.name not in _NO_KERNEL)
+    return round(n / calls)
+
+
+def matmul_peak_tflops(device: str) -> float:
+    """Best bf16 matmul throughput over a few large shapes (median of each), measured now on this device."""
+    shapes = [(8192, 8192, 8192), (16384, 3072, 12288), (8192, 12288, 3072)] if device == "cuda" else [(256, 256, 256)]
+    best = 0.0
+    g = torch.Generator(device=device).manual_seed(0)
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=g, device=device, dtype=DTYPE)
+        b = torch.randn(k, n, generator=g, device=device, dtype=DTYPE)
+        for _ in range(5):
+            a @ b
+        _sync(device)
+        ms = statistics.median(time_calls(lambda a=a, b=b: a @ b, device, 20))
+        best = max(best, 2 * m * k * n / (ms * 1e-3) / 1e12)
+        del a, b
+    return best
+
+
+def forward_call(module: nn.Module, inputs: dict) -> Callable[[], object]:
+    def run():
+        with torch.no_grad():
+            return module(**inputs)
+
+    return run
+
+
+def train_call(module: nn.Module, inputs: dict, seed: int) -> Callable[[], object]:
+    """Forward + backward w.r.t. both input streams and every weight, with fixed seeded cotangents; grads reset."""
+    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in ("hidden_states", "encoder_hidden_states")}
+    args = {**inputs, **leaves}
+    g = torch.Generator(device=inputs["hidden_states"].device).manual_seed(seed + 7)
+    outputs = (leaves["encoder_hidden_states"], leaves["hidden_states"])  # the block returns (text, image)
+    cotangents = [torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) for t in outputs]
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        for t in leaves.values():
+            t.grad = None
+        outputs = module(**args)
+        torch.autograd.backward(outputs, cotangents)
+
+    return run
+
+
+def _set_recompile_limit(n: int) -> None:
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(n, getattr(torch._dynamo.config, name)))
+
+
+# --- equivalence before timing ------------------------------------------------------------------------------------
+
+
+def oracle_check(name: str, std: nn.Module, std_run: nn.Module, merged_run: nn.Module, merged: nn.Module,
+                 inputs: dict, device: str) -> dict:
+    """verify.compare of the merged outputs vs an fp64 oracle (std's weights in fp64), relative to the standard's."""
+    from verify.compare import compare
+    from verify.fixtures import cast_inputs
+    from verify.fused import count_fused_calls
+    from verify.tolerance import OUTPUTS
+
+    ref_block = nn.Module.to(copy.deepcopy(std), dtype=torch.float64)
+    compiled = merged_run is not merged
+    with torch.no_grad():
+        ref = _named(ref_block(**cast_inputs(inputs, torch.float64, device)))
+        del ref_block
+        base = _named(std_run(**inputs))
+        if compiled:  # hooks would force a recompilation; the merged module has no separate projections to fall to
+            cand, fused_calls = _named(merged_run(**inputs)), None
+        else:
+            with count_fused_calls(merged) as calls:
+                cand = _named(merged_run(**inputs))
+            fused_calls = sum(calls.values())
+    record = compare(name, "block", ref, cand, OUTPUTS, DTYPE, device, base=base, fused_calls=fused_calls)
+    if not _has_no_separate_projections(merged):
+        record.passed, record.message = False, "the merged block still has separate q/k/v projections"
+    return record.to_dict()
+
+
+def _has_no_separate_projections(module: nn.Module) -> bool:
+    separate = {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"}
+    return not any(name.rsplit(".", 1)[-1] in separate for name, _ in module.named_modules())
+
+
+def sanity_check(name: str, base: tuple, cand: tuple) -> dict:
+    """Merged vs standard output at a timed size: relative L2 error <= 2e-2 and cosine >= 0.999 (bf16 noise passes,
+    a wrong kernel does not)."""
+    b = torch.cat([t.double().flatten() for t in base])
+    c = torch.cat([t.double().flatten() for t in cand])
+    rel = float((c - b).norm() / b.norm())
+    cosine = float(torch.nn.functional.cosine_similarity(c, b, dim=0))
+    finite = bool(torch.isfinite(c).all())
+    return dict(name=name, rule="sanity(rel_l2<=2e-2, cosine>=0.999)", rel_l2_err=rel, cosine=cosine,
+                passed=finite and rel <= 2e-2 and cosine >= 0.999, bit_identical=bool(torch.equal(b, c)))
+
+
+def _named(outputs) -> dict[str, torch.Tensor]:
+    txt, img = outputs
+    return {"image": img, "text": txt}
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+def run_bench(opts: Options) -> dict:
+    """Every row of the block benchmark (and the full model's with opts.full_model) -> the JSON-ready result."""
+    import diffusers
+
+    opts.validate()
+    t0 = time.time()
+    log = opts.log
+    result = dict(device=_device_name(opts.device), torch=torch.__version__, diffusers=diffusers.__version__,
+                  matmul_peak_tflops=None, rows=[], checks=[], config=_config(opts))
+    peak = matmul_peak_tflops(opts.device)
+    result["matmul_peak_tflops"] = peak
+    log(f"[{time.time() - t0:6.1f}s] {result['device']}: bf16 matmul peak {peak:.1f} TFLOP/s")
+    std = build_block(opts)
+    merged = merged_block(std, opts.processor)
+    compiled = {}
+    if "compiled" in opts.modes:
+        _set_recompile_limit(64)
+        compiled = {"std": torch.compile(std, backend=opts.backend, dynamic=False),
+                    "merged": torch.compile(merged, backend=opts.backend, dynamic=False)}
+    check_tokens = opts.check_tokens or min(opts.image_tokens)
+    for tokens in (*([check_tokens] if check_tokens not in opts.image_tokens else []), *opts.image_tokens):
+        inputs = block_inputs(opts, tokens)
+        for mode in opts.modes:
+            std_run, merged_run = (std, merged) if mode == "eager" else (compiled["std"], compiled["merged"])
+            with torch.no_grad():
+                base, cand = std_run(**inputs), merged_run(**inputs)
+            checks = [sanity_check(f"bench/{mode}/{tokens}+{opts.text_tokens}", base, cand)]
+            if tokens == check_tokens:
+                checks.append(oracle_check(f"bench/block-{mode}/outputs", std, std_run, merged_run, merged, inputs,
+                                           opts.device))
+            result["checks"] += checks
+            failed = [c for c in checks if not c["passed"]]
+            if failed:
+                raise BenchCheckFailed(result, failed)
+            if tokens not in opts.image_tokens:
+                continue
+            for phase in opts.phases:
+                row = measure_row(opts, std_run, merged_run, inputs, mode, phase, tokens, peak)
+                result["rows"].append(row)
+                log(f"[{time.time() - t0:6.1f}s] {format_row(row)}")
+    if opts.full_model:
+        del std, merged, compiled
+        _free(opts.device)
+        result["full_model"] = full_model_rows(opts, peak, t0)
+    return result
+
+
+def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, phase: str, tokens: int,
+                peak: float, flops: float | None = None) -> dict:
+    """One row: median times, kernels per call, floor and achieved TFLOP/s of the merged path."""
+    if phase == "forward":
+        a, b = forward_call(std_run, inputs), forward_call(merged_run, inputs)
+    else:
+        a, b = train_call(std_run, inputs, opts.seed), train_call(merged_run, inputs, opts.seed)
+    std_ms, merged_ms = median_pair(a, b, opts)
+    flops = flops if flops is not None else block_flops(opts, tokens, phase)
+    return dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens, standard_ms=std_ms,
+                merged_ms=merged_ms, speedup=std_ms / merged_ms, kernels_standard=count_kernels(a, opts.device),
+                kernels_merged=count_kernels(b, opts.device), floor_ms=flops / (peak * 1e12) * 1e3,
+                merged_tflops=flops / (merged_ms * 1e-3) / 1e12)
+
+
+# --- the whole model ----------------------------------------------------------------------------------------------
+
+
+def full_model_rows(opts: Options, peak: float, t0: float) -> list[dict]:
+    """The whole transformer (opts.layers blocks) forward, standard then fused in place (one copy fits in memory)."""
+    from verify.fused import fuse_model
+
+    rows = []
+    model = build_full_model(opts)
+    repeats = dataclass_replace(opts, repeats=min(opts.repeats, 10), warmup=min(opts.warmup, 2))
+    for tokens in opts.image_tokens:
+        inputs = full_model_inputs(opts, tokens)
+        flops = full_model_flops(opts, tokens)
+        std_out = {}
+        for mode in opts.modes:
+            run = _compile_blocks(model, opts) if mode == "compiled" else model
+            with torch.no_grad():
+                std_out[mode] = run(**inputs).sample
+            std_ms = statistics.median(_timed_forward(run, inputs, repeats))
+            kernels = count_kernels(forward_call(run, inputs), opts.device, calls=1)
+            rows.append(dict(mode=mode, phase="forward", image_tokens=tokens, text_tokens=opts.text_tokens,
+                             standard_ms=std_ms, kernels_standard=kernels, layers=opts.layers))
+            _uncompile_blocks(model)
+        fuse_model(model, processor=opts.processor)
+        for row, mode in zip(rows[-len(opts.modes):], opts.modes):
+            run = _compile_blocks(model, opts) if mode == "compiled" else model
+            with torch.no_grad():
+                cand = run(**inputs).sample
+            merged_ms = statistics.median(_timed_forward(run, inputs, repeats))
+            row.update(merged_ms=merged_ms, speedup=row["standard_ms"] / merged_ms,
+                       kernels_merged=count_kernels(forward_call(run, inputs), opts.device, calls=1),
+                       floor_ms=flops / (peak * 1e12) * 1e3, merged_tflops=flops / (merged_ms * 1e-3) / 1e12,
+                       check=sanity_check(f"full-model/{mode}/{tokens}", (std_out[mode],), (cand,)))
+            _uncompile_blocks(model)
+            opts.log(f"[{time.time() - t0:6.1f}s] full model {format_row(row)}")
+        from verify.fused import unfuse_model
+
+        unfuse_model(model)
+    return rows
+
+
+def build_full_model(opts: Options) -> nn.Module:
+    """The whole QwenImageTransformer2DModel at --dim/--heads/--head-dim with opts.layers blocks, seeded, built in
+    bf16 directly on the device (about 41 GB at the real size; never fp32 or fp64 on the way)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from verify.fixtures import model_config, randomise_norms
+
+    config = model_config("full", num_layers=opts.layers, num_attention_heads=opts.heads,
+                          attention_head_dim=opts.head_dim, axes_dims_rope=rope_axes(opts.head_dim))
+    torch.manual_seed(opts.seed)
+    with torch.device(opts.device), _default_dtype(DTYPE):
+        model = QwenImageTransformer2DModel(**config)
+    randomise_norms(model, opts.seed)
+    return model.eval()
+
+
+def full_model_inputs(opts: Options, image_tokens: int) -> dict:
+    g = torch.Generator(device=opts.device).manual_seed(opts.seed + image_tokens)
+    B = opts.batch
+    return dict(
+        hidden_states=torch.randn(B, image_tokens, 64, generator=g, device=opts.device, dtype=DTYPE),
+        encoder_hidden_states=torch.randn(B, opts.text_tokens, 3584, generator=g, device=opts.device, dtype=DTYPE),
+        encoder_hidden_states_mask=None,
+        timestep=torch.full((B,), 0.5, device=opts.device, dtype=DTYPE),
+        img_shapes=[[(1, *image_grid(image_tokens))]] * B,
+    )
+
+
+def full_model_flops(opts: Options, image_tokens: int) -> float:
+    """Every block's matmul FLOPs plus the embeddings and the output projection (the time embedding is negligible)."""
+    B, d = opts.batch, opts.dim
+    edges = 2 * B * (image_tokens * 64 * d + opts.text_tokens * 3584 * d + image_tokens * d * 64)
+    return opts.layers * block_flops(opts, image_tokens, "forward") + edges
+
+
+def _timed_forward(run, inputs: dict, opts: Options) -> list[float]:
+    call = forward_call(run, inputs)
+    for _ in range(opts.warmup):
+        call()
+    _sync(opts.device)
+    return time_calls(call, opts.device, opts.repeats)
+
+
+def _compile_blocks(model: nn.Module, opts: Options) -> nn.Module:
+    """Regional compilation: each transformer block compiled (identical blocks share the compiled code)."""
+    _set_recompile_limit(max(64, 2 * opts.layers))
+    for block in model.transformer_blocks:
+        block.compile(backend=opts.backend, dynamic=False)
+    return model
+
+
+def _uncompile_blocks(model: nn.Module) -> None:
+    for block in model.transformer_blocks:
+        block._compiled_call_impl = None
+
+
+def dataclass_replace(opts: Options, **changes) -> Options:
+    new = copy.copy(opts)
+    for k, v in changes.items():
+        setattr(new, k, v)
+    return new
+
+
+# --- output -------------------------------------------------------------------------------------------------------
+
+
+class BenchCheckFailed(Exception):
+    """The merged block disagreed with the standard one: nothing was timed past this point."""
+
+    def __init__(self, result: dict, failed: list[dict]):
+        super().__init__("; ".join(f"{c['name']}: {c.get('message', c)}" for c in failed))
+        self.result = result
+
+
+HEADER = (f"{'mode':<9}{'phase':<8}{'image':>7}{'text':>6}{'standard ms':>13}{'merged ms':>11}{'speedup':>9}"
+          f"{'kernels':>13}{'floor ms':>10}{'floor/merged':>14}{'TFLOP/s':>9}")
+
+
+def format_row(row: dict) -> str:
+    kernels = f"{row['kernels_standard']}->{row['kernels_merged']}"
+    return (f"{row['mode']:<9}{row['phase']:<8}{row['image_tokens']:>7}{row['text_tokens']:>6}"
+            f"{row['standard_ms']:>13.3f}{row['merged_ms']:>11.3f}{row['speedup']:>8.3f}x{kernels:>13}"
+            f"{row['floor_ms']:>10.3f}{row['floor_ms'] / row['merged_ms']:>13.1%}{row['merged_tflops']:>9.1f}")
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['device']}  torch {result['torch']}  diffusers {result['diffusers']}  "
+             f"bf16 matmul peak {result['matmul_peak_tflops']:.1f} TFLOP/s  processor {result['config']['processor']}",
+             HEADER, *map(format_row, result["rows"])]
+    if result.get("full_model"):
+        lines += ["full model:", HEADER, *map(format_row, result["full_model"])]
+    lines += [f"check {c['name']}: {'pass' if c['passed'] else 'FAIL'} (cosine {c['cosine']:.6f}, "
+              f"rel L2 {c['rel_l2_err']:.3g}{', bit-identical' if c.get('bit_identical') else ''})"
+              for c in result["checks"]]
+    lines += [f"goal {name}: {'met' if ok else 'NOT met'}" for name, ok in goals(result).items()]
+    return "\n".join(lines)
+
+
+def goals(result: dict) -> dict[str, bool]:
+    """The issue's targets for the merged path, judged on the rows measured (only those the rows allow)."""
+    rows = result["rows"]
+    out = {"merged never slower (speedup >= 1.0 in every row)": all(r["speedup"] >= 1.0 for r in rows)}
+    if result["config"]["dim"] == 3072:
+        eager = [r for r in rows if r["mode"] == "eager" and r["phase"] == "forward"]
+        if eager:
+            out["eager forward >= 1.05x at the real width"] = all(r["speedup"] >= 1.05 for r in eager)
+    compiled = [r for r in rows if r["mode"] == "compiled" and r["phase"] == "forward"]
+    if compiled:
+        out["compiled forward >= 80% of the matmul floor"] = all(r["floor_ms"] >= 0.8 * r["merged_ms"]
+                                                                 for r in compiled)
+    return out
+
+
+def _config(opts: Options) -> dict:
+    return dict(dim=opts.dim, heads=opts.heads, head_dim=opts.head_dim, batch=opts.batch, processor=opts.processor,
+                repeats=opts.repeats, warmup=opts.warmup, compile_backend=opts.backend, seed=opts.seed,
+                dtype="bf16", text_mask=None, layers=opts.layers if opts.full_model else None)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _choices(allowed: tuple[str, ...]):
+    import argparse
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(t.strip() for t in text.split(",") if t.strip())
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}, got {text!r}")
+        return values
+
+    return parse
+
+
+def register_bench(subparsers) -> None:
+    from verify.fused import PROCESSORS
+
+    p = subparsers.add_parser(
+        "bench", help="standard vs merged block speed: forward and training step, eager and torch.compile",
+        description="Exit status: 0 measured, 1 the merged block disagreed with the standard one (nothing timed "
+                    "after it), 2 bad usage or input.",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--dim", type=int, default=3072, help="model width (= heads x head-dim)")
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--image-tokens", type=_ints, default=(4096, 8192, 16384), help="comma list of image token counts")
+    p.add_argument("--text-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--modes", type=_choices(MODES), default=MODES, help="comma list of eager,compiled")
+    p.add_argument("--phases", type=_choices(PHASES), default=PHASES, help="comma list of forward,train")
+    p.add_argument("--processor", choices=tuple(PROCESSORS), default="fast", help="merged processor (default fast)")
+    p.add_argument("--repeats", type=int, help="timed calls per implementation and row (default 30 on cuda, 3 on cpu)")
+    p.add_argument("--warmup", type=int, help="untimed calls first, compilation included (default 5 on cuda, 1 on cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-backend", default="auto",
+                   help="torch.compile backend (default: inductor on cuda, eager (graph capture only) on cpu)")
+    p.add_argument("--check-tokens", type=int, help="image tokens of the fp64-oracle check (default: the smallest)")
+    p.add_argument("--full-model", action="store_true",
+                   help="also the whole model (--layers blocks) forward, bf16, seeded on the device (~41 GB)")
+    p.add_argument("--layers", type=int, default=60, help="blocks of --full-model (default 60)")
+    p.add_argument("--json", type=Path, help="write the result as JSON here")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    opts = Options(device=args.device, dim=args.dim, heads=args.heads, head_dim=args.head_dim,
+                   image_tokens=args.image_tokens, text_tokens=args.text_tokens, batch=args.batch, modes=args.modes,
+                   phases=args.phases, processor=args.processor,
+                   repeats=args.repeats or (30 if args.device == "cuda" else 3),
+                   warmup=args.warmup or (5 if args.device == "cuda" else 1),
+                   seed=args.seed, compile_backend=args.compile_backend, full_model=args.full_model,
+                   layers=args.layers, check_tokens=args.check_tokens)
+    status = 0
+    try:
+        result = run_bench(opts)
+    except BenchCheckFailed as e:
+        result, status = e.result, 1
+        print(f"qkv-verify bench: the merged block disagrees with the standard one: {e}", file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    print(format_table(result))
+    return status
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
