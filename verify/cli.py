@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from verify.bench import register_bench
 from verify.convert import register as register_convert
 from verify.errors import VerifyError
 from verify.lora.cli import register as register_lora
@@ -59,7 +60,7 @@ def _report(args) -> int:
     return 0 if summary["verdict"] == "pass" else 1
 
 
-REGISTRARS = [register_report, register_lora, register_regress, register_convert]
+REGISTRARS = [register_report, register_lora, register_regress, register_convert, register_bench]
 
 
 def parser() -> argparse.ArgumentParser:
