@@ -7,9 +7,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from properties.checkpoint_files import standard_checkpoint
@@ -79,6 +82,20 @@ def test_one_percent_in_one_block_or_another_seed_is_flagged_in_fp64_and_fp32(ru
     candidate = load_summary(runs[variant])
     for m in moved:  # every name is a metric path that selects the candidate's value
         assert resolve(candidate, m["name"]) == m["candidate"]
+
+
+def test_another_cpu_kernel_path_is_rounding_noise_not_a_regression(runs, tmp_path):
+    """Another machine, simulated: the same run with ATen's scalar kernels (no AVX2/AVX512) sums in another order."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    args = [sys.executable, "-m", "verify.cli", "report", "--out", str(tmp_path / "o"), "--dtypes", "fp64,fp32",
+            "--checkpoint", str(runs["first"].parent.parent / "ckpt")]
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    base, other = load_summary(runs["first"]), load_summary(tmp_path / "o")
+    result = regress(base, other)
+    assert result["passed"], format_result(result, "vectorised", "scalar kernels")
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":  # else both runs took the same path
+        assert base["output_samples"] != other["output_samples"], "the kernel path should change the rounding"
 
 
 def test_seed_change_is_stated_as_a_note(runs):
