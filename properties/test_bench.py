@@ -1,0 +1,84 @@
+"""`qkv-verify bench` on the CPU with tiny dims: the JSON contract, and the merged block it times is the standard one.
+
+The bench's sizes all come from its arguments, so this smoke test runs the same code as the GPU measurement. The
+merged block it times (bench.merged_block) is proven equivalent to the standard block by the property machinery
+(run_case: fp64 oracle, relative-to-base rule, fused calls counted) in all four dtypes, with gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from verify import bench
+from verify.cases import CASES
+from verify.cli import main
+from verify.compare import assert_passed
+from verify.equivalence import run_case
+from verify.tolerance import DTYPES
+
+ROW_FIELDS = {"mode", "phase", "image_tokens", "text_tokens", "standard_ms", "merged_ms", "speedup",
+              "kernels_standard", "kernels_merged", "floor_ms", "merged_tflops"}
+TINY = ["--device", "cpu", "--dim", "64", "--heads", "4", "--head-dim", "16", "--image-tokens", "16",
+        "--text-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    assert main(["bench", *TINY, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_json_contract(result):
+    assert {"device", "torch", "diffusers", "matmul_peak_tflops", "rows"} <= set(result)
+    assert result["torch"] == torch.__version__
+    assert result["matmul_peak_tflops"] > 0
+    rows = result["rows"]
+    assert {(r["mode"], r["phase"]) for r in rows} == {(m, p) for m in bench.MODES for p in bench.PHASES}
+    for row in rows:
+        assert set(row) == ROW_FIELDS, set(row) ^ ROW_FIELDS
+        assert (row["image_tokens"], row["text_tokens"]) == (16, 8)
+        assert all(row[k] > 0 and math.isfinite(row[k]) for k in ("standard_ms", "merged_ms", "floor_ms",
+                                                                     "merged_tflops"))
+        assert row["speedup"] == pytest.approx(row["standard_ms"] / row["merged_ms"])
+        assert isinstance(row["kernels_standard"], int) and row["kernels_standard"] > 0
+        assert isinstance(row["kernels_merged"], int) and row["kernels_merged"] > 0
+    forward, train = (next(r for r in rows if r["mode"] == "eager" and r["phase"] == p) for p in bench.PHASES)
+    assert train["floor_ms"] > forward["floor_ms"]  # the backward's products are counted
+    assert forward["kernels_merged"] < forward["kernels_standard"]  # fewer ops per forward, counted by the profiler
+
+
+def test_checks_before_timing(result):
+    """The bench judged the merged block against the fp64 oracle (fused calls counted) in each mode, and passed."""
+    oracle = [c for c in result["checks"] if c["rule"].startswith("relative_to_base")]
+    assert {c["name"] for c in oracle} == {"bench/block-eager/outputs", "bench/block-compiled/outputs"}
+    assert all(c["passed"] for c in result["checks"]), [c for c in result["checks"] if not c["passed"]]
+    assert next(c for c in oracle if "eager" in c["name"])["fused_calls"] == 2
+
+
+@pytest.mark.parametrize("processor", ["fast", "reference"])
+def test_timed_block_is_equivalent(device, processor):
+    """The block bench.merged_block builds computes the standard function in fp64, fp32, bf16 and fp16."""
+    records = run_case(CASES["block"], dtypes=tuple(DTYPES.values()), device=device,
+                       merge=lambda module: bench.merged_block(module, processor))
+    assert len(records) == 2 * len(DTYPES)
+    for record in records:
+        assert_passed(record)
+        assert record.fused_calls == 2
+
+
+def test_bad_sizes_exit_2(capsys):
+    assert main(["bench", "--device", "cpu", "--dim", "60", "--heads", "4", "--head-dim", "16"]) == 2
+    assert "is not --heads 4 x --head-dim 16" in capsys.readouterr().err
+
+
+def test_flops_and_grid():
+    """The real block at 8192 + 256 tokens: 2.79 TFLOP forward (DESIGN section 7: 3.53 ms at 790 TFLOP/s)."""
+    opts = bench.Options(device="cpu")
+    assert bench.block_flops(opts, 8192, "forward") / 1e12 == pytest.approx(2.79, abs=0.01)
+    assert bench.rope_axes(128) == (16, 56, 56) and sum(bench.rope_axes(16)) == 16
+    assert bench.image_grid(8192) == (64, 128) and bench.image_grid(16) == (4, 4)
