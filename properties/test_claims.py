@@ -123,18 +123,27 @@ def test_alpha_one_is_judged_on_the_files_own_scale(runs, value, lo, hi, verdict
     assert row["verdict"] == verdict and row["measured"] == value
 
 
+def _bench_row(mode, phase, speedup, k_std, k_merged):
+    return {"mode": mode, "phase": phase, "image_tokens": 8192, "text_tokens": 256, "standard_ms": 6.0,
+            "merged_ms": 6.0 / speedup, "speedup": speedup, "kernels_standard": k_std, "kernels_merged": k_merged}
+
+
 def test_bench_rows_judge_speed_and_kernel_claims(runs, tmp_path):
-    # DESIGN.md section 7: on an H200 the fused forward ran at 0.945x with 97 -> 91 kernels
-    measured = {"rows": [{"name": "forward", "speedup": 0.945, "kernels_standard": 97, "kernels_merged": 91},
-                         {"name": "train", "speedup": 0.991, "kernels_standard": 300, "kernels_merged": 282}]}
+    # DESIGN.md section 7, one H200: fused forward 0.945x and training step 0.991x; kernels 97 -> 91 per forward
+    measured = {"device": "NVIDIA H200", "rows": [_bench_row("eager", "forward", 0.945, 97, 91),
+                                                  _bench_row("eager", "train", 0.991, 300, 282)]}
     rows = _by_id(ledger(runs["default"], None, measured))
-    assert rows["faster-10-15pct"]["verdict"] == REFUTED and rows["faster-10-15pct"]["measured"] == 0.945
+    assert rows["faster-10-15pct"]["verdict"] == REFUTED and rows["faster-10-15pct"]["measured"] == 0.991, \
+        "the claim is about training: judged on the training row"
+    assert "H200" in rows["faster-10-15pct"]["detail"]
     assert rows["kernels-67pct-fewer"]["verdict"] == REFUTED
     assert rows["kernels-67pct-fewer"]["measured"] == pytest.approx(min(1 - 91 / 97, 1 - 282 / 300)), "the worst row"
-    claimed = [{"name": "forward", "speedup": 1.12, "kernels_standard": 90, "kernels_merged": 30}]
+    claimed = {"rows": [_bench_row("eager", "forward", 0.9, 90, 30), _bench_row("eager", "train", 1.12, 90, 30)],
+               "full_model": [{**_bench_row("eager", "forward", 1.2, 900, 300), "layers": 2}]}
     (tmp_path / "bench-h200.json").write_text(json.dumps(claimed))
     rows = _by_id(ledger(runs["default"], None, load_bench(tmp_path)))
     assert rows["faster-10-15pct"]["verdict"] == CONFIRMED and rows["kernels-67pct-fewer"]["verdict"] == CONFIRMED
+    assert "full model" in rows["kernels-67pct-fewer"]["detail"]
     (tmp_path / "empty").mkdir()
     assert load_bench(tmp_path / "empty") is None
 

@@ -101,10 +101,10 @@ def _scale(summary: dict) -> float:
     return max((abs(s[k]) for s in oracle for k in ("min", "max") if s.get(k) is not None), default=1.0) or 1.0
 
 
-def regress(baseline: dict, candidate: dict, thresholds: Thresholds | None = None) -> dict:
+def regress(baseline: dict, candidate: dict, thresholds: Thresholds | dict | None = None) -> dict:
     """Compare `candidate` with `baseline`: {moved, compared, thresholds, passed, notes}; VerifyError if they don't
     line up (other fixtures, dtypes, output sizes or sample indices)."""
-    t = thresholds or Thresholds()
+    t = Thresholds(**thresholds) if isinstance(thresholds, dict) else thresholds or Thresholds()
     for name, summary in (("baseline", baseline), ("candidate", candidate)):
         problem = _summary_problem(summary)
         if problem:
