@@ -7,23 +7,26 @@ projections having run exactly once per stream and attention.
 
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import event, given, settings
+from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from properties.strategies import expensive, input_specs, layouts, model_configs, namings, seeds
 from verify.cases import CASES
 from verify.compare import assert_passed
 from verify.equivalence import run_case
+from verify.fixtures import CONFIGS
 from verify.fused import fuse_model
 
 HIGH = (torch.float64, torch.float32)  # every example; a bf16- or fp16-only pass is not an equivalence
 LOW = st.sampled_from([None, torch.bfloat16, torch.float16])
 
 
-def _check(case_name: str, device: str, config: dict, spec, seed: int, naming: str, layout: str, low) -> None:
+def _check(case_name: str, device: str, config: dict, spec, seed: int, naming: str, layout: str, low,
+           dtypes: tuple[torch.dtype, ...] | None = None) -> None:
     case = CASES[case_name]
-    dtypes = HIGH + ((low,) if low else ())
+    dtypes = dtypes or HIGH + ((low,) if low else ())
     records = run_case(case, dtypes=dtypes, device=device, seed=seed, config=config, spec=spec,
                        merge=lambda module: fuse_model(module, naming, layout))
     attentions = config["num_layers"] if case.component == "model" else 1
@@ -32,7 +35,8 @@ def _check(case_name: str, device: str, config: dict, spec, seed: int, naming: s
         assert_passed(record)
         assert record.fused_calls > 0, f"{record.name} [{record.dtype}]: the fused projections never ran"
         assert record.fused_calls == 2 * attentions, f"{record.fused_calls} fused calls, expected {2 * attentions}"
-        event(f"{record.name} {record.dtype}: {'bit-identical' if record.bit_identical else 'within tolerance'}")
+        if currently_in_test_context():  # Hypothesis statistics: how often the merged path is bit-identical
+            event(f"{record.name} {record.dtype}: {'bit-identical' if record.bit_identical else 'within tolerance'}")
 
 
 @settings(max_examples=expensive())
@@ -65,3 +69,21 @@ def test_fused_model_equals_standard_edit(device, config, spec, seed, naming, la
     """The whole transformer with a reference image, zero_cond_t drawn (Edit-2511 modulates it with t = 0)."""
     _check("model-edit-zero-cond" if config["zero_cond_t"] else "model-edit", device, config, spec, seed, naming,
            layout, low)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_registry_case_passes(device, name):
+    """Every declared case at its own config and fixture, in all its dtypes: what the report runs."""
+    case = CASES[name]
+    _check(name, device, case.config, case.spec, 0, "seed", "blocked", None, dtypes=case.dtypes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_registry_case_passes_at_small_width(device, name, seed):
+    """The same at the `small` config (6 heads of 32, 4 layers), both layouts, every dtype of the case."""
+    case = CASES[name]
+    config = {**case.config, **CONFIGS["small"]}  # the case's flags (zero_cond_t, ...) at the wider sizes
+    for layout in ("blocked", "interleaved"):
+        _check(name, device, config, case.spec, seed, "diffusers", layout, None, dtypes=case.dtypes)

@@ -17,6 +17,7 @@ from properties.strategies import expensive, input_specs, model_configs, seeds
 from verify.cases import CASES
 from verify.compare import Record, assert_failed, assert_passed
 from verify.equivalence import run_case
+from verify.fixtures import CONFIGS
 from verify.fused import fuse_model, joint_attentions
 from verify.planted import PLANTED
 
@@ -66,6 +67,18 @@ def test_planted_bug_is_caught(device, bug, component, config, spec, seed):
         record = _outputs(broken, dtype)
         assert_failed(record)
         assert _caught(record), f"{bug} rejected for the wrong reason: {record.message}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["block", "model-text-to-image"])
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+def test_planted_bug_is_caught_at_small_width(device, bug, name):
+    """Caught at the `small` config too (6 heads of 32, 4 layers): width does not dilute the bug below the bound."""
+    case = CASES[name]
+    config = {**case.config, **CONFIGS["small"]}
+    broken = run_case(case, dtypes=HIGH, device=device, config=config, merge=PLANTED[bug][1])
+    for dtype in ("fp64", "fp32"):
+        assert _caught(_outputs(broken, dtype)), _outputs(broken, dtype).message
 
 
 def test_kill_rate_is_total(device, record_property):
