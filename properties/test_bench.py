@@ -82,3 +82,14 @@ def test_flops_and_grid():
     assert bench.block_flops(opts, 8192, "forward") / 1e12 == pytest.approx(2.79, abs=0.01)
     assert bench.rope_axes(128) == (16, 56, 56) and sum(bench.rope_axes(16)) == 16
     assert bench.image_grid(8192) == (64, 128) and bench.image_grid(16) == (4, 4)
+
+
+def test_full_model_rows(tmp_path):
+    """--full-model: the whole transformer (here 1 block, tiny width) standard then fused in place, same row fields."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--modes", "eager", "--phases", "forward", "--full-model", "--layers", "1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["full_model"]
+    assert [(r["mode"], r["phase"], r["layers"]) for r in rows] == [("eager", "forward", 1)]
+    assert ROW_FIELDS <= set(rows[0])
+    assert rows[0]["check"]["passed"] and rows[0]["check"]["cosine"] > 0.999
