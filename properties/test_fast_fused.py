@@ -18,7 +18,7 @@ from verify.cases import CASES
 from verify.compare import assert_failed, assert_passed
 from verify.equivalence import run_case
 from verify.errors import VerifyError
-from verify.fast_fused import FastFusedQwenAttnProcessor
+from verify.fast_fused import FastFusedQwenAttnProcessor, RegionCompiledFusedQwenAttnProcessor
 from verify.fused import FusedQwenAttnProcessor, fuse_attention, fuse_model, joint_attentions, unfuse_model
 from verify.tolerance import DTYPES
 
@@ -120,3 +120,23 @@ def test_rope_coefficients_cached_by_identity():
     torch.testing.assert_close(cos[:, 0, ::2], freqs.real)
     torch.testing.assert_close(sin[:, 0, 1::2], freqs.imag)
     torch.testing.assert_close(sin[:, 0, ::2], -freqs.imag)
+
+
+@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+def test_region_compiled_equals_standard(device, layout):
+    """"fast-compiled": the norm + RoPE + layout region through torch.compile (inductor on a GPU; on the CPU the
+    aot_eager backend, which traces and differentiates the same region without code generation) in four dtypes."""
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    processors = []
+
+    def merge(module):
+        for attn in joint_attentions(module):
+            processors.append(RegionCompiledFusedQwenAttnProcessor("seed", layout, backend=backend))
+            fuse_attention(attn, "seed", layout, processors[-1])
+        return module
+
+    for case_name in ("block", "model-text-to-image"):
+        for record in run_case(CASES[case_name], dtypes=ALL, device=device, merge=merge):
+            assert_passed(record)
+            assert record.fused_calls > 0
+    assert sum(p.region_calls for p in processors) > 0, "the compiled region never ran"

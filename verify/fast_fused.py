@@ -54,15 +54,9 @@ class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
             raise ValueError("pass encoder_hidden_states_mask; the processor builds the joint mask")
-        head_dim = attn.inner_dim // attn.heads
-        img_q, img_k, img_v = self.heads(getattr(attn, self.image.fused)(hidden_states), head_dim)  # (B, S_img, H, D)
-        txt_q, txt_k, txt_v = self.heads(getattr(attn, self.text.fused)(encoder_hidden_states), head_dim)
-        img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        functional = torch.compiler.is_compiling() if self.functional is None else self.functional
-        joint_qk = _joint_qk_functional if functional else _joint_qk_kernels
-        q = joint_qk(attn.norm_added_q, txt_q, txt_freqs, attn.norm_q, img_q, img_freqs)  # (B, S_txt + S_img, H, D)
-        k = joint_qk(attn.norm_added_k, txt_k, txt_freqs, attn.norm_k, img_k, img_freqs)
-        v = torch.cat([txt_v, img_v], dim=1) if functional else _JointCopy.apply(txt_v, img_v)
+        img = getattr(attn, self.image.fused)(hidden_states)  # (B, S_img, 3 * H * D)
+        txt = getattr(attn, self.text.fused)(encoder_hidden_states)  # (B, S_txt, 3 * H * D)
+        q, k, v = self.joint_qkv(attn, txt, img, image_rotary_emb)  # (B, S_txt + S_img, H, D) each
         joint = dispatch_attention_fn(
             q, k, v, attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states), dropout_p=0.0,
             is_causal=False,
@@ -74,14 +68,81 @@ class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):
             img_out = attn.to_out[1](img_out)  # dropout
         return img_out, attn.to_add_out(txt_out.contiguous())
 
-    def heads(self, fused: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v) as (B, S, H, D) views of one fused projection output (B, S, 3 * H * D): no copies.
+    def joint_qkv(self, attn: Attention, txt: torch.Tensor, img: torch.Tensor, image_rotary_emb) -> tuple:
+        """Normalised, rotated q and k and plain v of the joint [text, image] sequence from the fused outputs."""
+        head_dim = attn.inner_dim // attn.heads
+        img_q, img_k, img_v = split_heads(img, head_dim, self.layout)  # (B, S_img, H, D) views
+        txt_q, txt_k, txt_v = split_heads(txt, head_dim, self.layout)
+        img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        functional = torch.compiler.is_compiling() if self.functional is None else self.functional
+        joint_qk = _joint_qk_functional if functional else _joint_qk_kernels
+        q = joint_qk(attn.norm_added_q, txt_q, txt_freqs, attn.norm_q, img_q, img_freqs)
+        k = joint_qk(attn.norm_added_k, txt_k, txt_freqs, attn.norm_k, img_k, img_freqs)
+        v = torch.cat([txt_v, img_v], dim=1) if functional else _JointCopy.apply(txt_v, img_v)
+        return q, k, v
 
-        unbind's backward is one stack, so the fused projection gets its gradient in one pass.
-        """
-        if self.layout == "blocked":  # [q heads | k heads | v heads]
-            return fused.unflatten(-1, (3, -1, head_dim)).unbind(-3)
-        return fused.unflatten(-1, (-1, 3, head_dim)).unbind(-2)  # interleaved: per head [q | k | v]
+
+class RegionCompiledFusedQwenAttnProcessor(FastFusedQwenAttnProcessor):
+    """The fast processor whose QK-norm + RoPE + joint layout runs as one torch.compile'd region even when the model
+    runs eagerly: inductor emits one kernel per q/k that reads the fused projection once and writes the joint tensor
+    (fp32 arithmetic, one rounding), and its backward. Compiled on first use (a few seconds, once per shape set).
+
+    Falls back to the fast processor's own paths under a whole-model torch.compile, in fp64 (diffusers' own norm and
+    RoPE, see `_diffusers_norm_rope`), without RoPE, and for norms other than a weighted RMSNorm of the input's dtype.
+    `region_calls` counts the calls that ran the compiled region (tests prove it ran).
+    """
+
+    def __init__(self, naming: str = DEFAULT_NAMING, layout: str = "blocked", functional: bool | None = None,
+                 backend: str = "inductor"):
+        super().__init__(naming, layout, functional)
+        self.backend = backend
+        self.region_calls = 0
+
+    def joint_qkv(self, attn: Attention, txt: torch.Tensor, img: torch.Tensor, image_rotary_emb) -> tuple:
+        norms = (attn.norm_added_q, attn.norm_added_k, attn.norm_q, attn.norm_k)
+        plain = all(isinstance(n, RMSNorm) and n.weight is not None and n.bias is None and n.weight.dtype == img.dtype
+                    for n in norms)
+        if (torch.compiler.is_compiling() or self.functional is not None or image_rotary_emb is None or not plain
+                or img.dtype == torch.float64):
+            return super().joint_qkv(attn, txt, img, image_rotary_emb)
+        self.region_calls += 1
+        img_freqs, txt_freqs = image_rotary_emb
+        region = _compiled_region(self.backend)
+        return region(txt, img, *(n.weight for n in norms), torch.view_as_real(txt_freqs),
+                      torch.view_as_real(img_freqs), tuple(float(n.eps) for n in norms),
+                      attn.inner_dim // attn.heads, self.layout)
+
+
+def split_heads(fused: torch.Tensor, head_dim: int, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) as (B, S, H, D) views of one fused projection output (B, S, 3 * H * D): no copies.
+
+    unbind's backward is one stack, so the fused projection gets its gradient in one pass.
+    """
+    if layout == "blocked":  # [q heads | k heads | v heads]
+        return fused.unflatten(-1, (3, -1, head_dim)).unbind(-3)
+    return fused.unflatten(-1, (-1, 3, head_dim)).unbind(-2)  # interleaved: per head [q | k | v]
+
+
+def _joint_qkv_region(txt, img, txt_wq, txt_wk, img_wq, img_wk, txt_cs, img_cs, eps, head_dim: int, layout: str):
+    """The compiled region: q/k/v views, RMSNorm + RoPE in fp32, and the joint [text, image] concatenation.
+
+    txt_cs, img_cs: (S, D/2, 2) real views of the complex frequencies (cos, sin); eps: the four norms' eps.
+    """
+    txt_q, txt_k, txt_v = split_heads(txt, head_dim, layout)
+    img_q, img_k, img_v = split_heads(img, head_dim, layout)
+    q = torch.cat([_rms_rope(txt_q, txt_wq, eps[0], txt_cs), _rms_rope(img_q, img_wq, eps[2], img_cs)], dim=1)
+    k = torch.cat([_rms_rope(txt_k, txt_wk, eps[1], txt_cs), _rms_rope(img_k, img_wk, eps[3], img_cs)], dim=1)
+    return q, k, torch.cat([txt_v, img_v], dim=1)
+
+
+_REGIONS: dict[str, object] = {}
+
+
+def _compiled_region(backend: str):
+    """_joint_qkv_region compiled with `backend`, once per process (shapes: one static graph, then dynamic)."""
+    if backend not in _REGIONS:
+        _REGIONS[backend] = torch.compile(_joint_qkv_region, backend=backend, fullgraph=True)
+    return _REGIONS[backend]
 
 
 # --- QK-norm + RoPE + joint layout --------------------------------------------------------------------------------
@@ -130,15 +191,20 @@ def _diffusers_norm_rope(txt_norm, txt, txt_freqs, img_norm, img, img_freqs) -> 
 
 def _norm_rope_expression(norm, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
     """RMSNorm then RoPE of x (B, S, H, D) computed in fp32 (fp64 for fp64), rounded once to x's dtype."""
-    compute = torch.promote_types(x.dtype, torch.float32)
     if isinstance(norm, RMSNorm) and norm.weight is not None and norm.bias is None:
-        y = x.to(compute)
-        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.to(compute)
-    else:
-        y = _norm(norm, x).to(compute)
-    if freqs is None:
+        return _rms_rope(x, norm.weight, norm.eps, None if freqs is None else torch.view_as_real(freqs))
+    return _rms_rope(_norm(norm, x), None, 0.0, None if freqs is None else torch.view_as_real(freqs))
+
+
+def _rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos_sin: torch.Tensor | None) -> torch.Tensor:
+    """x (B, S, H, D) -> RMSNorm (when weight is given) then RoPE (when cos_sin (S, D/2, 2) is given), in fp32."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(compute)
+    if weight is not None:
+        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps) * weight.to(compute)
+    if cos_sin is None:
         return y.to(x.dtype)
-    cos_sin = torch.view_as_real(freqs).to(compute)[:, None]  # (S, 1, D/2, 2): cos, sin
+    cos_sin = cos_sin.to(compute)[:, None]  # (S, 1, D/2, 2)
     cos, sin = cos_sin[..., 0], cos_sin[..., 1]
     even, odd = y.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each: the interleaved pairs
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)

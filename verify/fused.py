@@ -141,10 +141,12 @@ def unfuse_attention(attn: Attention) -> Attention:
     return attn
 
 
-# Fused processors by name: "reference" mirrors diffusers step by step; "fast" (verify.fast_fused) makes fewer passes.
+# Fused processors by name: "reference" mirrors diffusers step by step; "fast" (verify.fast_fused) makes fewer passes;
+# "fast-compiled" runs the fast processor's norm + RoPE + layout as one torch.compile'd region in an eager model.
 PROCESSORS = {
     "reference": "verify.fused:FusedQwenAttnProcessor",
     "fast": "verify.fast_fused:FastFusedQwenAttnProcessor",
+    "fast-compiled": "verify.fast_fused:RegionCompiledFusedQwenAttnProcessor",
 }
 
 
