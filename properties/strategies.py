@@ -138,13 +138,21 @@ def rope_axes(draw, *, max_head_dim: int = 16) -> tuple[int, int, int]:
 @st.composite
 def model_configs(
     draw, *, max_heads: int = 5, min_heads: int = 1, max_head_dim: int = 16, max_layers: int = 2,
-    zero_cond_t: bool | None = None,
+    zero_cond_t: bool | None = None, layered: bool | None = False,
 ) -> dict:
-    """A tiny Qwen-Image config: 1-5 heads (odd, non powers of two), even head_dim from three even RoPE axes."""
+    """A tiny Qwen-Image config: 1-5 heads (odd, non powers of two), even head_dim from three even RoPE axes.
+
+    `zero_cond_t` (Edit-2511) and `layered` (Layered: layer-3D RoPE and additional timestep conditioning) are drawn
+    when None; never both (diffusers doubles the timesteps for zero_cond_t but not the additional conditioning).
+    """
     _positive(max_heads=max_heads, min_heads=min_heads, max_layers=max_layers)
     if min_heads > max_heads:
         raise ValueError(f"min_heads {min_heads} > max_heads {max_heads}")
+    if zero_cond_t and layered:
+        raise ValueError("zero_cond_t and layered do not combine in diffusers")
     axes = draw(rope_axes(max_head_dim=max_head_dim))
+    zero_cond_t = draw(st.booleans()) if zero_cond_t is None else zero_cond_t
+    layered = (not zero_cond_t and draw(st.booleans())) if layered is None else layered
     return fixtures.model_config(
         "tiny",
         num_attention_heads=draw(st.integers(min_heads, max_heads)),
@@ -154,7 +162,9 @@ def model_configs(
         in_channels=draw(st.integers(1, 12)),
         out_channels=draw(st.integers(1, 4)),
         joint_attention_dim=draw(st.integers(1, 12)),
-        zero_cond_t=draw(st.booleans()) if zero_cond_t is None else zero_cond_t,
+        zero_cond_t=zero_cond_t,
+        use_layer3d_rope=layered,
+        use_additional_t_cond=layered,
     )
 
 

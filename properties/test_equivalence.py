@@ -55,18 +55,18 @@ def test_fused_block_equals_standard(device, config, spec, seed, naming, layout,
 
 
 @settings(max_examples=expensive())
-@given(config=model_configs(), spec=input_specs(edit=False), seed=seeds(), naming=namings(), layout=layouts(),
-       low=LOW)
+@given(config=model_configs(layered=None), spec=input_specs(edit=False), seed=seeds(), naming=namings(),
+       layout=layouts(), low=LOW)
 def test_fused_model_equals_standard_text_to_image(device, config, spec, seed, naming, layout, low):
-    """The whole transformer, text-to-image: outputs and gradients."""
+    """The whole transformer, text-to-image: outputs and gradients; Layered flags drawn."""
     _check("model-text-to-image", device, config, spec, seed, naming, layout, low)
 
 
 @settings(max_examples=expensive())
-@given(config=model_configs(), spec=input_specs(edit=True), seed=seeds(), naming=namings(), layout=layouts(),
-       low=LOW)
+@given(config=model_configs(layered=None), spec=input_specs(edit=True), seed=seeds(), naming=namings(),
+       layout=layouts(), low=LOW)
 def test_fused_model_equals_standard_edit(device, config, spec, seed, naming, layout, low):
-    """The whole transformer with a reference image, zero_cond_t drawn (Edit-2511 modulates it with t = 0)."""
+    """The whole transformer with a reference image; zero_cond_t (Edit-2511: t = 0 for it) and Layered drawn."""
     _check("model-edit-zero-cond" if config["zero_cond_t"] else "model-edit", device, config, spec, seed, naming,
            layout, low)
 
