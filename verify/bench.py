@@ -679,3 +679,21 @@ def _json_default(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m verify.bench ARGS` = `qkv-verify bench ARGS`, importing only what the bench needs."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="qkv-verify")
+    register_bench(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except VerifyError as e:
+        print(f"qkv-verify: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On a GPU machine (device tool): `qkv-verify bench` -> OUTDIR/NAME-<card>.json (rewritten after every row, so a run
+# cut short keeps what it measured) and OUTDIR/NAME-<card>.log (the table). Wheels missing there come from .wheels/.
+# Usage: bash reports/gpu/bench.sh OUTDIR NAME [qkv-verify bench arguments...]
+set -uo pipefail
+out=${1:?output folder}
+name=${2:?name of the result, e.g. bench}
+shift 2
+mkdir -p "$out"
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps .wheels/*.whl
+fi
+export PYTHONPATH=$PWD
+card=$(python3 -c "import torch, re; n = torch.cuda.get_device_name(); print(re.search(r'[HAB]\d+', n).group(0).lower())")
+python3 -m verify.bench --device cuda --json "$out/$name-$card.json" "$@" 2>&1 | tee "$out/$name-$card.log"
+exit "${PIPESTATUS[0]}"
