@@ -17,17 +17,21 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 
 from verify import manifest as mf
 from verify.checkpoint import DTYPES, Checkpoint, non_finite, read_header
 from verify.errors import VerifyError
+from verify.loading import model_config
 from verify.naming import DEFAULT_NAMING, NAMINGS, detect_naming, streams
 from verify.qkv import LAYOUTS, QKVShape
 from verify.state_dict import merge_state_dict, split_state_dict
@@ -103,7 +107,8 @@ def tensors_of(ckpt: Checkpoint) -> dict[str, Tensor]:
     out = {}
     for shard in ckpt.shards:
         header = read_header(shard)
-        start = 8 + struct.unpack("<Q", shard.open("rb").read(8))[0]
+        with shard.open("rb") as f:
+            start = 8 + struct.unpack("<Q", f.read(8))[0]
         try:
             with safe_open(str(shard), framework="pt"):
                 pass
@@ -158,6 +163,7 @@ def plan(ckpt: Checkpoint, to: str, naming: str | None = None, layout: str = "bl
             split_state_dict(meta, naming, layout, head_dim, shape)
     except VerifyError as e:
         raise VerifyError(f"{ckpt.path}: {e}") from None
+    _check_fit(ckpt, meta if to == "merged" else out)
     p = Plan(to, naming, layout, head_dim, shape, src, {k: (_dtype_name(t.dtype), tuple(t.shape))
                                                          for k, t in out.items()}, {})
     for group in _groups(src, out, naming, to):
@@ -192,7 +198,9 @@ def _check_rows(src: dict[str, Tensor], to: str, naming: str, shape: QKVShape | 
         _, leaf, param = _split_key(key)
         if leaf not in leaves or param not in ("weight", "bias"):
             continue
-        rows = t.shape[0] if t.shape else 0
+        if len(t.shape) != (2 if param == "weight" else 1) or not t.shape[0]:
+            raise VerifyError(f"{t.path}: {key} has shape {t.shape}, not that of a projection's {param}")
+        rows = t.shape[0]
         if shape is None:
             if to == "standard" and (rows == 0 or rows % 3):
                 raise VerifyError(f"{t.path}: {key} has {rows} rows, which do not divide into equal q, k, v")
@@ -202,6 +210,28 @@ def _check_rows(src: dict[str, Tensor], to: str, naming: str, shape: QKVShape | 
             times = "3 x " if to == "standard" else ""
             raise VerifyError(f"{t.path}: {key} has {rows} rows; config.json implies {want} "
                               f"({times}{shape.q_rows // shape.head_dim} heads x {shape.head_dim})")
+
+
+def _check_fit(ckpt: Checkpoint, standard: dict[str, torch.Tensor]) -> None:
+    """The standard side of the conversion has exactly the parameters (names, shapes) of the model of config.json."""
+    if ckpt.config is None:
+        return  # a single file: no config to hold it to
+    config = model_config(ckpt)
+    try:
+        with torch.device("meta"):
+            model = QwenImageTransformer2DModel(**config)
+    except Exception as e:  # a config diffusers cannot build a model from
+        raise VerifyError(f"{ckpt.path}/config.json: no model can be built from it ({type(e).__name__}: {e})") from None
+    want = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    missing, unexpected = sorted(set(want) - set(standard)), sorted(set(standard) - set(want))
+    if missing or unexpected:
+        what = ", ".join([f"missing {missing[0]}"] * bool(missing) + [f"unexpected {unexpected[0]}"] * bool(unexpected))
+        raise VerifyError(f"{ckpt.path}: does not fit the model of its config.json ({what}; {len(missing)} missing, "
+                          f"{len(unexpected)} unexpected)")
+    for key, shape in want.items():
+        if tuple(standard[key].shape) != shape:
+            raise VerifyError(f"{ckpt.path}: {key} has shape {tuple(standard[key].shape)}, config.json implies "
+                              f"{shape}")
 
 
 def _groups(src: dict, out: dict, naming: str, to: str) -> Iterator[Group]:
@@ -295,11 +325,23 @@ class Scan:
         self.hash = hashlib.sha256()
         self.nan = self.inf = 0
 
-    def update(self, data: memoryview) -> None:
+    def update(self, data: memoryview) -> Scan:
         self.hash.update(data)
         if self.dtype.is_floating_point and len(data):
             nan, inf = non_finite(torch.frombuffer(data, dtype=self.dtype))
             self.nan, self.inf = self.nan + nan, self.inf + inf
+        return self
+
+    def entry(self, shape: tuple[int, ...], dtype: str) -> mf.Entry:
+        return mf.Entry(shape, dtype, self.hash.hexdigest())
+
+
+def scan_file(t: Tensor) -> Scan:
+    """Hash and scan a tensor's bytes, read straight from its file."""
+    scan = Scan(t.dtype)
+    for piece in raw_bytes(t, bytearray(min(CHUNK, max(t.nbytes, 1)))):
+        scan.update(piece)
+    return scan
 
 
 Warn = Callable[[str], None]
@@ -309,39 +351,114 @@ def _warn_stderr(message: str) -> None:
     print(f"qkv-verify: warning: {message}", file=sys.stderr)
 
 
+class Workers:
+    """Hashing and scanning off the writing thread: two workers, a bounded number of jobs (and buffers) in flight."""
+
+    def __init__(self, workers: int = 2, in_flight: int = 6):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qkv-verify-hash")
+        self.slots = threading.BoundedSemaphore(in_flight)
+        self.jobs: list[Future] = []
+
+    def submit(self, fn: Callable, *args) -> None:
+        self.slots.acquire()
+        job = self.pool.submit(fn, *args)
+        job.add_done_callback(lambda _: self.slots.release())
+        self.jobs.append(job)
+
+    def results(self) -> list:
+        return [job.result() for job in self.jobs]
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write(p: Plan, folder: Path, warn: Warn = _warn_stderr) -> tuple[dict[str, mf.Entry], dict[str, mf.Entry]]:
-    """Write the converted shards (and index) into `folder`; returns the (output, source) manifest entries."""
-    out_entries: dict[str, mf.Entry] = {}
-    src_entries: dict[str, mf.Entry] = {}
+    """Write the converted shards (and index) into `folder`; returns the (output, source) manifest entries.
+
+    A copied tensor goes file to file in the kernel (copy_file_range) while a worker hashes and scans it from SRC; a
+    q/k/v group is read, converted and written here, its hashing left to a worker too.
+    """
     single = len(p.shards) == 1
     names = [WEIGHTS if single else f"diffusion_pytorch_model-{i:05d}-of-{len(p.shards):05d}.safetensors"
              for i in range(1, len(p.shards) + 1)]
-    buffer = bytearray(CHUNK)
-    for name, (shard, keys) in zip(names, p.shards):
-        metadata = read_header(shard).get("__metadata__") or {"format": "pt"}
-        with (folder / name).open("wb") as f:
-            f.write(_header(p, keys, metadata))
-            pending: dict[str, torch.Tensor] = {}
-            for key in keys:
-                if key in p.groups and not pending:
-                    pending = _materialize(p, p.groups[key], src_entries, warn)
-                if key in p.groups:
-                    data = tensor_bytes(pending.pop(key))
-                    f.write(data)
-                    entry = mf.Entry(p.out[key][1], p.out[key][0], hashlib.sha256(data).hexdigest())
-                else:
-                    entry = _copy(p.src[key], f, buffer, warn)
-                    src_entries[key] = entry
-                out_entries[key] = entry
-            assert not pending, f"group outputs left unwritten: {sorted(pending)}"
-            f.flush()
-            os.fsync(f.fileno())
+    with Workers() as workers:
+        for name, (shard, keys) in zip(names, p.shards):
+            metadata = read_header(shard).get("__metadata__") or {"format": "pt"}
+            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, _header(p, keys, metadata))
+                _write_shard(p, keys, fd, workers)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        results = workers.results()
+    out_entries, src_entries = {}, {}
+    for key, side, shape, dtype, scan in sorted(results, key=lambda r: r[:2]):
+        entry = scan.entry(shape, dtype)
+        if side in ("src", "both"):
+            src_entries[key] = entry
+            if scan.nan or scan.inf:
+                warn(f"{key} in {p.src[key].path.name} holds {scan.nan} NaN and {scan.inf} Inf values; converted "
+                     "exactly as is")
+        if side in ("out", "both"):
+            out_entries[key] = entry
     if not single:
         weight_map = {key: name for name, (_, keys) in zip(names, p.shards) for key in keys}
-        total = sum(p.src[k].nbytes for k in p.src)
+        total = sum(t.nbytes for t in p.src.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_text(folder / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out_entries, src_entries
+
+
+def _write_shard(p: Plan, keys: list[str], fd: int, workers: Workers) -> None:
+    pending: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if key not in p.groups:
+            t = p.src[key]
+            workers.submit(_file_job, t)
+            _kernel_copy(t, fd)
+            continue
+        if not pending:
+            sources, pending = _materialize(p, p.groups[key])
+            for k, x in sources.items():
+                workers.submit(_bytes_job, k, "src", p.src[k].shape, p.src[k].dtype, tensor_bytes(x))
+        data = tensor_bytes(pending.pop(key))
+        _write_all(fd, data)
+        workers.submit(_bytes_job, key, "out", p.out[key][1], p.out[key][0], data)
+    assert not pending, f"group outputs left unwritten: {sorted(pending)}"
+
+
+def _file_job(t: Tensor) -> tuple:
+    return t.key, "both", t.shape, t.dtype, scan_file(t)
+
+
+def _bytes_job(key: str, side: str, shape: tuple[int, ...], dtype: str, data: memoryview) -> tuple:
+    return key, side, shape, dtype, Scan(dtype).update(data)
+
+
+def _kernel_copy(t: Tensor, fd: int) -> None:
+    """Append `t`'s bytes to `fd`, copied inside the kernel; a read/write loop where copy_file_range cannot."""
+    with t.path.open("rb") as f:
+        offset, left = t.offset, t.nbytes
+        while left:
+            try:
+                n = os.copy_file_range(f.fileno(), fd, left, offset)
+            except OSError:  # another file system, or no copy_file_range: copy through a buffer
+                n = 0
+            if not n:
+                for piece in raw_bytes(Tensor(t.key, t.path, t.dtype, t.shape, offset, left), bytearray(CHUNK)):
+                    _write_all(fd, piece)
+                return
+            offset, left = offset + n, left - n
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[os.write(fd, view):]
 
 
 def _header(p: Plan, keys: list[str], metadata: dict) -> bytes:
@@ -364,33 +481,12 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _copy(t: Tensor, f, buffer: bytearray, warn: Warn) -> mf.Entry:
-    scan = Scan(t.dtype)
-    for piece in raw_bytes(t, buffer):
-        scan.update(piece)
-        f.write(piece)
-    _warn_non_finite(t, scan, warn)
-    return mf.Entry(t.shape, t.dtype, scan.hash.hexdigest())
-
-
-def _materialize(p: Plan, group: Group, src_entries: dict, warn: Warn) -> dict[str, torch.Tensor]:
-    """Read a group's sources (each from its own shard), record and scan them, and convert."""
-    tensors = {}
-    for key in group.sources:
-        t = p.src[key]
-        tensors[key] = load(t)
-        scan = Scan(t.dtype)
-        scan.update(tensor_bytes(tensors[key]))
-        _warn_non_finite(t, scan, warn)
-        src_entries[key] = mf.Entry(t.shape, t.dtype, scan.hash.hexdigest())
-    out = p.convert(tensors)
-    assert set(out) == set(group.targets), (sorted(out), group)
-    return out
-
-
-def _warn_non_finite(t: Tensor, scan: Scan, warn: Warn) -> None:
-    if scan.nan or scan.inf:
-        warn(f"{t.key} in {t.path.name} holds {scan.nan} NaN and {scan.inf} Inf values; converted exactly as is")
+def _materialize(p: Plan, group: Group) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A group's source tensors (each read from its own shard) and its converted target tensors."""
+    sources = {key: load(p.src[key]) for key in group.sources}
+    targets = p.convert(sources)
+    assert set(targets) == set(group.targets), (sorted(targets), group)
+    return sources, targets
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -506,10 +602,10 @@ def check(src: Path, dst: Path, naming: str | None = None, layout: str | None = 
     p = plan(src_ckpt, to, naming or conversion.get("naming"), layout)
     got = tensors_of(dst_ckpt)
     missing, extra = sorted(set(p.out) - set(got)), sorted(set(got) - set(p.out))
-    if missing:
-        return Verdict(False, f"DST lacks {missing[0]} ({len(missing)} of SRC's converted tensors missing)")
-    if extra:
-        return Verdict(False, f"DST holds {extra[0]}, which SRC's conversion does not ({len(extra)} extra)")
+    if missing or extra:
+        what = [f"lacks {missing[0]}"] * bool(missing) + [f"holds {extra[0]}, which SRC's conversion does not"] * bool(
+            extra)
+        return Verdict(False, f"DST {' and '.join(what)} ({len(missing)} missing, {len(extra)} extra)")
     for key in sorted(p.out):
         if p.out[key] != (got[key].dtype, got[key].shape):
             return Verdict(False, f"tensor {key} differs: SRC converts to {p.out[key][0]} {p.out[key][1]}, DST "
@@ -539,7 +635,10 @@ def _compare_all(p: Plan, got: dict[str, Tensor]) -> tuple[list[str], dict, dict
             if key in done:
                 continue
             if key in p.groups:
-                targets = _materialize(p, p.groups[key], src_entries, lambda m: None)
+                sources, targets = _materialize(p, p.groups[key])
+                src_entries.update({k: Scan(p.src[k].dtype).update(tensor_bytes(x)).entry(p.src[k].shape,
+                                                                                          p.src[k].dtype)
+                                    for k, x in sources.items()})
             else:
                 targets = {key: None}
             for k, want in targets.items():
