@@ -126,7 +126,7 @@ def qkv_tensors(shape: QKVShape, frame: Frame, *, seed: int, dtype: torch.dtype,
 
 @st.composite
 def rope_axes(draw, *, max_head_dim: int = 16) -> tuple[int, int, int]:
-    """Three even, positive RoPE axes; their sum is the head_dim (odd sizes such as 6, 10, 14 included)."""
+    """Three even, positive RoPE axes; their sum is the head_dim (non powers of two such as 6, 10, 14 included)."""
     if max_head_dim < 6:
         raise ValueError(f"max_head_dim must be at least 6 (three even axes), got {max_head_dim}")
     pairs = draw(st.integers(3, max_head_dim // 2))  # head_dim / 2
