@@ -109,10 +109,9 @@ def test_thresholds_follow_the_dtype_noise_of_the_baseline(runs):
     fp32_err = max(c["base_max_abs_err"] for c in base["checks"] if c["dtype"] == "fp32")
     scale = max(abs(s[k]) for s in base["output_stats"] if s["implementation"] == "oracle" for k in ("min", "max"))
     assert t["fp32"] == pytest.approx(3.0 * max(fp32_err, EPS["fp32"] * scale) + 1e-9)
-    fp64 = max(fp32_err * EPS["fp64"] / EPS["fp32"], EPS["fp64"] * scale)
-    assert t["fp64"] == pytest.approx(3.0 * fp64 + 1e-9)
+    assert t["fp64"] == t["fp32"], "fp64 outputs reach fp32 precision only: diffusers' RoPE runs in complex64"
     default = regress(base, base)["thresholds"]["per_dtype"]
-    assert 0 < default["fp64"] < 1e-12 < default["fp32"] < 1e-4, "fp64 has a tolerance too; both far below 1%"
+    assert 0 < default["fp64"] < 1e-4 and 0 < default["fp32"] < 1e-4, "never bit-exact; far below 1% changes"
 
 
 def _nudge(summary: dict, dtype: str, factor: float) -> tuple[dict, str]:
@@ -134,13 +133,20 @@ def test_one_sample_just_beyond_its_threshold_is_flagged_and_just_within_is_not(
     assert regress(base, within)["passed"]
 
 
-def test_fp64_is_compared_with_a_tolerance_not_bit_for_bit(runs):
+def test_fp64_moved_as_far_as_another_machine_moves_it_is_not_flagged(runs):
+    """Measured: the default report's fp64 outputs on an H200 host (its CPU, and cuda) differed from this machine's
+    by up to 5.7e-7, about the fp32 error of the standard model (diffusers' RoPE is complex64 in an fp64 model)."""
     base = load_summary(runs["first"])
+    fp32_err = max(c["base_max_abs_err"] for c in base["checks"] if c["dtype"] == "fp32")
     cand = copy.deepcopy(base)
     for rec in cand["output_samples"]:
         if rec["dtype"] == "fp64":
-            rec["values"] = [v * (1 + 4 * EPS["fp64"]) for v in rec["values"]]  # another BLAS's rounding
-    assert cand != base and regress(base, cand)["passed"]
+            rec["values"] = [v + (-1) ** i * 1.5 * fp32_err for i, v in enumerate(rec["values"])]
+    for rec in cand["checks"]:
+        rec["bit_identical"] = True  # gained on the other machine: a note, not a regression
+    result = regress(base, cand)
+    assert cand != base and result["passed"], result["moved"][:3]
+    assert any("became true" in note for note in result["notes"]) or all(c["bit_identical"] for c in base["checks"])
 
 
 def test_same_statistics_with_different_outputs_is_caught_by_the_samples(runs):
