@@ -61,6 +61,7 @@ class Options:
     warmup: int = 5
     seed: int = 0
     compile_backend: str = "auto"  # inductor on cuda; dynamo capture only ("eager") on the CPU
+    compile_mode: str | None = None  # torch.compile mode for inductor (e.g. max-autotune-no-cudagraphs)
     full_model: bool = False
     layers: int = 60
     check_tokens: int | None = None  # image tokens of the fp64-oracle check (default: the smallest size)
@@ -257,6 +258,12 @@ def train_call(module: nn.Module, inputs: dict, seed: int) -> Callable[[], objec
     return run
 
 
+def _compile(module, opts: Options):
+    """torch.compile with static shapes (one graph per size; automatic dynamic shapes would blur the sizes)."""
+    mode = {"mode": opts.compile_mode} if opts.compile_mode and opts.backend == "inductor" else {}
+    return torch.compile(module, backend=opts.backend, dynamic=False, **mode)
+
+
 def _set_recompile_limit(n: int) -> None:
     import torch._dynamo
 
@@ -336,8 +343,7 @@ def run_bench(opts: Options) -> dict:
     compiled = {}
     if "compiled" in opts.modes:
         _set_recompile_limit(64)
-        compiled = {"std": torch.compile(std, backend=opts.backend, dynamic=False),
-                    "merged": torch.compile(merged, backend=opts.backend, dynamic=False)}
+        compiled = {"std": _compile(std, opts), "merged": _compile(merged, opts)}
     check_tokens = opts.check_tokens or min(opts.image_tokens)
     sizes = [check_tokens, *(t for t in opts.image_tokens if t != check_tokens)]  # the oracle check comes first
     for mode in opts.modes:  # eager first: its rows are cheap; compilation happens in the compiled mode's warm-up
@@ -483,7 +489,7 @@ def _compile_blocks(model: nn.Module, opts: Options) -> nn.Module:
     """Regional compilation: each transformer block compiled (identical blocks share the compiled code)."""
     _set_recompile_limit(max(64, 2 * opts.layers))
     for block in model.transformer_blocks:
-        block.compile(backend=opts.backend, dynamic=False)
+        block._compiled_call_impl = _compile(block._call_impl, opts)  # nn.Module.compile, with our options
     return model
 
 
@@ -554,7 +560,8 @@ def goals(result: dict) -> dict[str, bool]:
 
 def _config(opts: Options) -> dict:
     return dict(dim=opts.dim, heads=opts.heads, head_dim=opts.head_dim, batch=opts.batch, processor=opts.processor,
-                repeats=opts.repeats, warmup=opts.warmup, compile_backend=opts.backend, seed=opts.seed,
+                repeats=opts.repeats, warmup=opts.warmup, compile_backend=opts.backend,
+                compile_mode=opts.compile_mode, seed=opts.seed,
                 dtype="bf16", text_mask=None, layers=opts.layers if opts.full_model else None)
 
 
@@ -635,6 +642,7 @@ def register_bench(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile-backend", default="auto",
                    help="torch.compile backend (default: inductor on cuda, eager (graph capture only) on cpu)")
+    p.add_argument("--compile-mode", help="torch.compile mode for inductor (default: its default mode)")
     p.add_argument("--check-tokens", type=int, help="image tokens of the fp64-oracle check (default: the smallest)")
     p.add_argument("--full-model", action="store_true",
                    help="also the whole model (--layers blocks) forward, bf16, seeded on the device (~41 GB)")
@@ -651,7 +659,8 @@ def _bench(args) -> int:
                    phases=args.phases, processor=args.processor,
                    repeats=args.repeats or (30 if args.device == "cuda" else 3),
                    warmup=args.warmup or (5 if args.device == "cuda" else 1),
-                   seed=args.seed, compile_backend=args.compile_backend, full_model=args.full_model,
+                   seed=args.seed, compile_backend=args.compile_backend, compile_mode=args.compile_mode,
+                   full_model=args.full_model,
                    layers=args.layers, check_tokens=args.check_tokens, time_limit=args.time_limit,
                    on_update=lambda result: _write_json(result, args.json))
     status = 0
