@@ -21,6 +21,8 @@ def charts(summary: dict) -> dict[str, bytes]:
     if summary.get("lora"):
         out["lora_counts.png"] = _png(lora_counts_chart(summary["lora"]))
         out["alpha_sweep.png"] = _png(sweep_chart(summary["lora"]))
+    if summary.get("speed") and summary["speed"].get("rows"):
+        out["speed.png"] = _png(speed_chart(summary["speed"]))
     return out
 
 
@@ -111,6 +113,28 @@ def sweep_chart(lora: dict):
     ax.set_title("LoRA alpha sweep (fp32; oracle fp64)")
     ax.legend()
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def speed_chart(bench: dict):
+    """Merged speed relative to standard (standard_ms / merged_ms) per mode and phase, by image tokens."""
+    rows = bench["rows"]
+    series = sorted({(r["mode"], r["phase"]) for r in rows})
+    tokens = sorted({r["image_tokens"] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(series)
+    for j, (mode, phase) in enumerate(series):
+        values = {r["image_tokens"]: r["speedup"] for r in rows if (r["mode"], r["phase"]) == (mode, phase)}
+        ax.bar([i + j * width for i in range(len(tokens))], [values.get(t, float("nan")) for t in tokens], width,
+               label=f"{mode} {phase}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tokens))], [str(t) for t in tokens])
+    ax.set_xlabel("image tokens (text tokens fixed)")
+    ax.set_ylabel("speedup: standard ms / merged ms")
+    ax.set_title(f"Merged vs standard block on {bench.get('device', '?')} (bf16)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -14,13 +14,17 @@ import torch
 from tqdm import tqdm
 
 from verify import __version__, fixtures
+from verify.cases import CASES
 from verify.checkpoint import Checkpoint
 from verify.compare import Record, compare, compare_exact
+from verify.equivalence import run_case
 from verify.errors import VerifyError
 from verify.fixtures import FIXTURES
 from verify.fused import fuse_model
 from verify.loading import empty_model, is_merged, model_config
-from verify.state_dict import split_state_dict
+from verify.naming import NAMINGS
+from verify.qkv import LAYOUTS
+from verify.state_dict import merge_state_dict, split_state_dict
 from verify.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.tolerance import OUTPUTS, dtype_name
 
@@ -98,6 +102,32 @@ def weight_check(std: StateDictSource, cand: StateDictSource) -> Record:
     return replace(record, numel=total, message=f"every tensor bit-identical after splitting ({total} values)")
 
 
+def round_trip_checks(std: StateDictSource) -> list[Record]:
+    """merge then split of every block's q/k/v, in each naming and layout: bit-identical to the weights given."""
+    head_dim = std.config["attention_head_dim"]
+    records = []
+    for naming in NAMINGS:
+        for layout in LAYOUTS:
+            name, total = f"weights/round-trip-{naming}-{layout}", 0
+            for i in range(std.config["num_layers"]):
+                block = std.block(i)
+                back = split_state_dict(merge_state_dict(block, naming, layout, head_dim), naming, layout, head_dim)
+                record = compare_exact(name, "weights", block, back)
+                if not record.passed:
+                    break
+                total += record.numel
+            records.append(record if not record.passed else replace(
+                record, numel=total, message=f"standard -> merged -> standard bit-identical ({total} values)"))
+    return records
+
+
+def component_checks(config: dict, dtypes: list[torch.dtype], device: str, seed: int) -> list[Record]:
+    """The registry's attention and block cases (outputs and gradients), seeded, at the model's width."""
+    width = {k: config[k] for k in ("num_attention_heads", "attention_head_dim", "axes_dims_rope")}
+    return [r for case in CASES.values() if case.component in ("attention", "block")
+            for r in run_case(case, dtypes, device, seed, config={**case.config, **width})]
+
+
 def run_report(opts: Options) -> dict:
     """Load, run every fixture in every dtype (and the LoRA sections), and return the summary."""
     subject = load_subject(opts)
@@ -106,6 +136,7 @@ def run_report(opts: Options) -> dict:
     notes = [f"{dtype_name(d)} added: a verdict needs fp64 and fp32 runs (bugs hide in bf16 noise)"
              for d in REQUIRED_DTYPES if d not in opts.dtypes]
     records = [subject.weight_check] if subject.weight_check else []
+    records += round_trip_checks(subject.std) + component_checks(subject.std.config, dtypes, opts.device, opts.seed)
     stats, samples = [], []
     progress = tqdm(total=len(FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),
                     desc="qkv-verify report", unit="run", leave=False)

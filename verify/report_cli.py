@@ -1,0 +1,89 @@
+"""`qkv-verify report`: its flags, and the exit status from the verdict, user claims and the baseline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from verify.qkv import LAYOUTS
+from verify.tolerance import parse_dtypes
+
+
+def _dtypes(text: str):
+    try:
+        return tuple(parse_dtypes(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def register_report(subparsers) -> None:
+    from verify.regress import add_threshold_arguments
+
+    p = subparsers.add_parser(
+        "report", help="full model, standard vs merged, in each dtype -> summary.json, report.md, index.html",
+        description="Exit status: 0 every check passed (and no user claim refuted, nothing moved against "
+                    "--baseline), 1 otherwise, 2 bad usage or input.",
+    )
+    p.add_argument("--checkpoint", type=Path, help="diffusers-layout transformer folder (config.json + safetensors)")
+    p.add_argument("--merged-checkpoint", type=Path, help="your merged weights, compared against --checkpoint")
+    p.add_argument("--layout", choices=LAYOUTS, default="blocked",
+                   help="layout of --merged-checkpoint's fused tensors (never guessed from the weights)")
+    p.add_argument("--config", choices=("tiny", "small", "full"), default="tiny",
+                   help="seeded-weights config when no --checkpoint is given (default: tiny)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtypes", type=_dtypes, default=_dtypes("fp64,fp32,bf16,fp16"),
+                   help="comma list of fp64,fp32,bf16,fp16 (fp64 and fp32 are always run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", type=Path, help="a LoRA file (any format lora-audit reads): standard+LoRA vs merged+LoRA")
+    p.add_argument("--adapter-config", type=Path, help="PEFT adapter_config.json for --lora")
+    p.add_argument("--claims", type=Path, help="your claims (JSON or YAML), judged on this run like the write-up's")
+    p.add_argument("--bench", type=Path, help="a `qkv-verify bench` JSON (or a folder of bench-*.json): speed "
+                                              "section and the write-up's speed claims")
+    p.add_argument("--properties", type=Path, help="property-suite results JSON (pytest -p properties.results_json)"
+                                                   " for the attention/block claims")
+    p.add_argument("--baseline", type=Path, help="a stored summary.json: report what moved (as `qkv-verify regress`)")
+    add_threshold_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("qkv-verify-report"), help="output folder")
+    p.set_defaults(func=_report)
+
+
+def _report(args) -> int:
+    import json
+
+    from verify.claims import ledger, load_bench, load_claims, refuted_user_claims
+    from verify.errors import VerifyError
+    from verify.regress import load_summary, regress, thresholds_from
+    from verify.render import write_report
+    from verify.report import Options, run_report
+
+    if args.claims:
+        load_claims(args.claims)  # bad claims are bad input: refuse before running anything
+    baseline = load_summary(args.baseline) if args.baseline else None
+    bench = load_bench(args.bench) if args.bench else None
+    properties = None
+    if args.properties:
+        try:
+            properties = json.loads(args.properties.read_text())
+        except (OSError, ValueError) as e:
+            raise VerifyError(f"{args.properties}: cannot read property results: {e}") from None
+    opts = Options(checkpoint=args.checkpoint, merged_checkpoint=args.merged_checkpoint, config=args.config,
+                   layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed, lora=args.lora,
+                   adapter_config=args.adapter_config)
+    summary = run_report(opts)
+    summary["claims"] = ledger(summary, args.claims, bench, properties)
+    summary["speed"] = bench
+    if baseline is not None:
+        summary["regression"] = regress(baseline, summary, thresholds_from(args))
+    write_report(summary, args.out)
+    failed = [c for c in summary["checks"] if not c["passed"]]
+    refuted = refuted_user_claims(summary["claims"])
+    moved = summary["regression"]["moved"] if baseline is not None else []
+    print(f"verdict: {summary['verdict']} ({len(summary['checks']) - len(failed)}/{len(summary['checks'])} checks "
+          f"passed); report in {args.out}/index.html")
+    for c in failed:
+        print(f"  FAILED {c['name']} [{c['dtype']}]: {c['message']}")
+    for r in refuted:
+        print(f"  REFUTED claim {r['id']}: measured {r['measured']}, expected {r['expected']}")
+    if moved:
+        print(f"  MOVED against {args.baseline}: {len(moved)} values beyond their thresholds")
+    return 0 if summary["verdict"] == "pass" and not refuted and not moved else 1
