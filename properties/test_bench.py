@@ -93,3 +93,17 @@ def test_full_model_rows(tmp_path):
     assert [(r["mode"], r["phase"], r["layers"]) for r in rows] == [("eager", "forward", 1)]
     assert ROW_FIELDS <= set(rows[0])
     assert rows[0]["check"]["passed"] and rows[0]["check"]["cosine"] > 0.999
+
+
+def test_append_keeps_earlier_rows(result, tmp_path):
+    """--append: a second run (here: compiled forward again) keeps the first run's rows it did not measure again."""
+    first, out = tmp_path / "first.json", tmp_path / "both.json"
+    first.write_text(json.dumps(result))
+    assert main(["bench", *TINY, "--modes", "compiled", "--phases", "forward", "--append", str(first),
+                 "--json", str(out)]) == 0
+    both = json.loads(out.read_text())
+    keys = [(r["mode"], r["phase"]) for r in both["rows"]]
+    assert sorted(keys) == sorted((m, p) for m in bench.MODES for p in bench.PHASES)
+    again = next(r for r in both["rows"] if (r["mode"], r["phase"]) == ("compiled", "forward"))
+    assert again != next(r for r in result["rows"] if (r["mode"], r["phase"]) == ("compiled", "forward"))
+    assert both["appended_from"]["matmul_peak_tflops"] == result["matmul_peak_tflops"]

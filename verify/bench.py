@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch import nn
 
 from verify.errors import VerifyError
@@ -62,6 +63,7 @@ class Options:
     seed: int = 0
     compile_backend: str = "auto"  # inductor on cuda; dynamo capture only ("eager") on the CPU
     compile_mode: str | None = None  # torch.compile mode for inductor (e.g. max-autotune-no-cudagraphs)
+    compile_shapes: str = "dynamic"  # "dynamic": image sequence symbolic, one compile for all sizes; "static"
     full_model: bool = False
     layers: int = 60
     check_tokens: int | None = None  # image tokens of the fp64-oracle check (default: the smallest size)
@@ -243,6 +245,8 @@ def forward_call(module: nn.Module, inputs: dict) -> Callable[[], object]:
 def train_call(module: nn.Module, inputs: dict, seed: int) -> Callable[[], object]:
     """Forward + backward w.r.t. both input streams and every weight, with fixed seeded cotangents; grads reset."""
     leaves = {k: inputs[k].detach().clone().requires_grad_() for k in ("hidden_states", "encoder_hidden_states")}
+    if _is_marked(inputs["hidden_states"]):
+        _mark_sequence(leaves["hidden_states"])
     args = {**inputs, **leaves}
     g = torch.Generator(device=inputs["hidden_states"].device).manual_seed(seed + 7)
     outputs = (leaves["encoder_hidden_states"], leaves["hidden_states"])  # the block returns (text, image)
@@ -258,10 +262,22 @@ def train_call(module: nn.Module, inputs: dict, seed: int) -> Callable[[], objec
     return run
 
 
-def _compile(module, opts: Options):
-    """torch.compile with static shapes (one graph per size; automatic dynamic shapes would blur the sizes)."""
+def _compile(module, opts: Options, static: bool | None = None):
+    """torch.compile of the bench: static shapes, or (compile_shapes "dynamic") the image sequence marked dynamic."""
     mode = {"mode": opts.compile_mode} if opts.compile_mode and opts.backend == "inductor" else {}
-    return torch.compile(module, backend=opts.backend, dynamic=False, **mode)
+    static = opts.compile_shapes == "static" if static is None else static
+    return torch.compile(module, backend=opts.backend, dynamic=False if static else None, **mode)
+
+
+def _mark_sequence(hidden_states: torch.Tensor, image_freqs: torch.Tensor | None = None) -> None:
+    """Compile the image sequence length as a symbol: one graph serves every --image-tokens size."""
+    torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
+    if image_freqs is not None:
+        torch._dynamo.maybe_mark_dynamic(image_freqs, 0)
+
+
+def _is_marked(t: torch.Tensor) -> bool:
+    return bool(getattr(t, "_dynamo_weak_dynamic_indices", None) or getattr(t, "_dynamo_dynamic_indices", None))
 
 
 def _set_recompile_limit(n: int) -> None:
@@ -354,6 +370,8 @@ def run_bench(opts: Options) -> dict:
                 log(f"[{time.time() - t0:6.1f}s] skipped {mode} at {tokens} image tokens (--time-limit)")
                 continue
             inputs = block_inputs(opts, tokens)
+            if mode == "compiled" and opts.compile_shapes == "dynamic":
+                _mark_sequence(inputs["hidden_states"], inputs["image_rotary_emb"][0])
             with torch.no_grad():
                 base, cand = std_run(**inputs), merged_run(**inputs)
             checks = [sanity_check(f"bench/{mode}/{tokens}+{opts.text_tokens}", base, cand)]
@@ -489,7 +507,7 @@ def _compile_blocks(model: nn.Module, opts: Options) -> nn.Module:
     """Regional compilation: each transformer block compiled (identical blocks share the compiled code)."""
     _set_recompile_limit(max(64, 2 * opts.layers))
     for block in model.transformer_blocks:
-        block._compiled_call_impl = _compile(block._call_impl, opts)  # nn.Module.compile, with our options
+        block._compiled_call_impl = _compile(block._call_impl, opts, static=True)  # nn.Module.compile
     return model
 
 
@@ -561,7 +579,7 @@ def goals(result: dict) -> dict[str, bool]:
 def _config(opts: Options) -> dict:
     return dict(dim=opts.dim, heads=opts.heads, head_dim=opts.head_dim, batch=opts.batch, processor=opts.processor,
                 repeats=opts.repeats, warmup=opts.warmup, compile_backend=opts.backend,
-                compile_mode=opts.compile_mode, seed=opts.seed,
+                compile_mode=opts.compile_mode, compile_shapes=opts.compile_shapes, seed=opts.seed,
                 dtype="bf16", text_mask=None, layers=opts.layers if opts.full_model else None)
 
 
@@ -643,6 +661,9 @@ def register_bench(subparsers) -> None:
     p.add_argument("--compile-backend", default="auto",
                    help="torch.compile backend (default: inductor on cuda, eager (graph capture only) on cpu)")
     p.add_argument("--compile-mode", help="torch.compile mode for inductor (default: its default mode)")
+    p.add_argument("--compile-shapes", choices=("dynamic", "static"), default="dynamic",
+                   help="dynamic: the image sequence length is symbolic, one compilation per implementation and phase "
+                        "serves every size (default); static: one compilation per size")
     p.add_argument("--check-tokens", type=int, help="image tokens of the fp64-oracle check (default: the smallest)")
     p.add_argument("--full-model", action="store_true",
                    help="also the whole model (--layers blocks) forward, bf16, seeded on the device (~41 GB)")
@@ -650,6 +671,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="seconds; past it no new (mode, size) group starts, the JSON lists what was skipped")
     p.add_argument("--json", type=Path, help="write the result as JSON here (rewritten after every row)")
+    p.add_argument("--append", type=Path,
+                   help="an earlier bench JSON of this device: its rows not measured again are kept in --json")
     p.set_defaults(func=_bench)
 
 
@@ -660,18 +683,57 @@ def _bench(args) -> int:
                    repeats=args.repeats or (30 if args.device == "cuda" else 3),
                    warmup=args.warmup or (5 if args.device == "cuda" else 1),
                    seed=args.seed, compile_backend=args.compile_backend, compile_mode=args.compile_mode,
+                   compile_shapes=args.compile_shapes,
                    full_model=args.full_model,
                    layers=args.layers, check_tokens=args.check_tokens, time_limit=args.time_limit,
-                   on_update=lambda result: _write_json(result, args.json))
+                   on_update=lambda result: _write_json(with_previous(previous, result), args.json))
+    previous = _read_previous(args.append)
     status = 0
     try:
         result = run_bench(opts)
     except BenchCheckFailed as e:
         result, status = e.result, 1
         print(f"qkv-verify bench: the merged block disagrees with the standard one: {e}", file=sys.stderr)
+    result = with_previous(previous, result)
     _write_json(result, args.json)
     print(format_table(result))
     return status
+
+
+def _read_previous(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise VerifyError(f"--append {path}: cannot read a bench JSON: {e}") from None
+    if not isinstance(previous, dict) or not isinstance(previous.get("rows"), list):
+        raise VerifyError(f"--append {path}: not a qkv-verify bench JSON (no rows)")
+    return previous
+
+
+def with_previous(previous: dict | None, result: dict) -> dict:
+    """`result` plus the rows of an earlier run (--append) that this run did not measure again; the earlier run's
+    device must be this one, and its peak and config are kept under `appended_from`."""
+    if previous is None:
+        return result
+    if previous.get("device") != result["device"]:
+        raise VerifyError(f"--append: measured on {previous.get('device')!r}, not on {result['device']!r}")
+
+    def key(row):
+        return row["mode"], row["phase"], row["image_tokens"], row["text_tokens"]
+
+    merged = dict(result)
+    for name in ("rows", "full_model"):
+        new = result.get(name) or []
+        seen = {key(r) for r in new}
+        kept = [r for r in previous.get(name) or [] if key(r) not in seen]
+        if kept or new:
+            merged[name] = sorted(kept + new, key=lambda r: (MODES.index(r["mode"]), PHASES.index(r["phase"]),
+                                                             r["image_tokens"]))
+    merged["checks"] = (previous.get("checks") or []) + result["checks"]
+    merged["appended_from"] = {k: previous.get(k) for k in ("matmul_peak_tflops", "config", "torch", "diffusers")}
+    return merged
 
 
 def _write_json(result: dict, path: Path | None) -> None:
