@@ -1,9 +1,9 @@
 """A faster merged-QKV attention processor: fewer elementwise passes over q and k than diffusers' processor.
 
 Where the time goes (DESIGN.md section 7): fusing the three projections saves little; the elementwise work around
-them dominates. diffusers' RMSNorm makes five fp32 passes over q and k (cast, square, mean, scale, cast back, weight)
-and its RoPE three more (cast to fp32, complex multiply, cast back); the joint [text, image] concatenation copies q,
-k and v once more. `FastFusedQwenAttnProcessor` computes the same function with
+them dominates. diffusers' RMSNorm makes six passes over q and k, most in fp32 (cast, square, mean, scale, cast
+back, weight), and its RoPE three more (cast to fp32, complex multiply, cast back); the joint [text, image]
+concatenation copies q, k and v once more. `FastFusedQwenAttnProcessor` computes the same function with
 
 - one fused projection per stream (the module is called, so LoRA wrappers and `count_fused_calls` see it);
 - q, k, v as views of the projection output (no split copies), in either fused layout;
