@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 from hypothesis import event, given, settings
 
 from properties.strategies import input_specs, layouts, model_configs, namings, seeds
@@ -123,10 +124,13 @@ def test_rope_coefficients_cached_by_identity():
 
 
 @pytest.mark.parametrize("layout", ["blocked", "interleaved"])
-def test_region_compiled_equals_standard(device, layout):
+def test_region_compiled_equals_standard(device, layout, monkeypatch):
     """"fast-compiled": the norm + RoPE + layout region through torch.compile (inductor on a GPU; on the CPU the
     aot_eager backend, which traces and differentiates the same region without code generation) in four dtypes."""
     backend = "inductor" if device == "cuda" else "aot_eager"
+    # One graph per dtype, layout and backend: past dynamo's default limit of 8 it would run uncompiled, unseen.
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(torch._dynamo.config, limit, 64)
     processors = []
 
     def merge(module):
