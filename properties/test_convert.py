@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +19,7 @@ from properties.checkpoint_files import standard_checkpoint
 from verify import convert as conv
 from verify import manifest as mf
 from verify import qkv
-from verify.checkpoint import Checkpoint
+from verify.checkpoint import DTYPES, Checkpoint
 from verify.cli import main
 from verify.loading import load_merged, model_config
 
@@ -329,3 +331,34 @@ def test_usage_errors_are_one_line(tmp_path, std, capsys):
     assert convert(tmp_path / "m", tmp_path / "m2", "--to", "merged") == 2  # already merged
     assert convert(tmp_path / "m", tmp_path / "m2", "--to", "standard", "--naming", "diffusers") == 2
     assert os.listdir(tmp_path) == ["m"]
+
+
+@given(dtype=st.sampled_from(["F64", "F32", "F16", "BF16"]), n=st.integers(1, 300), seed=st.integers(0, 2**16),
+       specials=st.lists(st.tuples(st.integers(0, 299), st.sampled_from([float("nan"), float("inf"), -float("inf"),
+                                                                          65504.0, -0.0, 1e-40])), max_size=4))
+def test_scan_counts_non_finite_values_as_torch_does(dtype, n, seed, specials):
+    """The exponent-mask shortcut misses no NaN or Inf in any IEEE dtype, and the hash is sha256 of the bytes."""
+    import hashlib
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1e3
+    for i, value in specials:
+        x[i % n] = value
+    x = x.to(DTYPES[dtype])
+    scan = conv.Scan(dtype).update(tensor_view(x))
+    assert (scan.nan, scan.inf) == (int(x.isnan().sum()), int(x.isinf().sum()))
+    assert scan.hash.hexdigest() == hashlib.sha256(as_bytes(x)).hexdigest()
+
+
+def tensor_view(x: torch.Tensor) -> memoryview:
+    return memoryview(bytearray(as_bytes(x)))
+
+
+@pytest.mark.parametrize("dtype", ["F64", "F32", "F16", "BF16"])
+def test_scan_of_finite_values_takes_the_fast_path(dtype, monkeypatch):
+    def slow(_):
+        raise AssertionError("finite data went to the slow count")
+
+    monkeypatch.setattr(conv, "non_finite", slow)
+    x = (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 100).to(DTYPES[dtype])
+    scan = conv.Scan(dtype).update(tensor_view(x))
+    assert (scan.nan, scan.inf) == (0, 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -38,7 +39,8 @@ from verify.state_dict import merge_state_dict, split_state_dict
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
-CHUNK = 16 * 2**20  # bytes per read/write of a copied tensor
+CHUNK = 16 * 2**20  # bytes per read or kernel copy of a copied tensor
+WRITE = 2**20  # bytes per write() of a converted tensor
 DIRECTIONS = ("merged", "standard")
 FUSED_LEAVES = {s.fused for pair in NAMINGS.values() for s in pair}
 DIFFUSERS_DEFAULTS = {"num_attention_heads": 24, "attention_head_dim": 128}  # QwenImageTransformer2DModel's
@@ -317,30 +319,54 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+# IEEE dtypes: a value is NaN or Inf exactly when its exponent bits are all ones (integer view, mask).
+EXPONENTS = {"F16": (torch.int16, 0x7C00), "BF16": (torch.int16, 0x7F80), "F32": (torch.int32, 0x7F800000),
+             "F64": (torch.int64, 0x7FF0000000000000)}
+
+
 class Scan:
     """sha256 and NaN/Inf counts of one tensor's bytes, fed in pieces."""
 
     def __init__(self, dtype: str):
-        self.dtype = DTYPES[dtype]
+        self.name, self.dtype = dtype, DTYPES[dtype]
         self.hash = hashlib.sha256()
         self.nan = self.inf = 0
+        self.scratch: torch.Tensor | None = None
 
     def update(self, data: memoryview) -> Scan:
         self.hash.update(data)
-        if self.dtype.is_floating_point and len(data):
+        if self.dtype.is_floating_point and len(data) and not self._all_finite(data):
             nan, inf = non_finite(torch.frombuffer(data, dtype=self.dtype))
             self.nan, self.inf = self.nan + nan, self.inf + inf
         return self
+
+    def _all_finite(self, data: memoryview) -> bool:
+        """A fast first look (7 GB/s against isfinite's 0.1 GB/s for bf16 on one core); exact for IEEE dtypes."""
+        if self.name not in EXPONENTS:
+            return False
+        int_dtype, mask = EXPONENTS[self.name]
+        bits = torch.frombuffer(data, dtype=int_dtype)
+        if self.scratch is None or self.scratch.numel() < bits.numel():
+            self.scratch = torch.empty_like(bits)
+        exponents = torch.bitwise_and(bits, mask, out=self.scratch[: bits.numel()])
+        return int(exponents.max()) != mask
 
     def entry(self, shape: tuple[int, ...], dtype: str) -> mf.Entry:
         return mf.Entry(shape, dtype, self.hash.hexdigest())
 
 
 def scan_file(t: Tensor) -> Scan:
-    """Hash and scan a tensor's bytes, read straight from its file."""
+    """Hash and scan a tensor's bytes where they lie in its file (mapped, not copied: a third less system time)."""
     scan = Scan(t.dtype)
-    for piece in raw_bytes(t, bytearray(min(CHUNK, max(t.nbytes, 1)))):
-        scan.update(piece)
+    if not t.nbytes:
+        return scan.update(memoryview(b""))
+    start = t.offset - t.offset % mmap.ALLOCATIONGRANULARITY
+    with t.path.open("rb") as f, mmap.mmap(f.fileno(), t.offset + t.nbytes - start, access=mmap.ACCESS_COPY,
+                                           offset=start) as mapped:
+        with memoryview(mapped) as view:
+            for i in range(t.offset - start, t.offset - start + t.nbytes, CHUNK):
+                with view[i: min(i + CHUNK, t.offset - start + t.nbytes)] as piece:
+                    scan.update(piece)
     return scan
 
 
@@ -352,9 +378,10 @@ def _warn_stderr(message: str) -> None:
 
 
 class Workers:
-    """Hashing and scanning off the writing thread: two workers, a bounded number of jobs (and buffers) in flight."""
+    """Hashing and scanning off the writing thread: a worker per core (2 to 8), a bounded number of jobs in flight."""
 
-    def __init__(self, workers: int = 2, in_flight: int = 6):
+    def __init__(self, workers: int = max(2, min(8, os.cpu_count() or 1)), in_flight: int = 0):
+        in_flight = in_flight or 2 * workers + 2
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qkv-verify-hash")
         self.slots = threading.BoundedSemaphore(in_flight)
         self.jobs: list[Future] = []
@@ -384,17 +411,21 @@ def write(p: Plan, folder: Path, warn: Warn = _warn_stderr) -> tuple[dict[str, m
     single = len(p.shards) == 1
     names = [WEIGHTS if single else f"diffusion_pytorch_model-{i:05d}-of-{len(p.shards):05d}.safetensors"
              for i in range(1, len(p.shards) + 1)]
-    with Workers() as workers:
+    with Workers() as workers, ThreadPoolExecutor(1, thread_name_prefix="qkv-verify-fsync") as syncer:
+        synced = []
         for name, (shard, keys) in zip(names, p.shards):
             metadata = read_header(shard).get("__metadata__") or {"format": "pt"}
             fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _write_all(fd, _header(p, keys, metadata))
                 _write_shard(p, keys, fd, workers)
-                os.fsync(fd)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
+            synced.append(syncer.submit(_fsync_close, fd))  # reaches the disk while the next shard is written
         results = workers.results()
+        for done in synced:
+            done.result()
     out_entries, src_entries = {}, {}
     for key, side, shape, dtype, scan in sorted(results, key=lambda r: r[:2]):
         entry = scan.entry(shape, dtype)
@@ -431,6 +462,13 @@ def _write_shard(p: Plan, keys: list[str], fd: int, workers: Workers) -> None:
     assert not pending, f"group outputs left unwritten: {sorted(pending)}"
 
 
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _file_job(t: Tensor) -> tuple:
     return t.key, "both", t.shape, t.dtype, scan_file(t)
 
@@ -445,7 +483,7 @@ def _kernel_copy(t: Tensor, fd: int) -> None:
         offset, left = t.offset, t.nbytes
         while left:
             try:
-                n = os.copy_file_range(f.fileno(), fd, left, offset)
+                n = os.copy_file_range(f.fileno(), fd, min(left, CHUNK), offset)
             except OSError:  # another file system, or no copy_file_range: copy through a buffer
                 n = 0
             if not n:
@@ -457,8 +495,8 @@ def _kernel_copy(t: Tensor, fd: int) -> None:
 
 def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
-    while len(view):
-        view = view[os.write(fd, view):]
+    while len(view):  # in pieces: single writes of hundreds of MB were up to 8x slower here
+        view = view[os.write(fd, view[:WRITE]):]
 
 
 def _header(p: Plan, keys: list[str], metadata: dict) -> bytes:
