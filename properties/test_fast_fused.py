@@ -124,13 +124,17 @@ def test_rope_coefficients_cached_by_identity():
 
 
 @pytest.mark.parametrize("layout", ["blocked", "interleaved"])
-def test_region_compiled_equals_standard(device, layout, monkeypatch):
+def test_region_compiled_equals_standard(device, layout):
     """"fast-compiled": the norm + RoPE + layout region through torch.compile (inductor on a GPU; on the CPU the
     aot_eager backend, which traces and differentiates the same region without code generation) in four dtypes."""
     backend = "inductor" if device == "cuda" else "aot_eager"
     # One graph per dtype, layout and backend: past dynamo's default limit of 8 it would run uncompiled, unseen.
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(torch._dynamo.config, limit, 64)
+    with torch._dynamo.config.patch(**{limit: 64}):
+        _check_region(device, layout, backend)
+
+
+def _check_region(device: str, layout: str, backend: str) -> None:
     processors = []
 
     def merge(module):
