@@ -51,15 +51,37 @@ def _by_id(rows: list[dict]) -> dict[str, dict]:
 
 
 def test_every_write_up_claim_has_a_row_with_a_verdict(runs):
-    rows = ledger(runs["default"], None, None)
+    summary = runs["default"]
+    rows = ledger(summary, None, None)
     assert [r["id"] for r in rows] == WRITE_UP
     assert all({"id", "claim", "verdict", "measured", "expected", "detail"} <= set(r) for r in rows)
     assert {r["verdict"] for r in rows} <= {CONFIRMED, REFUTED, UNMEASURED}
     assert all(r["detail"] for r in rows), "every verdict says what it rests on"
     rows = _by_id(rows)
-    assert rows["base-output-same"]["verdict"] == CONFIRMED
-    for unmeasured in ("merge-split-exact", "lora-480-tensors", "alpha-1", "faster-10-15pct"):
+    components = {c["component"] for c in summary["checks"]}
+    assert {"weights", "attention", "block", "model"} <= components, "the default report runs all four kinds"
+    for claim in ("merge-split-exact", "lossless-conversion", "attention-block-match", "base-output-same"):
+        assert rows[claim]["verdict"] == CONFIRMED and rows[claim]["measured"] is not None, rows[claim]
+    assert rows["merge-split-exact"]["measured"] == 0.0
+    for unmeasured in ("lora-480-tensors", "alpha-1", "faster-10-15pct", "kernels-67pct-fewer"):
         assert rows[unmeasured]["verdict"] == UNMEASURED and rows[unmeasured]["measured"] is None
+
+
+def _without(summary: dict, *components: str) -> dict:
+    return {**summary, "checks": [c for c in summary["checks"] if c["component"] not in components]}
+
+
+def test_without_weight_checks_merge_split_is_not_measurable(runs):
+    rows = _by_id(ledger(_without(runs["default"], "weights"), None, None))
+    assert rows["merge-split-exact"]["verdict"] == UNMEASURED and rows["lossless-conversion"]["verdict"] == UNMEASURED
+
+
+def test_a_failed_attention_check_refutes_the_perfect_match(runs):
+    summary = copy.deepcopy(runs["default"])
+    check = next(c for c in summary["checks"] if c["component"] == "attention" and c["dtype"] == "fp32")
+    check.update(passed=False, message="planted")
+    row = _by_id(ledger(summary, None, None))["attention-block-match"]
+    assert row["verdict"] == REFUTED and "planted" in row["detail"]
 
 
 def test_weights_of_a_correct_merged_checkpoint_confirm_merge_split_zero(runs):
@@ -153,10 +175,11 @@ def test_property_suite_results_back_attention_and_block(runs):
         return {"tests": [{"test": f"properties/test_equivalence.py::test_fused_{c}_equals_standard[cpu]",
                            "outcome": outcome, "examples": 100} for c in ("attention", "block")]}
 
-    assert _by_id(ledger(runs["default"], None, None))["attention-block-match"]["verdict"] == UNMEASURED
-    row = _by_id(ledger(runs["default"], None, None, properties=results("passed")))["attention-block-match"]
+    summary = _without(runs["default"], "attention", "block")  # as a report that runs only the full model
+    assert _by_id(ledger(summary, None, None))["attention-block-match"]["verdict"] == UNMEASURED
+    row = _by_id(ledger(summary, None, None, properties=results("passed")))["attention-block-match"]
     assert row["verdict"] == CONFIRMED and "2 passed" in row["detail"]
-    row = _by_id(ledger(runs["default"], None, None, properties=results("failed")))["attention-block-match"]
+    row = _by_id(ledger(summary, None, None, properties=results("failed")))["attention-block-match"]
     assert row["verdict"] == REFUTED
 
 

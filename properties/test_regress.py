@@ -106,7 +106,7 @@ def test_seed_change_is_stated_as_a_note(runs):
 def test_thresholds_follow_the_dtype_noise_of_the_baseline(runs):
     base = load_summary(runs["first"])
     t = regress(base, base, Thresholds(rtol_scale=3.0, atol=1e-9))["thresholds"]["per_dtype"]
-    fp32_err = max(c["base_max_abs_err"] for c in base["checks"] if c["dtype"] == "fp32")
+    fp32_err = max(c["base_max_abs_err"] for c in base["checks"] if c["dtype"] == "fp32" and c["component"] == "model")
     scale = max(abs(s[k]) for s in base["output_stats"] if s["implementation"] == "oracle" for k in ("min", "max"))
     assert t["fp32"] == pytest.approx(3.0 * max(fp32_err, EPS["fp32"] * scale) + 1e-9)
     assert t["fp64"] == t["fp32"], "fp64 outputs reach fp32 precision only: diffusers' RoPE runs in complex64"
@@ -137,7 +137,7 @@ def test_fp64_moved_as_far_as_another_machine_moves_it_is_not_flagged(runs):
     """Measured: the default report's fp64 outputs on an H200 host (its CPU, and cuda) differed from this machine's
     by up to 5.7e-7, about the fp32 error of the standard model (diffusers' RoPE is complex64 in an fp64 model)."""
     base = load_summary(runs["first"])
-    fp32_err = max(c["base_max_abs_err"] for c in base["checks"] if c["dtype"] == "fp32")
+    fp32_err = max(c["base_max_abs_err"] for c in base["checks"] if c["dtype"] == "fp32" and c["component"] == "model")
     cand = copy.deepcopy(base)
     for rec in cand["output_samples"]:
         if rec["dtype"] == "fp64":
@@ -179,6 +179,36 @@ def test_nan_count_and_a_missing_check_are_changes(runs):
     names = [m["name"] for m in regress(base, cand)["moved"]]
     assert names[0] == f"checks[name={dropped['name']},dtype={dropped['dtype']}]"
     assert any(n.endswith("].nan") for n in names)
+
+
+def _with_lora(summary: dict) -> dict:
+    """The summary with a LoRA section shaped as the report writes it (counts, scale, an fp32 multiplier sweep)."""
+    stats = {s["implementation"]: s for s in summary["output_stats"]
+             if s["fixture"] == "text-to-image" and s["dtype"] in ("fp64", "fp32")}
+    sweep = [{"fixture": "text-to-image", "factor": f, "multiplier": 0.5 * f, "merged_vs_standard_max_abs": 0.0,
+              **{f"{i}_{k}": stats[i][k] * (1 + f) for i in ("oracle", "standard", "merged") for k in ("mean", "std")},
+              **{f"{i}_rel_dev": 0.1 * f for i in ("oracle", "standard", "merged")}} for f in (0.0, 1.0, 2.0)]
+    return {**summary, "lora": {"format": "lightning", "layout": "standard", "modules_matched": 8, "tensors": 24,
+                                "weights_changed": 8, "scale": {"value": 0.5, "min": 0.5, "max": 0.5}, "sweep": sweep}}
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda lora: lora.update(weights_changed=6), "lora.weights_changed"),
+    (lambda lora: lora["scale"].update(value=1.0), "lora.scale.value"),
+    (lambda lora: lora["sweep"][2].update(merged_mean=lora["sweep"][2]["merged_mean"] + 1e-4),
+     "lora.sweep[fixture=text-to-image,factor=2.0].merged_mean"),
+    (lambda lora: lora["sweep"][1].update(standard_rel_dev=lora["sweep"][1]["standard_rel_dev"] * 1.01),
+     "lora.sweep[fixture=text-to-image,factor=1.0].standard_rel_dev"),
+])
+def test_a_moved_lora_count_scale_or_sweep_value_is_named(runs, change, name):
+    base = _with_lora(load_summary(runs["first"]))
+    assert regress(base, copy.deepcopy(base))["passed"]
+    cand = copy.deepcopy(base)
+    change(cand["lora"])
+    moved = regress(base, cand)["moved"]
+    assert [m["name"] for m in moved] == [name]
+    assert resolve(cand, name) == moved[0]["candidate"]
+    assert not regress(load_summary(runs["first"]), cand)["passed"], "a LoRA section in one run only is a change"
 
 
 def test_thresholds_are_adjustable_by_flag(runs, capsys):

@@ -2,7 +2,7 @@
 
 Thresholds come from the numerical noise of each dtype, measured in the baseline itself:
 
-    noise(d)     = max( max base_max_abs_err of d's checks             (standard vs the fp64 oracle, in d),
+    noise(d)     = max( max base_max_abs_err of d's model checks       (standard vs the fp64 oracle, in d),
                         max base_max_abs_err of fp32 * eps'(d)/eps(fp32) (that error scaled to d's precision),
                         eps'(d) * scale )                               (one rounding at the oracle's largest |value|)
     threshold(d) = rtol_scale * noise(d) + atol
@@ -93,7 +93,8 @@ def noise(summary: dict) -> dict[str, float]:
     """The numerical noise of each dtype of `summary`'s outputs (see the module docstring)."""
     scale = _scale(summary)
     base: dict[str, float] = {}
-    for c in summary["checks"]:
+    model = [c for c in summary["checks"] if c.get("component") == "model"]  # the outputs that stats and samples hold
+    for c in model or summary["checks"]:
         if c.get("base_max_abs_err") is not None and c["dtype"] in EPS:
             base[c["dtype"]] = max(base.get(c["dtype"], 0.0), c["base_max_abs_err"])
     dtypes = {s["dtype"] for s in summary["output_stats"]} | {c["dtype"] for c in summary["checks"]}
@@ -122,9 +123,13 @@ def regress(baseline: dict, candidate: dict, thresholds: Thresholds | dict | Non
     compared = _checks(baseline, candidate, per_dtype, scale, moved)
     compared += _samples(baseline, candidate, per_dtype, moved)
     compared += _stats(baseline, candidate, per_dtype, moved)
-    compared += _lora(baseline.get("lora"), candidate.get("lora"), moved)
+    compared += _lora(baseline.get("lora"), candidate.get("lora"), per_dtype, scale, moved)
     notes = _context(baseline, candidate)
     b, c = _keyed(baseline["checks"], CHECK_KEY), _keyed(candidate["checks"], CHECK_KEY)
+    new = sorted(set(c) - set(b), key=str)
+    if new:
+        notes.append(f"{len(new)} check(s) only in the candidate, not compared (e.g. "
+                     f"{path_of('checks', dict(zip(CHECK_KEY, new[0])))}); regenerate the baseline to cover them")
     notes += [f"{path_of('checks', dict(zip(CHECK_KEY, k)), 'bit_identical')} became true (not a regression)"
               for k in sorted(set(b) & set(c), key=str) if b[k].get("bit_identical") is False
               and c[k].get("bit_identical") is True]
@@ -198,10 +203,10 @@ def _checks(baseline: dict, candidate: dict, per_dtype: dict, scale: float, move
     compared = 0
     for k in sorted(set(b) | set(c), key=str):
         sel = dict(zip(CHECK_KEY, k))
-        if k not in c or k not in b:
-            where = "candidate" if k not in c else "baseline"
-            moved.append(_item(path_of("checks", sel), "present" if k in b else "absent",
-                               "present" if k in c else "absent", None, f"check absent from the {where}"))
+        if k not in b:
+            continue  # a new check: nothing to compare it with (listed in the notes)
+        if k not in c:
+            moved.append(_item(path_of("checks", sel), "present", "absent", None, "check absent from the candidate"))
             compared += 1
             continue
         threshold = per_dtype.get(k[1], max(per_dtype.values()))
@@ -257,8 +262,9 @@ def _samples(baseline: dict, candidate: dict, per_dtype: dict, moved: list) -> i
     return compared
 
 
-def _lora(b: dict | None, c: dict | None, moved: list) -> int:
-    """LoRA counts and scale must be equal; a LoRA section on one side only is a change."""
+def _lora(b: dict | None, c: dict | None, per_dtype: dict, scale: float, moved: list) -> int:
+    """LoRA counts and scale must be equal, the multiplier sweep (fp32) stay within noise; a LoRA section on one
+    side only is a change."""
     if b is None and c is None:
         return 0
     if b is None or c is None:
@@ -275,6 +281,28 @@ def _lora(b: dict | None, c: dict | None, moved: list) -> int:
     compared += 1
     if bs != cs and not (_number(bs) and _number(cs) and math.isclose(bs, cs, rel_tol=1e-12)):
         moved.append(_item("lora.scale.value", bs, cs, 0, "must be equal"))
+    return compared + _sweep(b.get("sweep") or [], c.get("sweep") or [], per_dtype.get("fp32", 0.0), scale, moved)
+
+
+def _sweep(b: list[dict], c: list[dict], threshold: float, scale: float, moved: list) -> int:
+    """The multiplier sweep runs in fp32: means, stds and max differences within the fp32 threshold, relative
+    deviations within threshold / scale."""
+    key = ("fixture", "factor")
+    bk, ck = _keyed(b, key), _keyed(c, key)
+    if set(bk) != set(ck):
+        moved.append(_item("lora.sweep", sorted(bk, key=str), sorted(ck, key=str), None,
+                           "the sweeps ran other fixtures or factors"))
+        return 1
+    compared = 0
+    for k in sorted(bk, key=str):
+        for field in sorted((set(bk[k]) | set(ck[k])) - set(key)):
+            bv, cv = bk[k].get(field), ck[k].get(field)
+            limit = 1e-12 * abs(bv or 0) if field == "multiplier" else (
+                threshold / scale if field.endswith("_rel_dev") else threshold)
+            compared += 1
+            numeric = _number(bv) or _number(cv)
+            if _beyond(bv, cv, limit) if numeric else bv != cv:
+                moved.append(_item(path_of("lora.sweep", dict(zip(key, k)), field), bv, cv, limit))
     return compared
 
 
