@@ -51,7 +51,7 @@ def _check(case_name, device, config, spec, seed, naming, layout, functional) ->
 
 
 @PATHS
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(config=model_configs(), spec=input_specs(), seed=seeds(), naming=namings(), layout=layouts())
 def test_fast_block_equals_standard(device, functional, config, spec, seed, naming, layout):
     """One block: outputs and gradients w.r.t. both streams and every weight, zero_cond_t and edit drawn."""
@@ -60,7 +60,7 @@ def test_fast_block_equals_standard(device, functional, config, spec, seed, nami
 
 
 @PATHS
-@settings(max_examples=6)
+@settings(max_examples=5)
 @given(config=model_configs(), spec=input_specs(padded=True), seed=seeds(), naming=namings(), layout=layouts())
 def test_fast_attention_equals_standard(device, functional, config, spec, seed, naming, layout):
     """One attention with an observable text padding mask: outputs and gradients."""
@@ -68,7 +68,7 @@ def test_fast_attention_equals_standard(device, functional, config, spec, seed, 
 
 
 @PATHS
-@settings(max_examples=4)
+@settings(max_examples=3)
 @given(config=model_configs(), spec=input_specs(edit=False), seed=seeds(), naming=namings(), layout=layouts())
 def test_fast_model_equals_standard(device, functional, config, spec, seed, naming, layout):
     """The whole transformer, text-to-image: outputs and gradients."""
