@@ -98,6 +98,15 @@ def test_another_cpu_kernel_path_is_rounding_noise_not_a_regression(runs, tmp_pa
         assert base["output_samples"] != other["output_samples"], "the kernel path should change the rounding"
 
 
+def test_an_in_memory_summary_compares_like_its_json(runs):
+    base = load_summary(runs["first"])
+    cand = copy.deepcopy(base)
+    cand["inputs"]["fixtures"] = {k: {f: tuple(v) if isinstance(v, list) else v for f, v in spec.items()}
+                                  for k, spec in cand["inputs"]["fixtures"].items()}
+    result = regress(base, cand)
+    assert result["passed"] and not any("inputs" in note for note in result["notes"])
+
+
 def test_seed_change_is_stated_as_a_note(runs):
     result = regress(load_summary(runs["first"]), load_summary(runs["seed1"]))
     assert any("inputs.seed" in note for note in result["notes"])

@@ -112,6 +112,7 @@ def regress(baseline: dict, candidate: dict, thresholds: Thresholds | dict | Non
     """Compare `candidate` with `baseline`: {moved, compared, thresholds, passed, notes}; VerifyError if they don't
     line up (other fixtures, dtypes, output sizes or sample indices)."""
     t = Thresholds(**thresholds) if isinstance(thresholds, dict) else thresholds or Thresholds()
+    baseline, candidate = _as_json(baseline), _as_json(candidate)  # an in-memory summary holds tuples, not lists
     for name, summary in (("baseline", baseline), ("candidate", candidate)):
         problem = _summary_problem(summary)
         if problem:
@@ -144,6 +145,13 @@ def regress(baseline: dict, candidate: dict, thresholds: Thresholds | dict | Non
                                "eps (diffusers' RoPE runs in complex64)"},
         "notes": notes,
     }
+
+
+def _as_json(data):
+    try:
+        return json.loads(json.dumps(data))
+    except (TypeError, ValueError):
+        return data  # not JSON-ready: _summary_problem or the comparison will say what is wrong
 
 
 def _keyed(records: list[dict], key: tuple[str, ...]) -> dict[tuple, dict]:
