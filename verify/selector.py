@@ -107,7 +107,8 @@ def _pick(records, filters: tuple[tuple[str, str], ...], path: str, walked: str)
     wanted = ", ".join(f"{k}={v}" for k, v in filters)
     if not found:
         seen = {k: sorted({str(r.get(k)) for r in records if isinstance(r, dict)}) for k, _ in filters}
-        raise SelectError(f"metric path {path!r}: no record of {walked} has {wanted} (values present: {seen})")
+        present = "; ".join(f"{k}: {', '.join(v[:8])}{', ...' if len(v) > 8 else ''}" for k, v in seen.items())
+        raise SelectError(f"metric path {path!r}: no record of {walked} has {wanted} (present: {present})")
     if len(found) > 1:
         raise SelectError(f"metric path {path!r}: {len(found)} records of {walked} have {wanted}; add a filter "
                           "(e.g. dtype=, fixture=, implementation=) so that exactly one is selected")
