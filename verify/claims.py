@@ -158,6 +158,8 @@ def base_output(summary: dict) -> dict:
                       for k, (s, m) in stats.items() if _both(s, m, "mean"))
     if (bad or stat_moves or sample_moves) and mean_gap is not None and means_agree:
         parts.append("the means agree, yet the outputs differ: a mean alone cannot show two outputs are the same")
+    elif not (bad or stat_moves or sample_moves):
+        parts.append("judged element by element, never by the mean (outputs with equal means can differ)")
     gaps = [abs(b - a) for s, m in samples.values() for a, b in zip(s["values"], m["values"])
             if a is not None and b is not None]
     if gaps:
