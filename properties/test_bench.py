@@ -52,6 +52,18 @@ def test_json_contract(result):
     assert forward["kernels_merged"] < forward["kernels_standard"]  # fewer ops per forward, counted by the profiler
 
 
+def test_profiles_split_the_time(result):
+    """Each row's profiles: time per call in matmul, attention and other kernels, and the longest kernels."""
+    assert len(result["profiles"]) == len(result["rows"])
+    for profile, row in zip(result["profiles"], result["rows"]):
+        assert (profile["mode"], profile["phase"]) == (row["mode"], row["phase"])
+        for impl, kernels in (("standard", row["kernels_standard"]), ("merged", row["kernels_merged"])):
+            p = profile[impl]
+            assert p["kernels"] == kernels
+            assert p["matmul_ms"] > 0 and p["attention_ms"] >= 0 and p["other_ms"] > 0
+            assert p["top"] and all(len(t) == 3 for t in p["top"])
+
+
 def test_checks_before_timing(result):
     """The bench judged the merged block against the fp64 oracle (fused calls counted) in each mode, and passed."""
     oracle = [c for c in result["checks"] if c["rule"].startswith("relative_to_base")]

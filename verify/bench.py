@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -198,6 +199,17 @@ def median_pair(a: Callable, b: Callable, opts: Options, rounds: int = 3) -> tup
 
 def count_kernels(fn: Callable[[], object], device: str, calls: int = 2) -> int:
     """Kernels per call from torch.profiler: GPU kernels (memcpy/memset excluded); on the CPU, computing leaf ops."""
+    return profile_kernels(fn, device, calls)["kernels"]
+
+
+_ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.IGNORECASE)
+_MATMUL = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|aten::(add)?mm\b|aten::bmm|addmm|_mm_|matmul", re.IGNORECASE)
+
+
+def profile_kernels(fn: Callable[[], object], device: str, calls: int = 2) -> dict:
+    """torch.profiler over `calls` calls (after one untimed call), per call: the kernel count, the time in matmul,
+    attention and all other kernels (ms), and the kernels that took longest. GPU: device kernels (memcpy/memset
+    timed as other, not counted); CPU: leaf aten ops that compute."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -208,13 +220,43 @@ def count_kernels(fn: Callable[[], object], device: str, calls: int = 2) -> int:
         for _ in range(calls):
             fn()
         _sync(device)
-    events = prof.events()
     if device == "cuda":
-        n = sum(1 for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")))
+        timed = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        counted = [e for e in timed if not e.name.startswith(("Memcpy", "Memset"))]
     else:
-        n = sum(1 for e in events if e.device_type == DeviceType.CPU and not e.cpu_children
-                and e.name.startswith("aten::") and e.name not in _NO_KERNEL)
-    return round(n / calls)
+        timed = counted = [e for e in prof.events() if e.device_type == DeviceType.CPU and _cpu_kernel(e)]
+    split = {"matmul_ms": 0.0, "attention_ms": 0.0, "other_ms": 0.0}
+    by_name: dict[str, list] = {}
+    for e in timed:
+        us = e.time_range.elapsed_us() if device == "cuda" else e.self_cpu_time_total
+        ms = us / 1e3 / calls
+        kind = "attention_ms" if _ATTENTION.search(e.name) else "matmul_ms" if _MATMUL.search(e.name) else "other_ms"
+        split[kind] += ms
+        entry = by_name.setdefault(e.name[:120], [0.0, 0])
+        entry[0] += ms
+        entry[1] += 1
+    top = sorted(([name, ms, n / calls] for name, (ms, n) in by_name.items()), key=lambda t: -t[1])[:12]
+    return dict(kernels=round(len(counted) / calls), **split, top=top)
+
+
+def _computes(e) -> bool:
+    return e.name.startswith("aten::") and e.name not in _NO_KERNEL
+
+
+def _cpu_kernel(e) -> bool:
+    """A CPU aten op that stands for a kernel: a computing op with no computing op below it, or a matrix multiply
+    (addmm's bias copy is a child, its BLAS call is its own)."""
+    if not _computes(e):
+        return False
+    if _MATMUL.search(e.name):
+        return True
+    stack = list(e.cpu_children)
+    while stack:
+        child = stack.pop()
+        if _computes(child):
+            return False
+        stack.extend(child.cpu_children)
+    return True
 
 
 def matmul_peak_tflops(device: str) -> float:
@@ -350,7 +392,7 @@ def run_bench(opts: Options) -> dict:
     t0 = time.time()
     log = opts.log
     result = dict(device=_device_name(opts.device), torch=torch.__version__, diffusers=diffusers.__version__,
-                  matmul_peak_tflops=None, rows=[], checks=[], skipped=[], config=_config(opts))
+                  matmul_peak_tflops=None, rows=[], checks=[], skipped=[], profiles=[], config=_config(opts))
     peak = matmul_peak_tflops(opts.device)
     result["matmul_peak_tflops"] = peak
     log(f"[{time.time() - t0:6.1f}s] {result['device']}: bf16 matmul peak {peak:.1f} TFLOP/s")
@@ -386,7 +428,8 @@ def run_bench(opts: Options) -> dict:
             if tokens not in opts.image_tokens:
                 continue
             for phase in opts.phases:
-                row = measure_row(opts, std_run, merged_run, inputs, mode, phase, tokens, peak)
+                row = measure_row(opts, std_run, merged_run, inputs, mode, phase, tokens, peak,
+                                  profile_sink=result["profiles"])
                 result["rows"].append(row)
                 log(f"[{time.time() - t0:6.1f}s] {format_row(row)}")
                 opts.on_update(result)
@@ -401,18 +444,24 @@ def run_bench(opts: Options) -> dict:
 
 
 def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, phase: str, tokens: int,
-                peak: float, flops: float | None = None) -> dict:
-    """One row: median times, kernels per call, floor and achieved TFLOP/s of the merged path."""
+                peak: float, flops: float | None = None, profile_sink: list | None = None) -> dict:
+    """One row: median times, kernels per call, floor and achieved TFLOP/s of the merged path; the profiles (time
+    split into matmul / attention / other kernels, longest kernels) go to `profile_sink`."""
     if phase == "forward":
         a, b = forward_call(std_run, inputs), forward_call(merged_run, inputs)
     else:
         a, b = train_call(std_run, inputs, opts.seed), train_call(merged_run, inputs, opts.seed)
     std_ms, merged_ms = median_pair(a, b, opts)
     flops = flops if flops is not None else block_flops(opts, tokens, phase)
-    return dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens, standard_ms=std_ms,
-                merged_ms=merged_ms, speedup=std_ms / merged_ms, kernels_standard=count_kernels(a, opts.device),
-                kernels_merged=count_kernels(b, opts.device), floor_ms=flops / (peak * 1e12) * 1e3,
-                merged_tflops=flops / (merged_ms * 1e-3) / 1e12)
+    profiles = {name: profile_kernels(fn, opts.device) for name, fn in (("standard", a), ("merged", b))}
+    row = dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens, standard_ms=std_ms,
+               merged_ms=merged_ms, speedup=std_ms / merged_ms, kernels_standard=profiles["standard"]["kernels"],
+               kernels_merged=profiles["merged"]["kernels"], floor_ms=flops / (peak * 1e12) * 1e3,
+               merged_tflops=flops / (merged_ms * 1e-3) / 1e12)
+    if profile_sink is not None:
+        profile_sink.append(dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens,
+                                 **{name: p for name, p in profiles.items()}))
+    return row
 
 
 # --- the whole model ----------------------------------------------------------------------------------------------
@@ -554,6 +603,11 @@ def format_table(result: dict) -> str:
         lines += [f"full model ({full[0]['layers']} blocks):", HEADER, *map(format_row, full)]
         lines += [f"full-model check {r['check']['name']} (informational): cosine {r['check']['cosine']:.6f}, "
                   f"rel L2 {r['check']['rel_l2_err']:.3g}" for r in full]
+    lines += ["time per call by kernel kind, standard -> merged (ms): matmul, attention, other"]
+    lines += [f"  {p['mode']:<9}{p['phase']:<8}{p['image_tokens']:>7}   "
+              + ", ".join(f"{p['standard'][k]:.3f} -> {p['merged'][k]:.3f}" for k in ("matmul_ms", "attention_ms",
+                                                                                    "other_ms"))
+              for p in result.get("profiles", [])]
     lines += [f"check {c['name']}: {'pass' if c['passed'] else 'FAIL'} (cosine {c['cosine']:.6f}, "
               f"rel L2 {c['rel_l2_err']:.3g}{', bit-identical' if c.get('bit_identical') else ''})"
               for c in result["checks"]]
