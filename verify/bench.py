@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -473,7 +474,7 @@ def full_model_rows(opts: Options, peak: float, t0: float, rows: list[dict], res
     from verify.fused import fuse_model, unfuse_model
 
     model = build_full_model(opts)
-    repeats = dataclass_replace(opts, repeats=min(opts.repeats, 10), warmup=min(opts.warmup, 2))
+    repeats = dataclasses.replace(opts, repeats=min(opts.repeats, 10), warmup=min(opts.warmup, 2))
     for tokens in opts.image_tokens:
         if opts.time_limit and time.time() - t0 > opts.time_limit:
             result["skipped"].append(dict(mode="full-model", image_tokens=tokens, reason="--time-limit"))
@@ -563,13 +564,6 @@ def _compile_blocks(model: nn.Module, opts: Options) -> nn.Module:
 def _uncompile_blocks(model: nn.Module) -> None:
     for block in model.transformer_blocks:
         block._compiled_call_impl = None
-
-
-def dataclass_replace(opts: Options, **changes) -> Options:
-    new = copy.copy(opts)
-    for k, v in changes.items():
-        setattr(new, k, v)
-    return new
 
 
 # --- output -------------------------------------------------------------------------------------------------------
