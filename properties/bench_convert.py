@@ -9,6 +9,8 @@ written in diffusers' sharded layout with an index; block 1's to_v sits in the l
 read across shards. Each measurement runs in its own subprocess, which reports its own peak RSS (getrusage). Printed:
 convert throughput / copy throughput (goal >= 0.5; copy = shutil.copyfile of the same files), and peak RSS / bound
 with bound = largest shard + one q/k/v group + 300 MB (goal <= 1), for --to merged and for --to standard.
+Also printed: CPU seconds per GB (user + system) of each run, a figure that does not depend on what else the
+machine is running, and the load average, which does.
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ def child(args: list[str]) -> None:
         return
     if what == "convert":
         from verify.convert import convert
+        cpu0 = _cpu()
         start = time.perf_counter()
         convert(src, dst, args[3], layout=args[4])
     else:
+        cpu0 = _cpu()
         start = time.perf_counter()
         dst.mkdir()
         for f in sorted(src.iterdir()):
@@ -106,8 +110,13 @@ def child(args: list[str]) -> None:
     seconds = time.perf_counter() - start
     hwm = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                if line.startswith("VmHWM:"))
-    print(json.dumps({"seconds": seconds, "max_rss": hwm,
+    print(json.dumps({"seconds": seconds, "max_rss": hwm, "cpu": _cpu() - cpu0,
                       "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure(*argv) -> dict:
@@ -146,7 +155,8 @@ def main() -> None:
                                ("to merged", ("convert", tmp / "std", merged, "merged", a.layout)),
                                ("to standard", ("convert", merged, tmp / "back", "standard", a.layout))):
                 m = measure(*argv)
-                print(f"  run {r + 1} {name:12s} {gb / m['seconds']:.3f} GB/s  peak RSS {m['max_rss'] / 2**20:.0f} MB")
+                print(f"  run {r + 1} {name:12s} {gb / m['seconds']:.3f} GB/s  {m['cpu'] / gb:.2f} CPU s/GB  "
+                      f"peak RSS {m['max_rss'] / 2**20:.0f} MB  (load {os.getloadavg()[0]:.1f})")
                 runs.setdefault(name, []).append(m)
                 shutil.rmtree(tmp / ("copy" if "copy" in name else "back"), ignore_errors=True)
                 if name == "to standard" and r + 1 < a.repeats:
@@ -155,12 +165,17 @@ def main() -> None:
         copy = max(max(rate["copy"]), max(rate["copy+fsync"]))  # the faster copy: the harder baseline
         print(f"bound = largest shard + one q/k/v group + 300 MB = {bound / 2**20:.0f} MB")
         for name in ("copy", "copy+fsync"):
-            print(f"  {name:11s} best {max(rate[name]):.3f} GB/s, median {statistics.median(rate[name]):.3f}")
+            cpu = statistics.median(m["cpu"] for m in runs[name]) / gb
+            print(f"  {name:11s} best {max(rate[name]):.3f} GB/s, median {statistics.median(rate[name]):.3f}; "
+                  f"{cpu:.2f} CPU s/GB")
         print(f"  baseline = the faster copy's best = {copy:.3f} GB/s")
         for name in ("to merged", "to standard"):
             best, median = max(rate[name]), statistics.median(rate[name])
             rss = max(m["max_rss"] for m in runs[name])
-            print(f"  {name:11s} best {best:.3f} GB/s, median {median:.3f}: throughput ratio {best / copy:.2f} "
+            cpu = statistics.median(m["cpu"] for m in runs[name]) / gb
+            print(f"  {name:11s} best {best:.3f} GB/s, median {median:.3f}; {cpu:.2f} CPU s/GB; ratio to copy+fsync "
+                  f"{best / max(rate['copy+fsync']):.2f}")
+            print(f"  {name:11s} throughput ratio {best / copy:.2f} "
                   f"(median {median / copy:.2f}; goal >= 0.5)  peak RSS {rss / 2**20:.0f} MB: RSS ratio "
                   f"{rss / bound:.2f} (goal <= 1)")
 

@@ -427,15 +427,14 @@ def write(p: Plan, folder: Path, warn: Warn = _warn_stderr) -> tuple[dict[str, m
         for done in synced:
             done.result()
     out_entries, src_entries = {}, {}
-    for key, side, shape, dtype, scan in sorted(results, key=lambda r: r[:2]):
-        entry = scan.entry(shape, dtype)
-        if side in ("src", "both"):
-            src_entries[key] = entry
-            if scan.nan or scan.inf:
-                warn(f"{key} in {p.src[key].path.name} holds {scan.nan} NaN and {scan.inf} Inf values; converted "
+    for r in sorted(results, key=lambda r: (r.key, r.side)):
+        if r.side in ("src", "both"):
+            src_entries[r.key] = r.entry
+            if r.nan or r.inf:
+                warn(f"{r.key} in {p.src[r.key].path.name} holds {r.nan} NaN and {r.inf} Inf values; converted "
                      "exactly as is")
-        if side in ("out", "both"):
-            out_entries[key] = entry
+        if r.side in ("out", "both"):
+            out_entries[r.key] = r.entry
     if not single:
         weight_map = {key: name for name, (_, keys) in zip(names, p.shards) for key in keys}
         total = sum(t.nbytes for t in p.src.values())
@@ -469,12 +468,25 @@ def _fsync_close(fd: int) -> None:
         os.close(fd)
 
 
-def _file_job(t: Tensor) -> tuple:
-    return t.key, "both", t.shape, t.dtype, scan_file(t)
+@dataclass(frozen=True)
+class Scanned:
+    """What a worker found about one tensor (small: the scan's buffers are gone with it)."""
+
+    key: str
+    side: str  # "src", "out" or "both": which manifest the entry belongs to
+    entry: mf.Entry
+    nan: int
+    inf: int
 
 
-def _bytes_job(key: str, side: str, shape: tuple[int, ...], dtype: str, data: memoryview) -> tuple:
-    return key, side, shape, dtype, Scan(dtype).update(data)
+def _file_job(t: Tensor) -> Scanned:
+    scan = scan_file(t)
+    return Scanned(t.key, "both", scan.entry(t.shape, t.dtype), scan.nan, scan.inf)
+
+
+def _bytes_job(key: str, side: str, shape: tuple[int, ...], dtype: str, data: memoryview) -> Scanned:
+    scan = Scan(dtype).update(data)
+    return Scanned(key, side, scan.entry(shape, dtype), scan.nan, scan.inf)
 
 
 def _kernel_copy(t: Tensor, fd: int) -> None:
