@@ -30,7 +30,10 @@ def test_default_report_passes_with_contract_fields(tmp_path):
     assert {"verdict", "checks", "output_stats", "environment", "inputs"} <= set(summary)
     assert all(CHECK_FIELDS <= set(c) for c in summary["checks"])
     assert {c["dtype"] for c in summary["checks"]} == {"fp64", "fp32", "bf16", "fp16"}
-    assert all(c["fused_calls"] > 0 for c in summary["checks"]), "every check must have run the fused path"
+    ran = [c for c in summary["checks"] if c["component"] != "weights"]
+    assert ran and all(c["fused_calls"] > 0 for c in ran), "every check of outputs must have run the fused path"
+    trips = [c for c in summary["checks"] if c["name"].startswith("weights/round-trip-")]
+    assert len(trips) == 4 and all(c["passed"] and c["bit_identical"] for c in trips)
     stats = summary["output_stats"][0]
     assert {"mean", "std", "min", "max", "nan", "inf"} <= set(stats)
     assert (tmp_path / "out" / "index.html").read_text().count("<table") >= 2
@@ -66,7 +69,7 @@ def test_users_merged_checkpoint_passes_in_its_layout(tmp_path, naming, layout):
     code, summary = report(tmp_path, "--checkpoint", str(std), "--merged-checkpoint", str(merged),
                            "--layout", layout, "--dtypes", "fp64,fp32")
     assert code == 0, [c["message"] for c in summary["checks"] if not c["passed"]]
-    weights = [c for c in summary["checks"] if c["component"] == "weights"]
+    weights = [c for c in summary["checks"] if c["name"].startswith("weights/split-")]
     assert len(weights) == 1 and weights[0]["passed"] and weights[0]["bit_identical"]
 
 
@@ -76,8 +79,9 @@ def test_wrong_layout_flag_fails_weight_and_output_checks(tmp_path):
     code, summary = report(tmp_path, "--checkpoint", str(std), "--merged-checkpoint", str(merged),
                            "--dtypes", "fp64,fp32")
     assert code == 1 and summary["verdict"] == "fail"
-    failed = {c["component"] for c in summary["checks"] if not c["passed"]}
+    failed = {c["name"].split("/")[0] for c in summary["checks"] if not c["passed"]}
     assert failed == {"weights", "model"}
+    assert all(c["passed"] for c in summary["checks"] if c["name"].startswith("weights/round-trip-"))
 
 
 def test_planted_kv_swap_in_merged_checkpoint_is_named(tmp_path, capsys):
@@ -92,7 +96,7 @@ def test_planted_kv_swap_in_merged_checkpoint_is_named(tmp_path, capsys):
     code, summary = report(tmp_path, "--checkpoint", str(std), "--merged-checkpoint", str(merged),
                            "--dtypes", "fp64,fp32")
     assert code == 1
-    weights = next(c for c in summary["checks"] if c["component"] == "weights")
+    weights = next(c for c in summary["checks"] if c["name"].startswith("weights/split-"))
     assert "transformer_blocks.1.attn.to_" in weights["message"]
     assert "FAILED" in capsys.readouterr().out
 
