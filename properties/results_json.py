@@ -26,7 +26,9 @@ def pytest_configure(config):
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
     entry = item.config._results.setdefault(item.nodeid, {"test": item.nodeid, "outcome": "passed", "examples": None})
-    if report.failed:
+    if hasattr(report, "wasxfail"):
+        entry["outcome"] = "xpassed" if report.passed else "xfailed"
+    elif report.failed:
         entry["outcome"] = "failed"
     elif report.skipped and entry["outcome"] == "passed":
         entry["outcome"] = "skipped"
