@@ -224,6 +224,7 @@ CASES = (
     + [(c, "lora", f) for c in (lora_audit_file,) for f in (missing, empty, truncated, absurd_header, corrupt_header,
                                                               lying_header)]
     + [(c, "std", f) for c in (report_std, convert_std) for f in (q_without_k, duplicate_keys)]
+    + [(lora_audit_std, "std", duplicate_keys)]
     + [(c, "merged", f) for c in (report_merged, convert_merged) for f in (fused_rows, unknown_fused_naming)]
     + [(regress_file, "summary", f) for f in (missing, empty, corrupt_header)]
 )
@@ -232,7 +233,6 @@ LORA_HEADERS = ("verify/lora/checkpoint.py spec_from_checkpoint: safe_open's Saf
                 "(use verify.checkpoint.read_header or wrap safe_open in VerifyError)")
 GAPS = {
     (lora_audit_std, duplicate_keys): "verify/lora/checkpoint.py: a key in two shards is not refused",
-    (lora_convert_merged, duplicate_keys): "verify/lora/checkpoint.py: a key in two shards is not refused",
     **{(c, f): LORA_HEADERS for c in (lora_audit_std, lora_convert_merged)
        for f in (truncated, corrupt_header, lying_header)},
     (report_std, q_without_k): "report: load_state_dict's RuntimeError escapes as a traceback",

@@ -1,17 +1,20 @@
 """`qkv-verify convert`: a checkpoint streamed between standard and merged QKV, and `--check` that proves a conversion.
 
-Planning reads headers only: the tensors of SRC on the meta device go through verify.state_dict's merge/split, which
-names the output tensors and checks every q/k/v group. Writing streams: every tensor outside a q/k/v group is copied
-byte for byte in chunks; a group's tensors are read with safe_open (from whichever shards hold them), converted by
-the same merge/split, written and dropped. Memory holds one q/k/v group and one copy buffer, never a shard.
-Output shard i holds what source shard i held (a fused tensor goes where its q was; q, k, v where their fused
-tensor was), named as diffusers names shards, written into a temporary folder beside DST and renamed at the end.
+Planning reads headers only: SRC's tensors on the meta device go through verify.state_dict's merge/split, which names
+the output tensors and checks every q/k/v group, and the standard side must fit the model of config.json. Writing
+streams: a tensor outside the q/k/v groups is copied file to file by the kernel while a worker thread hashes and
+scans it where it lies in SRC; a group's tensors are read with safe_open (from whichever shards hold them), converted
+by the same merge/split, written, hashed by a worker and dropped. Memory never holds a shard: a few groups and
+copy buffers at most. Output shard i holds what source shard i held (a fused tensor goes where its q was; q, k, v
+where their fused tensor was), named as diffusers names shards, written into a temporary folder beside DST, fsynced,
+and renamed to DST at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -516,19 +519,12 @@ def _header(p: Plan, keys: list[str], metadata: dict) -> bytes:
     offset = 0
     for key in keys:
         dtype, shape = p.out[key]
-        nbytes = DTYPES[dtype].itemsize * _numel(shape)
+        nbytes = DTYPES[dtype].itemsize * math.prod(shape)
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
     return struct.pack("<Q", len(text)) + text
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _materialize(p: Plan, group: Group) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
