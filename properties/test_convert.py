@@ -362,3 +362,26 @@ def test_scan_of_finite_values_takes_the_fast_path(dtype, monkeypatch):
     x = (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 100).to(DTYPES[dtype])
     scan = conv.Scan(dtype).update(tensor_view(x))
     assert (scan.nan, scan.inf) == (0, 0)
+
+
+def test_killed_run_leaves_no_destination(tmp_path, std):
+    """SIGKILL in the middle of writing (each copied tensor slowed down): DST never appears, SRC is untouched."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    before = snapshot(std)
+    dst = tmp_path / "m"
+    script = ("import sys, time; from pathlib import Path; import verify.convert as c\n"
+              "real = c._kernel_copy\n"
+              "c._kernel_copy = lambda *a: (time.sleep(0.05), real(*a))\n"
+              "c.convert(Path(sys.argv[1]), Path(sys.argv[2]), 'merged')\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(std), str(dst)])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".m.*.qkv-verify-tmp/*.safetensors")):
+        assert child.poll() is None and time.monotonic() < deadline, "the child ended before it was killed"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not dst.exists() and snapshot(std) == before
