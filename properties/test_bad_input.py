@@ -235,9 +235,6 @@ GAPS = {
     (lora_audit_std, duplicate_keys): "verify/lora/checkpoint.py: a key in two shards is not refused",
     **{(c, f): LORA_HEADERS for c in (lora_audit_std, lora_convert_merged)
        for f in (truncated, corrupt_header, lying_header)},
-    (report_std, q_without_k): "report: load_state_dict's RuntimeError escapes as a traceback",
-    (report_merged, unknown_fused_naming): "report: load_state_dict's RuntimeError escapes as a traceback",
-    (report_merged, fused_rows): "report: the weight check's error does not name the fused tensor",
 }
 
 
@@ -288,8 +285,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_everything_as_it_was(inputs,
     ["convert", "--check", "{std}", "{std}"],
     ["convert", "{std}", "{out}", "--to", "merged", "--naming", "nunchaku"],
     ["lora-convert", "{lora}", "{lora}", "--to", "merged", "--config", "tiny"],
-    pytest.param(["report", "--checkpoint", "{std}", "--out", "{std}", "--dtypes", "fp64,fp32"],
-                 marks=pytest.mark.xfail(strict=True, reason="report writes its files into the checkpoint folder")),
+    ["report", "--checkpoint", "{std}", "--out", "{std}", "--dtypes", "fp64,fp32"],
 ], ids=["convert-dst-is-src", "convert-dst-in-src", "check-dst-is-src", "convert-unknown-naming",
         "lora-convert-dst-is-src", "report-out-is-checkpoint"])
 def test_destination_equal_to_source_or_unknown_naming_exits_2(inputs, capsys, argv):
@@ -306,8 +302,6 @@ def test_unknown_naming_for_lora_convert_exits_2(inputs, capsys):
     assert code == 2 and "naming" in err[-1] and not inputs.out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="report crashes on NaN weights (ValueError: zero-size array to reduction "
-                   "operation); Checkpoint.non_finite() names them for a weights check")
 def test_non_finite_weights_are_named_by_report(inputs, capsys):
     _rewrite(inputs.shard(inputs.std, Q), lambda sd: sd | {Q: sd[Q].index_fill(0, torch.tensor([0]), float("nan"))})
     code = main(report_std(inputs))

@@ -37,7 +37,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """Report folders: the tiny checkpoint twice, the same with one block's weight x 1.01, and with seed 1."""
     root = tmp_path_factory.mktemp("regress")
     ckpt = standard_checkpoint(root / "ckpt", shard_size="10GB")
-    perturbed = root / "perturbed"
+    perturbed = root / "perturbed-ckpt"  # the report goes to root / "perturbed": never into its input
     perturbed.mkdir()
     (perturbed / "config.json").write_text((ckpt / "config.json").read_text())
     sd = load_file(ckpt / "diffusion_pytorch_model.safetensors")

@@ -59,6 +59,10 @@ def stats_chart(summary: dict):
     fig, axes = plt.subplots(1, len(fixtures), figsize=(6 * len(fixtures), 4), squeeze=False)
     for ax, fixture in zip(axes[0], fixtures):
         rows = [s for s in summary["output_stats"] if s["fixture"] == fixture and s["mean"] is not None]
+        if not rows:
+            ax.text(0.5, 0.5, "no finite output values", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"{fixture}: output distribution", fontsize=10)
+            continue
         stats = [{"label": f"{s['dtype']}\n{s['implementation']}", "med": s["p50"], "q1": s["p5"], "q3": s["p95"],
                   "whislo": s["p1"], "whishi": s["p99"], "mean": s["mean"], "fliers": []} for s in rows]
         boxes = ax.bxp(stats, showmeans=True, patch_artist=True)

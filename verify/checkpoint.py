@@ -111,13 +111,15 @@ class Checkpoint:
         self.config = self._read_config()
         self.shards = self._find_shards()
         self.index: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # from the headers: shapes known before any tensor is read
         for shard in self.shards:
-            for key in read_header(shard):
+            for key, info in read_header(shard).items():
                 if key == "__metadata__":
                     continue
                 if key in self.index:
                     raise VerifyError(f"{key} appears in both {self.index[key].name} and {shard.name}")
                 self.index[key] = shard
+                self.shapes[key] = tuple(info["shape"])
         self._declared_map_check()
         self._handles: dict[Path, object] = {}
 

@@ -140,7 +140,7 @@ def base_output(summary: dict) -> dict:
     mean_gap = max((abs(m["mean"] - s["mean"]) for s, m in stats.values() if _both(s, m, "mean")), default=None)
     stat_moves = [f"{k[0]} {k[1]} {f} {s[f]:.6g} vs {m[f]:.6g}" for k, (s, m) in stats.items() for f in STAT_FIELDS
                   if _both(s, m, f) and abs(m[f] - s[f]) > threshold[k[1]]]
-    sample_moves = [f"{k[0]} {k[1]} at flat index {s['indices'][i]}: {a:.6g} vs {b:.6g}"
+    sample_moves = [f"{k[0]} {k[1]} at flat index {s['indices'][i]}: {_g(a)} vs {_g(b)}"
                     for k, (s, m) in samples.items() for i, (a, b) in enumerate(zip(s["values"], m["values"]))
                     if a is None or b is None or abs(b - a) > threshold[k[1]]]
     bad = [c for c in checks if not c["passed"]]

@@ -43,8 +43,8 @@ class Record:
         return self.mismatched / self.numel if self.numel else 0.0
 
     def to_dict(self) -> dict:
-        """JSON-ready: NaN becomes None."""
-        d = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        """JSON-ready: NaN and Inf become None (the record's `nonfinite` count says why)."""
+        d = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
         d["mismatched_fraction"] = self.mismatched_fraction
         return d
 

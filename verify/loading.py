@@ -12,7 +12,7 @@ from torch import nn
 from verify.checkpoint import Checkpoint
 from verify.errors import VerifyError
 from verify.fused import fuse_model
-from verify.naming import detect_naming
+from verify.naming import NAMINGS
 
 _ARGS = set(inspect.signature(QwenImageTransformer2DModel.__init__).parameters) - {"self"}
 
@@ -48,31 +48,45 @@ def load_standard(ckpt: Checkpoint, dtype: torch.dtype = torch.float64) -> QwenI
     """The standard model with the checkpoint's weights, cast to `dtype`."""
     if is_merged(ckpt):
         raise VerifyError(f"{ckpt.path}: holds fused to_qkv weights; pass it as --merged-checkpoint")
-    model = empty_model(model_config(ckpt))
-    return _fill(model, ckpt, dtype)
+    return _fill(empty_model(model_config(ckpt)), ckpt, dtype)
 
 
 def load_merged(ckpt: Checkpoint, config: dict, layout: str, dtype: torch.dtype = torch.float64) -> nn.Module:
     """A merged model (naming detected from the keys, `layout` as told) with the checkpoint's weights."""
-    naming = detect_naming(ckpt.leaf_names())
-    model = fuse_model(empty_model(config), naming, layout)
+    model = fuse_model(empty_model(config), merged_naming(ckpt, config), layout)
     return _fill(model, ckpt, dtype)
 
 
-def _fill(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
-    expected = dict(model.named_parameters())
-    missing = sorted(set(expected) - set(ckpt.keys()))
-    unexpected = sorted(set(ckpt.keys()) - set(expected))
+def check_fits(ckpt: Checkpoint, model: nn.Module) -> None:
+    """VerifyError naming the first missing, unexpected or mis-shaped tensor, from the headers alone."""
+    expected = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    missing = sorted(set(expected) - set(ckpt.shapes))
+    unexpected = sorted(set(ckpt.shapes) - set(expected))
     if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        what = ", ".join([f"missing {k}" for k in missing[:1]] + [f"unexpected {k}" for k in unexpected[:1]])
         raise VerifyError(f"{ckpt.path}: does not fit the model of its config ({what}; "
                           f"{len(missing)} missing, {len(unexpected)} unexpected)")
-    state = {}
-    for key, param in expected.items():
-        tensor = ckpt.get(key)
-        if tuple(tensor.shape) != tuple(param.shape):
-            want = tuple(param.shape)
-            raise VerifyError(f"{ckpt.path}: {key} has shape {tuple(tensor.shape)}, the config wants {want}")
-        state[key] = tensor.to(dtype)
+    for key, shape in expected.items():
+        if ckpt.shapes[key] != shape:
+            raise VerifyError(f"{ckpt.path}: {key} has shape {ckpt.shapes[key]}, the config wants {shape}")
+
+
+def merged_naming(ckpt: Checkpoint, config: dict) -> str:
+    """The fused naming whose merged model the checkpoint fits (every name and shape); else VerifyError naming
+    what does not fit."""
+    problems = {}
+    for naming in NAMINGS:
+        try:
+            check_fits(ckpt, fuse_model(empty_model(config), naming))
+            return naming
+        except VerifyError as e:
+            problems[naming] = str(e)
+    closest = min(problems.values(), key=len)
+    raise VerifyError(f"fits neither fused naming ({', '.join(NAMINGS)}): {closest}")
+
+
+def _fill(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+    check_fits(ckpt, model)
+    state = {key: ckpt.get(key).to(dtype) for key, _ in model.named_parameters()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

@@ -54,7 +54,7 @@ class Subject:
 
     std: StateDictSource
     cand: StateDictSource | None
-    weight_check: Record | None
+    weight_checks: list[Record]
 
 
 def load_subject(opts: Options) -> Subject:
@@ -66,20 +66,32 @@ def load_subject(opts: Options) -> Subject:
     if not opts.checkpoint:
         config = fixtures.model_config(opts.config)
         if opts.config == "full":
-            return Subject(SeededSource(config, opts.seed, opts.device), None, None)
-        return Subject(StateDictSource(fixtures.build_model(config, opts.seed).state_dict(), config), None, None)
+            return Subject(SeededSource(config, opts.seed, opts.device), None, [])
+        return Subject(StateDictSource(fixtures.build_model(config, opts.seed).state_dict(), config), None, [])
     std_ckpt = Checkpoint(opts.checkpoint)
     if is_merged(std_ckpt):
         raise VerifyError(f"{opts.checkpoint}: holds fused to_qkv weights; pass it as --merged-checkpoint")
     config = model_config(std_ckpt)
     std = CheckpointSource(std_ckpt, config)
     if not opts.merged_checkpoint:
-        return Subject(std, None, None)
+        return Subject(std, None, [finite_check(std_ckpt, "checkpoint")])
     merged_ckpt = Checkpoint(opts.merged_checkpoint)
     if not is_merged(merged_ckpt):
         raise VerifyError(f"{opts.merged_checkpoint}: holds no fused to_qkv weights; is it a standard checkpoint?")
     cand = CheckpointSource(merged_ckpt, config, opts.layout)
-    return Subject(std, cand, weight_check(std, cand))
+    checks = [finite_check(std_ckpt, "checkpoint"), finite_check(merged_ckpt, "merged-checkpoint")]
+    return Subject(std, cand, [*checks, weight_check(std, cand)])
+
+
+def finite_check(ckpt: Checkpoint, role: str) -> Record:
+    """Every tensor of a checkpoint finite; a NaN or Inf is named (it would poison every output downstream)."""
+    bad = ckpt.non_finite()
+    name = f"inputs/finite-{role}"
+    if not bad:
+        return Record(name, "inputs", "fp64", "cpu", "finite", True, f"{len(ckpt.keys())} tensors, none NaN or Inf")
+    listed = "; ".join(f"{k}: {nan} NaN, {inf} Inf" for k, (nan, inf) in list(bad.items())[:5])
+    return Record(name, "inputs", "fp64", "cpu", "finite", False, f"{len(bad)} tensors hold NaN/Inf: {listed}",
+                  nonfinite=sum(n + i for n, i in bad.values()))
 
 
 def weight_check(std: StateDictSource, cand: StateDictSource) -> Record:
@@ -135,7 +147,7 @@ def run_report(opts: Options) -> dict:
     dtypes = list(dict.fromkeys([*REQUIRED_DTYPES, *opts.dtypes]))
     notes = [f"{dtype_name(d)} added: a verdict needs fp64 and fp32 runs (bugs hide in bf16 noise)"
              for d in REQUIRED_DTYPES if d not in opts.dtypes]
-    records = [subject.weight_check] if subject.weight_check else []
+    records = list(subject.weight_checks)
     records += round_trip_checks(subject.std) + component_checks(subject.std.config, dtypes, opts.device, opts.seed)
     stats, samples = [], []
     progress = tqdm(total=len(FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),

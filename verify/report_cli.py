@@ -56,6 +56,8 @@ def _report(args) -> int:
     from verify.render import write_report
     from verify.report import Options, run_report
 
+    _refuse_writing_into_inputs(args.out, [args.checkpoint, args.merged_checkpoint, args.lora, args.adapter_config,
+                                           args.claims, args.bench, args.properties, args.baseline])
     if args.claims:
         load_claims(args.claims)  # bad claims are bad input: refuse before running anything
     baseline = load_summary(args.baseline) if args.baseline else None
@@ -87,3 +89,14 @@ def _report(args) -> int:
     if moved:
         print(f"  MOVED against {args.baseline}: {len(moved)} values beyond their thresholds")
     return 0 if summary["verdict"] == "pass" and not refuted and not moved else 1
+
+
+def _refuse_writing_into_inputs(out: Path, inputs: list[Path | None]) -> None:
+    """--out must not be, or lie inside, an input: a report never writes next to or over what it was given."""
+    from verify.errors import VerifyError
+
+    target = out.resolve()
+    for given in filter(None, inputs):
+        source = given.resolve()
+        if target == source or source in target.parents:
+            raise VerifyError(f"--out {out}: would write into the input {given}; choose another folder")

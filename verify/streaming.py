@@ -23,8 +23,7 @@ from torch import nn
 
 from verify.checkpoint import Checkpoint
 from verify.fused import count_fused_calls, fuse_model
-from verify.loading import empty_model
-from verify.naming import detect_naming
+from verify.loading import check_fits, empty_model, merged_naming
 
 BLOCKS = "transformer_blocks."
 Weights = dict[str, torch.Tensor]
@@ -49,8 +48,11 @@ class CheckpointSource(StateDictSource):
     """Weights read lazily from a checkpoint, one block at a time; fused (naming detected, layout as told) or not."""
 
     def __init__(self, ckpt: Checkpoint, config: dict, layout: str = "blocked"):
-        merged = "to_qkv" in ckpt.leaf_names()
-        super().__init__({}, config, (detect_naming(ckpt.leaf_names()), layout) if merged else None)
+        if "to_qkv" in ckpt.leaf_names():
+            super().__init__({}, config, (merged_naming(ckpt, config), layout))
+        else:
+            check_fits(ckpt, empty_model(config))
+            super().__init__({}, config)
         self.ckpt = ckpt
 
     def top(self) -> Weights:
