@@ -228,14 +228,7 @@ CASES = (
     + [(c, "merged", f) for c in (report_merged, convert_merged) for f in (fused_rows, unknown_fused_naming)]
     + [(regress_file, "summary", f) for f in (missing, empty, corrupt_header)]
 )
-# Known gaps of other commands, kept visible (strict: a fix turns them into failures to remove from here).
-LORA_HEADERS = ("verify/lora/checkpoint.py spec_from_checkpoint: safe_open's SafetensorError escapes as a traceback "
-                "(use verify.checkpoint.read_header or wrap safe_open in VerifyError)")
-GAPS = {
-    (lora_audit_std, duplicate_keys): "verify/lora/checkpoint.py: a key in two shards is not refused",
-    **{(c, f): LORA_HEADERS for c in (lora_audit_std, lora_convert_merged)
-       for f in (truncated, corrupt_header, lying_header)},
-}
+
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -265,9 +258,7 @@ def test_every_command_succeeds_on_the_unplanted_inputs(inputs, capsys):
 
 
 @pytest.mark.parametrize("command, which, fault", [
-    pytest.param(c, w, f, id=f"{c.__name__}-{f.__name__}",
-                 marks=[pytest.mark.xfail(strict=True, reason=GAPS[c, f])] if (c, f) in GAPS else [])
-    for c, w, f in CASES
+    pytest.param(c, w, f, id=f"{c.__name__}-{f.__name__}") for c, w, f in CASES
 ])
 def test_bad_input_exits_2_with_one_line_and_leaves_everything_as_it_was(inputs, capsys, command, which, fault):
     where = fault(inputs, _target(inputs, which))

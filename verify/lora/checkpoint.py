@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 from diffusers import QwenImageTransformer2DModel
-from safetensors import safe_open
 
+from verify.checkpoint import Checkpoint
 from verify.errors import VerifyError
 from verify.fixtures import CONFIGS
 from verify.lora import formats
@@ -33,36 +33,14 @@ def spec_from_checkpoint(folder: str | Path, layout: str = "blocked") -> ModelSp
     folder = Path(folder)
     if (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"
-    if not (folder / "config.json").is_file():
+    ckpt = Checkpoint(folder)  # validated headers, shards and index; no tensor is read
+    if ckpt.config is None:
         raise VerifyError(f"{folder}: no config.json (expected a diffusers checkpoint folder)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VerifyError(f"{folder / 'config.json'}: not JSON ({e})") from None
-    targets = {}
-    for shard in _shards(folder):
-        formats.check_header(shard)
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                if key.endswith(".weight") and len(shape) == 2:
-                    targets[key.removesuffix(".weight")] = tuple(shape)
+    targets = {key.removesuffix(".weight"): shape for key, shape in ckpt.shapes.items()
+               if key.endswith(".weight") and len(shape) == 2}
     if not targets:
         raise VerifyError(f"{folder}: no 2-D weights in its safetensors files")
-    return ModelSpec(targets, int(config.get("attention_head_dim", 128)), layout)
-
-
-def _shards(folder: Path) -> list[Path]:
-    for index in folder.glob("*.safetensors.index.json"):
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise VerifyError(f"{index}: not a safetensors index ({e})") from None
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise VerifyError(f"{folder}: no safetensors files")
-    return shards
+    return ModelSpec(targets, int(ckpt.config.get("attention_head_dim", 128)), layout)
 
 
 def save_checkpoint(model: torch.nn.Module, folder: str | Path) -> Path:
