@@ -29,7 +29,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from verify.errors import VerifyError
+from verify.errors import VerifyError, run_command
 
 DTYPE = torch.bfloat16
 MODES = ("eager", "compiled")
@@ -807,11 +807,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qkv-verify")
     register_bench(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except VerifyError as e:
-        print(f"qkv-verify: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

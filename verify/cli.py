@@ -7,7 +7,7 @@ import sys
 
 from verify.bench import register_bench
 from verify.convert import register as register_convert
-from verify.errors import VerifyError
+from verify.errors import run_command
 from verify.lora.cli import register as register_lora
 from verify.regress import register_regress
 from verify.report_cli import register_report
@@ -25,11 +25,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except VerifyError as e:
-        print(f"qkv-verify: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":
