@@ -151,9 +151,9 @@ def test_unsupported_is_refused(tmp_path, tensors, metadata, message):
 
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("lora.bin", b"\x80\x04", "pickle"),
-    ("lora.safetensors", b"not a safetensors file at all", "bad header"),
-    ("lora.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}", "bad header"),
-    ("lora.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}", "not a readable"),
+    ("lora.safetensors", b"not a safetensors file at all", "corrupt safetensors header"),
+    ("lora.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}", "corrupt safetensors header"),
+    ("lora.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}", "corrupt header"),
 ])
 def test_bad_files_are_refused(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,30 +19,14 @@ Merge = Callable[[nn.Module], nn.Module]
 GRAD_INPUTS = ("hidden_states", "encoder_hidden_states")
 
 
-@dataclass
-class CaseRun:
-    """Records of one case, with the outputs they judged: the oracle's, and standard and merged per dtype."""
-
-    records: list[Record] = field(default_factory=list)
-    ref: Outputs = field(default_factory=dict)
-    base: dict[torch.dtype, Outputs] = field(default_factory=dict)
-    cand: dict[torch.dtype, Outputs] = field(default_factory=dict)
-
-
 def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: str = "cpu", seed: int = 0,
              config: dict | None = None, spec: InputSpec | None = None, merge: Merge = fuse_model) -> list[Record]:
     """Records for `case` in each dtype: outputs (and gradients when the case asks) of merge(standard) vs standard."""
-    return evaluate(case, dtypes, device, seed, config, spec, merge).records
-
-
-def evaluate(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: str = "cpu", seed: int = 0,
-             config: dict | None = None, spec: InputSpec | None = None, merge: Merge = fuse_model) -> CaseRun:
-    """run_case, keeping the outputs as well as the records."""
     config, spec = config or case.config, spec or case.spec
     standard = case.build(config, seed)
     inputs = case.inputs(config, spec, seed)
     ref = _run(case, standard, cast_inputs(inputs, torch.float64, "cpu"), case.grads, seed)
-    run = CaseRun(ref=ref["outputs"])
+    records = []
     for dtype in dtypes or case.dtypes:
         base_module = _to(copy.deepcopy(standard), dtype, device)
         cand_module = merge(_to(copy.deepcopy(standard), dtype, device))
@@ -51,13 +34,12 @@ def evaluate(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
         with count_fused_calls(cand_module) as calls:
             cand = _run(case, cand_module, cast_inputs(inputs, dtype, device), case.grads, seed)
         fused_calls = sum(calls.values())
-        run.base[dtype], run.cand[dtype] = base["outputs"], cand["outputs"]
         for kind, rule in (("outputs", OUTPUTS), ("gradients", GRADIENTS)):
             if kind in ref:
                 cand_kind = _standard_names(cand[kind], cand_module) if kind == "gradients" else cand[kind]
-                run.records.append(compare(f"{case.name}/{kind}", case.component, ref[kind], cand_kind, rule, dtype,
-                                           device, base=base[kind], fused_calls=fused_calls))
-    return run
+                records.append(compare(f"{case.name}/{kind}", case.component, ref[kind], cand_kind, rule, dtype,
+                                       device, base=base[kind], fused_calls=fused_calls))
+    return records
 
 
 def _to(module: nn.Module, dtype: torch.dtype, device: str) -> nn.Module:

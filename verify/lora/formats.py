@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from verify.checkpoint import read_header
 from verify.errors import VerifyError
 
 # (key prefix, format, path is flattened with underscores); the first that matches wins.
@@ -42,7 +42,6 @@ UNSUPPORTED = {
 }
 CONFIG_FORMATS = ("diffusers", "peft")  # formats whose scale comes from a PEFT LoraConfig
 METADATA_KEY = "lora_adapter_metadata"
-MAX_HEADER = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -104,26 +103,13 @@ def read(path: str | Path, adapter_config: str | Path | None = None) -> LoraFile
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file, after checking its header size; never unpickles."""
-    check_header(path)
+    """All tensors and the metadata of a safetensors file, after validating its header; never unpickles."""
+    read_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises several types for malformed files
         raise VerifyError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def check_header(path: Path) -> None:
-    """VerifyError unless `path` is a file that starts like safetensors: a pickle or a header size past the end."""
-    if not path.is_file():
-        raise VerifyError(f"{path}: no such file")
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        raise VerifyError(f"{path}: pickle files are refused; convert to safetensors")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or not 2 <= struct.unpack("<Q", head)[0] <= min(size - 8, MAX_HEADER):
-        raise VerifyError(f"{path}: not a safetensors file (bad header size)")
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
