@@ -127,7 +127,7 @@ def _exact_problem(key: str, a: torch.Tensor | None, b: torch.Tensor | None) -> 
         return f"{key} missing from {'expected' if a is None else 'actual'}"
     if a.dtype != b.dtype or a.shape != b.shape:
         return f"{key}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
-    same = _bytes(a) == _bytes(b)
+    same = _bytes(a) == _bytes(b).to(a.device)  # compared where the tensors live: no copy of whole weights
     if bool(same.all()):
         return None
     diff = (a.double().cpu() - b.double().cpu()).abs() if a.is_floating_point() else None
@@ -137,7 +137,7 @@ def _exact_problem(key: str, a: torch.Tensor | None, b: torch.Tensor | None) -> 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of `t` in logical order; works for 0-dim and non-contiguous (transposed, strided) tensors."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def _judge(key: str, ref: torch.Tensor, cand: torch.Tensor, base: torch.Tensor | None, rule: Rule,
