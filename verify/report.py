@@ -143,7 +143,7 @@ def component_checks(config: dict, dtypes: list[torch.dtype], device: str, seed:
 def run_report(opts: Options) -> dict:
     """Load, run every fixture in every dtype (and the LoRA sections), and return the summary."""
     subject = load_subject(opts)
-    lora = _load_lora(opts, subject) if opts.lora else None
+    lora = _Lora(opts, subject) if opts.lora else None
     dtypes = list(dict.fromkeys([*REQUIRED_DTYPES, *opts.dtypes]))
     notes = [f"{dtype_name(d)} added: a verdict needs fp64 and fp32 runs (bugs hide in bf16 noise)"
              for d in REQUIRED_DTYPES if d not in opts.dtypes]
@@ -258,10 +258,6 @@ def _updater(updates, factor: float):
                 W += (factor * u.factors.delta(torch.promote_types(W.dtype, torch.float32))).to(W.dtype)
 
     return update
-
-
-def _load_lora(opts: Options, subject: Subject) -> _Lora:
-    return _Lora(opts, subject)
 
 
 def _sweep(subject: Subject, lora: _Lora, opts: Options, progress) -> list[dict]:

@@ -22,8 +22,9 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from torch import nn
 
 from verify.checkpoint import Checkpoint
+from verify.fixtures import cast_inputs
 from verify.fused import count_fused_calls, fuse_model
-from verify.loading import check_fits, empty_model, merged_naming
+from verify.loading import check_fits, empty_model, is_merged, merged_naming
 
 BLOCKS = "transformer_blocks."
 Weights = dict[str, torch.Tensor]
@@ -48,7 +49,7 @@ class CheckpointSource(StateDictSource):
     """Weights read lazily from a checkpoint, one block at a time; fused (naming detected, layout as told) or not."""
 
     def __init__(self, ckpt: Checkpoint, config: dict, layout: str = "blocked"):
-        if "to_qkv" in ckpt.leaf_names():
+        if is_merged(ckpt):
             super().__init__({}, config, (merged_naming(ckpt, config), layout))
         else:
             check_fits(ckpt, empty_model(config))
@@ -128,7 +129,7 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
         update = cand_update if impl.role == "cand" else std_update
         if update:
             update(impl.top, "")
-        impl.state = prologue(impl.top, config, _cast(inputs, impl.dtype, device))
+        impl.state = prologue(impl.top, config, cast_inputs(inputs, impl.dtype, device))
     for i in range(config["num_layers"]):
         w_std = _on(std.block(i), device)
         w_cand = _on(cand.block(i), device) if cand else w_std
@@ -216,9 +217,3 @@ def _block(config: dict, weights: Weights, dtype: torch.dtype, device: str,
         fuse_model(block, *fused)
     block.load_state_dict({k: v.to(dtype, copy=True) for k, v in weights.items()}, strict=True, assign=True)
     return block.eval()
-
-
-def _cast(inputs: dict, dtype: torch.dtype, device: str) -> dict:
-    from verify.fixtures import cast_inputs
-
-    return cast_inputs(inputs, dtype, device)
