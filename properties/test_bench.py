@@ -40,7 +40,9 @@ def test_json_contract(result):
     rows = result["rows"]
     assert {(r["mode"], r["phase"]) for r in rows} == {(m, p) for m in bench.MODES for p in bench.PHASES}
     for row in rows:
-        assert set(row) == ROW_FIELDS, set(row) ^ ROW_FIELDS
+        assert set(row) == ROW_FIELDS | {"round_speedups"}, set(row) ^ ROW_FIELDS
+        assert len(row["round_speedups"]) == 3  # one per alternating round: the spread of the ratio
+        assert all(s > 0 and math.isfinite(s) for s in row["round_speedups"])
         assert (row["image_tokens"], row["text_tokens"]) == (16, 8)
         assert all(row[k] > 0 and math.isfinite(row[k]) for k in ("standard_ms", "merged_ms", "floor_ms",
                                                                      "merged_tflops"))

@@ -184,18 +184,21 @@ def time_calls(fn: Callable[[], object], device: str, calls: int) -> list[float]
     return times
 
 
-def median_pair(a: Callable, b: Callable, opts: Options, rounds: int = 3) -> tuple[float, float]:
-    """Median ms of a and of b: warm-up excluded, then `rounds` alternating rounds so that drift hits both alike."""
+def median_pair(a: Callable, b: Callable, opts: Options, rounds: int = 3) -> tuple[float, float, list[float]]:
+    """Median ms of a and of b (warm-up excluded, `rounds` alternating rounds so that drift hits both alike), and
+    each round's speedup (a's median / b's median): their spread shows how far a ratio near 1.0 is noise."""
     for fn in (a, b):
         for _ in range(opts.warmup):
             fn()
     _sync(opts.device)
     per_round = max(1, math.ceil(opts.repeats / rounds))
-    times_a, times_b = [], []
+    times_a, times_b, speedups = [], [], []
     for _ in range(rounds):
-        times_a += time_calls(a, opts.device, per_round)
-        times_b += time_calls(b, opts.device, per_round)
-    return statistics.median(times_a), statistics.median(times_b)
+        round_a, round_b = time_calls(a, opts.device, per_round), time_calls(b, opts.device, per_round)
+        times_a += round_a
+        times_b += round_b
+        speedups.append(statistics.median(round_a) / statistics.median(round_b))
+    return statistics.median(times_a), statistics.median(times_b), speedups
 
 
 def count_kernels(fn: Callable[[], object], device: str, calls: int = 2) -> int:
@@ -452,13 +455,13 @@ def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, pha
         a, b = forward_call(std_run, inputs), forward_call(merged_run, inputs)
     else:
         a, b = train_call(std_run, inputs, opts.seed), train_call(merged_run, inputs, opts.seed)
-    std_ms, merged_ms = median_pair(a, b, opts)
+    std_ms, merged_ms, round_speedups = median_pair(a, b, opts)
     flops = flops if flops is not None else block_flops(opts, tokens, phase)
     profiles = {name: profile_kernels(fn, opts.device) for name, fn in (("standard", a), ("merged", b))}
     row = dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens, standard_ms=std_ms,
                merged_ms=merged_ms, speedup=std_ms / merged_ms, kernels_standard=profiles["standard"]["kernels"],
                kernels_merged=profiles["merged"]["kernels"], floor_ms=flops / (peak * 1e12) * 1e3,
-               merged_tflops=flops / (merged_ms * 1e-3) / 1e12)
+               merged_tflops=flops / (merged_ms * 1e-3) / 1e12, round_speedups=round_speedups)
     if profile_sink is not None:
         profile_sink.append(dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens,
                                  **{name: p for name, p in profiles.items()}))
@@ -578,13 +581,15 @@ class BenchCheckFailed(Exception):
 
 
 HEADER = (f"{'mode':<9}{'phase':<8}{'image':>7}{'text':>6}{'standard ms':>13}{'merged ms':>11}{'speedup':>9}"
-          f"{'kernels':>13}{'floor ms':>10}{'floor/merged':>14}{'TFLOP/s':>9}")
+          f"{'per round':>16}{'kernels':>13}{'floor ms':>10}{'floor/merged':>14}{'TFLOP/s':>9}")
 
 
 def format_row(row: dict) -> str:
     kernels = f"{row['kernels_standard']}->{row['kernels_merged']}"
+    rounds = row.get("round_speedups")  # full-model rows are timed once
+    spread = f"{min(rounds):.3f}-{max(rounds):.3f}" if rounds else "-"
     return (f"{row['mode']:<9}{row['phase']:<8}{row['image_tokens']:>7}{row['text_tokens']:>6}"
-            f"{row['standard_ms']:>13.3f}{row['merged_ms']:>11.3f}{row['speedup']:>8.3f}x{kernels:>13}"
+            f"{row['standard_ms']:>13.3f}{row['merged_ms']:>11.3f}{row['speedup']:>8.3f}x{spread:>16}{kernels:>13}"
             f"{row['floor_ms']:>10.3f}{row['floor_ms'] / row['merged_ms']:>13.1%}{row['merged_tflops']:>9.1f}")
 
 
@@ -702,7 +707,9 @@ def register_bench(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--modes", type=_choices(MODES), default=MODES, help="comma list of eager,compiled")
     p.add_argument("--phases", type=_choices(PHASES), default=PHASES, help="comma list of forward,train")
-    p.add_argument("--processor", choices=tuple(PROCESSORS), default="fast", help="merged processor (default fast)")
+    p.add_argument("--processor", choices=tuple(PROCESSORS),
+                   help="merged processor (default: fast-compiled on cuda, its region compiled by inductor; "
+                        "fast on cpu)")
     p.add_argument("--repeats", type=int, help="timed calls per implementation and row (default 30 on cuda, 3 on cpu)")
     p.add_argument("--warmup", type=int, help="untimed calls first, compilation included (default 5 on cuda, 1 on cpu)")
     p.add_argument("--seed", type=int, default=0)
@@ -727,7 +734,8 @@ def register_bench(subparsers) -> None:
 def _bench(args) -> int:
     opts = Options(device=args.device, dim=args.dim, heads=args.heads, head_dim=args.head_dim,
                    image_tokens=args.image_tokens, text_tokens=args.text_tokens, batch=args.batch, modes=args.modes,
-                   phases=args.phases, processor=args.processor,
+                   phases=args.phases,
+                   processor=args.processor or ("fast-compiled" if args.device == "cuda" else "fast"),
                    repeats=args.repeats or (30 if args.device == "cuda" else 3),
                    warmup=args.warmup or (5 if args.device == "cuda" else 1),
                    seed=args.seed, compile_backend=args.compile_backend, compile_mode=args.compile_mode,

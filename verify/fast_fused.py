@@ -204,10 +204,12 @@ def _rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos_sin:
         y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps) * weight.to(compute)
     if cos_sin is None:
         return y.to(x.dtype)
-    cos_sin = cos_sin.to(compute)[:, None]  # (S, 1, D/2, 2)
-    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
-    even, odd = y.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each: the interleaved pairs
-    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+    cos, sin = cos_sin.to(compute)[:, None].unbind(-1)  # (S, 1, D/2) each
+    cos = torch.stack([cos, cos], dim=-1).flatten(-2)  # (S, 1, D): (c0, c0, c1, c1, ...)
+    sin = torch.stack([-sin, sin], dim=-1).flatten(-2)  # (-s0, s0, -s1, s1, ...)
+    # As in the eager kernels: every output element reads x and its pair partner, no stack of the output pairs
+    # (inductor's kernel for that form ran 15% slower on an H200; reports/gpu/NOTES.md).
+    return (y * cos + _swap_pairs(y) * sin).to(x.dtype)
 
 
 # (id(freqs), dtype) -> (freqs, its version, coefficients): a model passes the same tensors to every block.
