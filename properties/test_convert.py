@@ -140,8 +140,8 @@ def test_streams_only_q_k_v_groups_through_tensors(tmp_path, std, monkeypatch):
 
     real_convert = conv.Plan.convert
 
-    def convert_and_forget(self, group):
-        out = real_convert(self, group)
+    def convert_and_forget(self, group, sources):
+        out = real_convert(self, group, sources)
         live.clear()
         return out
 

@@ -33,6 +33,7 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 
 from verify import manifest as mf
+from verify import qkv
 from verify.checkpoint import DTYPES, Checkpoint, non_finite, read_header
 from verify.errors import VerifyError
 from verify.loading import model_config
@@ -96,11 +97,14 @@ class Plan:
     def conversion(self) -> dict:
         return {"to": self.to, "naming": self.naming, "layout": self.layout, "head_dim": self.head_dim}
 
-    def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One group's target tensors from its source tensors, by verify.state_dict's merge or split."""
+    def convert(self, group: Group, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One group's target tensors from its source tensors: merged by verify.state_dict's merge, split by
+        qkv.split into views of the fused tensor (split_state_dict would copy each part; they are only written)."""
         if self.to == "merged":
             return merge_state_dict(tensors, self.naming, self.layout, self.head_dim)
-        return split_state_dict(tensors, self.naming, self.layout, self.head_dim, self.shape)
+        fused = tensors[group.fused]
+        shape = self.shape or QKVShape.equal(fused.shape[0], self.head_dim)
+        return dict(zip(group.parts, qkv.split(fused, shape, self.layout)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,12 +300,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def load(t: Tensor) -> torch.Tensor:
-    """One tensor through safe_open, the handle closed again at once (no shard stays mapped)."""
-    try:
-        with safe_open(str(t.path), framework="pt") as f:
-            return f.get_tensor(t.key)
-    except Exception as e:  # safetensors raises its own error types
-        raise VerifyError(f"{t.path}: tensor {t.key!r} cannot be read ({e})") from None
+    """One tensor read from its file into a new tensor: one copy out of the page cache, no mapping of the shard."""
+    data = torch.empty(t.nbytes, dtype=torch.uint8)
+    with t.path.open("rb") as f:
+        f.seek(t.offset)
+        if f.readinto(data.numpy()) != t.nbytes:
+            raise VerifyError(f"{t.path}: ends inside tensor {t.key!r} (was it changed while being read?)")
+    return data.view(DTYPES[t.dtype]).reshape(t.shape)
 
 
 def raw_bytes(t: Tensor, buffer: bytearray) -> Iterator[memoryview]:
@@ -530,7 +535,7 @@ def _header(p: Plan, keys: list[str], metadata: dict) -> bytes:
 def _materialize(p: Plan, group: Group) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A group's source tensors (each read from its own shard) and its converted target tensors."""
     sources = {key: load(p.src[key]) for key in group.sources}
-    targets = p.convert(sources)
+    targets = p.convert(group, sources)
     assert set(targets) == set(group.targets), (sorted(targets), group)
     return sources, targets
 
