@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
@@ -328,8 +329,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 # IEEE dtypes: a value is NaN or Inf exactly when its exponent bits are all ones (integer view, mask).
-EXPONENTS = {"F16": (torch.int16, 0x7C00), "BF16": (torch.int16, 0x7F80), "F32": (torch.int32, 0x7F800000),
-             "F64": (torch.int64, 0x7FF0000000000000)}
+EXPONENTS = {"F16": (np.int16, 0x7C00), "BF16": (np.int16, 0x7F80), "F32": (np.int32, 0x7F800000),
+             "F64": (np.int64, 0x7FF0000000000000)}
 
 
 class Scan:
@@ -339,7 +340,7 @@ class Scan:
         self.name, self.dtype = dtype, DTYPES[dtype]
         self.hash = hashlib.sha256()
         self.nan = self.inf = 0
-        self.scratch: torch.Tensor | None = None
+        self.scratch: np.ndarray | None = None
 
     def update(self, data: memoryview) -> Scan:
         self.hash.update(data)
@@ -349,14 +350,15 @@ class Scan:
         return self
 
     def _all_finite(self, data: memoryview) -> bool:
-        """A fast first look (7 GB/s against isfinite's 0.1 GB/s for bf16 on one core); exact for IEEE dtypes."""
+        """A fast first look (12 GB/s against isfinite's 0.1 GB/s for bf16 on one core); exact for IEEE dtypes.
+        In numpy, one thread: torch's ops here ran on its intra-op threads, whose spinning cost 0.6 CPU s/GB."""
         if self.name not in EXPONENTS:
             return False
         int_dtype, mask = EXPONENTS[self.name]
-        bits = torch.frombuffer(data, dtype=int_dtype)
-        if self.scratch is None or self.scratch.numel() < bits.numel():
-            self.scratch = torch.empty_like(bits)
-        exponents = torch.bitwise_and(bits, mask, out=self.scratch[: bits.numel()])
+        bits = np.frombuffer(data, dtype=int_dtype)
+        if self.scratch is None or self.scratch.size < bits.size:
+            self.scratch = np.empty_like(bits)
+        exponents = np.bitwise_and(bits, mask, out=self.scratch[: bits.size])
         return int(exponents.max()) != mask
 
     def entry(self, shape: tuple[int, ...], dtype: str) -> mf.Entry:
