@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -385,3 +387,26 @@ def test_killed_run_leaves_no_destination(tmp_path, std):
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not dst.exists() and snapshot(std) == before
+
+
+def test_hash_jobs_hold_at_most_the_byte_budget_whatever_the_core_count():
+    """Bytes held by queued and running hash jobs stay under the budget with 8 workers (a job count let them grow
+    with the cores); a job larger than the budget runs alone; jobs still run in parallel."""
+    lock, held, peak, alone = threading.Lock(), [0], [0], []
+
+    def job(nbytes: int) -> None:
+        with lock:
+            held[0] += nbytes
+            peak[0] = max(peak[0], held[0])
+            if nbytes > 100:
+                alone.append(held[0] == nbytes)
+        time.sleep(0.005)
+        with lock:
+            held[0] -= nbytes
+
+    with conv.Workers(workers=8, budget=100) as workers:
+        for nbytes in [30, 20, 10, 40, 150, 25, 25, 25, 25] * 4:
+            workers.submit(nbytes, job, nbytes)
+        workers.results()
+    assert peak[0] <= 150 and all(alone) and len(alone) == 4
+    assert peak[0] > 40  # more than one job at a time: the budget bounds memory, not parallelism

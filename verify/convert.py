@@ -387,20 +387,35 @@ def _warn_stderr(message: str) -> None:
     print(f"qkv-verify: warning: {message}", file=sys.stderr)
 
 
-class Workers:
-    """Hashing and scanning off the writing thread: a worker per core (2 to 8), a bounded number of jobs in flight."""
+IN_FLIGHT = 256 * 2**20  # bytes that queued and running hash jobs may hold (buffers, mapped tensor pages)
 
-    def __init__(self, workers: int = max(2, min(8, os.cpu_count() or 1)), in_flight: int = 0):
-        in_flight = in_flight or 2 * workers + 2
+
+class Workers:
+    """Hashing and scanning off the writing thread: a worker per core (2 to 8), at most `budget` bytes in flight.
+
+    A byte budget, not a job count: with 8 workers and a count that grows with them, a 16-core machine held ~0.7 GB
+    more than a 2-core one and broke the streaming memory bound. A tensor larger than the budget runs alone.
+    """
+
+    def __init__(self, workers: int = max(2, min(8, os.cpu_count() or 1)), budget: int = IN_FLIGHT):
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qkv-verify-hash")
-        self.slots = threading.BoundedSemaphore(in_flight)
+        self.budget, self.held = budget, 0
+        self.freed = threading.Condition()
         self.jobs: list[Future] = []
 
-    def submit(self, fn: Callable, *args) -> None:
-        self.slots.acquire()
+    def submit(self, nbytes: int, fn: Callable, *args) -> None:
+        nbytes = min(nbytes, self.budget)
+        with self.freed:
+            self.freed.wait_for(lambda: self.held + nbytes <= self.budget)
+            self.held += nbytes
         job = self.pool.submit(fn, *args)
-        job.add_done_callback(lambda _: self.slots.release())
+        job.add_done_callback(lambda _: self._release(nbytes))
         self.jobs.append(job)
+
+    def _release(self, nbytes: int) -> None:
+        with self.freed:
+            self.held -= nbytes
+            self.freed.notify_all()
 
     def results(self) -> list:
         return [job.result() for job in self.jobs]
@@ -458,16 +473,16 @@ def _write_shard(p: Plan, keys: list[str], fd: int, workers: Workers) -> None:
     for key in keys:
         if key not in p.groups:
             t = p.src[key]
-            workers.submit(_file_job, t)
+            workers.submit(t.nbytes, _file_job, t)
             _kernel_copy(t, fd)
             continue
         if not pending:
             sources, pending = _materialize(p, p.groups[key])
             for k, x in sources.items():
-                workers.submit(_bytes_job, k, "src", p.src[k].shape, p.src[k].dtype, tensor_bytes(x))
+                workers.submit(x.nbytes, _bytes_job, k, "src", p.src[k].shape, p.src[k].dtype, tensor_bytes(x))
         data = tensor_bytes(pending.pop(key))
         _write_all(fd, data)
-        workers.submit(_bytes_job, key, "out", p.out[key][1], p.out[key][0], data)
+        workers.submit(len(data), _bytes_job, key, "out", p.out[key][1], p.out[key][0], data)
     assert not pending, f"group outputs left unwritten: {sorted(pending)}"
 
 
