@@ -393,8 +393,9 @@ IN_FLIGHT = 256 * 2**20  # bytes that queued and running hash jobs may hold (buf
 class Workers:
     """Hashing and scanning off the writing thread: a worker per core (2 to 8), at most `budget` bytes in flight.
 
-    A byte budget, not a job count: with 8 workers and a count that grows with them, a 16-core machine held ~0.7 GB
-    more than a 2-core one and broke the streaming memory bound. A tensor larger than the budget runs alone.
+    A byte budget, not a job count: a count that grows with the workers (18 jobs on 8) lets a disk or hash that falls
+    behind queue up to 18 tensors' bytes, so memory would depend on the core count. A tensor larger than the budget
+    runs alone.
     """
 
     def __init__(self, workers: int = max(2, min(8, os.cpu_count() or 1)), budget: int = IN_FLIGHT):
@@ -436,7 +437,9 @@ def write(p: Plan, folder: Path, warn: Warn = _warn_stderr) -> tuple[dict[str, m
     single = len(p.shards) == 1
     names = [WEIGHTS if single else f"diffusion_pytorch_model-{i:05d}-of-{len(p.shards):05d}.safetensors"
              for i in range(1, len(p.shards) + 1)]
-    with Workers() as workers, ThreadPoolExecutor(1, thread_name_prefix="qkv-verify-fsync") as syncer:
+    largest = max(shard.stat().st_size for shard, _ in p.shards)  # the streaming bound's share for bytes in flight
+    with Workers(budget=min(IN_FLIGHT, largest)) as workers, \
+            ThreadPoolExecutor(1, thread_name_prefix="qkv-verify-fsync") as syncer:
         synced = []
         for name, (shard, keys) in zip(names, p.shards):
             metadata = read_header(shard).get("__metadata__") or {"format": "pt"}
