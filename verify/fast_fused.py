@@ -13,10 +13,12 @@ concatenation copies q, k and v once more. `FastFusedQwenAttnProcessor` computes
   backward is the inverse rotation (no saved activations);
 - under torch.compile, one fp32 expression (norm, RoPE, concatenation) that inductor fuses into one kernel per tensor.
 
-It is not bit-identical to diffusers (one rounding fewer in the norm, RoPE in the compute dtype): it is judged by the
-relative-to-base rule against the fp64 oracle like every merged path. In an fp64 model it uses diffusers' own norm
-and RoPE (fp32 variance, complex64 RoPE), because the fp64 oracle is diffusers in fp64 and computing those steps in
-true fp64 moves weight gradients beyond the fp64 floor (see `_diffusers_norm_rope`).
+It is not bit-identical to diffusers (one rounding fewer in the norm; in eager, RoPE's two passes each round to the
+input's dtype, with fp32 coefficients: half-precision coefficients put weight gradients beyond the rule on rare
+draws, see properties/test_fast_fused.py): it is judged by the relative-to-base rule against the fp64 oracle like
+every merged path. In an fp64 model it uses diffusers' own norm and RoPE (fp32 variance, complex64 RoPE), because
+the fp64 oracle is diffusers in fp64 and computing those steps in true fp64 moves weight gradients beyond the fp64
+floor (see `_diffusers_norm_rope`).
 """
 
 from __future__ import annotations
@@ -164,7 +166,8 @@ def _joint_qk_kernels(txt_norm, txt, txt_freqs, img_norm, img, img_freqs) -> tor
     txt, img = _norm(txt_norm, txt), _norm(img_norm, img)
     if txt_freqs is None:
         return torch.cat([txt, img], dim=1)
-    coefficients = (*rope_coefficients(txt_freqs, txt.dtype), *rope_coefficients(img_freqs, img.dtype))
+    compute = torch.promote_types(txt.dtype, torch.float32)  # half-precision coefficients bias weight gradients
+    coefficients = (*rope_coefficients(txt_freqs, compute), *rope_coefficients(img_freqs, compute))
     return _JointRope.apply(txt, img, *coefficients)
 
 
@@ -219,8 +222,8 @@ _COEFFICIENTS: dict[tuple, tuple] = {}
 def rope_coefficients(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin_signed), each (S, 1, D), such that rope(x) = x * cos + swap_pairs(x) * sin_signed.
 
-    cos = (c0, c0, c1, c1, ...), sin_signed = (-s0, s0, -s1, s1, ...) from complex freqs (S, D/2). In the compute
-    dtype of x (fp64 stays fp64; the values are those of the complex64 frequencies). Cached by tensor identity.
+    cos = (c0, c0, c1, c1, ...), sin_signed = (-s0, s0, -s1, s1, ...) from complex freqs (S, D/2), in `dtype` (fp32
+    for half-precision x, fp64 for fp64; the values are those of the complex64 frequencies). Cached by identity.
     """
     # The entry holds freqs, so its id cannot be reused while cached; inference-mode tensors cannot enter autograd.
     key = (id(freqs), dtype, torch.is_inference_mode_enabled())
