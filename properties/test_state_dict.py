@@ -134,3 +134,16 @@ def test_fused_model_state_dict_matches_the_converter(device, config, seed, nami
     unfuse_model(model)
     assert not any(isinstance(a.processor, FusedQwenAttnProcessor) for a in joint_attentions(model))
     assert_passed(compare_exact("unfuse_model(fuse_model)", "state_dict", standard, model.state_dict(), device))
+
+
+@settings(max_examples=expensive(2))
+@given(model_configs(layered=None), seeds(), layouts())
+def test_fusing_and_unfusing_leave_the_random_stream_untouched(device, config, seed, layout):
+    """A seeded pipeline draws the same noise whether or not the model was fused in between (new projection modules
+    used to take their random initialisation from the global generator, to be overwritten at once)."""
+    model = torch.nn.Module.to(build_model(config, seed), device)
+    torch.manual_seed(seed)
+    expected = torch.rand(4, device=device)
+    torch.manual_seed(seed)
+    unfuse_model(fuse_model(model, layout=layout))
+    assert torch.equal(torch.rand(4, device=device), expected)

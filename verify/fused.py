@@ -20,6 +20,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
     apply_rotary_emb_qwen,
 )
 from torch import nn
+from torch.nn.utils import skip_init
 
 from verify import qkv
 from verify.errors import VerifyError
@@ -103,12 +104,15 @@ def joint_attentions(model: nn.Module) -> list[Attention]:
 def fuse_attention(
     attn: Attention, naming: str = DEFAULT_NAMING, layout: str = "blocked", processor=None
 ) -> Attention:
-    """Replace the separate q/k/v projections of both streams by fused ones, and install the fused processor."""
+    """Replace the separate q/k/v projections of both streams by fused ones, and install the fused processor.
+
+    The new modules skip their random initialisation (overwritten anyway): fusing leaves the caller's RNG untouched.
+    """
     head_dim = attn.inner_dim // attn.heads
     for stream in streams(naming):
         q, k, v = (getattr(attn, name) for name in stream.separate)
         has_bias = q.bias is not None
-        fused = nn.Linear(q.in_features, q.out_features + k.out_features + v.out_features, bias=has_bias,
+        fused = skip_init(nn.Linear, q.in_features, q.out_features + k.out_features + v.out_features, bias=has_bias,
                           device=q.weight.device, dtype=q.weight.dtype)
         fused.weight.copy_(qkv.merge(q.weight, k.weight, v.weight, layout, head_dim))
         if has_bias:
@@ -131,7 +135,8 @@ def unfuse_attention(attn: Attention) -> Attention:
         weights = qkv.split(fused.weight, shape, proc.layout)
         biases = qkv.split(fused.bias, shape, proc.layout) if fused.bias is not None else (None,) * 3
         for name, w, b in zip(stream.separate, weights, biases):
-            linear = nn.Linear(fused.in_features, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            linear = skip_init(nn.Linear, fused.in_features, w.shape[0], bias=b is not None, device=w.device,
+                               dtype=w.dtype)
             linear.weight.copy_(w)
             if b is not None:
                 linear.bias.copy_(b)
