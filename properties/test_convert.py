@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -410,3 +412,20 @@ def test_hash_jobs_hold_at_most_the_byte_budget_whatever_the_core_count():
         workers.results()
     assert peak[0] <= 150 and all(alone) and len(alone) == 4
     assert peak[0] > 40  # more than one job at a time: the budget bounds memory, not parallelism
+
+
+def test_temporary_folders_of_a_killed_convert_are_removed_and_no_others(tmp_path, std, capsys):
+    """A folder left beside DST by a convert whose process died is removed (and said); one of a live process, or of
+    another host's process, stays."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = conv._owner().split("-")[0]
+    other = "0" * 8 if host != "0" * 8 else "1" * 8
+    stale, live, remote = (tmp_path / f".out.{owner}.x{conv.TMP_SUFFIX}"
+                           for owner in (f"{host}-{dead.pid}", f"{host}-{os.getpid()}", f"{other}-{dead.pid}"))
+    for folder in (stale, live, remote):
+        folder.mkdir()
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"half-written")
+    assert convert(std, tmp_path / "out", "--to", "merged") == 0
+    assert not stale.exists() and live.exists() and remote.exists()
+    assert f"removed {stale.name}" in capsys.readouterr().err

@@ -12,12 +12,14 @@ folder beside DST, fsynced, and renamed to DST at the end.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import mmap
 import os
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -591,7 +593,8 @@ def convert(src: Path, dst: Path, to: str, naming: str | None = None, layout: st
     ckpt = open_checkpoint(src)
     check_paths(src, dst, force)
     p = plan(ckpt, to, naming, layout)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".qkv-verify-tmp", dir=dst.parent))
+    remove_stale_temporaries(dst, warn)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{_owner()}.", suffix=TMP_SUFFIX, dir=dst.parent))
     try:
         out_entries, src_entries = write(p, tmp, warn)
         if ckpt.config is not None:
@@ -620,6 +623,37 @@ def check_paths(src: Path, dst: Path, force: bool) -> None:
         raise VerifyError(f"{dst.parent}: no such folder for DST")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise VerifyError(f"{dst}: exists; pass --force to replace it")
+
+
+TMP_SUFFIX = ".qkv-verify-tmp"
+
+
+def _owner() -> str:
+    """This process as a temporary folder's name records it: a hash of the host name, and the process id."""
+    return f"{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}-{os.getpid()}"
+
+
+def remove_stale_temporaries(dst: Path, warn: Warn) -> None:
+    """Remove the temporary folders that an earlier convert to `dst` left when it was killed: those whose process,
+    on this host, is gone. A folder of a live process, of another host (a shared file system) or not named by us
+    is left alone."""
+    host = _owner().split("-")[0]
+    for tmp in dst.parent.glob(f".{glob.escape(dst.name)}.*{TMP_SUFFIX}"):
+        owner = tmp.name[len(dst.name) + 2:].split(".")[0]
+        tmp_host, _, pid = owner.partition("-")
+        if tmp_host == host and pid.isdigit() and not _alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            warn(f"removed {tmp.name} beside DST: left by a convert (process {pid}) that was interrupted")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _replace(tmp: Path, dst: Path) -> None:
