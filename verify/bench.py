@@ -611,6 +611,9 @@ def format_table(result: dict) -> str:
               f"rel L2 {c['rel_l2_err']:.3g}{', bit-identical' if c.get('bit_identical') else ''})"
               for c in result["checks"]]
     lines += [f"goal {name}: {'met' if ok else 'NOT met'}" for name, ok in goals(result).items()]
+    lines += [f"  slower: {r['mode']} {r['phase']} {r['image_tokens']}+{r['text_tokens']} {r['speedup']:.3f}x, "
+              + ("in every round" if max(r["round_speedups"]) < 1.0 else "not in every round (within noise)")
+              for r in result["rows"] if r["speedup"] < 1.0 and r.get("round_speedups")]
     return "\n".join(lines)
 
 

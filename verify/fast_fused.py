@@ -166,8 +166,8 @@ def _joint_qk_kernels(txt_norm, txt, txt_freqs, img_norm, img, img_freqs) -> tor
     txt, img = _norm(txt_norm, txt), _norm(img_norm, img)
     if txt_freqs is None:
         return torch.cat([txt, img], dim=1)
-    compute = torch.promote_types(txt.dtype, torch.float32)  # half-precision coefficients bias weight gradients
-    coefficients = (*rope_coefficients(txt_freqs, compute), *rope_coefficients(img_freqs, compute))
+    # fp32 coefficients (fp64 returned above): rounded to a half dtype they bias weight gradients (module docstring)
+    coefficients = (*rope_coefficients(txt_freqs, torch.float32), *rope_coefficients(img_freqs, torch.float32))
     return _JointRope.apply(txt, img, *coefficients)
 
 
