@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from properties.checkpoint_files import standard_checkpoint
 from verify import convert as conv
+from verify import destination, qkv, scan
 from verify import manifest as mf
-from verify import qkv
 from verify.checkpoint import DTYPES, Checkpoint
 from verify.cli import main
 from verify.loading import load_merged, model_config
@@ -348,9 +348,9 @@ def test_scan_counts_non_finite_values_as_torch_does(dtype, n, seed, specials):
     for i, value in specials:
         x[i % n] = value
     x = x.to(DTYPES[dtype])
-    scan = conv.Scan(dtype).update(tensor_view(x))
-    assert (scan.nan, scan.inf) == (int(x.isnan().sum()), int(x.isinf().sum()))
-    assert scan.hash.hexdigest() == hashlib.sha256(as_bytes(x)).hexdigest()
+    found = scan.Scan(dtype).update(tensor_view(x))
+    assert (found.nan, found.inf) == (int(x.isnan().sum()), int(x.isinf().sum()))
+    assert found.hash.hexdigest() == hashlib.sha256(as_bytes(x)).hexdigest()
 
 
 def tensor_view(x: torch.Tensor) -> memoryview:
@@ -362,10 +362,10 @@ def test_scan_of_finite_values_takes_the_fast_path(dtype, monkeypatch):
     def slow(_):
         raise AssertionError("finite data went to the slow count")
 
-    monkeypatch.setattr(conv, "non_finite", slow)
+    monkeypatch.setattr(scan, "non_finite", slow)
     x = (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 100).to(DTYPES[dtype])
-    scan = conv.Scan(dtype).update(tensor_view(x))
-    assert (scan.nan, scan.inf) == (0, 0)
+    found = scan.Scan(dtype).update(tensor_view(x))
+    assert (found.nan, found.inf) == (0, 0)
 
 
 def test_killed_run_leaves_no_destination(tmp_path, std):
@@ -406,7 +406,7 @@ def test_hash_jobs_hold_at_most_the_byte_budget_whatever_the_core_count():
         with lock:
             held[0] -= nbytes
 
-    with conv.Workers(workers=8, budget=100) as workers:
+    with scan.Workers(workers=8, budget=100) as workers:
         for nbytes in [30, 20, 10, 40, 150, 25, 25, 25, 25] * 4:
             workers.submit(nbytes, job, nbytes)
         workers.results()
@@ -419,9 +419,9 @@ def test_temporary_folders_of_a_killed_convert_are_removed_and_no_others(tmp_pat
     another host's process, stays."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = conv._owner().split("-")[0]
+    host = destination.owner().split("-")[0]
     other = "0" * 8 if host != "0" * 8 else "1" * 8
-    stale, live, remote = (tmp_path / f".out.{owner}.x{conv.TMP_SUFFIX}"
+    stale, live, remote = (tmp_path / f".out.{owner}.x{destination.TMP_SUFFIX}"
                            for owner in (f"{host}-{dead.pid}", f"{host}-{os.getpid()}", f"{other}-{dead.pid}"))
     for folder in (stale, live, remote):
         folder.mkdir()

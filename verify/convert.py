@@ -12,41 +12,35 @@ folder beside DST, fsynced, and renamed to DST at the end.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
-import mmap
 import os
 import shutil
-import socket
 import struct
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 
+from verify import destination, qkv
 from verify import manifest as mf
-from verify import qkv
-from verify.checkpoint import DTYPES, Checkpoint, non_finite, read_header
+from verify.checkpoint import DTYPES, Checkpoint, read_header
 from verify.errors import VerifyError
 from verify.loading import model_config
 from verify.naming import DEFAULT_NAMING, NAMINGS, detect_naming, streams
 from verify.qkv import LAYOUTS, QKVShape
+from verify.scan import CHUNK, IN_FLIGHT, Scan, Workers, scan_file, tensor_bytes
 from verify.state_dict import merge_state_dict, split_state_dict
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
-CHUNK = 16 * 2**20  # bytes per read or kernel copy of a copied tensor
 WRITE = 2**20  # bytes per write() of a converted tensor
 DIRECTIONS = ("merged", "standard")
 FUSED_LEAVES = {s.fused for pair in NAMINGS.values() for s in pair}
@@ -326,108 +320,12 @@ def raw_bytes(t: Tensor, buffer: bytearray) -> Iterator[memoryview]:
             yield view[:n]
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-# IEEE dtypes: a value is NaN or Inf exactly when its exponent bits are all ones (integer view, mask).
-EXPONENTS = {"F16": (np.int16, 0x7C00), "BF16": (np.int16, 0x7F80), "F32": (np.int32, 0x7F800000),
-             "F64": (np.int64, 0x7FF0000000000000)}
-
-
-class Scan:
-    """sha256 and NaN/Inf counts of one tensor's bytes, fed in pieces."""
-
-    def __init__(self, dtype: str):
-        self.name, self.dtype = dtype, DTYPES[dtype]
-        self.hash = hashlib.sha256()
-        self.nan = self.inf = 0
-        self.scratch: np.ndarray | None = None
-
-    def update(self, data: memoryview) -> Scan:
-        self.hash.update(data)
-        if self.dtype.is_floating_point and len(data) and not self._all_finite(data):
-            nan, inf = non_finite(torch.frombuffer(data, dtype=self.dtype))
-            self.nan, self.inf = self.nan + nan, self.inf + inf
-        return self
-
-    def _all_finite(self, data: memoryview) -> bool:
-        """A fast first look (12 GB/s against isfinite's 0.1 GB/s for bf16 on one core); exact for IEEE dtypes.
-        In numpy, one thread: torch's ops here ran on its intra-op threads, whose spinning cost 0.6 CPU s/GB."""
-        if self.name not in EXPONENTS:
-            return False
-        int_dtype, mask = EXPONENTS[self.name]
-        bits = np.frombuffer(data, dtype=int_dtype)
-        if self.scratch is None or self.scratch.size < bits.size:
-            self.scratch = np.empty_like(bits)
-        exponents = np.bitwise_and(bits, mask, out=self.scratch[: bits.size])
-        return int(exponents.max()) != mask
-
-    def entry(self, shape: tuple[int, ...], dtype: str) -> mf.Entry:
-        return mf.Entry(shape, dtype, self.hash.hexdigest())
-
-
-def scan_file(t: Tensor) -> Scan:
-    """Hash and scan a tensor's bytes where they lie in its file (mapped, not copied: a third less system time)."""
-    scan = Scan(t.dtype)
-    if not t.nbytes:
-        return scan.update(memoryview(b""))
-    start = t.offset - t.offset % mmap.ALLOCATIONGRANULARITY
-    with t.path.open("rb") as f, mmap.mmap(f.fileno(), t.offset + t.nbytes - start, access=mmap.ACCESS_COPY,
-                                           offset=start) as mapped:
-        with memoryview(mapped) as view:
-            for i in range(t.offset - start, t.offset - start + t.nbytes, CHUNK):
-                with view[i: min(i + CHUNK, t.offset - start + t.nbytes)] as piece:
-                    scan.update(piece)
-    return scan
-
 
 Warn = Callable[[str], None]
 
 
 def _warn_stderr(message: str) -> None:
     print(f"qkv-verify: warning: {message}", file=sys.stderr)
-
-
-IN_FLIGHT = 256 * 2**20  # bytes that queued and running hash jobs may hold (buffers, mapped tensor pages)
-
-
-class Workers:
-    """Hashing and scanning off the writing thread: a worker per core (2 to 8), at most `budget` bytes in flight.
-
-    A byte budget, not a job count: a count that grows with the workers (18 jobs on 8) lets a disk or hash that falls
-    behind queue up to 18 tensors' bytes, so memory would depend on the core count. A tensor larger than the budget
-    runs alone.
-    """
-
-    def __init__(self, workers: int = max(2, min(8, os.cpu_count() or 1)), budget: int = IN_FLIGHT):
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="qkv-verify-hash")
-        self.budget, self.held = budget, 0
-        self.freed = threading.Condition()
-        self.jobs: list[Future] = []
-
-    def submit(self, nbytes: int, fn: Callable, *args) -> None:
-        nbytes = min(nbytes, self.budget)
-        with self.freed:
-            self.freed.wait_for(lambda: self.held + nbytes <= self.budget)
-            self.held += nbytes
-        job = self.pool.submit(fn, *args)
-        job.add_done_callback(lambda _: self._release(nbytes))
-        self.jobs.append(job)
-
-    def _release(self, nbytes: int) -> None:
-        with self.freed:
-            self.held -= nbytes
-            self.freed.notify_all()
-
-    def results(self) -> list:
-        return [job.result() for job in self.jobs]
-
-    def __enter__(self) -> Workers:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write(p: Plan, folder: Path, warn: Warn = _warn_stderr) -> tuple[dict[str, mf.Entry], dict[str, mf.Entry]]:
@@ -469,7 +367,7 @@ def write(p: Plan, folder: Path, warn: Warn = _warn_stderr) -> tuple[dict[str, m
         weight_map = {key: name for name, (_, keys) in zip(names, p.shards) for key in keys}
         total = sum(t.nbytes for t in p.src.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_text(folder / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        destination.write_text(folder / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out_entries, src_entries
 
 
@@ -562,11 +460,7 @@ def _materialize(p: Plan, group: Group) -> tuple[dict[str, torch.Tensor], dict[s
     return sources, targets
 
 
-def _write_text(path: Path, text: str) -> None:
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -591,95 +485,16 @@ def convert(src: Path, dst: Path, to: str, naming: str | None = None, layout: st
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     ckpt = open_checkpoint(src)
-    check_paths(src, dst, force)
+    destination.check_paths(src, dst, force)
     p = plan(ckpt, to, naming, layout)
-    remove_stale_temporaries(dst, warn)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{_owner()}.", suffix=TMP_SUFFIX, dir=dst.parent))
-    try:
+    with destination.staged(dst, warn) as tmp:
         out_entries, src_entries = write(p, tmp, warn)
         if ckpt.config is not None:
             shutil.copyfile(ckpt.path / "config.json", tmp / "config.json")
         manifest = mf.build(out_entries, src_entries, src, p.conversion)
-        _write_text(tmp / mf.NAME, json.dumps(manifest, indent=2) + "\n")
-        _fsync_dir(tmp)
-        _replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        destination.write_text(tmp / mf.NAME, json.dumps(manifest, indent=2) + "\n")
     nbytes = sum(t.nbytes for t in p.src.values())
     return Result(dst, p, len(p.shards), nbytes, time.perf_counter() - start, manifest)
-
-
-def check_paths(src: Path, dst: Path, force: bool) -> None:
-    """Refuse a DST that is SRC, lies inside SRC or holds SRC, exists (without --force), or has no parent folder."""
-    s, d = src.resolve(), dst.resolve()
-    if d == s:
-        raise VerifyError(f"{dst}: DST is SRC; refusing to write over the source")
-    if src.is_dir() and d.is_relative_to(s):
-        raise VerifyError(f"{dst}: lies inside SRC {src}; refusing to write into the source")
-    if s.is_relative_to(d):
-        raise VerifyError(f"{dst}: holds SRC {src}; refusing to replace the source's folder")
-    if not d.parent.is_dir():
-        raise VerifyError(f"{dst.parent}: no such folder for DST")
-    if (dst.exists() or dst.is_symlink()) and not force:
-        raise VerifyError(f"{dst}: exists; pass --force to replace it")
-
-
-TMP_SUFFIX = ".qkv-verify-tmp"
-
-
-def _owner() -> str:
-    """This process as a temporary folder's name records it: a hash of the host name, and the process id."""
-    return f"{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}-{os.getpid()}"
-
-
-def remove_stale_temporaries(dst: Path, warn: Warn) -> None:
-    """Remove the temporary folders that an earlier convert to `dst` left when it was killed: those whose process,
-    on this host, is gone. A folder of a live process, of another host (a shared file system) or not named by us
-    is left alone."""
-    host = _owner().split("-")[0]
-    for tmp in dst.parent.glob(f".{glob.escape(dst.name)}.*{TMP_SUFFIX}"):
-        owner = tmp.name[len(dst.name) + 2:].split(".")[0]
-        tmp_host, _, pid = owner.partition("-")
-        if tmp_host == host and pid.isdigit() and not _alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-            warn(f"removed {tmp.name} beside DST: left by a convert (process {pid}) that was interrupted")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Rename the finished `tmp` to `dst`; an existing `dst` (allowed by --force) is moved aside, then removed."""
-    old = None
-    if dst.exists() or dst.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".qkv-verify-old", dir=dst.parent))
-        old.rmdir()
-        os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except OSError:
-        if old is not None:
-            os.rename(old, dst)
-        raise
-    _fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
