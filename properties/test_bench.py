@@ -140,3 +140,13 @@ def test_a_slower_row_says_whether_every_round_was_slower(result):
     assert len(lines) == 2
     assert lines[0].endswith("not in every round (within noise)") and lines[1].endswith("in every round")
     assert lines[1].startswith(f"  slower: {slower['mode']} {slower['phase']}")
+
+
+def test_trace_writes_each_rows_timelines(tmp_path):
+    """--trace DIR: a Chrome-trace timeline per row and implementation, holding the profiled ops."""
+    assert main(["bench", *TINY, "--modes", "eager", "--phases", "forward", "--trace", str(tmp_path / "t")]) == 0
+    written = sorted(p.name for p in (tmp_path / "t").iterdir())
+    assert written == ["eager-forward-16-merged.json", "eager-forward-16-standard.json"]
+    for name in written:
+        events = json.loads((tmp_path / "t" / name).read_text())["traceEvents"]
+        assert any(e.get("name", "").startswith("aten::") for e in events)

@@ -70,6 +70,7 @@ class Options:
     layers: int = 60
     check_tokens: int | None = None  # image tokens of the fp64-oracle check (default: the smallest size)
     time_limit: float = 0.0  # seconds; past it, no new (mode, size) group starts (0: no limit)
+    trace: Path | None = None  # folder for each row's profiler timelines (Chrome trace JSON), or none
     log: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
     on_update: Callable[[dict], None] = field(default=lambda result: None, repr=False)  # after every row
 
@@ -210,10 +211,11 @@ _ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.IGNORECASE)
 _MATMUL = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|aten::(add)?mm\b|aten::bmm|addmm|_mm_|matmul", re.IGNORECASE)
 
 
-def profile_kernels(fn: Callable[[], object], device: str, calls: int = 2) -> dict:
+def profile_kernels(fn: Callable[[], object], device: str, calls: int = 2, trace: Path | None = None) -> dict:
     """torch.profiler over `calls` calls (after one untimed call), per call: the kernel count, the time in matmul,
     attention and all other kernels (ms), and the kernels that took longest. GPU: device kernels (memcpy/memset
-    timed as other, not counted); CPU: leaf aten ops that compute."""
+    timed as other, not counted); CPU: leaf aten ops that compute. `trace`: where to write the timeline too (the
+    gaps between kernels, which the per-kind sums cannot show)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -224,6 +226,9 @@ def profile_kernels(fn: Callable[[], object], device: str, calls: int = 2) -> di
         for _ in range(calls):
             fn()
         _sync(device)
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
     if device == "cuda":
         timed = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         counted = [e for e in timed if not e.name.startswith(("Memcpy", "Memset"))]
@@ -457,7 +462,10 @@ def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, pha
         a, b = train_call(std_run, inputs, opts.seed), train_call(merged_run, inputs, opts.seed)
     std_ms, merged_ms, round_speedups = median_pair(a, b, opts)
     flops = flops if flops is not None else block_flops(opts, tokens, phase)
-    profiles = {name: profile_kernels(fn, opts.device) for name, fn in (("standard", a), ("merged", b))}
+    traces = {name: opts.trace / f"{mode}-{phase}-{tokens}-{name}.json" if opts.trace else None
+              for name in ("standard", "merged")}
+    profiles = {name: profile_kernels(fn, opts.device, trace=traces[name]) for name, fn in (("standard", a),
+                                                                                             ("merged", b))}
     row = dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens, standard_ms=std_ms,
                merged_ms=merged_ms, speedup=std_ms / merged_ms, kernels_standard=profiles["standard"]["kernels"],
                kernels_merged=profiles["merged"]["kernels"], floor_ms=flops / (peak * 1e12) * 1e3,
@@ -729,6 +737,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="seconds; past it no new (mode, size) group starts, the JSON lists what was skipped")
     p.add_argument("--json", type=Path, help="write the result as JSON here (rewritten after every row)")
+    p.add_argument("--trace", type=Path, metavar="DIR",
+                   help="write each row's profiler timeline here, standard and merged (Chrome trace JSON)")
     p.add_argument("--append", type=Path,
                    help="an earlier bench JSON of this device: its rows not measured again are kept in --json")
     p.set_defaults(func=_bench)
@@ -744,7 +754,7 @@ def _bench(args) -> int:
                    seed=args.seed, compile_backend=args.compile_backend, compile_mode=args.compile_mode,
                    compile_shapes=args.compile_shapes,
                    full_model=args.full_model,
-                   layers=args.layers, check_tokens=args.check_tokens, time_limit=args.time_limit,
+                   layers=args.layers, check_tokens=args.check_tokens, time_limit=args.time_limit, trace=args.trace,
                    on_update=lambda result: _write_json(with_previous(previous, result), args.json))
     previous = _read_previous(args.append)
     status = 0
