@@ -63,12 +63,7 @@ class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):
             q, k, v, attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states), dropout_p=0.0,
             is_causal=False,
         )  # (B, S_txt + S_img, H, D)
-        joint = joint.flatten(2, 3).to(q.dtype)
-        txt_out, img_out = self.split_streams(joint, encoder_hidden_states.shape[1])
-        img_out = attn.to_out[0](img_out.contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)  # dropout
-        return img_out, attn.to_add_out(txt_out.contiguous())
+        return self.outputs(attn, joint.to(q.dtype), encoder_hidden_states.shape[1])
 
     def joint_qkv(self, attn: Attention, txt: torch.Tensor, img: torch.Tensor, image_rotary_emb) -> tuple:
         """Normalised, rotated q and k and plain v of the joint [text, image] sequence from the fused outputs."""

@@ -66,12 +66,7 @@ class FusedQwenAttnProcessor:
             dropout_p=0.0,
             is_causal=False,
         )  # (B, S_txt + S_img, H, D)
-        joint = joint.flatten(2, 3).to(img_q.dtype)
-        txt_out, img_out = self.split_streams(joint, encoder_hidden_states.shape[1])
-        img_out = attn.to_out[0](img_out.contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)  # dropout
-        return img_out, attn.to_add_out(txt_out.contiguous())
+        return self.outputs(attn, joint.to(img_q.dtype), encoder_hidden_states.shape[1])
 
     def project(self, attn: Attention, stream: Stream, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
         """One fused matmul, then the (q, k, v) views, each unflattened to heads."""
@@ -89,6 +84,15 @@ class FusedQwenAttnProcessor:
             return None
         image = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
         return torch.cat([text_mask.bool(), image], dim=1)[:, None, None, :]
+
+    def outputs(self, attn: Attention, joint: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, text) outputs from the joint attention result (B, S_txt + S_img, H, D): heads merged, the streams
+        split, each through its own output projection."""
+        txt_out, img_out = self.split_streams(joint.flatten(2, 3), text_len)
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)  # dropout
+        return img_out, attn.to_add_out(txt_out.contiguous())
 
     def split_streams(self, joint: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(text, image) parts of the joint sequence."""
