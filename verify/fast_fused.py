@@ -202,12 +202,17 @@ def _rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos_sin:
         y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps) * weight.to(compute)
     if cos_sin is None:
         return y.to(x.dtype)
-    cos, sin = cos_sin.to(compute)[:, None].unbind(-1)  # (S, 1, D/2) each
-    cos = torch.stack([cos, cos], dim=-1).flatten(-2)  # (S, 1, D): (c0, c0, c1, c1, ...)
-    sin = torch.stack([-sin, sin], dim=-1).flatten(-2)  # (-s0, s0, -s1, s1, ...)
+    cos, sin = pair_coefficients(cos_sin.to(compute))
     # As in the eager kernels: every output element reads x and its pair partner, no stack of the output pairs
     # (inductor's kernel for that form ran 15% slower on an H200; reports/gpu/NOTES.md).
     return (y * cos + _swap_pairs(y) * sin).to(x.dtype)
+
+
+def pair_coefficients(cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin_signed), each (S, 1, D), from the frequencies' real view (S, D/2, 2): cos = (c0, c0, c1, c1, ...),
+    sin_signed = (-s0, s0, -s1, s1, ...), so that rope(x) = x * cos + swap_pairs(x) * sin_signed."""
+    cos, sin = cos_sin[:, None].unbind(-1)  # (S, 1, D/2) each
+    return torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
 
 # (id(freqs), dtype) -> (freqs, its version, coefficients): a model passes the same tensors to every block.
@@ -215,21 +220,14 @@ _COEFFICIENTS: dict[tuple, tuple] = {}
 
 
 def rope_coefficients(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin_signed), each (S, 1, D), such that rope(x) = x * cos + swap_pairs(x) * sin_signed.
-
-    cos = (c0, c0, c1, c1, ...), sin_signed = (-s0, s0, -s1, s1, ...) from complex freqs (S, D/2), in `dtype` (fp32
-    for half-precision x, fp64 for fp64; the values are those of the complex64 frequencies). Cached by identity.
-    """
+    """`pair_coefficients` of complex freqs (S, D/2), in `dtype` (fp32 for half-precision x, fp64 for fp64; the
+    values are those of the complex64 frequencies). Cached by tensor identity."""
     # The entry holds freqs, so its id cannot be reused while cached; inference-mode tensors cannot enter autograd.
     key = (id(freqs), dtype, torch.is_inference_mode_enabled())
     hit = _COEFFICIENTS.get(key)
     if hit is not None and hit[0] is freqs and hit[1] == freqs._version:
         return hit[2]
-    cos_sin = torch.view_as_real(freqs)  # (S, D/2, 2)
-    cos = cos_sin[..., :1].expand(-1, -1, 2)
-    sign = torch.tensor([-1.0, 1.0], dtype=cos_sin.dtype, device=cos_sin.device)
-    sin = cos_sin[..., 1:] * sign
-    value = tuple(t.reshape(t.shape[0], 1, -1).to(dtype).contiguous() for t in (cos, sin))
+    value = tuple(t.to(dtype).contiguous() for t in pair_coefficients(torch.view_as_real(freqs)))
     if len(_COEFFICIENTS) > 8:
         _COEFFICIENTS.clear()
     _COEFFICIENTS[key] = (freqs, freqs._version, value)
