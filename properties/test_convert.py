@@ -419,7 +419,7 @@ def test_temporary_folders_of_a_killed_convert_are_removed_and_no_others(tmp_pat
     another host's process, stays."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = destination.owner().split("-")[0]
+    host = destination.host()
     other = "0" * 8 if host != "0" * 8 else "1" * 8
     stale, live, remote = (tmp_path / f".out.{owner}.x{destination.TMP_SUFFIX}"
                            for owner in (f"{host}-{dead.pid}", f"{host}-{os.getpid()}", f"{other}-{dead.pid}"))

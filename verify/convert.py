@@ -320,7 +320,6 @@ def raw_bytes(t: Tensor, buffer: bytearray) -> Iterator[memoryview]:
             yield view[:n]
 
 
-
 Warn = Callable[[str], None]
 
 
@@ -458,9 +457,6 @@ def _materialize(p: Plan, group: Group) -> tuple[dict[str, torch.Tensor], dict[s
     targets = p.convert(group, sources)
     assert set(targets) == set(group.targets), (sorted(targets), group)
     return sources, targets
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -49,19 +49,24 @@ def check_paths(src: Path, dst: Path, force: bool) -> None:
 TMP_SUFFIX = ".qkv-verify-tmp"
 
 
+def host() -> str:
+    """This host as a temporary folder's name records it: a short hash of its name."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def owner() -> str:
-    """This process as a temporary folder's name records it: a hash of the host name, and the process id."""
-    return f"{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}-{os.getpid()}"
+    """This process as a temporary folder's name records it: host, then process id."""
+    return f"{host()}-{os.getpid()}"
 
 
 def remove_stale_temporaries(dst: Path, warn: Callable[[str], None]) -> None:
     """Remove the temporary folders that an earlier convert to `dst` left when it was killed: those whose process,
     on this host, is gone. A folder of a live process, of another host (a shared file system) or not named by us
     is left alone."""
-    host = owner().split("-")[0]
+    here = host()
     for tmp in dst.parent.glob(f".{glob.escape(dst.name)}.*{TMP_SUFFIX}"):
         tmp_host, _, pid = tmp.name[len(dst.name) + 2:].split(".")[0].partition("-")
-        if tmp_host == host and pid.isdigit() and not _alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+        if tmp_host == here and pid.isdigit() and not _alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
             warn(f"removed {tmp.name} beside DST: left by a convert (process {pid}) that was interrupted")
 
