@@ -206,17 +206,17 @@ def paired_times(a: Callable, b: Callable, opts: Options) -> tuple[list[float], 
             [t for (_, side), t in zip(order, times) if side == 1])
 
 
-def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval of the median: the order statistics x_(k), x_(n+1-k) with k the
-    largest rank such that P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2 (the sign test's interval). Too few values
-    for the confidence give the whole range."""
-    x = sorted(values)
-    n = len(x)
-    tail, k = 0.0, 0
-    while k < n // 2 and tail + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
-        tail += math.comb(n, k) / 2**n
-        k += 1
-    return (x[0], x[-1]) if k == 0 else (x[k - 1], x[n - k])
+def speedup_interval(a_ms: list[float], b_ms: list[float], confidence: float = 0.95,
+                     resamples: int = 4000) -> tuple[float, float]:
+    """Confidence interval of median(a) / median(b) from paired calls: percentile bootstrap that resamples whole
+    pairs (each pair shares its moment's clock), seeded so that a result reproduces."""
+    pairs = torch.tensor([a_ms, b_ms], dtype=torch.float64)  # (2, n)
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randint(pairs.shape[1], (resamples, pairs.shape[1]), generator=g)
+    medians = pairs[:, picks].quantile(0.5, dim=-1)  # (2, resamples); interpolated, as statistics.median
+    ratios = medians[0] / medians[1]
+    tail = (1 - confidence) / 2
+    return ratios.quantile(tail).item(), ratios.quantile(1 - tail).item()
 
 
 def count_kernels(fn: Callable[[], object], device: str, calls: int = 2) -> int:
@@ -482,7 +482,7 @@ def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, pha
     with clocks.sampler(opts.device) as sampled:
         std_times, merged_times = paired_times(a, b, opts)
     std_ms, merged_ms = statistics.median(std_times), statistics.median(merged_times)
-    ci = median_interval([s / m for s, m in zip(std_times, merged_times)])
+    ci = speedup_interval(std_times, merged_times)
     flops = flops if flops is not None else block_flops(opts, tokens, phase)
     traces = {name: opts.trace / f"{mode}-{phase}-{tokens}-{name}.json" if opts.trace else None
               for name in ("standard", "merged")}
@@ -491,7 +491,8 @@ def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, pha
     row = dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens, standard_ms=std_ms,
                merged_ms=merged_ms, speedup=std_ms / merged_ms, kernels_standard=profiles["standard"]["kernels"],
                kernels_merged=profiles["merged"]["kernels"], floor_ms=flops / (peak * 1e12) * 1e3,
-               merged_tflops=flops / (merged_ms * 1e-3) / 1e12, speedup_ci=list(ci), clocks=sampled.summary())
+               merged_tflops=flops / (merged_ms * 1e-3) / 1e12, speedup_ci=list(ci), clocks=sampled.summary(),
+               standard_calls_ms=std_times, merged_calls_ms=merged_times)
     if profile_sink is not None:
         profile_sink.append(dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens,
                                  **{name: p for name, p in profiles.items()}))
