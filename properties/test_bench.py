@@ -36,11 +36,12 @@ def result(tmp_path_factory) -> dict:
 def test_json_contract(result):
     assert {"device", "torch", "diffusers", "matmul_peak_tflops", "rows"} <= set(result)
     assert result["torch"] == torch.__version__
-    assert result["matmul_peak_tflops"] > 0
+    assert result["matmul_peak_tflops"] > 0 and result["matmul_sustained_tflops"] > 0
+    assert result["matmul_peak_clocks"] is None and result["matmul_sustained_clocks"] is None  # the CPU has none
     rows = result["rows"]
     assert {(r["mode"], r["phase"]) for r in rows} == {(m, p) for m in bench.MODES for p in bench.PHASES}
     for row in rows:
-        extra = {"speedup_ci", "clocks", "standard_calls_ms", "merged_calls_ms"}
+        extra = {"speedup_ci", "clocks", "standard_calls_ms", "merged_calls_ms", "floor_sustained_ms"}
         assert set(row) == ROW_FIELDS | extra, set(row) ^ ROW_FIELDS
         assert len(row["standard_calls_ms"]) == len(row["merged_calls_ms"]) == 3  # the CPU default --repeats
         low, high = row["speedup_ci"]
@@ -50,6 +51,8 @@ def test_json_contract(result):
         assert all(row[k] > 0 and math.isfinite(row[k]) for k in ("standard_ms", "merged_ms", "floor_ms",
                                                                      "merged_tflops"))
         assert row["speedup"] == pytest.approx(row["standard_ms"] / row["merged_ms"])
+        assert row["floor_sustained_ms"] == pytest.approx(row["floor_ms"] * result["matmul_peak_tflops"]
+                                                          / result["matmul_sustained_tflops"])
         assert isinstance(row["kernels_standard"], int) and row["kernels_standard"] > 0
         assert isinstance(row["kernels_merged"], int) and row["kernels_merged"] > 0
     forward, train = (next(r for r in rows if r["mode"] == "eager" and r["phase"] == p) for p in bench.PHASES)
@@ -193,3 +196,20 @@ def test_trace_writes_each_rows_timelines(tmp_path):
     for name in written:
         events = json.loads((tmp_path / "t" / name).read_text())["traceEvents"]
         assert any(e.get("name", "").startswith("aten::") for e in events)
+
+
+def test_speed_chart_draws_each_rows_interval(result):
+    """The report's speed chart: one bar per row at its speedup, its error bar spanning the row's 95% CI."""
+    from verify.charts import speed_chart
+
+    fig = speed_chart(result)
+    bars = [c for c in fig.axes[0].containers if hasattr(c, "errorbar")]
+    assert len(bars) == len(result["rows"])  # one series per (mode, phase), one size here
+    drawn = {}
+    for container in bars:
+        (rect,), (segments,) = container.patches, container.errorbar.lines[2]
+        drawn[container.get_label()] = (rect.get_height(), *sorted(segments.get_segments()[0][:, 1]))
+    for row in result["rows"]:
+        height, low, high = drawn[f"{row['mode']} {row['phase']}"]
+        assert height == pytest.approx(row["speedup"])
+        assert (low, high) == pytest.approx(tuple(row["speedup_ci"]))

@@ -129,18 +129,30 @@ def speed_chart(bench: dict):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(series)
     for j, (mode, phase) in enumerate(series):
-        values = {r["image_tokens"]: r["speedup"] for r in rows if (r["mode"], r["phase"]) == (mode, phase)}
-        ax.bar([i + j * width for i in range(len(tokens))], [values.get(t, float("nan")) for t in tokens], width,
-               label=f"{mode} {phase}")
+        by_tokens = {r["image_tokens"]: r for r in rows if (r["mode"], r["phase"]) == (mode, phase)}
+        picked = [by_tokens.get(t) for t in tokens]
+        ax.bar([i + j * width for i in range(len(tokens))], [r["speedup"] if r else float("nan") for r in picked],
+               width, yerr=_interval_bars(picked), capsize=2, label=f"{mode} {phase}")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tokens))], [str(t) for t in tokens])
     ax.set_xlabel("image tokens (text tokens fixed)")
-    ax.set_ylabel("speedup: standard ms / merged ms")
+    ax.set_ylabel("speedup: standard ms / merged ms (bars: 95% CI)")
     ax.set_title(f"Merged vs standard block on {bench.get('device', '?')} (bf16)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _interval_bars(rows: list[dict | None]) -> list[list[float]]:
+    """matplotlib's (below, above) error bars of each row's speedup from its 95% CI (none where it has none)."""
+    below, above = [], []
+    for r in rows:
+        speed = r["speedup"] if r else 0.0
+        low, high = (r.get("speedup_ci") or (speed, speed)) if r else (0.0, 0.0)
+        below.append(max(0.0, speed - low))
+        above.append(max(0.0, high - speed))
+    return [below, above]
 
 
 def _png(fig) -> bytes:
