@@ -168,6 +168,9 @@ def test_bench_rows_judge_speed_and_kernel_claims(runs, tmp_path):
     assert "full model" in rows["kernels-67pct-fewer"]["detail"]
     (tmp_path / "empty").mkdir()
     assert load_bench(tmp_path / "empty") is None
+    (tmp_path / "bench-fast-h200.json").write_text(json.dumps(measured))
+    with pytest.raises(VerifyError, match="several benchmark JSONs .*bench-fast-h200.json, bench-h200.json"):
+        load_bench(tmp_path)  # which run speaks for the merged path is not ours to guess
 
 
 def test_property_suite_results_back_attention_and_block(runs):

@@ -276,13 +276,16 @@ def speed(bench: dict | list | None) -> list[dict]:
 
 
 def load_bench(path: Path) -> dict | None:
-    """A benchmark JSON, or the newest reports/gpu/bench-*.json in a folder (None when the folder has none)."""
+    """A benchmark JSON, or the one bench-*.json in a folder (None when the folder has none; several: an error, since
+    which of them speaks for the merged path is the user's choice)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("bench-*.json"))
         if not files:
             return None
-        path = files[-1]
+        if len(files) > 1:
+            raise VerifyError(f"{path}: several benchmark JSONs ({', '.join(f.name for f in files)}); pass one")
+        path = files[0]
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:

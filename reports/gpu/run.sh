@@ -12,12 +12,12 @@ card=$(python3 -c "import torch, re; n = torch.cuda.get_device_name(); print(re.
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -m pytest properties -q -p no:cacheprovider --device cuda -p properties.results_json \
   --results-json "$out/properties-$card.json" 2>&1 | tail -25
-for config in small full; do
-  start=$(date +%s)
-  python3 -m verify.cli report --device cuda --config "$config" --dtypes bf16 --out "/tmp/report-$config" 2>&1 | tail -8
-  echo "report --config $config: $(( $(date +%s) - start )) s"
-done
+start=$(date +%s)
+python3 -m verify.cli report --device cuda --config full --dtypes bf16,fp16 --bench "reports/gpu/bench-$card.json" \
+  --properties "$out/properties-$card.json" --out /tmp/report-full 2>&1 | tail -8
+echo "report --config full: $(( $(date +%s) - start )) s"
 cp /tmp/report-full/summary.json "$out/report-full-$card.json"
-cp /tmp/report-full/errors.png "$out/report-full-errors-$card.png"
-cp /tmp/report-full/output_stats.png "$out/report-full-output-stats-$card.png"
-cp /tmp/report-small/summary.json "$out/report-small-$card.json"
+cp /tmp/report-full/report.md "$out/report-full-$card.md"
+for chart in errors output_stats speed; do
+  cp "/tmp/report-full/$chart.png" "$out/report-full-${chart//_/-}-$card.png"
+done
