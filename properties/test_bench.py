@@ -213,3 +213,18 @@ def test_speed_chart_draws_each_rows_interval(result):
         height, low, high = drawn[f"{row['mode']} {row['phase']}"]
         assert height == pytest.approx(row["speedup"])
         assert (low, high) == pytest.approx(tuple(row["speedup_ci"]))
+
+
+def test_report_speed_section(result):
+    """report --bench: a speed table row per timed row (interval shown), and the bench's own goals; a bare list of
+    rows (no config) gets the table without goals."""
+    from verify.render import tables
+
+    frames = tables({"checks": [], "output_stats": [], "speed": result})
+    speed = frames["speed"]
+    assert len(speed) == len(result["rows"])
+    assert list(speed["speedup"]) == [r["speedup"] for r in result["rows"]]
+    assert list(speed["95% CI"]) == [f"{r['speedup_ci'][0]:.3f}-{r['speedup_ci'][1]:.3f}" for r in result["rows"]]
+    assert dict(zip(frames["speed_goals"]["goal"], frames["speed_goals"]["met"])) == bench.goals(result)
+    bare = tables({"checks": [], "output_stats": [], "speed": {"rows": result["rows"]}})
+    assert len(bare["speed"]) == len(result["rows"]) and "speed_goals" not in bare

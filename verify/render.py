@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from verify.bench import goals
 from verify.charts import charts
 
 CHECK_COLUMNS = ["name", "component", "dtype", "device", "passed", "max_abs_err", "base_max_abs_err", "ratio",
@@ -43,7 +44,31 @@ def tables(summary: dict) -> dict[str, pd.DataFrame]:
         out["claims"] = pd.DataFrame(summary["claims"])
     if summary.get("regression"):
         out["regression"] = pd.DataFrame(summary["regression"]["moved"])
+    speed = summary.get("speed")
+    if speed and (speed.get("rows") or speed.get("full_model")):
+        out["speed"] = pd.DataFrame([_speed_row(r) for r in _timed_rows(speed)])
+        if "config" in speed:
+            out["speed_goals"] = pd.DataFrame([{"goal": goal, "met": met} for goal, met in goals(speed).items()])
     return out
+
+
+def _timed_rows(bench: dict) -> list[dict]:
+    """The block rows, then the full-model rows that were timed (their mode prefixed)."""
+    full = [{**r, "mode": f"full model {r['mode']}"} for r in bench.get("full_model") or [] if "merged_ms" in r]
+    return [*(bench.get("rows") or []), *full]
+
+
+def _speed_row(r: dict) -> dict:
+    """One bench row as the report shows it: times, speedup with its interval, clock, kernels, share of the floor."""
+    ci, clocks = r.get("speedup_ci"), r.get("clocks") or {}
+    sustained = r.get("floor_sustained_ms")
+    return {"mode": r.get("mode"), "phase": r.get("phase"), "image tokens": r.get("image_tokens"),
+            "text tokens": r.get("text_tokens"), "standard ms": r.get("standard_ms"), "merged ms": r.get("merged_ms"),
+            "speedup": r.get("speedup"), "95% CI": f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
+            "SM MHz": clocks.get("sm_mhz"), "power-capped share": clocks.get("held_by", {}).get("power_cap"),
+            "kernels": f"{r.get('kernels_standard')} -> {r.get('kernels_merged')}",
+            "floor / merged": r["floor_ms"] / r["merged_ms"] if r.get("floor_ms") else None,
+            "at the sustained peak": sustained / r["merged_ms"] if sustained else None}
 
 
 def markdown(summary: dict) -> str:
@@ -54,7 +79,7 @@ def markdown(summary: dict) -> str:
     lines += [f"- {note}" for note in summary["notes"]] + ([""] if summary["notes"] else [])
     sections = [("Failures", "failures"), ("Claims ledger", "claims"), ("Regression against the baseline",
                  "regression"), ("Checks", "checks"), ("Output statistics", "output_stats"), ("LoRA", "lora"),
-                ("LoRA alpha sweep", "lora_sweep")]
+                ("LoRA alpha sweep", "lora_sweep"), ("Speed", "speed"), ("Speed goals", "speed_goals")]
     for title, name in sections:
         if name in t and len(t[name]):
             lines += [f"## {title}", "", t[name].to_markdown(index=False, floatfmt=".4g"), ""]
