@@ -178,3 +178,32 @@ def _check_region(device: str, layout: str, backend: str) -> None:
             assert_passed(record)
             assert record.fused_calls > 0
     assert sum(p.region_calls for p in processors) > 0, "the compiled region never ran"
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_region_compiles_once_for_every_sequence_length(monkeypatch, marked):
+    """The region's sequence lengths are symbolic from its first graph: a second image and text length reuse it (a
+    graph compiled for a static first length ran its backward 5x slower on an H200, NOTES change 14). Planted: without
+    the marks, the second length compiles a second graph."""
+    from verify import bench
+
+    if not marked:
+        monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda t, dim: None)
+    graphs = []
+
+    def counting(gm, example_inputs):  # a backend that records each graph dynamo hands it
+        graphs.append(gm)
+        return gm.forward
+
+    opts = bench.Options(device="cpu", dim=64, heads=4, head_dim=16)
+    block = bench.build_block(opts)
+    processors = [RegionCompiledFusedQwenAttnProcessor(backend=counting) for _ in joint_attentions(block)]
+    for attn, processor in zip(joint_attentions(block), processors):
+        fuse_attention(attn, processor=processor)
+    for image_tokens, text_tokens in ((16, 8), (36, 12)):
+        inputs = bench.block_inputs(bench.Options(device="cpu", dim=64, heads=4, head_dim=16,
+                                                  text_tokens=text_tokens), image_tokens)
+        with torch.no_grad():
+            block(**inputs)
+    assert sum(p.region_calls for p in processors) == 2
+    assert len(graphs) == (1 if marked else 2)

@@ -104,9 +104,11 @@ class RegionCompiledFusedQwenAttnProcessor(FastFusedQwenAttnProcessor):
             return super().joint_qkv(attn, txt, img, image_rotary_emb)
         self.region_calls += 1
         img_freqs, txt_freqs = image_rotary_emb
+        txt_cs, img_cs = torch.view_as_real(txt_freqs), torch.view_as_real(img_freqs)
+        for t, sequence_dim in ((txt, 1), (img, 1), (txt_cs, 0), (img_cs, 0)):
+            torch._dynamo.maybe_mark_dynamic(t, sequence_dim)
         region = _compiled_region(self.backend)
-        return region(txt, img, *(n.weight for n in norms), torch.view_as_real(txt_freqs),
-                      torch.view_as_real(img_freqs), tuple(float(n.eps) for n in norms),
+        return region(txt, img, *(n.weight for n in norms), txt_cs, img_cs, tuple(float(n.eps) for n in norms),
                       attn.inner_dim // attn.heads, self.layout)
 
 
@@ -136,9 +138,13 @@ _REGIONS: dict[str, object] = {}
 
 
 def _compiled_region(backend: str):
-    """_joint_qkv_region compiled with `backend`, once per process (shapes: one static graph, then dynamic)."""
+    """_joint_qkv_region compiled with `backend`, once per process; the caller marks the sequence lengths dynamic, so
+    the first graph already serves every length. (Compiled for a static first length, inductor's kernel that
+    assembles the fused projection's gradient ran 5x slower on an H200, and a model trained at one resolution keeps
+    its first graph: reports/gpu/NOTES.md, change 14.) Inductor tunes each kernel's launch configuration once."""
     if backend not in _REGIONS:
-        _REGIONS[backend] = torch.compile(_joint_qkv_region, backend=backend, fullgraph=True)
+        options = {"coordinate_descent_tuning": True} if backend == "inductor" else None
+        _REGIONS[backend] = torch.compile(_joint_qkv_region, backend=backend, fullgraph=True, options=options)
     return _REGIONS[backend]
 
 
