@@ -158,10 +158,15 @@ def test_region_compiled_equals_standard(device, layout):
     """"fast-compiled": the norm + RoPE + layout region through torch.compile (inductor on a GPU; on the CPU the
     aot_eager backend, which traces and differentiates the same region without code generation) in four dtypes."""
     backend = "inductor" if device == "cuda" else "aot_eager"
-    # One graph per dtype, layout and backend: past dynamo's default limit of 8 it would run uncompiled, unseen.
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    with torch._dynamo.config.patch(**{limit: 64}):
+    with _many_graphs():
         _check_region(device, layout, backend)
+
+
+def _many_graphs():
+    """Room for the region's graphs of every test in one process (one per dtype, layout and backend): past dynamo's
+    default limit of 8, fullgraph=True makes the next one a hard failure."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    return torch._dynamo.config.patch(**{limit: 64})
 
 
 def _check_region(device: str, layout: str, backend: str) -> None:
@@ -203,7 +208,7 @@ def test_region_compiles_once_for_every_sequence_length(monkeypatch, marked):
     for image_tokens, text_tokens in ((16, 8), (36, 12)):
         inputs = bench.block_inputs(bench.Options(device="cpu", dim=64, heads=4, head_dim=16,
                                                   text_tokens=text_tokens), image_tokens)
-        with torch.no_grad():
+        with torch.no_grad(), _many_graphs():
             block(**inputs)
     assert sum(p.region_calls for p in processors) == 2
     assert len(graphs) == (1 if marked else 2)
