@@ -4,6 +4,8 @@ what clock it was taken.
 Under a sustained load an H200 sits at its 700 W power cap and its SM clock wanders between about 1400 and 1700 MHz
 (max 1980); every kernel's time moves with it, by up to 9% between two runs of the same code a second apart
 (reports/gpu/NOTES.md, change 13). A speed ratio is only meaningful where both sides saw the same clocks.
+The clock and the reasons are read as they are at each sample; NVML's power reading on these cards is an average
+over about a second, so `watts` lags a region shorter than that.
 """
 
 from __future__ import annotations
