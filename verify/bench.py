@@ -321,6 +321,12 @@ def _matmul_operands(device: str, m: int, k: int, n: int) -> tuple[torch.Tensor,
             torch.randn(k, n, generator=g, device=device, dtype=DTYPE))
 
 
+def floors(flops: float, peaks: tuple[float, float]) -> dict[str, float]:
+    """The matmul floor in ms at the burst peak (`floor_ms`, the contract's) and at the sustained one."""
+    burst, sustained = peaks
+    return dict(floor_ms=flops / (burst * 1e12) * 1e3, floor_sustained_ms=flops / (sustained * 1e12) * 1e3)
+
+
 def forward_call(module: nn.Module, inputs: dict) -> Callable[[], object]:
     def run():
         with torch.no_grad():
@@ -478,9 +484,8 @@ def run_bench(opts: Options) -> dict:
             if tokens not in opts.image_tokens:
                 continue
             for phase in opts.phases:
-                row = measure_row(opts, std_run, merged_run, inputs, mode, phase, tokens, peak,
+                row = measure_row(opts, std_run, merged_run, inputs, mode, phase, tokens, (peak, sustained),
                                   profile_sink=result["profiles"])
-                row["floor_sustained_ms"] = row["floor_ms"] * peak / sustained
                 result["rows"].append(row)
                 log(f"[{time.time() - t0:6.1f}s] {format_row(row)}")
                 opts.on_update(result)
@@ -490,15 +495,12 @@ def run_bench(opts: Options) -> dict:
         del std, merged, compiled
         _free(opts.device)
         result["full_model"] = []
-        full_model_rows(opts, peak, t0, result["full_model"], result)
-        for row in result["full_model"]:
-            if "floor_ms" in row:
-                row["floor_sustained_ms"] = row["floor_ms"] * peak / sustained
+        full_model_rows(opts, (peak, sustained), t0, result["full_model"], result)
     return result
 
 
 def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, phase: str, tokens: int,
-                peak: float, flops: float | None = None, profile_sink: list | None = None) -> dict:
+                peaks: tuple[float, float], flops: float | None = None, profile_sink: list | None = None) -> dict:
     """One row: median times, kernels per call, floor and achieved TFLOP/s of the merged path; the profiles (time
     split into matmul / attention / other kernels, longest kernels) go to `profile_sink`."""
     if phase == "forward":
@@ -516,7 +518,7 @@ def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, pha
                                                                                              ("merged", b))}
     row = dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens, standard_ms=std_ms,
                merged_ms=merged_ms, speedup=std_ms / merged_ms, kernels_standard=profiles["standard"]["kernels"],
-               kernels_merged=profiles["merged"]["kernels"], floor_ms=flops / (peak * 1e12) * 1e3,
+               kernels_merged=profiles["merged"]["kernels"], **floors(flops, peaks),
                merged_tflops=flops / (merged_ms * 1e-3) / 1e12, speedup_ci=list(ci), clocks=sampled.summary(),
                standard_calls_ms=std_times, merged_calls_ms=merged_times)
     if profile_sink is not None:
@@ -528,7 +530,7 @@ def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, pha
 # --- the whole model ----------------------------------------------------------------------------------------------
 
 
-def full_model_rows(opts: Options, peak: float, t0: float, rows: list[dict], result: dict) -> None:
+def full_model_rows(opts: Options, peaks: tuple[float, float], t0: float, rows: list[dict], result: dict) -> None:
     """The whole transformer (opts.layers blocks) forward, standard then fused in place (one copy fits in memory);
     rows are appended to `rows` as they complete."""
     from verify.fused import fuse_model, unfuse_model
@@ -562,7 +564,7 @@ def full_model_rows(opts: Options, peak: float, t0: float, rows: list[dict], res
             merged_ms = statistics.median(_timed_forward(run, inputs, repeats))
             row.update(merged_ms=merged_ms, speedup=row["standard_ms"] / merged_ms,
                        kernels_merged=count_kernels(forward_call(run, inputs), opts.device, calls=1),
-                       floor_ms=flops / (peak * 1e12) * 1e3, merged_tflops=flops / (merged_ms * 1e-3) / 1e12,
+                       **floors(flops, peaks), merged_tflops=flops / (merged_ms * 1e-3) / 1e12,
                        check=check)
             _uncompile_blocks(model)
             opts.log(f"[{time.time() - t0:6.1f}s] full model {format_row(row)}")
