@@ -37,8 +37,8 @@ def register_report(subparsers) -> None:
     p.add_argument("--lora", type=Path, help="a LoRA file (any format lora-audit reads): standard+LoRA vs merged+LoRA")
     p.add_argument("--adapter-config", type=Path, help="PEFT adapter_config.json for --lora")
     p.add_argument("--claims", type=Path, help="your claims (JSON or YAML), judged on this run like the write-up's")
-    p.add_argument("--bench", type=Path, help="a `qkv-verify bench` JSON (or a folder of bench-*.json): speed "
-                                              "section and the write-up's speed claims")
+    p.add_argument("--bench", type=Path, help="a `qkv-verify bench` JSON (or a folder holding one bench-*.json): "
+                                              "speed section and the write-up's speed claims")
     p.add_argument("--properties", type=Path, help="property-suite results JSON (pytest -p properties.results_json)"
                                                    " for the attention/block claims")
     p.add_argument("--baseline", type=Path, help="a stored summary.json: report what moved (as `qkv-verify regress`)")
