@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.testing._comparison import default_tolerances
 
 DTYPES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
@@ -13,13 +14,15 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 
-# (atol, rtol) of torch.testing.assert_close for each dtype.
-FLOORS: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-7, 1e-7),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.float16: (1e-3, 1e-5),
-}
+
+def _floor(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) of torch.testing.assert_close for `dtype`, read from torch (which returns them as (rtol, atol))."""
+    rtol, atol = default_tolerances(dtype)
+    return atol, rtol
+
+
+# (atol, rtol) per dtype, as torch.testing.assert_close uses them by default: read from torch, never re-typed.
+FLOORS: dict[torch.dtype, tuple[float, float]] = {dtype: _floor(dtype) for dtype in DTYPES.values()}
 
 
 @dataclass(frozen=True)
