@@ -1,8 +1,15 @@
-"""The per-dtype floors are torch.testing's own: at |cand - ref| just inside and just outside atol + rtol * |ref|,
-`compare` under the allclose rule accepts and rejects exactly where torch.testing.assert_close does."""
+"""The rules of verify/tolerance.py at their boundaries, judged through `compare`.
+
+The per-dtype floors are torch.testing's own: at |cand - ref| just inside and just outside atol + rtol * |ref|, the
+allclose rule accepts and rejects exactly where torch.testing.assert_close does. The relative rules allow
+k * err(base, ref) + floor with k = 2 for outputs and 3 for gradients (DESIGN.md section 5), the exact rule nothing;
+each expected bound is worked out here from that formula and torch's tolerances, never from Rule.bound."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -10,9 +17,12 @@ from torch.testing._comparison import default_tolerances
 
 from properties.strategies import float_dtypes
 from verify.compare import compare
-from verify.tolerance import ALLCLOSE, FLOORS
+from verify.tolerance import ALLCLOSE, DTYPES, EXACT, FLOORS, GRADIENTS, OUTPUTS
 
 INSIDE, OUTSIDE = 1 - 1e-3, 1 + 1e-3  # the candidate's error as a multiple of the allowed error
+# (rule, k): DESIGN.md section 5's factors; allclose is the floor alone, whatever the standard model's error
+RULES = [(OUTPUTS, 2.0), (GRADIENTS, 3.0), (ALLCLOSE, 0.0)]
+BASE_AT, CAND_AT = (0, 3), (2, 5)  # where the standard model's error and the candidate's lie
 
 
 def _floor_probe(dtype: torch.dtype, value: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,3 +64,44 @@ def test_allclose_accepts_and_rejects_where_torch_testing_does(dtype, value, sca
 def test_bf16_floors_are_atol_1e_5_and_rtol_0_016():
     """The design brief's spelled-out bf16 pair (section 5), in the (atol, rtol) order FLOORS stores."""
     assert FLOORS[torch.bfloat16] == (1e-5, 0.016)
+
+
+def _rule_case(dtype: torch.dtype, k: float, scale: float) -> tuple[dict, float]:
+    """(ref, base, cand) where base is off by b at BASE_AT and cand by scale x its allowed error at CAND_AT, and that
+    allowed error k * b + atol + rtol * |ref| (b: ten times the floor at |ref| = 1, so that k's share dominates)."""
+    rtol, atol = default_tolerances(dtype)
+    ref = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    base, cand = ref.clone(), ref.clone()
+    base[BASE_AT] += 10 * (atol + rtol)
+    base_err = float((base - ref).abs().max())
+    allowed = k * base_err + atol + rtol * abs(float(ref[CAND_AT]))
+    cand[CAND_AT] += scale * allowed
+    return {"ref": ref, "base": base, "cand": cand}, allowed
+
+
+def _judge(tensors: dict, rule, dtype: torch.dtype):
+    return compare("boundary", "tolerance", {"t": tensors["ref"]}, {"t": tensors["cand"]}, rule, dtype, "cpu",
+                   base={"t": tensors["base"]})
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+@pytest.mark.parametrize("rule, k", RULES, ids=[r.describe() for r, _ in RULES])
+@pytest.mark.parametrize("scale", [INSIDE, OUTSIDE], ids=["inside", "outside"])
+def test_each_rule_passes_just_inside_its_bound_and_fails_just_outside(dtype, rule, k, scale):
+    tensors, allowed = _rule_case(dtype, k, scale)
+    record = _judge(tensors, rule, dtype)
+    assert record.passed == (scale < 1), record.message
+    assert record.mismatched == (scale > 1)
+    assert record.worst_index == f"t[{CAND_AT[0]}, {CAND_AT[1]}]"
+    assert record.tolerance == pytest.approx(allowed, rel=1e-9), "the bound at the worst element"
+    assert record.max_abs_err == pytest.approx(scale * allowed, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+def test_exact_passes_equal_bits_and_fails_one_ulp(dtype):
+    """The exact rule allows nothing, however far the standard model is off."""
+    tensors, _ = _rule_case(dtype, 0.0, 0.0)
+    assert _judge(tensors, EXACT, dtype).passed
+    tensors["cand"][CAND_AT] = torch.nextafter(tensors["ref"][CAND_AT], torch.tensor(math.inf, dtype=torch.float64))
+    record = _judge(tensors, EXACT, dtype)
+    assert not record.passed and record.mismatched == 1 and record.tolerance == 0.0, record.message
