@@ -142,6 +142,26 @@ def test_one_sample_just_beyond_its_threshold_is_flagged_and_just_within_is_not(
     assert regress(base, within)["passed"]
 
 
+def test_default_thresholds_are_the_documented_four_times_the_noise(runs, capsys, tmp_path):
+    """README: defaults --rtol-scale 4, --atol 0. The noise is worked out here from the baseline (module docstring:
+    max(fp32 base error, eps(fp32) x the oracle's largest |output|)); a sample moved by 10 x that noise (between 4x and
+    40x) is flagged by default, one moved by 3 x is not."""
+    assert (Thresholds().rtol_scale, Thresholds().atol) == (4.0, 0.0)
+    base = load_summary(runs["first"])
+    fp32_err = max(c["base_max_abs_err"] for c in base["checks"] if c["dtype"] == "fp32" and c["component"] == "model")
+    scale = max(abs(s[k]) for s in base["output_stats"] if s["implementation"] == "oracle" for k in ("min", "max"))
+    fp32_noise = max(fp32_err, EPS["fp32"] * scale)
+    for factor, flagged in ((10.0, True), (3.0, False)):
+        cand = copy.deepcopy(base)
+        rec = next(s for s in cand["output_samples"] if s["dtype"] == "fp32" and s["implementation"] == "merged")
+        rec["values"][0] += factor * fp32_noise
+        assert (not regress(base, cand)["passed"]) == flagged, factor
+        path = tmp_path / f"moved-{factor:g}.json"
+        path.write_text(json.dumps(cand))
+        code, out, _ = _regress_cli(capsys, runs["first"], path)
+        assert code == int(flagged) and "rtol_scale 4 x noise" in out, "the command line has the same default"
+
+
 def test_fp64_moved_as_far_as_another_machine_moves_it_is_not_flagged(runs):
     """Measured: the default report's fp64 outputs on an H200 host (its CPU, and cuda) differed from this machine's
     by up to 5.7e-7, about the fp32 error of the standard model (diffusers' RoPE is complex64 in an fp64 model)."""
