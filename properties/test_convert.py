@@ -211,6 +211,46 @@ def test_check_proves_and_catches_planted_differences(tmp_path, std, capsys):
     assert convert("--check", std, merged, "--layout", "interleaved") == 0
 
 
+def _flip_first_chunk_byte(folder: Path, key: str) -> None:
+    """Flip one byte near the start of `key`'s bytes in DST: a difference in the first chunk only."""
+    t = conv.tensors_of(conv.open_checkpoint(folder))[key]
+    with t.path.open("r+b") as f:
+        f.seek(t.offset + 10)
+        byte = f.read(1)[0]
+        f.seek(t.offset + 10)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def _check_copied_tensor_over_chunks(src: Path, dst: Path, key: str, capsys) -> None:
+    """DST without a manifest is proven; with one byte of `key`'s first chunk flipped, it is not, naming `key`."""
+    (dst / mf.NAME).unlink()  # no manifest: the chunk comparison alone must see the difference
+    capsys.readouterr()
+    assert convert("--check", src, dst) == 0 and "DST has no manifest" in capsys.readouterr().out
+    _flip_first_chunk_byte(dst, key)
+    assert convert("--check", src, dst) == 1
+    assert f"not proven: tensor {key} differs" in capsys.readouterr().out
+
+
+def test_check_sees_a_difference_in_the_first_chunk_of_a_copied_tensor(tmp_path, std, capsys, monkeypatch):
+    """A copied tensor is compared a chunk at a time: with 4 KiB chunks, a 64 KiB weight is 16 of them."""
+    key = "transformer_blocks.0.img_mlp.net.2.weight"
+    monkeypatch.setattr(conv, "CHUNK", 4096)
+    assert conv.tensors_of(conv.open_checkpoint(std))[key].nbytes > 4 * conv.CHUNK
+    assert convert(std, tmp_path / "m", "--to", "merged") == 0
+    _check_copied_tensor_over_chunks(std, tmp_path / "m", key, capsys)
+
+
+def test_check_sees_a_difference_in_the_first_chunk_of_a_real_size_weight(tmp_path, std, capsys):
+    """A 3072 x 3072 bf16 weight, as the full model holds them, is 18 MiB: two 16 MiB chunks."""
+    key = "transformer_blocks.0.img_mlp.net.2.weight"
+    big = torch.randn(3072, 3072, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert scan.CHUNK < big.numel() * big.element_size() < 2 * scan.CHUNK
+    src = tmp_path / "src.safetensors"  # one file, no config.json: nothing holds the weight to the tiny model's shape
+    save_file(tensors(std) | {key: big}, str(src))
+    assert convert(src, tmp_path / "m", "--to", "merged") == 0
+    _check_copied_tensor_over_chunks(src, tmp_path / "m", key, capsys)
+
+
 def _edit_manifest(folder: Path, key: str) -> None:
     m = json.loads((folder / mf.NAME).read_text())
     m["tensors"][key]["sha256"] = "0" * 64
