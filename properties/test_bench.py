@@ -89,7 +89,7 @@ def test_checks_before_timing(result):
 def test_timed_block_is_equivalent(device, processor):
     """The block bench.merged_block builds computes the standard function in fp64, fp32, bf16 and fp16."""
     records = run_case(CASES["block"], dtypes=tuple(DTYPES.values()), device=device,
-                       merge=lambda module: bench.merged_block(module, processor))
+                       candidate=lambda module, component: bench.merged_block(module, processor))
     assert len(records) == 2 * len(DTYPES)
     for record in records:
         assert_passed(record)

@@ -65,13 +65,13 @@ def test_converted_merged_checkpoint_computes_the_standard_function(config, spec
         standard = load_standard(std_ckpt)
         merged = load_merged(Checkpoint(tmp / "m"), model_config(std_ckpt), layout)
 
-    def user_merged(module: torch.nn.Module) -> torch.nn.Module:
+    def user_merged(module: torch.nn.Module, component: str) -> torch.nn.Module:
         return torch.nn.Module.to(copy.deepcopy(merged), dtype=next(module.parameters()).dtype)
 
     case = Case(name="model/converted-checkpoint", component="model", build=lambda config, seed: standard,
                 inputs=fixtures.model_inputs, outputs=model_outputs, config=config, spec=spec)
     dtypes = (torch.float64, torch.float32) + ((low,) if low else ())
-    records = run_case(case, dtypes=dtypes, seed=seed, merge=user_merged)
+    records = run_case(case, dtypes=dtypes, seed=seed, candidate=user_merged, layout=layout)
     assert len(records) == len(dtypes)
     for record in records:
         assert_passed(record)

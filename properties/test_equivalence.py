@@ -28,7 +28,7 @@ def _check(case_name: str, device: str, config: dict, spec, seed: int, naming: s
     case = CASES[case_name]
     dtypes = dtypes or HIGH + ((low,) if low else ())
     records = run_case(case, dtypes=dtypes, device=device, seed=seed, config=config, spec=spec,
-                       merge=lambda module: fuse_model(module, naming, layout))
+                       candidate=lambda module, component: fuse_model(module, naming, layout), layout=layout)
     attentions = config["num_layers"] if case.component == "model" else 1
     assert len(records) == len(dtypes) * (2 if case.grads else 1), [r.name for r in records]
     for record in records:

@@ -29,20 +29,20 @@ PATHS = pytest.mark.parametrize("functional", [False, True], ids=["kernels", "co
 
 
 def fast_merge(naming: str = "seed", layout: str = "blocked", functional: bool | None = None):
-    """merge function for run_case: the fast processor, with one of its two paths forced (None: automatic)."""
+    """Candidate build for run_case: the fast processor, with one of its two paths forced (None: automatic)."""
 
-    def merge(module):
+    def build(module, component):
         for attn in joint_attentions(module):
             fuse_attention(attn, naming, layout, FastFusedQwenAttnProcessor(naming, layout, functional))
         return module
 
-    return merge
+    return build
 
 
 def _check(case_name, device, config, spec, seed, naming, layout, functional) -> None:
     case = CASES[case_name]
     records = run_case(case, dtypes=ALL, device=device, seed=seed, config=config, spec=spec,
-                       merge=fast_merge(naming, layout, functional))
+                       candidate=fast_merge(naming, layout, functional), layout=layout)
     attentions = config["num_layers"] if case.component == "model" else 1
     assert len(records) == len(ALL) * (2 if case.grads else 1), [r.name for r in records]
     for record in records:
@@ -63,7 +63,7 @@ FORMER_FAILURES = [(226, torch.bfloat16), (200, torch.float16), (449, torch.floa
 
 def _half_draw(seed: int, dtype: torch.dtype):
     return run_case(CASES["attention"], [dtype], "cpu", seed, config=SMALL_CONFIG, spec=SMALL_SPEC,
-                    merge=fast_merge("seed", "blocked", False))
+                    candidate=fast_merge("seed", "blocked", False))
 
 
 @pytest.mark.parametrize("seed,dtype", FORMER_FAILURES)
@@ -108,7 +108,7 @@ def test_fast_model_equals_standard(device, functional, config, spec, seed, nami
 @pytest.mark.parametrize("case_name", ["model-edit-zero-cond", "model-layered"])
 def test_fast_model_variants(device, case_name):
     """Edit-2511 (zero_cond_t) and Layered (layer-3D RoPE) at the registry's own config, automatic path."""
-    for record in run_case(CASES[case_name], dtypes=ALL, device=device, merge=fast_merge()):
+    for record in run_case(CASES[case_name], dtypes=ALL, device=device, candidate=fast_merge()):
         assert_passed(record)
         assert record.fused_calls > 0
 
@@ -125,7 +125,7 @@ def test_fast_arithmetic_bug_is_caught(bug, monkeypatch):
     monkeypatch.setattr(fast_fused, "rope_coefficients", broken)
     if bug == "pairs-not-swapped":
         monkeypatch.setattr(fast_fused, "_swap_pairs", lambda x: x)
-    record = run_case(CASES["block"], dtypes=(torch.float32,), merge=fast_merge(functional=False))[0]
+    record = run_case(CASES["block"], dtypes=(torch.float32,), candidate=fast_merge(functional=False))[0]
     assert_failed(record)
 
 
@@ -172,14 +172,14 @@ def _many_graphs():
 def _check_region(device: str, layout: str, backend: str) -> None:
     processors = []
 
-    def merge(module):
+    def merge(module, component):
         for attn in joint_attentions(module):
             processors.append(RegionCompiledFusedQwenAttnProcessor("seed", layout, backend=backend))
             fuse_attention(attn, "seed", layout, processors[-1])
         return module
 
     for case_name in ("block", "model-text-to-image"):
-        for record in run_case(CASES[case_name], dtypes=ALL, device=device, merge=merge):
+        for record in run_case(CASES[case_name], dtypes=ALL, device=device, candidate=merge, layout=layout):
             assert_passed(record)
             assert record.fused_calls > 0
     assert sum(p.region_calls for p in processors) > 0, "the compiled region never ran"

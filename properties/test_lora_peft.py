@@ -18,13 +18,15 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
 from properties.test_lora_algebra import fuse_into_k_third, fuse_sharing_first_A, split_in_kqv_order
+from verify.candidate import DEFAULT_FUSED_MODULES
 from verify.cli import main
 from verify.compare import Record, assert_failed, assert_passed, compare, compare_exact
 from verify.fixtures import CONFIGS, FIXTURES, build_model, model_inputs
-from verify.fused import count_fused_calls, fuse_model
+from verify.fused import fuse_model
 from verify.lora import algebra, formats, mapping
 from verify.lora.audit import audit
 from verify.naming import streams
+from verify.probes import count_calls
 from verify.state_dict import merge_state_dict
 from verify.tolerance import ALLCLOSE
 
@@ -96,7 +98,7 @@ def train(case: Case, folder: Path) -> tuple[torch.nn.Module, Path]:
 
 
 def forward(m: torch.nn.Module, case: Case) -> tuple[torch.Tensor, int]:
-    with torch.no_grad(), count_fused_calls(m) as calls:
+    with torch.no_grad(), count_calls(m, DEFAULT_FUSED_MODULES) as calls:
         out = m(**model_inputs(CONFIG, FIXTURES["text-to-image"], case.seed)).sample
     return out, sum(calls.values())
 

@@ -2,8 +2,8 @@
 
 A check that cannot fail is a defect. Each entry of verify.planted.PLANTED is a realistic wrong merged implementation;
 each must be caught on every drawn config where it is observable (more than one head, a padded text mask), by the same
-`run_case` call that passes `fuse_model` on the same draw. bf16 verdicts are recorded, never asserted: bugs hide in
-bf16 noise.
+`run_case` call that passes the reference processor on the same draw. bf16 verdicts are recorded, never asserted: bugs
+hide in bf16 noise.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from verify.cases import CASES
 from verify.compare import Record, assert_failed, assert_passed
 from verify.equivalence import run_case
 from verify.fixtures import CONFIGS
-from verify.fused import fuse_model, joint_attentions
+from verify.fused import joint_attentions
 from verify.planted import PLANTED
 
 HIGH = (torch.float64, torch.float32)
@@ -60,9 +60,9 @@ def test_every_listed_bug_is_planted():
 def test_planted_bug_is_caught(device, bug, component, config, spec, seed):
     case = CASES[_case(component, config, spec)]
     run = dict(dtypes=HIGH, device=device, seed=seed, config=config, spec=spec)
-    for record in run_case(case, **run, merge=fuse_model):
+    for record in run_case(case, **run, candidate="reference"):
         assert_passed(record)  # the same comparison passes the correct merge on this draw
-    broken = run_case(case, **run, merge=PLANTED[bug][1])
+    broken = run_case(case, **run, candidate=PLANTED[bug][1])
     for dtype in ("fp64", "fp32"):
         record = _outputs(broken, dtype)
         assert_failed(record)
@@ -76,7 +76,7 @@ def test_planted_bug_is_caught_at_small_width(device, bug, name):
     """Caught at the `small` config too (6 heads of 32, 4 layers): width does not dilute the bug below the bound."""
     case = CASES[name]
     config = {**case.config, **CONFIGS["small"]}
-    broken = run_case(case, dtypes=HIGH, device=device, config=config, merge=PLANTED[bug][1])
+    broken = run_case(case, dtypes=HIGH, device=device, config=config, candidate=PLANTED[bug][1])
     for dtype in ("fp64", "fp32"):
         assert _caught(_outputs(broken, dtype)), _outputs(broken, dtype).message
 
@@ -86,7 +86,7 @@ def test_kill_rate_is_total(device, record_property):
     survivors = []
     for bug, (description, merge) in PLANTED.items():
         for name in ("attention", "block", "model-text-to-image", "model-edit-zero-cond"):
-            records = run_case(CASES[name], dtypes=HIGH, device=device, merge=merge)
+            records = run_case(CASES[name], dtypes=HIGH, device=device, candidate=merge)
             missed = [dtype for dtype in ("fp64", "fp32") if not _caught(_outputs(records, dtype))]
             if missed:
                 survivors.append(f"{bug} ({description}) on {name} in {', '.join(missed)}")
@@ -98,25 +98,26 @@ def test_kill_rate_is_total(device, record_property):
 @pytest.mark.parametrize("bug", sorted(PLANTED))
 def test_bf16_verdict_is_recorded_not_trusted(bug, record_property):
     """fp64 catches the bug; whether bf16 does is noted only (a fused processor ignoring the mask passes bf16)."""
-    records = run_case(CASES["model-text-to-image"], dtypes=(torch.float64, torch.bfloat16), merge=PLANTED[bug][1])
+    records = run_case(CASES["model-text-to-image"], dtypes=(torch.float64, torch.bfloat16), candidate=PLANTED[bug][1])
     assert _caught(_outputs(records, "fp64")), _outputs(records, "fp64").message
     bf16 = _outputs(records, "bf16")
     record_property("bf16_caught", not bf16.passed)
     record_property("bf16_error_over_base", bf16.ratio)
 
 
-def _diffusers_fuse_projections(module: torch.nn.Module) -> torch.nn.Module:
+def _diffusers_fuse_projections(module: torch.nn.Module, component: str) -> torch.nn.Module:
     """diffusers' own fusion: builds to_qkv / to_added_qkv, keeps to_q... and the processor that reads those."""
     for attn in joint_attentions(module):
         attn.fuse_projections()
     return module
 
 
-@pytest.mark.parametrize("merge", [lambda module: module, _diffusers_fuse_projections], ids=["identity", "diffusers"])
+@pytest.mark.parametrize("merge", [lambda module, component: module, _diffusers_fuse_projections],
+                         ids=["identity", "diffusers"])
 @pytest.mark.parametrize("case", ["attention", "block", "model-text-to-image"])
 def test_a_fused_path_that_never_runs_is_rejected(device, merge, case):
     """The numbers agree (the standard path ran), yet the record fails: the fused projections were never called."""
-    records = run_case(CASES[case], dtypes=HIGH, device=device, merge=merge)
+    records = run_case(CASES[case], dtypes=HIGH, device=device, candidate=merge)
     assert records
     for record in records:
         assert record.fused_calls == 0

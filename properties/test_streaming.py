@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from verify import fixtures
+from verify.candidate import resolve
 from verify.compare import compare, compare_exact
 from verify.fused import fuse_model
 from verify.loading import empty_model
@@ -14,6 +15,7 @@ from verify.report import _updater
 from verify.streaming import StateDictSource, run_streaming
 from verify.tolerance import OUTPUTS
 
+REFERENCE, DIFFUSERS = resolve("reference"), resolve("diffusers")
 FLAGS = [{}, {"zero_cond_t": True}, {"use_layer3d_rope": True, "use_additional_t_cond": True}]
 
 
@@ -23,7 +25,8 @@ def test_streaming_equals_the_whole_model_forward_bit_for_bit(flags, fixture, de
     config = fixtures.model_config("tiny", **flags)
     model = fixtures.build_model(config, seed=3)
     inputs = fixtures.model_inputs(config, fixtures.FIXTURES[fixture], seed=3)
-    run = run_streaming(StateDictSource(model.state_dict(), config), inputs, [torch.float32], device)
+    run = run_streaming(StateDictSource(model.state_dict(), config), inputs, [torch.float32], device, REFERENCE,
+                        DIFFUSERS)
     with torch.no_grad():
         ref = torch.nn.Module.to(model, device=device)(**fixtures.cast_inputs(inputs, torch.float64, device)).sample
         base = torch.nn.Module.to(model, dtype=torch.float32)(
@@ -57,8 +60,8 @@ def test_lora_streamed_equals_lora_applied_to_the_whole_model_and_sources_stay_u
     std_plan = mapping.plan(lora, mapping.spec_of(model))
     cand_plan = mapping.plan(lora, mapping.spec_of(fuse_model(empty_model(config))))
     source = StateDictSource(model.state_dict(), config)
-    run = run_streaming(source, inputs, [torch.float64], "cpu", None, _updater(std_plan.updates, 1.0),
-                        _updater(cand_plan.updates, 1.0))
+    run = run_streaming(source, inputs, [torch.float64], "cpu", REFERENCE, DIFFUSERS, None,
+                        _updater(std_plan.updates, 1.0), _updater(cand_plan.updates, 1.0))
     assert compare_exact("source", "weights", state, source.state).passed, "a LoRA run must not alter its source"
     mapping.apply(model, std_plan)
     with torch.no_grad():
@@ -76,7 +79,7 @@ def test_lora_on_the_merged_model_at_the_wrong_multiplier_is_caught(tmp_path):
     inputs = fixtures.model_inputs(config, fixtures.FIXTURES["text-to-image"], 0)
     source = StateDictSource(model.state_dict(), config)
     for factor, should_pass in ((1.0, True), (2.0, False)):
-        run = run_streaming(source, inputs, [torch.float64, torch.float32], "cpu", None,
+        run = run_streaming(source, inputs, [torch.float64, torch.float32], "cpu", REFERENCE, DIFFUSERS, None,
                             _updater(std_plan.updates, 1.0), _updater(cand_plan.updates, factor))
         for d in run.cand:
             record = compare("lora", "model", run.ref, run.cand[d], OUTPUTS, d, "cpu", base=run.base[d],

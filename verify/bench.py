@@ -126,10 +126,10 @@ def build_block(opts: Options) -> nn.Module:
 
 
 def merged_block(std: nn.Module, processor: str) -> nn.Module:
-    """The merged block the bench times: a copy of `std` through fuse_model with `processor` (tests judge this)."""
-    from verify.fused import fuse_model
+    """The merged block the bench times: a copy of `std` built by the candidate SPEC `processor` (tests judge this)."""
+    from verify.candidate import resolve
 
-    return fuse_model(copy.deepcopy(std), processor=processor)
+    return resolve(processor).make(copy.deepcopy(std), "block")
 
 
 def block_inputs(opts: Options, image_tokens: int) -> dict:
@@ -387,9 +387,10 @@ def _set_recompile_limit(n: int) -> None:
 def oracle_check(name: str, std: nn.Module, std_run: nn.Module, merged_run: nn.Module, merged: nn.Module,
                  inputs: dict, device: str) -> dict:
     """verify.compare of the merged outputs vs an fp64 oracle (std's weights in fp64), relative to the standard's."""
+    from verify.candidate import DEFAULT_FUSED_MODULES
     from verify.compare import compare
     from verify.fixtures import cast_inputs
-    from verify.fused import count_fused_calls
+    from verify.probes import count_calls
     from verify.tolerance import OUTPUTS
 
     ref_block = nn.Module.to(copy.deepcopy(std), dtype=torch.float64)
@@ -401,7 +402,7 @@ def oracle_check(name: str, std: nn.Module, std_run: nn.Module, merged_run: nn.M
         if compiled:  # hooks would force a recompilation; the merged module has no separate projections to fall to
             cand, fused_calls = _named(merged_run(**inputs)), None
         else:
-            with count_fused_calls(merged) as calls:
+            with count_calls(merged, DEFAULT_FUSED_MODULES) as calls:
                 cand = _named(merged_run(**inputs))
             fused_calls = sum(calls.values())
     record = compare(name, "block", ref, cand, OUTPUTS, DTYPE, device, base=base, fused_calls=fused_calls)

@@ -37,6 +37,9 @@ class Record:
     bit_identical: bool = False  # cand equals base bit for bit (exact rule: equals the expected tensors)
     nonfinite: int = 0  # NaN/Inf elements in ref, base and cand
     fused_calls: int | None = None  # calls of fused projections during cand's run; None where no model ran
+    first_divergence: str | None = None  # where a failing cand first leaves the bound (block, submodule); else None
+    weight_gradients: str | None = None  # gradient records: "compared" or "not compared: <why>"
+    provided: bool = True  # False: the implementation does not provide this component (never a pass)
 
     @property
     def mismatched_fraction(self) -> float:

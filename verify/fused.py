@@ -2,15 +2,12 @@
 
 `fuse_model` replaces each attention's to_q/to_k/to_v (and add_q_proj/add_k_proj/add_v_proj) by one nn.Linear
 and deletes the separate ones, so no code path can silently fall back to them; `unfuse_model` copies the fused
-weights back, so anything trained while merged is kept. `count_fused_calls` proves the fused modules ran.
+weights back, so anything trained while merged is kept. `verify.probes.count_calls` proves the fused modules ran.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-from collections import Counter
-from collections.abc import Iterator
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -167,10 +164,18 @@ def processor_class(name: str) -> type[FusedQwenAttnProcessor]:
     return getattr(importlib.import_module(module), cls)
 
 
+def default_processor(device: str | torch.device) -> str:
+    """The processor fuse_model installs when none is named: fast-compiled on cuda (the benchmarked one), the
+    step-by-step reference elsewhere."""
+    return "fast-compiled" if torch.device(device).type == "cuda" else "reference"
+
+
 def fuse_model(model: nn.Module, naming: str = DEFAULT_NAMING, layout: str = "blocked",
-               processor: str = "reference") -> nn.Module:
-    """Convert every joint attention of `model` to fused projections, in place; returns `model`."""
-    cls = processor_class(processor)
+               processor: str | None = None) -> nn.Module:
+    """Convert every joint attention of `model` to fused projections, in place; returns `model`. `processor`
+    names one of PROCESSORS (default: `default_processor` of the model's device)."""
+    param = next(model.parameters(), None)
+    cls = processor_class(processor or default_processor(param.device if param is not None else "cpu"))
     for attn in joint_attentions(model):
         fuse_attention(attn, naming, layout, cls(naming, layout))
     return model
@@ -181,21 +186,3 @@ def unfuse_model(model: nn.Module) -> nn.Module:
     for attn in joint_attentions(model):
         unfuse_attention(attn)
     return model
-
-
-def fused_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Qualified name -> fused projection module, for every fused projection in `model`."""
-    fused_names = {s.fused for pair in (streams("seed"), streams("diffusers")) for s in pair}
-    return {name: m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in fused_names}
-
-
-@contextlib.contextmanager
-def count_fused_calls(model: nn.Module) -> Iterator[Counter]:
-    """Count forward calls of every fused projection while the block runs: proof the fused path executed."""
-    calls: Counter = Counter()
-    hooks = [m.register_forward_hook(lambda *_, n=name: calls.update([n])) for name, m in fused_linears(model).items()]
-    try:
-        yield calls
-    finally:
-        for h in hooks:
-            h.remove()

@@ -1,6 +1,7 @@
 """Planted bugs: deliberately wrong merged implementations that the same comparison must reject.
 
-Each is a `merge` function (standard module -> broken merged module) that run_case takes in place of fuse_model.
+Each is a candidate `build(standard, component)` (verify.candidate) and a SPEC of its own, e.g.
+`verify.planted:k_v_swapped`: `qkv-verify report --candidate` and `qkv-verify test` must fail every one of them.
 """
 
 from __future__ import annotations
@@ -37,19 +38,20 @@ class _MaskIgnored(FusedQwenAttnProcessor):
 
 
 def _with_processor(processor_type: type[FusedQwenAttnProcessor], layout: str = "blocked") -> Callable:
-    def merge(module: nn.Module) -> nn.Module:
+    def build(module: nn.Module, component: str) -> nn.Module:
         for attn in joint_attentions(module):
             fuse_attention(attn, DEFAULT_NAMING, layout, processor=processor_type(DEFAULT_NAMING, layout))
         return module
 
-    return merge
+    build.layout = layout
+    return build
 
 
 def _with_weights(rewrite: Callable[[torch.Tensor, int], torch.Tensor], keep_bias: bool = True) -> Callable:
     """Fuse correctly, then rewrite each fused weight (and bias) as a broken converter would have written it."""
 
     @torch.no_grad()
-    def merge(module: nn.Module) -> nn.Module:
+    def build(module: nn.Module, component: str) -> nn.Module:
         for attn in joint_attentions(module):
             fuse_attention(attn, DEFAULT_NAMING, "blocked")
             head_dim = attn.inner_dim // attn.heads
@@ -63,7 +65,8 @@ def _with_weights(rewrite: Callable[[torch.Tensor, int], torch.Tensor], keep_bia
                         linear.bias.zero_()
         return module
 
-    return merge
+    build.layout = "blocked"
+    return build
 
 
 def _kqv_order(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -75,13 +78,21 @@ def _interleaved_weights(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return qkv.convert_layout(t, qkv.QKVShape.equal(t.shape[0], head_dim), "blocked", "interleaved")
 
 
-# name -> (what a real converter or processor got wrong, the broken merge)
-PLANTED: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
-    "k_v_swapped": ("the processor reads k where v is and v where k is", _with_processor(_KVSwapped)),
-    "kqv_order": ("weights fused as [k; q; v], read as [q; k; v]", _with_weights(_kqv_order)),
-    "layout_mixup": ("weights fused interleaved per head, read as blocked", _with_weights(_interleaved_weights)),
-    "dropped_bias": ("the fused projection lost its bias", _with_weights(lambda t, _: t, keep_bias=False)),
-    "norm_q_swapped": ("image q normalised with norm_added_q and text q with norm_q", _with_processor(_NormQSwapped)),
-    "split_off_by_one": ("the image part of the joint sequence starts a token early", _with_processor(_SplitOffByOne)),
-    "mask_ignored": ("the text padding mask is ignored", _with_processor(_MaskIgnored)),
+k_v_swapped = _with_processor(_KVSwapped)
+kqv_order = _with_weights(_kqv_order)
+layout_mixup = _with_weights(_interleaved_weights)
+dropped_bias = _with_weights(lambda t, _: t, keep_bias=False)
+norm_q_swapped = _with_processor(_NormQSwapped)
+split_off_by_one = _with_processor(_SplitOffByOne)
+mask_ignored = _with_processor(_MaskIgnored)
+
+# name (its SPEC is verify.planted:<name>) -> (what a real converter or processor got wrong, the broken build)
+PLANTED: dict[str, tuple[str, Callable[[nn.Module, str], nn.Module]]] = {
+    "k_v_swapped": ("the processor reads k where v is and v where k is", k_v_swapped),
+    "kqv_order": ("weights fused as [k; q; v], read as [q; k; v]", kqv_order),
+    "layout_mixup": ("weights fused interleaved per head, read as blocked", layout_mixup),
+    "dropped_bias": ("the fused projection lost its bias", dropped_bias),
+    "norm_q_swapped": ("image q normalised with norm_added_q and text q with norm_q", norm_q_swapped),
+    "split_off_by_one": ("the image part of the joint sequence starts a token early", split_off_by_one),
+    "mask_ignored": ("the text padding mask is ignored", mask_ignored),
 }

@@ -14,13 +14,14 @@ import torch
 from tqdm import tqdm
 
 from verify import __version__, fixtures
+from verify.candidate import Implementation, resolve
 from verify.cases import CASES
 from verify.checkpoint import Checkpoint
 from verify.compare import Record, compare, compare_exact
 from verify.equivalence import run_case
 from verify.errors import VerifyError
 from verify.fixtures import FIXTURES
-from verify.fused import fuse_model
+from verify.fused import default_processor, fuse_model
 from verify.loading import empty_model, is_merged, model_config
 from verify.naming import NAMINGS
 from verify.qkv import LAYOUTS
@@ -46,19 +47,32 @@ class Options:
     seed: int = 0
     lora: Path | None = None
     adapter_config: Path | None = None
+    candidate: str | None = None  # a SPEC (verify.candidate); None: fuse_model's default processor on the device
+    reference: str | None = None  # a SPEC; None: diffusers
+    fused_modules: str | None = None  # override of the candidate's fused module names ("none": unfused)
 
 
 @dataclass
 class Subject:
-    """Where the standard weights come from, and the user's merged weights if any."""
+    """Where the standard weights come from, the user's merged weights if any, and the implementations judged."""
 
     std: StateDictSource
     cand: StateDictSource | None
     weight_checks: list[Record]
+    candidate: Implementation = None
+    reference: Implementation = None
 
 
 def load_subject(opts: Options) -> Subject:
     """Validate and open every input before anything runs or is written."""
+    subject = _weights(opts)
+    subject.candidate = resolve(opts.candidate or default_processor(opts.device), opts.fused_modules)
+    subject.reference = resolve(opts.reference or "diffusers")
+    return subject
+
+
+def _weights(opts: Options) -> Subject:
+    """The standard weights (seeded or a checkpoint) and the user's merged weights."""
     if opts.merged_checkpoint and not opts.checkpoint:
         raise VerifyError("--merged-checkpoint needs --checkpoint (the standard weights to compare against)")
     if opts.device == "cuda" and not torch.cuda.is_available():
@@ -133,11 +147,14 @@ def round_trip_checks(std: StateDictSource) -> list[Record]:
     return records
 
 
-def component_checks(config: dict, dtypes: list[torch.dtype], device: str, seed: int) -> list[Record]:
+def component_checks(subject: Subject, dtypes: list[torch.dtype], device: str, seed: int,
+                     layout: str) -> list[Record]:
     """The registry's attention and block cases (outputs and gradients), seeded, at the model's width."""
+    config = subject.std.config
     width = {k: config[k] for k in ("num_attention_heads", "attention_head_dim", "axes_dims_rope")}
     return [r for case in CASES.values() if case.component in ("attention", "block")
-            for r in run_case(case, dtypes, device, seed, config={**case.config, **width})]
+            for r in run_case(case, dtypes, device, seed, config={**case.config, **width},
+                              candidate=subject.candidate, reference=subject.reference, layout=layout)]
 
 
 def run_report(opts: Options) -> dict:
@@ -148,27 +165,32 @@ def run_report(opts: Options) -> dict:
     notes = [f"{dtype_name(d)} added: a verdict needs fp64 and fp32 runs (bugs hide in bf16 noise)"
              for d in REQUIRED_DTYPES if d not in opts.dtypes]
     records = list(subject.weight_checks)
-    records += round_trip_checks(subject.std) + component_checks(subject.std.config, dtypes, opts.device, opts.seed)
+    records += round_trip_checks(subject.std) + component_checks(subject, dtypes, opts.device, opts.seed, opts.layout)
+    notes += _implementation_notes(subject, records)
     stats, samples = [], []
     progress = tqdm(total=len(FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),
                     desc="qkv-verify report", unit="run", leave=False)
     for fixture, spec in FIXTURES.items():
         inputs = fixtures.model_inputs(subject.std.config, spec, opts.seed)
-        run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.cand)
+        run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate, subject.reference,
+                            subject.cand)
         progress.update()
         records += _records(f"model/{fixture}", run, opts.device)
         stats += _stats(fixture, run)
         samples += _samples(fixture, run)
         if lora:
-            lora_run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.cand,
-                                     *lora.updates(1.0))
+            lora_run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate,
+                                     subject.reference, subject.cand, *lora.updates(1.0))
             progress.update()
             records += _records(f"lora/{fixture}", lora_run, opts.device)
     if lora:
         lora.summary["sweep"] = _sweep(subject, lora, opts, progress)
     progress.close()
-    return {
-        "verdict": "pass" if all(r.passed for r in records) else "fail",
+    summary = {
+        "verdict": "pass" if all(r.passed for r in records if r.provided) else "fail",
+        "compared": "",
+        "candidate": _described(subject.candidate, opts.candidate is None, opts.device),
+        "reference": _described(subject.reference, opts.reference is None, opts.device),
         "checks": [r.to_dict() for r in records],
         "output_stats": stats,
         "output_samples": samples,
@@ -177,11 +199,56 @@ def run_report(opts: Options) -> dict:
         "inputs": inputs_section(opts, subject, dtypes),
         "notes": notes,
     }
+    summary["compared"] = compared_line(summary)
+    return summary
+
+
+def _described(impl: Implementation, default: bool, device: str) -> dict:
+    """summary.json's candidate/reference object; says when it is a default rather than the user's choice."""
+    why = None
+    if default:
+        why = "diffusers' standard model (no --reference)" if impl.spec == "diffusers" else \
+            f"the processor fuse_model installs by default on {device} (no --candidate)"
+    return impl.describe() | {"default": why}
+
+
+def compared_line(summary: dict) -> str:
+    """One line saying what was compared (candidate, reference, weights, dtypes, device) and where it first
+    diverged when a check failed."""
+    inputs, cand, ref = summary["inputs"], summary["candidate"], summary["reference"]
+    weights = inputs["checkpoint"] or f"seeded {inputs['config']} config (seed {inputs['seed']})"
+    if inputs["merged_checkpoint"]:
+        weights += f" with merged weights {inputs['merged_checkpoint']} ({inputs['layout']})"
+    unfused = "" if cand["fused_modules"] else ", declared unfused"
+    line = (f"candidate {cand['spec']}{' (' + cand['default'] + ')' if cand['default'] else ''}{unfused} vs "
+            f"reference {ref['spec']}; weights: {weights}; dtypes {','.join(inputs['dtypes'])}; "
+            f"device {inputs['device']}")
+    diverged = [c for c in summary["checks"] if not c["passed"] and c.get("first_divergence")]
+    if diverged:
+        c = diverged[0]
+        line += f"; first divergence: {c['name']} [{c['dtype']}] at {c['first_divergence']}"
+    return line
+
+
+def _implementation_notes(subject: Subject, records: list[Record]) -> list[str]:
+    notes = []
+    if not subject.candidate.fused:
+        notes.append(f"candidate {subject.candidate.spec} is declared unfused (--fused-modules none): no fused-call "
+                     "proof; this compares two implementations")
+    absent = sorted({f"{r.name} ({r.message})" for r in records if not r.provided})
+    notes += [f"not provided, not judged: {a}" for a in absent]
+    return notes
 
 
 def _records(name: str, run: StreamRun, device: str) -> list[Record]:
-    return [compare(f"{name}/outputs", "model", run.ref, run.cand[d], OUTPUTS, d, device, base=run.base[d],
-                    fused_calls=run.fused_calls[d]) for d in run.cand]
+    records = []
+    for d in run.cand:
+        record = compare(f"{name}/outputs", "model", run.ref, run.cand[d], OUTPUTS, d, device, base=run.base[d],
+                         fused_calls=run.fused_calls[d])
+        if not record.passed:
+            record.first_divergence = run.first_divergence[d]
+        records.append(record)
+    return records
 
 
 def _stats(fixture: str, run: StreamRun) -> list[dict]:
@@ -243,10 +310,16 @@ class _Lora:
             "scale", "capacity", "warnings")}}
         self.summary["modules"] = [{"target": u.target, "sources": list(u.sources), "rank": u.factors.rank,
                                     "scale": u.factors.scale} for u in self.cand_plan.updates]
+        # The product's processors fuse under the standard names: the LoRA lands on their fused projections in the
+        # merged layout. Another candidate's module names are its own: it builds from LoRA-updated standard weights.
+        self.merged_layout = subject.candidate.resolved.startswith("verify.builtins:") and subject.candidate.fused
+        self.summary["applied_to_candidate"] = ("merged layout, onto the fused projections" if self.merged_layout
+                                                else "standard layout, onto the weights the candidate builds from")
 
     def updates(self, factor: float):
-        """(standard update, merged update): functions applying the LoRA at `factor` x its scale to a module."""
-        return _updater(self.std_plan.updates, factor), _updater(self.cand_plan.updates, factor)
+        """(standard update, merged update or None): functions applying the LoRA at `factor` x its scale."""
+        merged = _updater(self.cand_plan.updates, factor) if self.merged_layout else None
+        return _updater(self.std_plan.updates, factor), merged
 
 
 def _updater(updates, factor: float):
@@ -266,7 +339,8 @@ def _sweep(subject: Subject, lora: _Lora, opts: Options, progress) -> list[dict]
     inputs = fixtures.model_inputs(subject.std.config, spec, opts.seed)
     rows, base = [], None
     for factor in SWEEP_FACTORS:
-        run = run_streaming(subject.std, inputs, [torch.float32], opts.device, subject.cand, *lora.updates(factor))
+        run = run_streaming(subject.std, inputs, [torch.float32], opts.device, subject.candidate, subject.reference,
+                            subject.cand, *lora.updates(factor))
         progress.update()
         outs = {"oracle": run.ref["sample"], "standard": run.base[torch.float32]["sample"],
                 "merged": run.cand[torch.float32]["sample"]}

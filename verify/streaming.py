@@ -21,10 +21,14 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from torch import nn
 
+from verify.candidate import Implementation
 from verify.checkpoint import Checkpoint
+from verify.divergence import first_divergence, leaves_bound
+from verify.errors import VerifyError
 from verify.fixtures import cast_inputs
-from verify.fused import count_fused_calls, fuse_model
 from verify.loading import check_fits, empty_model, is_merged, merged_naming
+from verify.probes import count_calls
+from verify.state_dict import split_state_dict
 
 BLOCKS = "transformer_blocks."
 Weights = dict[str, torch.Tensor]
@@ -95,12 +99,14 @@ class SeededSource(StateDictSource):
 
 @dataclass
 class StreamRun:
-    """Named outputs of the oracle, and of standard and merged per dtype; fused calls per dtype."""
+    """Named outputs of the oracle, and of standard and merged per dtype; fused calls and where the candidate first
+    left the bound (a block, and the submodule inside it when one can be named), per dtype."""
 
     ref: dict[str, torch.Tensor] = field(default_factory=dict)
     base: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict)
     cand: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict)
-    fused_calls: dict[torch.dtype, int] = field(default_factory=dict)
+    fused_calls: dict[torch.dtype, int | None] = field(default_factory=dict)
+    first_divergence: dict[torch.dtype, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,16 +115,21 @@ class _Impl:
     dtype: torch.dtype
     top: nn.Module = None
     state: dict = None
+    block: nn.Module = None
+    before: dict = None  # the state the current block started from
     fused_calls: int = 0
 
 
 def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dtype], device: str,
-                  cand: StateDictSource | None = None, std_update: Update | None = None,
-                  cand_update: Update | None = None) -> StreamRun:
-    """Oracle (fp64), standard and merged (each dtype) full-model outputs, streamed block by block.
+                  candidate: Implementation, reference: Implementation, cand: StateDictSource | None = None,
+                  std_update: Update | None = None, cand_update: Update | None = None) -> StreamRun:
+    """Oracle (the reference in fp64), standard (the reference) and candidate (each dtype) full-model outputs,
+    streamed block by block; every block of each is built by its implementation from a standard block.
 
-    `cand` is the user's merged weights; without it the merged model is the standard block fused here.
-    `std_update` / `cand_update` change a block in place after it is built (a LoRA, in each model's own layout).
+    `cand` is the user's merged weights (split back, in their layout, into the candidate's standard blocks).
+    `std_update` changes a standard block in place before it is built (a LoRA in the standard layout); the
+    candidate's blocks get `cand_update` after they are built when given (a LoRA in the merged layout), else
+    `std_update` before.
     """
     config = std.config
     impls = [_Impl("ref", torch.float64)]
@@ -126,26 +137,25 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
     top_std, top_cand = _on(std.top(), device), _on((cand or std).top(), device)
     for impl in impls:
         impl.top = _top_module(config, top_cand if impl.role == "cand" else top_std, impl.dtype, device)
-        update = cand_update if impl.role == "cand" else std_update
+        update = cand_update if impl.role == "cand" and cand_update else std_update
         if update:
             update(impl.top, "")
         impl.state = prologue(impl.top, config, cast_inputs(inputs, impl.dtype, device))
+    run = StreamRun(first_divergence={d: None for d in dtypes})
+    shared = {n for n, _ in _shell(config).named_modules() if n}
     for i in range(config["num_layers"]):
         w_std = _on(std.block(i), device)
-        w_cand = _on(cand.block(i), device) if cand else w_std
+        w_cand = _on(_standard_weights(cand, i), device) if cand else w_std
         for impl in impls:
-            block = _block(config, w_cand if impl.role == "cand" else w_std, impl.dtype, device,
-                           fused=(cand.fused if cand and impl.role == "cand" else None))
-            if impl.role == "cand" and not cand:
-                fuse_model(block)
-            update = cand_update if impl.role == "cand" else std_update
-            if update:
-                update(block, f"{BLOCKS}{i}.")
-            with torch.no_grad(), count_fused_calls(block) as calls:
-                impl.state = step(block, impl.state)
+            impl.block = _implementation_block(config, impl, w_cand if impl.role == "cand" else w_std,
+                                               candidate if impl.role == "cand" else reference, i,
+                                               std_update, cand_update)
+            impl.before = impl.state
+            with torch.no_grad(), count_calls(impl.block, candidate.fused_modules) as calls:
+                impl.state = step(impl.block, impl.state)
             impl.fused_calls += sum(calls.values())
+        _locate(run, impls, i, shared)
         del w_std, w_cand
-    run = StreamRun()
     for impl in impls:
         out = {"sample": epilogue(impl.top, config, impl.state)}
         if impl.role == "ref":
@@ -153,8 +163,55 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
         elif impl.role == "base":
             run.base[impl.dtype] = out
         else:
-            run.cand[impl.dtype], run.fused_calls[impl.dtype] = out, impl.fused_calls
+            run.cand[impl.dtype] = out
+            run.fused_calls[impl.dtype] = impl.fused_calls if candidate.fused else None
     return run
+
+
+def _standard_weights(cand: StateDictSource, i: int) -> Weights:
+    """Block i of `cand` as standard weights: fused projections split back in the given (naming, layout)."""
+    weights = cand.block(i)
+    if not cand.fused:
+        return weights
+    naming, layout = cand.fused
+    return split_state_dict(weights, naming, layout, cand.config["attention_head_dim"])
+
+
+def _implementation_block(config: dict, impl: _Impl, weights: Weights, implementation: Implementation, i: int,
+                          std_update: Update | None, cand_update: Update | None) -> nn.Module:
+    """Block i of one implementation: a standard block with `weights` in impl's dtype, built by `implementation`."""
+    prefix = f"{BLOCKS}{i}."
+    block = _block(config, weights, impl.dtype)
+    after = cand_update if impl.role == "cand" else None
+    if std_update and not after:
+        std_update(block, prefix)
+    built = implementation.make(block, "block")
+    if built is None:
+        role = "candidate" if impl.role == "cand" else "reference"
+        raise VerifyError(f"{role} {implementation.spec} provides no 'block': the full-model checks stream the model "
+                          "one block at a time")
+    if after:
+        after(built, prefix)
+    return built
+
+
+def _locate(run: StreamRun, impls: list[_Impl], i: int, shared: set[str]) -> None:
+    """After block i: for each dtype whose candidate has not diverged yet, check both streams against the bound
+    and, where they leave it, name block i and its first diverging submodule (among the names in `shared`)."""
+    ref = impls[0]
+    for base, cand in zip(impls[1::2], impls[2::2]):
+        if run.first_divergence[cand.dtype] is not None:
+            continue
+        keys = ("hidden_states", "encoder_hidden_states")
+        if not any(leaves_bound(ref.state[k], base.state[k], cand.state[k], cand.dtype) for k in keys):
+            continue
+        before = {id(x.block): x.before for x in (ref, base, cand)}
+
+        def forward(module: nn.Module, _dtype: torch.dtype, before: dict = before) -> None:
+            step(module, before[id(module)])
+
+        inner = first_divergence(ref.block, base.block, cand.block, forward, cand.dtype, shared)
+        run.first_divergence[cand.dtype] = f"{BLOCKS}{i}" + (f".{inner}" if inner else "")
 
 
 @torch.no_grad()
@@ -204,16 +261,18 @@ def _top_module(config: dict, weights: Weights, dtype: torch.dtype, device: str)
     return nn.Module.to(top, device=device).eval()
 
 
-def _block(config: dict, weights: Weights, dtype: torch.dtype, device: str,
-           fused: tuple[str, str] | None) -> nn.Module:
-    """One block with private copies of its weights, in `dtype`; fused in the given (naming, layout) if asked."""
+def _shell(config: dict) -> QwenImageTransformerBlock:
+    """One standard block's structure, on the meta device."""
     with torch.device("meta"):
-        block = QwenImageTransformerBlock(
+        return QwenImageTransformerBlock(
             dim=config["num_attention_heads"] * config["attention_head_dim"],
             num_attention_heads=config["num_attention_heads"], attention_head_dim=config["attention_head_dim"],
             zero_cond_t=config.get("zero_cond_t", False),
         )
-    if fused:
-        fuse_model(block, *fused)
+
+
+def _block(config: dict, weights: Weights, dtype: torch.dtype) -> nn.Module:
+    """One standard block with private copies of its weights, in `dtype`."""
+    block = _shell(config)
     block.load_state_dict({k: v.to(dtype, copy=True) for k, v in weights.items()}, strict=True, assign=True)
     return block.eval()
