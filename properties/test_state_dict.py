@@ -42,6 +42,12 @@ def _fused_key(key: str, naming: str) -> str | None:
     return f"{m['prefix'] or ''}{fused}.{m['param']}" if fused else None
 
 
+def _leaf(key: str) -> str | None:
+    """The module leaf of a parameter key ('to_qkv' of 'transformer_blocks.0.attn.to_qkv.weight'), else None."""
+    m = KEY.match(key)
+    return m["leaf"] if m else None
+
+
 def _standard_state_dict(config: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return build_model(config, seed, dtype).state_dict()
 
@@ -58,6 +64,26 @@ def test_state_dict_round_trip_is_byte_exact(config, seed, naming, layout, dtype
     assert all(merged[k] is sd[k] for k in untouched), "a non-QKV tensor was replaced"
     back = split_state_dict(merged, naming, layout, head_dim)
     assert_passed(compare_exact(f"state dict {naming}/{layout}", "state_dict", sd, back))
+
+
+@settings(max_examples=expensive(2))
+@given(model_configs(layered=None), seeds(), float_dtypes())
+def test_diffusers_naming_blocked_is_what_diffusers_fuse_projections_builds(config, seed, dtype):
+    """merge_state_dict(naming="diffusers", layout="blocked") gives, bit for bit, the to_qkv and to_added_qkv weights
+    and biases that diffusers' own Attention.fuse_projections() builds on the same model, and no other fused key."""
+    model = build_model(config, seed, dtype)
+    standard = {k: t.clone() for k, t in model.state_dict().items()}
+    merged = merge_state_dict(standard, naming="diffusers", layout="blocked", head_dim=config["attention_head_dim"])
+    attentions = joint_attentions(model)
+    assert len(attentions) == config["num_layers"]
+    for attn in attentions:
+        attn.fuse_projections()
+    fused_leaves = {stream.fused for stream in streams("diffusers")}
+    assert fused_leaves == {"to_qkv", "to_added_qkv"}
+    theirs = {k: t for k, t in model.state_dict().items() if _leaf(k) in fused_leaves}
+    ours = {k: t for k, t in merged.items() if _leaf(k) in fused_leaves}
+    assert len(theirs) == 4 * config["num_layers"], sorted(theirs)  # (to_qkv, to_added_qkv) x (weight, bias)
+    assert_passed(compare_exact("merge_state_dict vs diffusers' fuse_projections", "state_dict", theirs, ours))
 
 
 @given(model_configs(min_heads=2), seeds(), namings(), layouts())
