@@ -62,6 +62,27 @@ def test_layouts_match_their_definitions(shape, frame, seed, dtype):
     assert_passed(compare_exact("layout definitions", "qkv", expected, actual))
 
 
+@given(qkv_shapes(), frames(), seeds(), float_dtypes())
+def test_interleaved_rows_are_each_groups_q_heads_then_its_k_and_v(shape, frame, seed, dtype):
+    """Row by row, for every KV group g: its q heads (r of them, r = q heads per group), then k head g, then v head
+    g; q is asserted like k and v, and split gives each group's q, k and v rows back."""
+    q, k, v = qkv_tensors(shape, frame, seed=seed, dtype=dtype)
+    d, hd, G = frame.dim, shape.head_dim, shape.groups
+    r = shape.q_rows // hd // G
+    fused = qkv.merge(q, k, v, "interleaved", hd, dim=d)
+    expected, actual = {}, {}
+    for g in range(G):
+        start = g * (r + 2) * hd  # the group's first row in the fused tensor
+        rows = [(f"q head {g * r + j}", q, g * r + j) for j in range(r)] + [("k", k, g), ("v", v, g)]
+        for i, (what, source, head) in enumerate(rows):  # (name, source tensor, its head taken here)
+            expected[f"group {g}: {what}"] = source.narrow(d, head * hd, hd)
+            actual[f"group {g}: {what}"] = fused.narrow(d, start + i * hd, hd)
+    assert fused.shape[d] == G * (r + 2) * hd == shape.rows
+    assert_passed(compare_exact("interleaved rows", "qkv", expected, actual))
+    parts = dict(zip("qkv", qkv.split(fused, shape, "interleaved", dim=d)))
+    assert_passed(compare_exact("interleaved split", "qkv", {"q": q, "k": k, "v": v}, parts))
+
+
 @given(qkv_shapes(), layouts(), layouts(), frames(), seeds())
 def test_layout_conversion_is_a_permutation(shape, src, dst, frame, seed):
     p = qkv.layout_permutation(shape, src, dst)
