@@ -29,7 +29,7 @@ NO_CHROMIUM = "no Chromium installed (Debian package 'chromium'); .ci/run instal
 
 
 def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
-    """CI=true (or 1, yes): the rule conftest.py uses to pick the ci Hypothesis profile."""
+    """CI=true (or 1, yes): the same rule that picks the ci Hypothesis profile."""
     return environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
