@@ -1,48 +1,17 @@
-"""Test-session setup in one place: Hypothesis profiles, determinism, and the `device` fixture (cpu, cuda).
-
-Profiles: `dev` (default), `ci` (chosen when CI=true; derandomized, no deadline, no database) and `thorough`;
-HYPOTHESIS_PROFILE overrides both. `pytest --device cuda` runs only the cuda variant of device-parametrised tests.
+"""Test-session setup: Hypothesis profiles and determinism (verify.suite.setup, shared with the packaged suite), and
+the `device` fixture (cpu, cuda). `pytest --device cuda` runs only the cuda variant of device-parametrised tests.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 from hypothesis import settings
 
-# cuBLAS needs this before its first use to be deterministic; harmless on the CPU.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+from verify.suite.setup import deterministic, load_profile
 
-settings.register_profile("dev", max_examples=20, deadline=None)
-settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None, print_blob=True)
-settings.register_profile("thorough", max_examples=1000, deadline=None)
-
-
-def _profile() -> str:
-    if os.environ.get("HYPOTHESIS_PROFILE"):
-        return os.environ["HYPOTHESIS_PROFILE"]
-    return "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"
-
-
-settings.load_profile(_profile())
-
-
-def _deterministic() -> None:
-    """Deterministic kernels, no TF32, one CPU thread: a result depends only on (seed, dtype, device)."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    # One CPU thread unless OMP_NUM_THREADS says otherwise: the models are tiny, a reduction's order then does not
-    # depend on the machine, and on a busy 2-core runner two spinning OpenMP threads made the suite 5-8x slower.
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-
-
-_deterministic()
+load_profile()
+deterministic()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

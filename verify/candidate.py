@@ -113,7 +113,7 @@ def _from_target(spec: str, target: str) -> Implementation:
         raise VerifyError(f"candidate {spec}: {where}:{attr} is a {type(obj).__name__}, not a callable "
                           "build(standard, component)")
     impl = _from_callable(spec, obj)
-    return Implementation(spec, obj, f"{where}:{attr}", getattr(module, "__file__", None), _version(module),
+    return Implementation(spec, obj, f"{where}:{attr}", getattr(module, "__file__", None), impl.version,
                           impl.fused_modules, impl.layout)
 
 
@@ -124,9 +124,10 @@ def _from_callable(spec: str, build: Build) -> Implementation:
         raise VerifyError(f"candidate {spec}: build must take (standard, component)") from None
     module = sys.modules.get(getattr(build, "__module__", "") or "")
     fused = getattr(build, "fused_modules", DEFAULT_FUSED_MODULES)
+    package = getattr(build, "package", None)  # an adapter names the distribution whose code it runs
+    version = _distribution_version(package) if package else _version(module)
     return Implementation(spec, build, f"{getattr(build, '__module__', '?')}:{getattr(build, '__qualname__', '?')}",
-                          getattr(module, "__file__", None), _version(module), tuple(fused),
-                          getattr(build, "layout", None))
+                          getattr(module, "__file__", None), version, tuple(fused), getattr(build, "layout", None))
 
 
 def _import(spec: str, name: str):
@@ -164,9 +165,12 @@ def _version(module) -> str | None:
     if module is None or not getattr(module, "__name__", None):
         return None
     top = module.__name__.split(".")[0]
-    for dist in importlib.metadata.packages_distributions().get(top, []):
-        try:
-            return f"{dist} {importlib.metadata.version(dist)}"
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
+    return next(filter(None, map(_distribution_version, importlib.metadata.packages_distributions().get(top, []))),
+                None)
+
+
+def _distribution_version(dist: str) -> str | None:
+    try:
+        return f"{dist} {importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -11,8 +11,9 @@ from verify.errors import run_command
 from verify.lora.cli import register as register_lora
 from verify.regress import register_regress
 from verify.report_cli import register_report
+from verify.suite_cli import register_test
 
-REGISTRARS = [register_report, register_lora, register_regress, register_convert, register_bench]
+REGISTRARS = [register_report, register_test, register_lora, register_regress, register_convert, register_bench]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -34,8 +34,8 @@ def first_divergence(ref: nn.Module, base: nn.Module, cand: nn.Module, run: Call
     base_out, cand_out = (_named_outputs(m, run, dtype, shared) for m in (base, cand))
     for name, r in ref_out.items():
         b, c = base_out.get(name), cand_out.get(name)
-        if b is None or c is None or not len(r) == len(b) == len(c):
-            continue
+        if b is None or c is None or not [t.shape for t in r] == [t.shape for t in b] == [t.shape for t in c]:
+            continue  # absent, or laid out differently (DiffSynth's norm_q sees (B, H, S, D)): not comparable here
         if any(leaves_bound(*t, dtype) for t in zip(r, b, c) if t[0].is_floating_point()):
             return name
     return None

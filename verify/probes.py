@@ -57,14 +57,16 @@ def _tensors(output) -> list[torch.Tensor]:
 
 
 def strip_wrapper(names, known: set[str]) -> dict[str, str]:
-    """name -> the longest dotted suffix of it that is in `known` (a wrapper's leading path ignored)."""
+    """name -> the name in `known` it becomes once one wrapper's path (one run of dotted parts: a leading prefix
+    or an adapter's attribute inside) is dropped, the shortest drop first; names that match nothing are left out."""
     out = {}
     for name in names:
         parts = name.split(".")
-        for i in range(len(parts)):
-            suffix = ".".join(parts[i:])
-            if suffix in known:
-                out[name] = suffix
+        drops = sorted(((i, j) for i in range(len(parts)) for j in range(i, len(parts))), key=lambda d: d[1] - d[0])
+        for i, j in drops:
+            candidate = ".".join(parts[:i] + parts[j:])
+            if candidate in known:
+                out[name] = candidate
                 break
     return out
 
@@ -72,25 +74,17 @@ def strip_wrapper(names, known: set[str]) -> dict[str, str]:
 def standard_parameters(named: Mapping[str, torch.Tensor], standard: set[str], layout: str,
                         head_dim: int) -> tuple[dict[str, torch.Tensor] | None, str]:
     """`named` (an implementation's parameters or their gradients) renamed onto the standard parameter names:
-    a common wrapper prefix dropped, fused projections split in `layout`. (None, why) when they do not map."""
-    for prefix in _prefixes(named):
-        renamed = {k[len(prefix):]: v for k, v in named.items() if k.startswith(prefix)}
-        if len(renamed) != len(named):
-            continue
-        try:
-            for naming in NAMINGS:
-                renamed = split_state_dict(renamed, naming, layout, head_dim)
-        except Exception:  # a fused tensor that does not split in `layout`: try the next prefix, else say why
-            continue
-        if set(renamed) <= standard and renamed:
-            return renamed, ""
-    unknown = sorted(set(named) - standard)[:3]
-    return None, (f"its parameters ({', '.join(unknown) or 'none'}, ...) do not map onto the standard's names "
-                  f"(same names, or fused to_qkv/add_qkv_proj/to_added_qkv split as {layout}, under one prefix)")
-
-
-def _prefixes(named: Mapping[str, torch.Tensor]) -> list[str]:
-    """Candidate wrapper prefixes, shortest first: '' and every leading dotted path of the first name."""
-    first = next(iter(named), "")
-    parts = first.split(".")
-    return [""] + [".".join(parts[:i]) + "." for i in range(1, len(parts))]
+    fused projections split in `layout`, a wrapper's path dropped. (None, why) when they do not map one to one."""
+    try:
+        split = dict(named)
+        for naming in NAMINGS:
+            split = split_state_dict(split, naming, layout, head_dim)
+    except Exception as e:  # a fused tensor that does not split: say why rather than guess
+        return None, f"its fused parameters do not split as {layout}: {e}"
+    renamed = strip_wrapper(split, standard)
+    unmapped = sorted(set(split) - set(renamed))
+    if unmapped or len(set(renamed.values())) != len(renamed) or not renamed:
+        shown = ", ".join(unmapped[:3]) or "several onto one name"
+        return None, (f"its parameters ({shown}) do not map onto the standard's names (same names, or fused "
+                      f"to_qkv/add_qkv_proj/to_added_qkv split as {layout}, under a wrapper's path)")
+    return {renamed[k]: v for k, v in split.items()}, ""

@@ -17,7 +17,7 @@ from verify.charts import charts
 
 CHECK_COLUMNS = ["name", "component", "dtype", "device", "passed", "max_abs_err", "base_max_abs_err", "ratio",
                  "tolerance", "rel_l2_err", "cosine", "mismatched_fraction", "bit_identical", "fused_calls",
-                 "worst_index"]
+                 "worst_index", "first_divergence", "weight_gradients"]
 STAT_COLUMNS = ["fixture", "dtype", "implementation", "mean", "std", "min", "p1", "p50", "p99", "max", "nan", "inf"]
 SWEEP_COLUMNS = ["factor", "multiplier", "oracle_rel_dev", "standard_rel_dev", "merged_rel_dev",
                  "merged_vs_standard_max_abs", "merged_mean", "merged_std"]
@@ -28,8 +28,8 @@ def tables(summary: dict) -> dict[str, pd.DataFrame]:
     """The report's tables, named; the same frames feed CSV, markdown and HTML."""
     out = {
         "checks": pd.DataFrame(summary["checks"]).reindex(columns=CHECK_COLUMNS),
-        "failures": pd.DataFrame([c for c in summary["checks"] if not c["passed"]]).reindex(
-            columns=["name", "dtype", "message"]),
+        "failures": pd.DataFrame([c for c in summary["checks"] if not c["passed"] and c.get("provided", True)]).reindex(
+            columns=["name", "dtype", "first_divergence", "message"]),
         "output_stats": pd.DataFrame(summary["output_stats"]).reindex(columns=STAT_COLUMNS),
     }
     lora = summary.get("lora")
@@ -74,7 +74,7 @@ def _speed_row(r: dict) -> dict:
 def markdown(summary: dict) -> str:
     t = tables(summary)
     passed = sum(c["passed"] for c in summary["checks"])
-    lines = [f"# qkv-verify report: **{summary['verdict'].upper()}**", "",
+    lines = [f"# qkv-verify report: **{summary['verdict'].upper()}**", "", f"Compared: {summary['compared']}.", "",
              f"{passed} of {len(summary['checks'])} checks passed.", ""]
     lines += [f"- {note}" for note in summary["notes"]] + ([""] if summary["notes"] else [])
     sections = [("Failures", "failures"), ("Claims ledger", "claims"), ("Regression against the baseline",

@@ -200,7 +200,19 @@ def run_report(opts: Options) -> dict:
         "notes": notes,
     }
     summary["compared"] = compared_line(summary)
+    summary["notes"] += _bf16_notes(records)
     return summary
+
+
+def _bf16_notes(records: list[Record]) -> list[str]:
+    """Checks that fp64 or fp32 fail while bf16 passes: why no verdict rests on bf16 alone."""
+    by = {(r.name, r.dtype): r for r in records if r.provided}
+    hidden = sorted({name for (name, dtype), r in by.items() if dtype == "bf16" and r.passed
+                     and any(not by[(name, d)].passed for d in ("fp64", "fp32") if (name, d) in by)})
+    if not hidden:
+        return []
+    return [f"bf16 alone would pass {len(hidden)} check(s) that fp64/fp32 fail ({', '.join(hidden[:4])}): the "
+            "difference hides in bf16 noise, which is why every verdict includes fp64 and fp32"]
 
 
 def _described(impl: Implementation, default: bool, device: str) -> dict:
@@ -233,8 +245,8 @@ def compared_line(summary: dict) -> str:
 def _implementation_notes(subject: Subject, records: list[Record]) -> list[str]:
     notes = []
     if not subject.candidate.fused:
-        notes.append(f"candidate {subject.candidate.spec} is declared unfused (--fused-modules none): no fused-call "
-                     "proof; this compares two implementations")
+        notes.append(f"candidate {subject.candidate.spec} is declared unfused: no fused-call proof; this compares "
+                     "two implementations")
     absent = sorted({f"{r.name} ({r.message})" for r in records if not r.provided})
     notes += [f"not provided, not judged: {a}" for a in absent]
     return notes

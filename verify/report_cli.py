@@ -27,7 +27,8 @@ def register_report(subparsers) -> None:
     p.add_argument("--checkpoint", type=Path, help="diffusers-layout transformer folder (config.json + safetensors)")
     p.add_argument("--merged-checkpoint", type=Path, help="your merged weights, compared against --checkpoint")
     p.add_argument("--layout", choices=LAYOUTS, default="blocked",
-                   help="layout of --merged-checkpoint's fused tensors (never guessed from the weights)")
+                   help="layout of --merged-checkpoint's fused tensors (never guessed from the weights), and of a "
+                        "--candidate's fused parameters when it declares none (to map its weight gradients)")
     p.add_argument("--config", choices=("tiny", "small", "full"), default="tiny",
                    help="seeded-weights config when no --checkpoint is given (default: tiny)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -41,6 +42,16 @@ def register_report(subparsers) -> None:
                                               "speed section and the write-up's speed claims")
     p.add_argument("--properties", type=Path, help="property-suite results JSON (pytest -p properties.results_json)"
                                                    " for the attention/block claims")
+    p.add_argument("--candidate", metavar="SPEC",
+                   help="the implementation judged: package.module:attr, path/to/file.py:attr, or a built-in "
+                        "(reference, fast, fast-compiled, diffsynth, and the planted bugs verify.planted:NAME); "
+                        "attr is build(standard, component). Default: the processor fuse_model installs on --device")
+    p.add_argument("--reference", metavar="SPEC",
+                   help="what the candidate must match (same contract; default: diffusers' standard model); the "
+                        "oracle is the reference in fp64")
+    p.add_argument("--fused-modules", metavar="NAMES",
+                   help="comma list of the module names whose calls prove the candidate's fused path ran (default "
+                        "to_qkv,add_qkv_proj,to_added_qkv), or none for an unfused candidate")
     p.add_argument("--baseline", type=Path, help="a stored summary.json: report what moved (as `qkv-verify regress`)")
     add_threshold_arguments(p)
     p.add_argument("--out", type=Path, default=Path("qkv-verify-report"), help="output folder")
@@ -70,7 +81,8 @@ def _report(args) -> int:
             raise VerifyError(f"{args.properties}: cannot read property results: {e}") from None
     opts = Options(checkpoint=args.checkpoint, merged_checkpoint=args.merged_checkpoint, config=args.config,
                    layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed, lora=args.lora,
-                   adapter_config=args.adapter_config)
+                   adapter_config=args.adapter_config, candidate=args.candidate, reference=args.reference,
+                   fused_modules=args.fused_modules)
     summary = run_report(opts)
     summary["claims"] = ledger(summary, args.claims, bench, properties)
     summary["speed"] = bench
@@ -80,6 +92,7 @@ def _report(args) -> int:
     failed = [c for c in summary["checks"] if not c["passed"]]
     refuted = refuted_user_claims(summary["claims"])
     moved = summary["regression"]["moved"] if baseline is not None else []
+    print(summary["compared"])
     print(f"verdict: {summary['verdict']} ({len(summary['checks']) - len(failed)}/{len(summary['checks'])} checks "
           f"passed); report in {args.out}/index.html")
     for c in failed:

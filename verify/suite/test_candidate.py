@@ -1,0 +1,34 @@
+"""Properties every merged-QKV implementation must have: over random head counts, head dims, sequence lengths,
+batch sizes, padded text masks and zero_cond_t, its attention and its block compute the reference's function in
+fp64, fp32, bf16 and fp16, outputs and gradients, judged by the relative-to-base rule against the fp64 oracle (a
+fused candidate whose fused modules never ran fails). Run by `qkv-verify test SPEC`, or by pytest with
+`--qkv-candidate SPEC`."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from verify.cases import CASES
+from verify.equivalence import run_case
+from verify.strategies import input_specs, model_configs, seeds
+from verify.testing import describe
+from verify.tolerance import DTYPES
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("component", ["attention", "block"])
+@given(config=model_configs(max_layers=1, zero_cond_t=None, layered=False),
+       spec=st.one_of(input_specs(), input_specs(padded=True)), seed=seeds())
+def test_candidate_computes_the_reference_function(qkv_candidate, qkv_reference, qkv_layout, qkv_device, component,
+                                                    dtype, config, spec, seed):
+    case = CASES["attention" if component == "attention" else
+                 "block-edit-zero-cond" if config["zero_cond_t"] else "block"]
+    records = run_case(case, [dtype], qkv_device, seed, config=config, spec=spec, candidate=qkv_candidate,
+                       reference=qkv_reference, layout=qkv_layout)
+    judged = [r for r in records if r.provided]
+    if not judged:
+        pytest.skip(records[0].message)
+    failed = [describe(r) for r in judged if not r.passed]
+    assert not failed, "\n".join(failed)

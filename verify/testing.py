@@ -1,0 +1,53 @@
+"""Python API for users' own test suites: judge a merged-QKV implementation against diffusers (or a reference).
+
+    from verify.testing import assert_candidate
+    assert_candidate("my_pkg.fused:build")                 # attention, block and model; fp64, fp32, bf16, fp16
+
+`check_candidate` returns the records (verify.compare.Record); `assert_candidate` raises AssertionError with a
+diffusers-style message for every failing one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from verify.candidate import Build, Implementation, resolve
+from verify.cases import CASES
+from verify.compare import Record
+from verify.equivalence import run_case
+
+
+def check_candidate(candidate: str | Build | Implementation, reference: str | Build | Implementation | None = None,
+                    *, components: Iterable[str] = ("attention", "block", "model"),
+                    dtypes: Iterable[torch.dtype] | None = None, device: str = "cpu", seed: int = 0,
+                    fused_modules: str | None = None, layout: str = "blocked") -> list[Record]:
+    """Every registry case of `components` (tiny seeded configs; outputs, and gradients where the case has them),
+    the candidate against the reference (diffusers by default) in each dtype."""
+    if not isinstance(candidate, Implementation):
+        candidate = resolve(candidate, fused_modules)
+    reference = reference if isinstance(reference, Implementation) else resolve(reference or "diffusers")
+    components = tuple(components)
+    return [r for case in CASES.values() if case.component in components
+            for r in run_case(case, dtypes, device, seed, candidate=candidate, reference=reference, layout=layout)]
+
+
+def assert_candidate(candidate: str | Build | Implementation, reference=None, **options) -> list[Record]:
+    """check_candidate, then AssertionError naming each failure (case, dtype, tensor, mismatched share, worst
+    element, first divergence); also when the candidate provides none of the components."""
+    records = check_candidate(candidate, reference, **options)
+    judged = [r for r in records if r.provided]
+    if not judged:
+        raise AssertionError(f"candidate provides none of the components checked: {records[0].message}"
+                             if records else "no check ran")
+    failed = [r for r in judged if not r.passed]
+    if failed:
+        raise AssertionError(f"{len(failed)} of {len(judged)} checks failed:\n" + "\n".join(map(describe, failed)))
+    return records
+
+
+def describe(record: Record) -> str:
+    """One failing record as a line: case [dtype, device, rule]: message; first divergence."""
+    where = f"; first divergence: {record.first_divergence}" if record.first_divergence else ""
+    return f"{record.name} [{record.dtype}, {record.device}, {record.rule}]: {record.message}{where}"
