@@ -30,8 +30,10 @@ def test_default_report_passes_with_contract_fields(tmp_path):
     assert {"verdict", "checks", "output_stats", "environment", "inputs"} <= set(summary)
     assert all(CHECK_FIELDS <= set(c) for c in summary["checks"])
     assert {c["dtype"] for c in summary["checks"]} == {"fp64", "fp32", "bf16", "fp16"}
-    ran = [c for c in summary["checks"] if c["component"] != "weights"]
+    ran = [c for c in summary["checks"] if c["component"] in ("attention", "block", "model")]
     assert ran and all(c["fused_calls"] > 0 for c in ran), "every check of outputs must have run the fused path"
+    assert summary["lora"]["file"].startswith("embedded: seeded rank-32 LoRA"), "the default runs the LoRA stage"
+    assert any(c["name"].startswith("lora/text-to-image/") for c in ran)
     trips = [c for c in summary["checks"] if c["name"].startswith("weights/round-trip-")]
     assert len(trips) == 4 and all(c["passed"] and c["bit_identical"] for c in trips)
     stats = summary["output_stats"][0]

@@ -153,3 +153,24 @@ def cast_inputs(inputs: dict, dtype: torch.dtype, device: torch.device | str) ->
 
     return {k: cast(v) for k, v in inputs.items()}
 
+
+
+# The write-up's LoRA: rank 32 on the merged target list, with an alpha (lora_alpha = r: multiplier 1).
+LORA_TARGETS = ("attn.to_qkv", "attn.add_qkv_proj", "attn.to_out.0", "attn.to_add_out")
+LORA_RANK, LORA_ALPHA = 32, 32.0
+
+
+def seeded_lora(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA of the write-up's kind for `config`, in Lightning keys with a per-module alpha (lora_down/lora_up):
+    A ~ N(0, 1/in), B ~ N(0, 0.1^2 / rank), so that it moves the output visibly without swamping it."""
+    g = torch.Generator().manual_seed(seed + 3)
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    tensors = {}
+    for i in range(config["num_layers"]):
+        for target in LORA_TARGETS:
+            out = 3 * dim if "qkv" in target else dim
+            key = f"transformer_blocks.{i}.{target}"
+            tensors[f"{key}.lora_down.weight"] = torch.randn(LORA_RANK, dim, generator=g) / dim**0.5
+            tensors[f"{key}.lora_up.weight"] = torch.randn(out, LORA_RANK, generator=g) * 0.1 / LORA_RANK**0.5
+            tensors[f"{key}.alpha"] = torch.tensor(LORA_ALPHA)
+    return tensors

@@ -74,9 +74,11 @@ def _speed_row(r: dict) -> dict:
 def markdown(summary: dict) -> str:
     t = tables(summary)
     passed = sum(c["passed"] for c in summary["checks"])
-    lines = [f"# qkv-verify report: **{summary['verdict'].upper()}**", "", f"Compared: {summary['compared']}.", "",
-             f"{passed} of {len(summary['checks'])} checks passed.", ""]
+    lines = [f"# qkv-verify report: **{summary['verdict'].upper()}**{_why(summary)}", "",
+             f"Compared: {summary['compared']}.", "", f"{passed} of {len(summary['checks'])} checks passed.", ""]
     lines += [f"- {note}" for note in summary["notes"]] + ([""] if summary["notes"] else [])
+    warnings = (summary.get("lora") or {}).get("warnings") or []
+    lines += ["## LoRA audit warnings", "", *[f"- {w}" for w in warnings], ""] if warnings else []
     sections = [("Failures", "failures"), ("Claims ledger", "claims"), ("Regression against the baseline",
                  "regression"), ("Checks", "checks"), ("Output statistics", "output_stats"), ("LoRA", "lora"),
                 ("LoRA alpha sweep", "lora_sweep"), ("Speed", "speed"), ("Speed goals", "speed_goals")]
@@ -88,6 +90,11 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _why(summary: dict) -> str:
+    reasons = summary.get("verdict_reasons") or []
+    return f" ({'; '.join(reasons)})" if reasons else ""
+
+
 def html(summary: dict, pngs: dict[str, bytes]) -> str:
     env = Environment(loader=PackageLoader("verify", "templates"), autoescape=select_autoescape())
     frames = {name: df.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", classes="table",
@@ -95,6 +102,7 @@ def html(summary: dict, pngs: dict[str, bytes]) -> str:
     images = {name: "data:image/png;base64," + base64.b64encode(data).decode() for name, data in pngs.items()}
     return env.get_template("report.html.j2").render(
         summary=summary, tables=frames, images=images, passed=sum(c["passed"] for c in summary["checks"]),
+        why=_why(summary), lora_warnings=(summary.get("lora") or {}).get("warnings") or [],
         total=len(summary["checks"]), inputs=json.dumps(summary["inputs"], indent=2),
         environment=json.dumps(summary["environment"], indent=2),
     )

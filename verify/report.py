@@ -7,10 +7,13 @@ is data only; presentation lives in verify.render and verify.charts and never re
 from __future__ import annotations
 
 import platform
+import sys
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from verify import __version__, fixtures
@@ -47,6 +50,7 @@ class Options:
     seed: int = 0
     lora: Path | None = None
     adapter_config: Path | None = None
+    allow_unmatched: bool = False  # LoRA keys that match no module are a failed check unless allowed
     candidate: str | None = None  # a SPEC (verify.candidate); None: fuse_model's default processor on the device
     reference: str | None = None  # a SPEC; None: diffusers
     fused_modules: str | None = None  # override of the candidate's fused module names ("none": unfused)
@@ -158,18 +162,29 @@ def component_checks(subject: Subject, dtypes: list[torch.dtype], device: str, s
 
 
 def run_report(opts: Options) -> dict:
-    """Load, run every fixture in every dtype (and the LoRA sections), and return the summary."""
+    """Load, run every fixture in every dtype (and the LoRA sections), and return the summary. The embedded default
+    (seeded tiny or small weights, no --lora) runs a seeded LoRA of the write-up's kind too."""
+    if embedded_lora(opts):
+        with tempfile.TemporaryDirectory(prefix="qkv-verify-lora-") as tmp:
+            path = Path(tmp) / "seeded-lora.safetensors"
+            save_file(fixtures.seeded_lora(fixtures.model_config(opts.config), opts.seed), str(path))
+            summary = run_report(replace(opts, lora=path))
+        summary["lora"]["file"] = (f"embedded: seeded rank-{fixtures.LORA_RANK} LoRA on "
+                                   f"{', '.join(fixtures.LORA_TARGETS)}, alpha {fixtures.LORA_ALPHA:g} "
+                                   f"(seed {opts.seed})")
+        summary["inputs"]["lora"] = summary["lora"]["file"]
+        return summary
     subject = load_subject(opts)
     lora = _Lora(opts, subject) if opts.lora else None
     dtypes = list(dict.fromkeys([*REQUIRED_DTYPES, *opts.dtypes]))
     notes = [f"{dtype_name(d)} added: a verdict needs fp64 and fp32 runs (bugs hide in bf16 noise)"
              for d in REQUIRED_DTYPES if d not in opts.dtypes]
-    records = list(subject.weight_checks)
+    records = list(subject.weight_checks) + ([lora.unmatched_check(opts.allow_unmatched)] if lora else [])
     records += round_trip_checks(subject.std) + component_checks(subject, dtypes, opts.device, opts.seed, opts.layout)
     notes += _implementation_notes(subject, records)
     stats, samples = [], []
     progress = tqdm(total=len(FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),
-                    desc="qkv-verify report", unit="run", leave=False)
+                    desc="qkv-verify report", unit="run", leave=False, disable=not sys.stderr.isatty())
     for fixture, spec in FIXTURES.items():
         inputs = fixtures.model_inputs(subject.std.config, spec, opts.seed)
         run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate, subject.reference,
@@ -211,8 +226,13 @@ def _bf16_notes(records: list[Record]) -> list[str]:
                      and any(not by[(name, d)].passed for d in ("fp64", "fp32") if (name, d) in by)})
     if not hidden:
         return []
-    return [f"bf16 alone would pass {len(hidden)} check(s) that fp64/fp32 fail ({', '.join(hidden[:4])}): the "
+    return [f"bf16 alone would pass {len(hidden)} check(s) that fp64/fp32 fail ({', '.join(hidden)}): the "
             "difference hides in bf16 noise, which is why every verdict includes fp64 and fp32"]
+
+
+def embedded_lora(opts: Options) -> bool:
+    """The embedded default: seeded tiny or small weights and no LoRA file given."""
+    return not opts.lora and not opts.checkpoint and opts.config != "full"
 
 
 def _described(impl: Implementation, default: bool, device: str) -> dict:
@@ -327,6 +347,19 @@ class _Lora:
         self.merged_layout = subject.candidate.resolved.startswith("verify.builtins:") and subject.candidate.fused
         self.summary["applied_to_candidate"] = ("merged layout, onto the fused projections" if self.merged_layout
                                                 else "standard layout, onto the weights the candidate builds from")
+
+    def unmatched_check(self, allowed: bool) -> Record:
+        """LoRA keys that land on no module: a failed check (a LoRA silently half-applied) unless allowed."""
+        keys = self.summary["unmatched_keys"]
+        if not keys:
+            return Record("lora/unmatched-keys", "lora", "fp64", "cpu", "all-matched", True,
+                          f"every key of the file lands on a module ({self.summary['modules_matched']} modules)")
+        listed = f"{len(keys)} keys match no module of the model: {', '.join(keys[:5])}"
+        if allowed:
+            return Record("lora/unmatched-keys", "lora", "fp64", "cpu", "all-matched", True,
+                          f"{listed} (allowed by --allow-unmatched)")
+        return Record("lora/unmatched-keys", "lora", "fp64", "cpu", "all-matched", False,
+                      f"{listed}; pass --allow-unmatched if that is intended")
 
     def updates(self, factor: float):
         """(standard update, merged update or None): functions applying the LoRA at `factor` x its scale."""

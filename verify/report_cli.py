@@ -54,7 +54,11 @@ def register_report(subparsers) -> None:
                         "to_qkv,add_qkv_proj,to_added_qkv), or none for an unfused candidate")
     p.add_argument("--baseline", type=Path, help="a stored summary.json: report what moved (as `qkv-verify regress`)")
     add_threshold_arguments(p)
-    p.add_argument("--out", type=Path, default=Path("qkv-verify-report"), help="output folder")
+    p.add_argument("--allow-unmatched", action="store_true",
+                   help="LoRA keys that match no module do not fail the report (the lora/unmatched-keys check)")
+    p.add_argument("--out", type=Path, default=Path("qkv-verify-report"),
+                   help="output folder: new, empty, or an earlier qkv-verify report (default qkv-verify-report)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out that is not an earlier report")
     p.set_defaults(func=_report)
 
 
@@ -67,6 +71,7 @@ def _report(args) -> int:
     from verify.render import write_report
     from verify.report import Options, run_report
 
+    _refuse_foreign_out(args.out, args.force)
     _refuse_writing_into_inputs(args.out, [args.checkpoint, args.merged_checkpoint, args.lora, args.adapter_config,
                                            args.claims, args.bench, args.properties, args.baseline])
     if args.claims:
@@ -82,26 +87,60 @@ def _report(args) -> int:
     opts = Options(checkpoint=args.checkpoint, merged_checkpoint=args.merged_checkpoint, config=args.config,
                    layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed, lora=args.lora,
                    adapter_config=args.adapter_config, candidate=args.candidate, reference=args.reference,
-                   fused_modules=args.fused_modules)
+                   fused_modules=args.fused_modules, allow_unmatched=args.allow_unmatched)
     summary = run_report(opts)
     summary["claims"] = ledger(summary, args.claims, bench, properties)
     summary["speed"] = bench
     if baseline is not None:
         summary["regression"] = regress(baseline, summary, thresholds_from(args))
-    write_report(summary, args.out)
-    failed = [c for c in summary["checks"] if not c["passed"]]
+    failed = [c for c in summary["checks"] if not c["passed"] and c.get("provided", True)]
     refuted = refuted_user_claims(summary["claims"])
     moved = summary["regression"]["moved"] if baseline is not None else []
+    summary["verdict_reasons"] = verdict_reasons(failed, refuted, moved)
+    summary["verdict"] = "fail" if summary["verdict_reasons"] else "pass"
+    write_report(summary, args.out)
     print(summary["compared"])
-    print(f"verdict: {summary['verdict']} ({len(summary['checks']) - len(failed)}/{len(summary['checks'])} checks "
-          f"passed); report in {args.out}/index.html")
+    why = f": {'; '.join(summary['verdict_reasons'])}" if summary["verdict_reasons"] else ""
+    print(f"verdict: {summary['verdict']}{why} ({len(summary['checks']) - len(failed)}/{len(summary['checks'])} "
+          f"checks passed); report in {args.out}/index.html")
     for c in failed:
         print(f"  FAILED {c['name']} [{c['dtype']}]: {c['message']}")
     for r in refuted:
         print(f"  REFUTED claim {r['id']}: measured {r['measured']}, expected {r['expected']}")
     if moved:
         print(f"  MOVED against {args.baseline}: {len(moved)} values beyond their thresholds")
-    return 0 if summary["verdict"] == "pass" and not refuted and not moved else 1
+    return 0 if summary["verdict"] == "pass" else 1
+
+
+def verdict_reasons(failed: list[dict], refuted: list[dict], moved: list[dict]) -> list[str]:
+    """Why the verdict is fail (empty: pass); the exit status is 1 exactly when there is a reason."""
+    reasons = [f"{len(failed)} check(s) failed"] if failed else []
+    reasons += [f"refuted claim(s): {', '.join(r['id'] for r in refuted)}"] if refuted else []
+    reasons += [f"moved against the baseline: {len(moved)} values"] if moved else []
+    return reasons
+
+
+def _refuse_foreign_out(out: Path, force: bool) -> None:
+    """--out must be new, empty, or an earlier qkv-verify report (its summary.json says so), unless --force."""
+    from verify.errors import VerifyError
+
+    if out.exists() and not out.is_dir():
+        raise VerifyError(f"--out {out}: is a file, not a folder")
+    if force or not out.exists() or not any(out.iterdir()):
+        return
+    if not _is_report(out / "summary.json"):
+        raise VerifyError(f"--out {out}: a non-empty folder that is not an earlier qkv-verify report; choose another "
+                          "folder or pass --force")
+
+
+def _is_report(path: Path) -> bool:
+    import json
+
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"verdict", "checks", "environment"} <= set(summary)
 
 
 def _refuse_writing_into_inputs(out: Path, inputs: list[Path | None]) -> None:
