@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
-from verify import qkv
+from verify import fixtures, qkv
 from verify.claims import CONFIRMED, REFUTED, UNMEASURED, judge, ledger, load_bench, load_claims, refuted_user_claims
 from verify.cli import main
 from verify.errors import VerifyError
@@ -70,8 +70,12 @@ def test_every_write_up_claim_has_a_row_with_a_verdict(runs):
     assert perfect["verdict"] == (CONFIRMED if identical == len(checks) else REFUTED), "bit-identical, or refuted"
     assert (perfect["measured"], perfect["expected"]) == (identical, len(checks))
     assert f"{identical} bit-identical" in perfect["detail"] and "worst error ratio" in perfect["detail"]
-    for unmeasured in ("lora-480-tensors", "alpha-1", "faster-10-15pct", "kernels-67pct-fewer"):
+    for unmeasured in ("faster-10-15pct", "kernels-67pct-fewer"):
         assert rows[unmeasured]["verdict"] == UNMEASURED and rows[unmeasured]["measured"] is None
+    # the embedded default's seeded LoRA: 4 merged targets, to_qkv and add_qkv_proj 3 standard weights each -> 8
+    # weight matrices per block, at alpha / rank
+    assert rows["lora-480-tensors"]["measured"] == 8 * summary["inputs"]["model_config"]["num_layers"]
+    assert rows["alpha-1"]["measured"] == fixtures.LORA_ALPHA / fixtures.LORA_RANK
 
 
 def _without(summary: dict, *components: str) -> dict:
@@ -336,7 +340,7 @@ def test_only_refuted_user_claims_fail_the_exit_status(runs, tmp_path):
 
 def test_a_metric_through_a_null_section_is_not_measurable(runs, tmp_path):
     claims = [{"id": "alpha", "metric": "lora.scale.value", "op": "approx", "expected": 1.0}]
-    row = ledger(runs["default"], _claims(tmp_path, claims), None)[-1]
+    row = ledger({**runs["default"], "lora": None}, _claims(tmp_path, claims), None)[-1]
     assert row["verdict"] == UNMEASURED and "lora" in row["detail"]
 
 

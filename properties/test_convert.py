@@ -25,7 +25,7 @@ from verify import destination, qkv, scan
 from verify import manifest as mf
 from verify.checkpoint import DTYPES, Checkpoint
 from verify.cli import main
-from verify.loading import load_merged, model_config
+from verify.loading import build_merged, model_config
 
 HEAD_DIM = 16  # the tiny config's
 QKV_LEAVES = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
@@ -79,7 +79,7 @@ def test_round_trip_is_byte_exact_and_loads(tmp_path, std, naming, layout):
     assert len(fused) == 2 * 2 * 2, fused  # 2 blocks x 2 streams x (weight, bias)
     # the merged checkpoint is what the merged model loads, and its split equals the standard weights
     ckpt = Checkpoint(merged)
-    model = load_merged(ckpt, model_config(ckpt), layout)
+    model = build_merged(ckpt, model_config(ckpt), layout)
     assert {k: as_bytes(v) for k, v in model.state_dict().items()} == {k: as_bytes(m[k].double()) for k in m}
     # diffusers itself loads the standard result
     loaded = QwenImageTransformer2DModel.from_pretrained(back)

@@ -19,7 +19,7 @@ from verify.checkpoint import Checkpoint
 from verify.compare import assert_passed
 from verify.convert import check, convert
 from verify.equivalence import run_case
-from verify.loading import load_merged, load_standard, model_config
+from verify.loading import build_merged, load_standard, model_config
 
 STORED = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 SHARDS = st.sampled_from(["8KB", "40KB", "10GB"])  # many small shards, a few, one file
@@ -63,7 +63,7 @@ def test_converted_merged_checkpoint_computes_the_standard_function(config, spec
         convert(std, tmp / "m", "merged", naming, layout, warn=_no_warnings)
         std_ckpt = Checkpoint(std)
         standard = load_standard(std_ckpt)
-        merged = load_merged(Checkpoint(tmp / "m"), model_config(std_ckpt), layout)
+        merged = build_merged(Checkpoint(tmp / "m"), model_config(std_ckpt), layout)
 
     def user_merged(module: torch.nn.Module, component: str) -> torch.nn.Module:
         return torch.nn.Module.to(copy.deepcopy(merged), dtype=next(module.parameters()).dtype)

@@ -182,7 +182,7 @@ def _message(worst: _TensorResult, mismatched: int, numel: int, nonfinite: int, 
     text = (f"Mismatched elements: {mismatched} / {numel} ({share:.2g}%); greatest absolute difference "
             f"{worst.err:.3g}; worst element {worst.worst} off by {worst.worst_err:.3g} where "
             f"{worst.bound:.3g} is allowed by {rule.describe()}")
-    text += f", base error {worst.base_err:.3g})" if worst.base_err is not None else ")"
+    text += f" (base error {worst.base_err:.3g})" if worst.base_err is not None else ""
     return text + (f"; {nonfinite} NaN/Inf elements" if nonfinite else "")
 
 

@@ -19,7 +19,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from torch import nn
 from torch.nn.utils import skip_init
 
-from verify import qkv
+from verify import adapters, qkv
 from verify.errors import VerifyError
 from verify.naming import DEFAULT_NAMING, Stream, streams
 
@@ -107,44 +107,65 @@ def fuse_attention(
 ) -> Attention:
     """Replace the separate q/k/v projections of both streams by fused ones, and install the fused processor.
 
-    The new modules skip their random initialisation (overwritten anyway): fusing leaves the caller's RNG untouched.
+    PEFT LoRA adapters on the separate projections become exact adapters on the fused one (verify.adapters); what
+    cannot be carried exactly is a VerifyError before anything changes. The new modules skip their random
+    initialisation (overwritten anyway): fusing leaves the caller's RNG untouched.
     """
-    head_dim = attn.inner_dim // attn.heads
+    built = {stream.fused: _fused_projection(attn, stream, layout) for stream in streams(naming)}
     for stream in streams(naming):
-        q, k, v = (getattr(attn, name) for name in stream.separate)
-        has_bias = q.bias is not None
-        fused = skip_init(nn.Linear, q.in_features, q.out_features + k.out_features + v.out_features, bias=has_bias,
-                          device=q.weight.device, dtype=q.weight.dtype)
-        fused.weight.copy_(qkv.merge(q.weight, k.weight, v.weight, layout, head_dim))
-        if has_bias:
-            fused.bias.copy_(qkv.merge(q.bias, k.bias, v.bias, layout, head_dim))
         for name in stream.separate:
             delattr(attn, name)
-        setattr(attn, stream.fused, fused)
+        setattr(attn, stream.fused, built[stream.fused])
     attn.set_processor(processor or FusedQwenAttnProcessor(naming, layout))
     return attn
 
 
+def _fused_projection(attn: Attention, stream: Stream, layout: str) -> nn.Module:
+    """One stream's fused projection (behind a PEFT LoRA layer when the separate ones had adapters)."""
+    head_dim = attn.inner_dim // attn.heads
+    layers = [getattr(attn, name) for name in stream.separate]
+    q, k, v = (adapters.base_layer(layer) for layer in layers)
+    rows = [q.out_features, k.out_features, v.out_features]
+    found = [adapters.adapters_of(layer, name) for layer, name in zip(layers, stream.separate)]
+    fused_adapters = adapters.fuse_adapters(found, rows, layout, head_dim, f"{stream.name} stream")
+    fused = skip_init(nn.Linear, q.in_features, sum(rows), bias=q.bias is not None, device=q.weight.device,
+                      dtype=q.weight.dtype)
+    fused.weight.copy_(qkv.merge(q.weight, k.weight, v.weight, layout, head_dim))
+    if q.bias is not None:
+        fused.bias.copy_(qkv.merge(q.bias, k.bias, v.bias, layout, head_dim))
+    return adapters.wrap(fused, fused_adapters, adapters.active_adapters(layers), adapters.uses_rslora(layers))
+
+
 @torch.no_grad()
 def unfuse_attention(attn: Attention) -> Attention:
-    """Copy the fused weights back into separate q/k/v projections and restore diffusers' processor."""
+    """Copy the fused weights back into separate q/k/v projections (LoRA adapters too: A copied, B split) and restore
+    diffusers' processor."""
     proc = attn.processor
-    head_dim = attn.inner_dim // attn.heads
+    built = {stream.name: _separate_projections(attn, stream, proc.layout) for stream in (proc.image, proc.text)}
     for stream in (proc.image, proc.text):
-        fused = getattr(attn, stream.fused)
-        shape = qkv.QKVShape.equal(fused.out_features, head_dim)
-        weights = qkv.split(fused.weight, shape, proc.layout)
-        biases = qkv.split(fused.bias, shape, proc.layout) if fused.bias is not None else (None,) * 3
-        for name, w, b in zip(stream.separate, weights, biases):
-            linear = skip_init(nn.Linear, fused.in_features, w.shape[0], bias=b is not None, device=w.device,
-                               dtype=w.dtype)
-            linear.weight.copy_(w)
-            if b is not None:
-                linear.bias.copy_(b)
-            setattr(attn, name, linear)
+        for name, layer in zip(stream.separate, built[stream.name]):
+            setattr(attn, name, layer)
         delattr(attn, stream.fused)
     attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
     return attn
+
+
+def _separate_projections(attn: Attention, stream: Stream, layout: str) -> list[nn.Module]:
+    head_dim = attn.inner_dim // attn.heads
+    layer = getattr(attn, stream.fused)
+    fused = adapters.base_layer(layer)
+    shape = qkv.QKVShape.equal(fused.out_features, head_dim)
+    weights = qkv.split(fused.weight, shape, layout)
+    biases = qkv.split(fused.bias, shape, layout) if fused.bias is not None else (None,) * 3
+    parts = adapters.split_adapters(adapters.adapters_of(layer, stream.fused), shape, layout)
+    out = []
+    for w, b, part in zip(weights, biases, parts):
+        linear = skip_init(nn.Linear, fused.in_features, w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        linear.weight.copy_(w)
+        if b is not None:
+            linear.bias.copy_(b)
+        out.append(adapters.wrap(linear, part, adapters.active_adapters([layer]), adapters.uses_rslora([layer])))
+    return out
 
 
 # Fused processors by name: "reference" mirrors diffusers step by step; "fast" (verify.fast_fused) makes fewer passes;
@@ -164,6 +185,9 @@ def processor_class(name: str) -> type[FusedQwenAttnProcessor]:
     return getattr(importlib.import_module(module), cls)
 
 
+MERGE_KEY = "qkv_merge"  # config.json of a merged model: {"naming": ..., "layout": ...}
+
+
 def default_processor(device: str | torch.device) -> str:
     """The processor fuse_model installs when none is named: fast-compiled on cuda (the benchmarked one), the
     step-by-step reference elsewhere."""
@@ -173,16 +197,35 @@ def default_processor(device: str | torch.device) -> str:
 def fuse_model(model: nn.Module, naming: str = DEFAULT_NAMING, layout: str = "blocked",
                processor: str | None = None) -> nn.Module:
     """Convert every joint attention of `model` to fused projections, in place; returns `model`. `processor`
-    names one of PROCESSORS (default: `default_processor` of the model's device)."""
+    names one of PROCESSORS (default: `default_processor` of the model's device). LoRA adapters are carried over
+    exactly; one that cannot be is a VerifyError before any attention changes."""
     param = next(model.parameters(), None)
     cls = processor_class(processor or default_processor(param.device if param is not None else "cpu"))
-    for attn in joint_attentions(model):
+    attentions = joint_attentions(model)
+    for attn in attentions:
+        for stream in streams(naming):
+            layers = [getattr(attn, name) for name in stream.separate]
+            found = [adapters.adapters_of(layer, name) for layer, name in zip(layers, stream.separate)]
+            adapters.fuse_adapters(found, [adapters.base_layer(x).out_features for x in layers], layout,
+                                   attn.inner_dim // attn.heads, f"{stream.name} stream")
+    for attn in attentions:
         fuse_attention(attn, naming, layout, cls(naming, layout))
+    adapters.retarget(model, naming, fused=True)
+    if hasattr(model, "register_to_config") and attentions:  # save_pretrained's config.json then says so
+        model.register_to_config(**{MERGE_KEY: {"naming": naming, "layout": layout}})
     return model
 
 
 def unfuse_model(model: nn.Module) -> nn.Module:
-    """Inverse of fuse_model, in place; returns `model`."""
-    for attn in joint_attentions(model):
+    """Inverse of fuse_model, in place (LoRA adapters on the fused projections split back); returns `model`."""
+    attentions = joint_attentions(model)
+    for attn in attentions:
+        for stream in (attn.processor.image, attn.processor.text):
+            adapters.adapters_of(getattr(attn, stream.fused), stream.fused)
+    naming = attentions[0].processor.naming if attentions else DEFAULT_NAMING
+    for attn in attentions:
         unfuse_attention(attn)
+    adapters.retarget(model, naming, fused=False)
+    if hasattr(model, "register_to_config") and attentions:
+        model.register_to_config(**{MERGE_KEY: None})
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 from diffusers import QwenImageTransformer2DModel
@@ -11,8 +12,9 @@ from torch import nn
 
 from verify.checkpoint import Checkpoint
 from verify.errors import VerifyError
-from verify.fused import fuse_model
+from verify.fused import MERGE_KEY, fuse_model
 from verify.naming import NAMINGS
+from verify.qkv import LAYOUTS
 
 _ARGS = set(inspect.signature(QwenImageTransformer2DModel.__init__).parameters) - {"self"}
 
@@ -51,10 +53,38 @@ def load_standard(ckpt: Checkpoint, dtype: torch.dtype = torch.float64) -> QwenI
     return _fill(empty_model(model_config(ckpt)), ckpt, dtype)
 
 
-def load_merged(ckpt: Checkpoint, config: dict, layout: str, dtype: torch.dtype = torch.float64) -> nn.Module:
+def build_merged(ckpt: Checkpoint, config: dict, layout: str, dtype: torch.dtype | None = torch.float64) -> nn.Module:
     """A merged model (naming detected from the keys, `layout` as told) with the checkpoint's weights."""
     model = fuse_model(empty_model(config), merged_naming(ckpt, config), layout)
     return _fill(model, ckpt, dtype)
+
+
+def load_merged(path: str | Path, layout: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The merged model saved in folder `path` (save_pretrained of a fused model, or `qkv-verify convert`): its
+    config.json records the merge (`qkv_merge`: naming, layout); `layout` is needed only where it does not, and
+    must agree where it does. Tensors keep their stored dtype unless `dtype` is given."""
+    ckpt = Checkpoint(path)
+    if not is_merged(ckpt):
+        raise VerifyError(f"{path}: holds no fused to_qkv weights; load it with QwenImageTransformer2DModel")
+    recorded = merge_recorded(ckpt)
+    if recorded and layout and layout != recorded["layout"]:
+        raise VerifyError(f"{path}/config.json records layout {recorded['layout']}, not {layout}")
+    layout = layout or (recorded or {}).get("layout")
+    if layout is None:
+        raise VerifyError(f"{path}/config.json does not record the fused layout (qkv_merge); pass layout= "
+                          "('blocked' or 'interleaved'): it is never guessed from the weights")
+    return build_merged(ckpt, model_config(ckpt), layout, dtype)
+
+
+def merge_recorded(ckpt: Checkpoint) -> dict | None:
+    """The merge a folder's config.json records ({'naming', 'layout'}), or None."""
+    merge = (ckpt.config or {}).get(MERGE_KEY)
+    if merge is None:
+        return None
+    if not (isinstance(merge, dict) and merge.get("layout") in LAYOUTS and merge.get("naming") in NAMINGS):
+        raise VerifyError(f"{ckpt.path}/config.json: {MERGE_KEY} must be {{naming: seed|diffusers, layout: "
+                          f"blocked|interleaved}}, got {merge!r}")
+    return merge
 
 
 def check_fits(ckpt: Checkpoint, model: nn.Module) -> None:
@@ -85,8 +115,8 @@ def merged_naming(ckpt: Checkpoint, config: dict) -> str:
     raise VerifyError(f"fits neither fused naming ({', '.join(NAMINGS)}): {closest}")
 
 
-def _fill(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+def _fill(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None) -> nn.Module:
     check_fits(ckpt, model)
-    state = {key: ckpt.get(key).to(dtype) for key, _ in model.named_parameters()}
+    state = {key: ckpt.get(key).to(dtype or ckpt.get(key).dtype) for key, _ in model.named_parameters()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

@@ -25,7 +25,7 @@ from verify.equivalence import run_case
 from verify.errors import VerifyError
 from verify.fixtures import FIXTURES
 from verify.fused import default_processor, fuse_model
-from verify.loading import empty_model, is_merged, model_config
+from verify.loading import empty_model, is_merged, merge_recorded, model_config
 from verify.naming import NAMINGS
 from verify.qkv import LAYOUTS
 from verify.state_dict import merge_state_dict, split_state_dict
@@ -96,6 +96,10 @@ def _weights(opts: Options) -> Subject:
     merged_ckpt = Checkpoint(opts.merged_checkpoint)
     if not is_merged(merged_ckpt):
         raise VerifyError(f"{opts.merged_checkpoint}: holds no fused to_qkv weights; is it a standard checkpoint?")
+    recorded = merge_recorded(merged_ckpt)
+    if recorded and recorded["layout"] != opts.layout:
+        raise VerifyError(f"{opts.merged_checkpoint}/config.json records layout {recorded['layout']}; pass --layout "
+                          f"{recorded['layout']} (it was {opts.layout})")
     cand = CheckpointSource(merged_ckpt, config, opts.layout)
     checks = [finite_check(std_ckpt, "checkpoint"), finite_check(merged_ckpt, "merged-checkpoint")]
     return Subject(std, cand, [*checks, weight_check(std, cand)])
