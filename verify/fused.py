@@ -31,6 +31,12 @@ class FusedQwenAttnProcessor:
     verify.planted can break exactly one of them.
     """
 
+    # diffusers' set_attention_backend and enable_parallelism set these on every processor that has them, and
+    # dispatch_attention_fn needs both: without them the backend is ignored and context parallelism attends to one
+    # shard of the sequence only.
+    _attention_backend = None
+    _parallel_config = None
+
     def __init__(self, naming: str = DEFAULT_NAMING, layout: str = "blocked"):
         self.image, self.text = streams(naming)
         self.naming = naming
@@ -62,6 +68,8 @@ class FusedQwenAttnProcessor:
             attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states),
             dropout_p=0.0,
             is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
         )  # (B, S_txt + S_img, H, D)
         return self.outputs(attn, joint.to(img_q.dtype), encoder_hidden_states.shape[1])
 
@@ -213,7 +221,26 @@ def fuse_model(model: nn.Module, naming: str = DEFAULT_NAMING, layout: str = "bl
     adapters.retarget(model, naming, fused=True)
     if hasattr(model, "register_to_config") and attentions:  # save_pretrained's config.json then says so
         model.register_to_config(**{MERGE_KEY: {"naming": naming, "layout": layout}})
+    if getattr(model, "_tp_plan", None):
+        model._tp_plan = tensor_parallel_plan(type(model)._tp_plan, naming, layout)
     return model
+
+
+def tensor_parallel_plan(plan: dict, naming: str, layout: str) -> dict:
+    """diffusers' `_tp_plan` for the merged model: each stream's fused projection sharded so that every rank holds
+    the q, k and v rows of the same heads. Blocked ([q | k | v]): three equal packed blocks, each split across the
+    ranks. Interleaved (per head [q | k | v]): plain colwise, whose contiguous slices are whole per-head groups."""
+    from diffusers.hooks.tensor_parallel import PackedColwiseParallel
+
+    style = PackedColwiseParallel([1, 1, 1]) if layout == "blocked" else "colwise"
+    out = dict(plan)
+    for stream in streams(naming):
+        separate = [f"transformer_blocks.*.attn.{name}" for name in stream.separate]
+        if any(key in out for key in separate):
+            for key in separate:
+                out.pop(key, None)
+            out[f"transformer_blocks.*.attn.{stream.fused}"] = style
+    return out
 
 
 def unfuse_model(model: nn.Module) -> nn.Module:
@@ -228,4 +255,6 @@ def unfuse_model(model: nn.Module) -> nn.Module:
     adapters.retarget(model, naming, fused=False)
     if hasattr(model, "register_to_config") and attentions:
         model.register_to_config(**{MERGE_KEY: None})
+    if "_tp_plan" in vars(model):
+        del model._tp_plan  # the class's plan, for the separate projections, again
     return model
