@@ -1,5 +1,6 @@
-"""pytest plugin: `-p properties.results_json --results-json FILE` writes each test's outcome and Hypothesis
-example count as JSON, with the card and torch version (how reports/gpu/properties-<card>.json is made)."""
+"""pytest plugin: `-p properties.results_json --results-json FILE` writes each test's outcome, Hypothesis example
+count, device and recorded properties (kill rates, bf16 verdicts) as JSON, with counts per device, the card and
+torch version (how reports/gpu/properties-<card>.json is made)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def pytest_runtest_makereport(item, call):
         entry["outcome"] = "skipped"
     if report.when == "teardown" and hasattr(item, "hypothesis_statistics"):
         entry["examples"] = sum(int(n) for n in _PASSING.findall(item.hypothesis_statistics))
+    if report.when == "teardown":
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        entry["device"] = params.get("device", "none")  # where it ran: cpu, cuda, or none (no device parameter)
+        if item.user_properties:  # record_property values: kill rates, bf16 verdicts
+            entry["properties"] = {k: v for k, v in item.user_properties}
 
 
 def pytest_sessionfinish(session):
@@ -47,6 +53,8 @@ def pytest_sessionfinish(session):
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "counts": dict(Counter(t["outcome"] for t in tests)),
+        "counts_by_device": {d: dict(Counter(t["outcome"] for t in tests if t.get("device") == d))
+                             for d in sorted({t.get("device", "none") for t in tests})},
         "examples_run": sum(t["examples"] or 0 for t in tests),
         "tests": tests,
     }, indent=2) + "\n")

@@ -82,10 +82,10 @@ def test_planted_bug_is_caught_at_small_width(device, bug, name):
 
 
 def test_kill_rate_is_total(device, record_property):
-    """Every planted bug is caught on each component's registry fixture, in fp64 and in fp32."""
+    """Every planted bug is caught on every registry case, in fp64 and in fp32."""
     survivors = []
     for bug, (description, merge) in PLANTED.items():
-        for name in ("attention", "block", "model-text-to-image", "model-edit-zero-cond"):
+        for name in CASES:  # every registry case, edit, zero_cond_t and layered included
             records = run_case(CASES[name], dtypes=HIGH, device=device, candidate=merge)
             missed = [dtype for dtype in ("fp64", "fp32") if not _caught(_outputs(records, dtype))]
             if missed:
