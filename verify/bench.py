@@ -2,13 +2,18 @@
 
 One seeded Qwen-Image transformer block (or, with --full-model, the whole model) in bf16, standard vs merged
 (`fuse_model` with the chosen processor), forward and training step (forward + backward), eager and torch.compile.
-Times are medians of many calls after a warm-up (CUDA events on a GPU, time.perf_counter on the CPU), standard and
-merged paired call by call in alternating order, with a 95% confidence interval of the paired speedup and the GPU's
+Every row has a third arm, *lean-unfused* (verify.lean_unfused): the merged processor's own norm/RoPE/joint-layout
+arithmetic on the separate q/k/v projections, so that a row splits its speedup into the lean arithmetic's share
+(`lean_speedup` = standard / lean-unfused) and fusion's own (`fusion_speedup` = lean-unfused / merged). With
+--lora-rank R, `lora-train` rows time the write-up's setting: PEFT LoRA adapters of rank R on the write-up's target
+lists, base weights frozen, a training step into the adapters.
+Times are medians of many calls after a warm-up (CUDA events on a GPU, time.perf_counter on the CPU), the arms
+interleaved call by call (every order in turn), with 95% confidence intervals of the paired speedups and the GPU's
 clock and power while they ran (verify.clocks); kernels per call come from torch.profiler (GPU kernels; on the CPU,
-leaf aten ops that compute); achieved TFLOP/s and the matmul floor are against a bf16 matmul peak measured in the
-same run. Before anything is timed, the merged block is judged against an fp64 oracle by verify.compare
-(relative-to-base rule, fused calls counted) at one size, and checked against the standard output at every size, so
-the bench never times a wrong kernel.
+leaf aten ops that compute); achieved TFLOP/s and the matmul floor are against bf16 matmul peaks measured in the
+same run (a short burst and sustained load). Before anything is timed, the merged and lean-unfused blocks are judged
+against an fp64 oracle by verify.compare (relative-to-base rule, fused calls counted) at one size, and every arm is
+checked against the standard output at every size, so the bench never times a wrong kernel.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from verify.errors import VerifyError, run_command
 DTYPE = torch.bfloat16
 MODES = ("eager", "compiled")
 PHASES = ("forward", "train")
+LORA_PHASE = "lora-train"  # a LoRA training step: rows of --lora-rank
+ALL_PHASES = (*PHASES, LORA_PHASE)
+ARMS = ("standard", "merged", "lean_unfused")  # the implementations each block row times
 # Leaf aten ops on the CPU that launch no computation (views, allocation, metadata): not counted as kernels.
 _NO_KERNEL = {
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view", "aten::as_strided",
@@ -60,8 +68,9 @@ class Options:
     text_tokens: int = 256
     batch: int = 1
     modes: tuple[str, ...] = MODES
-    phases: tuple[str, ...] = PHASES
+    phases: tuple[str, ...] = PHASES  # of ALL_PHASES; "lora-train" needs lora_rank
     processor: str = "fast"
+    lora_rank: int = 0  # rank of the LoRA adapters of the lora-train rows (0: no such rows)
     repeats: int = 30  # timed calls per implementation and row
     warmup: int = 5
     seed: int = 0
@@ -87,6 +96,9 @@ class Options:
             raise VerifyError("--image-tokens, --text-tokens and --batch must be positive")
         if self.repeats < 1 or self.warmup < 1:
             raise VerifyError("--repeats and --warmup must be at least 1")
+        if self.lora_rank < 0 or (LORA_PHASE in self.phases) != (self.lora_rank > 0):
+            raise VerifyError(f"--lora-rank must be positive exactly when the {LORA_PHASE!r} rows are asked for, got "
+                              f"rank {self.lora_rank} with phases {', '.join(self.phases)}")
 
     @property
     def backend(self) -> str:
@@ -132,6 +144,140 @@ def merged_block(std: nn.Module, processor: str) -> nn.Module:
     return resolve(processor).make(copy.deepcopy(std), "block")
 
 
+def lean_block(std: nn.Module, processor: str) -> nn.Module:
+    """The lean-unfused block the bench times: a copy of `std` (its separate q/k/v projections kept) run by the
+    lean-unfused counterpart of the merged `processor` (verify.lean_unfused; tests judge this)."""
+    from verify.lean_unfused import lean_unfused
+
+    return lean_unfused(processor)(copy.deepcopy(std), "block")
+
+
+# --- LoRA training (the write-up's setting) -----------------------------------------------------------------------
+
+
+def lora_targets(arm: str) -> tuple[str, ...]:
+    """The write-up's PEFT target modules: the separate q/k/v projections of both streams for the standard and
+    lean-unfused arms, the fused ones for the merged arm, and both output projections for all."""
+    from verify.naming import DEFAULT_NAMING, streams
+
+    image, text = streams(DEFAULT_NAMING)
+    qkv = (image.fused, text.fused) if arm == "merged" else (*image.separate, *text.separate)
+    return (*qkv, "to_out.0", "to_add_out")
+
+
+def _qkv_targets(arm: str) -> tuple[str, ...]:
+    return lora_targets(arm)[:-2]
+
+
+def is_lora_parameter(name: str) -> bool:
+    """A parameter of a PEFT LoRA adapter (lora_A / lora_B, ...), not of the base model."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def freeze_base(module: nn.Module) -> None:
+    """Train only the adapters: every base parameter frozen (requires_grad False), every LoRA parameter trainable."""
+    for name, p in module.named_parameters():
+        p.requires_grad_(is_lora_parameter(name))
+
+
+def add_lora(module: nn.Module, arm: str, rank: int, seed: int) -> nn.Module:
+    """PEFT LoRA adapters of `rank` on `module`'s targets for `arm`, in place: alpha = rank (scale 1), A and B both
+    random (init_lora_weights=False: B is not zero, so the adapters change the output and their gradients are
+    general), in the bench's dtype, base frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=list(lora_targets(arm)))
+    torch.manual_seed(seed)
+    inject_adapter_in_model(config, module)
+    nn.Module.to(module, dtype=DTYPE)
+    freeze_base(module)
+    return module
+
+
+def lora_blocks(std: nn.Module, merged: nn.Module, lean: nn.Module, rank: int, seed: int) -> dict[str, nn.Module]:
+    """The three arms of a lora-train row: copies of `std`, `merged` and `lean` with PEFT adapters on their target
+    lists (base frozen). The merged arm's adapters are random; the standard and lean-unfused arms get the same ones
+    split (each of to_q, to_k, to_v: the fused adapter's A and its rows of B in the merged layout), so all three
+    compute one function and every timed size can be checked like the other rows."""
+    from verify import qkv
+    from verify.fused import joint_attentions
+
+    out = {"merged": add_lora(copy.deepcopy(merged), "merged", rank, seed)}
+    out["standard"] = add_lora(copy.deepcopy(std), "standard", rank, seed)
+    with torch.no_grad():
+        for fused_attn, attn in zip(joint_attentions(out["merged"]), joint_attentions(out["standard"])):
+            proc = fused_attn.processor
+            for stream in (proc.image, proc.text):
+                fused = getattr(fused_attn, stream.fused)
+                a, b = fused.lora_A["default"].weight, fused.lora_B["default"].weight
+                parts = qkv.split(b, qkv.QKVShape.equal(b.shape[0], attn.inner_dim // attn.heads), proc.layout)
+                for name, part in zip(stream.separate, parts):
+                    getattr(attn, name).lora_A["default"].weight.copy_(a)
+                    getattr(attn, name).lora_B["default"].weight.copy_(part)
+            for name in ("to_out", "to_add_out"):
+                src, dst = getattr(fused_attn, name), getattr(attn, name)
+                src, dst = (src[0], dst[0]) if name == "to_out" else (src, dst)
+                for side in ("lora_A", "lora_B"):
+                    getattr(dst, side)["default"].weight.copy_(getattr(src, side)["default"].weight)
+    lean_lora = copy.deepcopy(out["standard"])
+    for attn, lean_attn in zip(joint_attentions(lean_lora), joint_attentions(lean)):
+        attn.set_processor(copy.deepcopy(lean_attn.processor))
+    out["lean_unfused"] = lean_lora
+    return out
+
+
+def lora_gradients(module: nn.Module, step: Callable[[], object]) -> dict:
+    """One training step of `module`, then which parameters hold a gradient: the base ones that do (must be none)
+    and the LoRA ones that do not, or whose gradient is all zeros (must be none)."""
+    module.zero_grad(set_to_none=True)
+    step()
+    named = list(module.named_parameters())
+    lora = [(n, p) for n, p in named if is_lora_parameter(n)]
+    return dict(lora_parameters=len(lora), base_parameters=len(named) - len(lora),
+                base_with_grad=[n for n, p in named if not is_lora_parameter(n) and p.grad is not None],
+                base_trainable=[n for n, p in named if not is_lora_parameter(n) and p.requires_grad],
+                lora_without_grad=[n for n, p in lora if p.grad is None or not bool(p.grad.ne(0).any())])
+
+
+def lora_check(name: str, arm: str, module: nn.Module, run: nn.Module, step: Callable[[], object],
+               inputs: dict) -> dict:
+    """A LoRA arm before it is timed: PEFT LoRA layers on exactly its targets, one training step of `run` (the
+    timed module, compiled or not) that trains every adapter and no base weight, and in eager (`run` is `module`)
+    the q/k/v LoRA layers counted as they run (merged: the fused to_qkv / add_qkv_proj wrappers, one call per
+    stream; their base layers are the fused projections)."""
+    from peft.tuners.lora import LoraLayer
+
+    from verify.fused import joint_attentions
+    from verify.probes import count_calls
+
+    targets = lora_targets(arm)
+    wrapped = sorted(n for n, m in module.named_modules() if isinstance(m, LoraLayer))
+    expected = sorted(n for n, _ in module.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)
+                      and not n.endswith(".base_layer"))
+    grads = lora_gradients(module, step)
+    problems = []
+    if wrapped != expected or not wrapped:
+        problems.append(f"LoRA layers on {wrapped}, expected {expected}")
+    if grads["base_with_grad"] or grads["base_trainable"]:
+        problems.append(f"base weights trained: {(grads['base_with_grad'] or grads['base_trainable'])[:4]}")
+    if grads["lora_without_grad"] or not grads["lora_parameters"]:
+        problems.append(f"LoRA parameters without a gradient: {grads['lora_without_grad'][:4]}")
+    if arm == "merged" and not _has_no_separate_projections(module):
+        problems.append("the merged block still has separate q/k/v projections")
+    qkv_calls = None
+    if run is module:
+        with torch.no_grad(), count_calls(module, _qkv_targets(arm)) as calls:
+            module(**inputs)
+        qkv_calls = sum(calls.values())
+        if qkv_calls != len(_qkv_targets(arm)) * len(joint_attentions(module)):
+            problems.append(f"{qkv_calls} calls of the q/k/v LoRA layers {_qkv_targets(arm)}")
+    return dict(name=name, rule="lora(targets, base frozen, every adapter trained)", passed=not problems,
+                message="; ".join(problems) or None, lora_layers=len(wrapped), qkv_lora_calls=qkv_calls,
+                **{k: grads[k] for k in ("lora_parameters", "base_parameters")},
+                base_with_grad=grads["base_with_grad"][:8], lora_without_grad=grads["lora_without_grad"][:8])
+
+
 def block_inputs(opts: Options, image_tokens: int) -> dict:
     """Seeded bf16 inputs of one block (standard normal, never all zeros); no text padding (pipelines pass None)."""
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
@@ -153,11 +299,16 @@ def block_flops(opts: Options, image_tokens: int, phase: str) -> float:
     """FLOPs of one block's matrix multiplies: projections, MLPs, modulation, and the two attention products.
 
     Training: backward of a linear layer is twice its forward (input and weight gradients); attention's backward is
-    2.5 times its forward (scores recomputed, as torch.utils.flop_counter counts it).
+    2.5 times its forward (scores recomputed, as torch.utils.flop_counter counts it). LoRA training (the merged
+    arm's adapters): the frozen base layers' backward is their input gradient only (once their forward); each
+    token passes one q/k/v adapter (d -> r -> 3d) and one output adapter (d -> r -> d), forward and backward (input
+    and weight gradients), 3 x 2 r (6 d) per token.
     """
     B, d, N = opts.batch, opts.dim, image_tokens + opts.text_tokens
     linear = B * (24 * N * d * d + 2 * 2 * d * 6 * d)  # q, k, v, out: 8 N d^2; MLP 16 N d^2; img_mod and txt_mod
     attention = B * 4 * N * N * d  # Q K^T and P V over every head
+    if phase == LORA_PHASE:
+        return 2 * linear + 3.5 * attention + B * 36 * N * opts.lora_rank * d
     return linear + attention if phase == "forward" else 3 * linear + 3.5 * attention
 
 
@@ -204,6 +355,25 @@ def paired_times(a: Callable, b: Callable, opts: Options) -> tuple[list[float], 
     times = time_each([fn for fn, _ in order], opts.device)
     return ([t for (_, side), t in zip(order, times) if side == 0],
             [t for (_, side), t in zip(order, times) if side == 1])
+
+
+def interleaved_times(fns: list[Callable], opts: Options) -> list[list[float]]:
+    """`opts.repeats` timed calls of each of fns after the warm-up, interleaved call by call: repeat i runs every fn
+    once, in the i-th of their orders (itertools.permutations, in turn), so that each fn takes each place equally
+    often and the i-th calls of any two fns form a pair that shares its moment's clock. Two fns: exactly
+    `paired_times` (a b, b a, ...)."""
+    import itertools
+
+    if len(fns) == 2:
+        return list(paired_times(fns[0], fns[1], opts))
+    for fn in fns:
+        for _ in range(opts.warmup):
+            fn()
+    _sync(opts.device)
+    orders = list(itertools.permutations(range(len(fns))))
+    order = [side for i in range(opts.repeats) for side in orders[i % len(orders)]]
+    times = time_each([fns[side] for side in order], opts.device)
+    return [[t for s, t in zip(order, times) if s == side] for side in range(len(fns))]
 
 
 def speedup_interval(a_ms: list[float], b_ms: list[float], confidence: float = 0.95,
@@ -385,8 +555,11 @@ def _set_recompile_limit(n: int) -> None:
 
 
 def oracle_check(name: str, std: nn.Module, std_run: nn.Module, merged_run: nn.Module, merged: nn.Module,
-                 inputs: dict, device: str) -> dict:
-    """verify.compare of the merged outputs vs an fp64 oracle (std's weights in fp64), relative to the standard's."""
+                 inputs: dict, device: str, fused: bool = True) -> dict:
+    """verify.compare of the merged outputs vs an fp64 oracle (std's weights in fp64), relative to the standard's.
+
+    `fused` False: `merged` is the lean-unfused block, judged by the same rule; instead of fused calls, every joint
+    attention must run a lean-unfused processor (in eager, a compiled-region one must have entered its region)."""
     from verify.candidate import DEFAULT_FUSED_MODULES
     from verify.compare import compare
     from verify.fixtures import cast_inputs
@@ -395,20 +568,50 @@ def oracle_check(name: str, std: nn.Module, std_run: nn.Module, merged_run: nn.M
 
     ref_block = nn.Module.to(copy.deepcopy(std), dtype=torch.float64)
     compiled = merged_run is not merged
+    regions_before = _region_calls(merged)
     with torch.no_grad():
         ref = _named(ref_block(**cast_inputs(inputs, torch.float64, device)))
         del ref_block
         base = _named(std_run(**inputs))
-        if compiled:  # hooks would force a recompilation; the merged module has no separate projections to fall to
+        if compiled or not fused:  # hooks would force a recompilation; merged has no separate projections to fall to
             cand, fused_calls = _named(merged_run(**inputs)), None
         else:
             with count_calls(merged, DEFAULT_FUSED_MODULES) as calls:
                 cand = _named(merged_run(**inputs))
             fused_calls = sum(calls.values())
     record = compare(name, "block", ref, cand, OUTPUTS, DTYPE, device, base=base, fused_calls=fused_calls)
-    if not _has_no_separate_projections(merged):
+    if fused and not _has_no_separate_projections(merged):
         record.passed, record.message = False, "the merged block still has separate q/k/v projections"
+    if not fused:
+        problem = _lean_problem(merged, regions_before if not compiled else None)
+        if problem:
+            record.passed, record.message = False, problem
     return record.to_dict()
+
+
+def _region_calls(module: nn.Module) -> int:
+    from verify.fused import joint_attentions
+
+    return sum(getattr(attn.processor, "region_calls", 0) for attn in joint_attentions(module))
+
+
+def _lean_problem(module: nn.Module, regions_before: int | None) -> str | None:
+    """Why `module` is not a lean-unfused block that ran its lean path (None: it is); regions_before: the region
+    calls before an eager call (None: compiled, not counted)."""
+    from verify.fused import joint_attentions
+    from verify.lean_unfused import PROCESSORS, LeanUnfusedRegionQwenAttnProcessor
+
+    attentions = joint_attentions(module)
+    kinds = {type(attn.processor).__name__ for attn in attentions}
+    if not attentions or not all(isinstance(attn.processor, tuple(PROCESSORS.values())) for attn in attentions):
+        return f"the lean-unfused block runs {sorted(kinds)}, not a lean-unfused processor"
+    if not all(hasattr(attn, n) for attn in attentions for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                                  "add_v_proj")):
+        return "the lean-unfused block lacks its separate q/k/v projections"
+    regional = all(isinstance(attn.processor, LeanUnfusedRegionQwenAttnProcessor) for attn in attentions)
+    if regions_before is not None and regional and _region_calls(module) <= regions_before:
+        return "the lean-unfused block never entered its compiled region"
+    return None
 
 
 def _has_no_separate_projections(module: nn.Module) -> bool:
@@ -454,15 +657,20 @@ def run_bench(opts: Options) -> dict:
     log(f"[{time.time() - t0:6.1f}s] {result['device']}: bf16 matmul peak {peak:.1f} TFLOP/s"
         f"{_clock_note(sampled, opts.device)}; sustained {sustained:.1f} TFLOP/s{_clock_note(held, opts.device)}")
     std = build_block(opts)
-    merged = merged_block(std, opts.processor)
-    compiled = {}
+    blocks = {"standard": std, "merged": merged_block(std, opts.processor),
+              "lean_unfused": lean_block(std, opts.processor)}
+    lora = {}
+    if LORA_PHASE in opts.phases:
+        lora = lora_blocks(std, blocks["merged"], blocks["lean_unfused"], opts.lora_rank, opts.seed + 1)
+    runs = {"eager": (blocks, lora)}
     if "compiled" in opts.modes:
         _set_recompile_limit(64)
-        compiled = {"std": _compile(std, opts), "merged": _compile(merged, opts)}
+        runs["compiled"] = ({arm: _compile(m, opts) for arm, m in blocks.items()},
+                            {arm: _compile(m, opts) for arm, m in lora.items()})
     check_tokens = opts.check_tokens or min(opts.image_tokens)
     sizes = [check_tokens, *(t for t in opts.image_tokens if t != check_tokens)]  # the oracle check comes first
     for mode in opts.modes:  # eager first: its rows are cheap; compilation happens in the compiled mode's warm-up
-        std_run, merged_run = (std, merged) if mode == "eager" else (compiled["std"], compiled["merged"])
+        run, lora_run = runs[mode]
         for tokens in sizes:
             if opts.time_limit and time.time() - t0 > opts.time_limit:
                 result["skipped"].append(dict(mode=mode, image_tokens=tokens, reason="--time-limit"))
@@ -471,13 +679,17 @@ def run_bench(opts: Options) -> dict:
             inputs = block_inputs(opts, tokens)
             if mode == "compiled" and opts.compile_shapes == "dynamic":
                 _mark_sequence(inputs["hidden_states"], inputs["image_rotary_emb"][0])
-            with torch.no_grad():
-                base, cand = std_run(**inputs), merged_run(**inputs)
-            checks = [sanity_check(f"bench/{mode}/{tokens}+{opts.text_tokens}", base, cand)]
-            del base, cand
+            checks = arm_checks(f"bench/{mode}/{tokens}+{opts.text_tokens}", run, inputs)
+            if lora_run:
+                checks += arm_checks(f"bench/lora-{mode}/{tokens}+{opts.text_tokens}", lora_run, inputs)
             if tokens == check_tokens:
-                checks.append(oracle_check(f"bench/block-{mode}/outputs", std, std_run, merged_run, merged, inputs,
-                                           opts.device))
+                checks.append(oracle_check(f"bench/block-{mode}/outputs", std, run["standard"], run["merged"],
+                                           blocks["merged"], inputs, opts.device))
+                checks.append(oracle_check(f"bench/lean-unfused-{mode}/outputs", std, run["standard"],
+                                           run["lean_unfused"], blocks["lean_unfused"], inputs, opts.device,
+                                           fused=False))
+                checks += [lora_check(f"bench/lora-{mode}/{arm}", arm, lora[arm], lora_run[arm],
+                                      train_call(lora_run[arm], inputs, opts.seed), inputs) for arm in lora]
             result["checks"] += checks
             failed = [c for c in checks if not c["passed"]]
             if failed:
@@ -485,43 +697,66 @@ def run_bench(opts: Options) -> dict:
             if tokens not in opts.image_tokens:
                 continue
             for phase in opts.phases:
-                row = measure_row(opts, std_run, merged_run, inputs, mode, phase, tokens, (peak, sustained),
-                                  profile_sink=result["profiles"])
+                arms = lora_run if phase == LORA_PHASE else run
+                row = measure_row(opts, arms["standard"], arms["merged"], inputs, mode, phase, tokens,
+                                  (peak, sustained), profile_sink=result["profiles"], lean_run=arms["lean_unfused"])
                 result["rows"].append(row)
                 log(f"[{time.time() - t0:6.1f}s] {format_row(row)}")
                 opts.on_update(result)
             del inputs
             _free(opts.device)
     if opts.full_model:
-        del std, merged, compiled
+        del std, blocks, lora, runs, run, lora_run
         _free(opts.device)
         result["full_model"] = []
         full_model_rows(opts, (peak, sustained), t0, result["full_model"], result)
     return result
 
 
+def arm_checks(name: str, runs: dict[str, nn.Module], inputs: dict) -> list[dict]:
+    """The merged and lean-unfused outputs against the standard's at a timed size (verify.bench.sanity_check)."""
+    with torch.no_grad():
+        base = runs["standard"](**inputs)
+        checks = [sanity_check(name, base, runs["merged"](**inputs))]
+        checks.append(sanity_check(f"{name}/lean-unfused", base, runs["lean_unfused"](**inputs)))
+    return checks
+
+
 def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, phase: str, tokens: int,
-                peaks: tuple[float, float], flops: float | None = None, profile_sink: list | None = None) -> dict:
+                peaks: tuple[float, float], flops: float | None = None, profile_sink: list | None = None,
+                lean_run=None) -> dict:
     """One row: median times, kernels per call, floor and achieved TFLOP/s of the merged path; the profiles (time
-    split into matmul / attention / other kernels, longest kernels) go to `profile_sink`."""
+    split into matmul / attention / other kernels, longest kernels) go to `profile_sink`. With `lean_run` (the
+    lean-unfused arm) the three arms are interleaved call by call and the row splits the speedup: `lean_speedup`
+    (standard / lean-unfused) times `fusion_speedup` (lean-unfused / merged), each with its paired 95% interval."""
+    arms = {"standard": std_run, "merged": merged_run}
+    if lean_run is not None:
+        arms["lean_unfused"] = lean_run
     if phase == "forward":
-        a, b = forward_call(std_run, inputs), forward_call(merged_run, inputs)
+        calls = {arm: forward_call(m, inputs) for arm, m in arms.items()}
     else:
-        a, b = train_call(std_run, inputs, opts.seed), train_call(merged_run, inputs, opts.seed)
+        calls = {arm: train_call(m, inputs, opts.seed) for arm, m in arms.items()}
     with clocks.sampler(opts.device) as sampled:
-        std_times, merged_times = paired_times(a, b, opts)
-    std_ms, merged_ms = statistics.median(std_times), statistics.median(merged_times)
-    ci = speedup_interval(std_times, merged_times)
+        times = dict(zip(calls, interleaved_times(list(calls.values()), opts)))
+    ms = {arm: statistics.median(t) for arm, t in times.items()}
+    ci = speedup_interval(times["standard"], times["merged"])
     flops = flops if flops is not None else block_flops(opts, tokens, phase)
-    traces = {name: opts.trace / f"{mode}-{phase}-{tokens}-{name}.json" if opts.trace else None
-              for name in ("standard", "merged")}
-    profiles = {name: profile_kernels(fn, opts.device, trace=traces[name]) for name, fn in (("standard", a),
-                                                                                             ("merged", b))}
-    row = dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens, standard_ms=std_ms,
-               merged_ms=merged_ms, speedup=std_ms / merged_ms, kernels_standard=profiles["standard"]["kernels"],
-               kernels_merged=profiles["merged"]["kernels"], **floors(flops, peaks),
-               merged_tflops=flops / (merged_ms * 1e-3) / 1e12, speedup_ci=list(ci), clocks=sampled.summary(),
-               standard_calls_ms=std_times, merged_calls_ms=merged_times)
+    traces = {arm: opts.trace / f"{mode}-{phase}-{tokens}-{arm.replace('_', '-')}.json" if opts.trace else None
+              for arm in calls}
+    profiles = {arm: profile_kernels(fn, opts.device, trace=traces[arm]) for arm, fn in calls.items()}
+    row = dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens, standard_ms=ms["standard"],
+               merged_ms=ms["merged"], speedup=ms["standard"] / ms["merged"],
+               kernels_standard=profiles["standard"]["kernels"], kernels_merged=profiles["merged"]["kernels"],
+               **floors(flops, peaks), merged_tflops=flops / (ms["merged"] * 1e-3) / 1e12, speedup_ci=list(ci),
+               clocks=sampled.summary(), standard_calls_ms=times["standard"], merged_calls_ms=times["merged"])
+    if lean_run is not None:
+        row.update(lean_unfused_ms=ms["lean_unfused"], fusion_speedup=ms["lean_unfused"] / ms["merged"],
+                   fusion_speedup_ci=list(speedup_interval(times["lean_unfused"], times["merged"])),
+                   lean_speedup=ms["standard"] / ms["lean_unfused"],
+                   kernels_lean_unfused=profiles["lean_unfused"]["kernels"],
+                   lean_unfused_calls_ms=times["lean_unfused"])
+    if phase == LORA_PHASE:
+        row.update(lora_rank=opts.lora_rank, lora_targets={arm: list(lora_targets(arm)) for arm in calls})
     if profile_sink is not None:
         profile_sink.append(dict(mode=mode, phase=phase, image_tokens=tokens, text_tokens=opts.text_tokens,
                                  **{name: p for name, p in profiles.items()}))
@@ -532,9 +767,10 @@ def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, pha
 
 
 def full_model_rows(opts: Options, peaks: tuple[float, float], t0: float, rows: list[dict], result: dict) -> None:
-    """The whole transformer (opts.layers blocks) forward, standard then fused in place (one copy fits in memory);
-    rows are appended to `rows` as they complete."""
+    """The whole transformer (opts.layers blocks) forward: standard, lean-unfused (its processors installed), then
+    fused in place (one copy fits in memory); rows are appended to `rows` as they complete."""
     from verify.fused import fuse_model, unfuse_model
+    from verify.lean_unfused import install
 
     model = build_full_model(opts)
     repeats = dataclasses.replace(opts, repeats=min(opts.repeats, 10), warmup=min(opts.warmup, 2))
@@ -554,7 +790,17 @@ def full_model_rows(opts: Options, peaks: tuple[float, float], t0: float, rows: 
             rows.append(dict(mode=mode, phase="forward", image_tokens=tokens, text_tokens=opts.text_tokens,
                              standard_ms=std_ms, kernels_standard=kernels, layers=opts.layers))
             _uncompile_blocks(model)
-        fuse_model(model, processor=opts.processor)
+        install(model, opts.processor)
+        for row, mode in zip(rows[-len(opts.modes):], opts.modes):
+            run = _compile_blocks(model, opts) if mode == "compiled" else model
+            with torch.no_grad():
+                lean = run(**inputs).sample
+            lean_ms = statistics.median(_timed_forward(run, inputs, repeats))
+            row.update(lean_unfused_ms=lean_ms, lean_speedup=row["standard_ms"] / lean_ms,
+                       kernels_lean_unfused=count_kernels(forward_call(run, inputs), opts.device, calls=1),
+                       lean_check=sanity_check(f"full-model/{mode}/{tokens}/lean-unfused", (std_out[mode],), (lean,)))
+            _uncompile_blocks(model)
+        fuse_model(model, processor=opts.processor)  # replaces the lean processors
         for row, mode in zip(rows[-len(opts.modes):], opts.modes):
             run = _compile_blocks(model, opts) if mode == "compiled" else model
             with torch.no_grad():
@@ -564,6 +810,7 @@ def full_model_rows(opts: Options, peaks: tuple[float, float], t0: float, rows: 
             check = sanity_check(f"full-model/{mode}/{tokens}", (std_out[mode],), (cand,))
             merged_ms = statistics.median(_timed_forward(run, inputs, repeats))
             row.update(merged_ms=merged_ms, speedup=row["standard_ms"] / merged_ms,
+                       fusion_speedup=row["lean_unfused_ms"] / merged_ms,
                        kernels_merged=count_kernels(forward_call(run, inputs), opts.device, calls=1),
                        **floors(flops, peaks), merged_tflops=flops / (merged_ms * 1e-3) / 1e12,
                        check=check)
@@ -640,72 +887,117 @@ class BenchCheckFailed(Exception):
         self.result = result
 
 
-HEADER = (f"{'mode':<9}{'phase':<8}{'image':>7}{'text':>6}{'standard ms':>13}{'merged ms':>11}{'speedup':>9}"
-          f"{'95% CI':>14}{'SM MHz':>8}{'kernels':>13}{'floor ms':>10}{'floor/merged':>14}{'TFLOP/s':>9}")
+HEADER = (f"{'mode':<9}{'phase':<11}{'image':>7}{'text':>6}{'standard ms':>13}{'lean ms':>10}{'merged ms':>11}"
+          f"{'speedup':>9}{'95% CI':>14}{'fusion':>9}{'95% CI':>14}{'SM MHz':>8}{'kernels s->l->m':>17}"
+          f"{'floor ms':>10}{'floor/merged':>14}{'sustained':>11}{'TFLOP/s':>9}")
+
+
+def _interval(ci) -> str:
+    return f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
 
 
 def format_row(row: dict) -> str:
-    kernels = f"{row['kernels_standard']}->{row['kernels_merged']}"
-    ci = row.get("speedup_ci")  # full-model rows: standard and merged are timed one after the other, unpaired
-    interval = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-"
+    """One row of the table: times of the three arms, speedup and fusion's share with their 95% CIs, kernels
+    (standard -> lean-unfused -> merged), the merged path against the matmul floor at the burst and the sustained
+    peak, and its TFLOP/s."""
+    lean = row.get("kernels_lean_unfused")
+    kernels = f"{row['kernels_standard']}->{'' if lean is None else f'{lean}->'}{row['kernels_merged']}"
     mhz = f"{row['clocks']['sm_mhz']:.0f}" if row.get("clocks") else "-"
-    return (f"{row['mode']:<9}{row['phase']:<8}{row['image_tokens']:>7}{row['text_tokens']:>6}"
-            f"{row['standard_ms']:>13.3f}{row['merged_ms']:>11.3f}{row['speedup']:>8.3f}x{interval:>14}{mhz:>8}"
-            f"{kernels:>13}{row['floor_ms']:>10.3f}{row['floor_ms'] / row['merged_ms']:>13.1%}"
+    lean_ms = f"{row['lean_unfused_ms']:.3f}" if row.get("lean_unfused_ms") is not None else "-"
+    fusion = f"{row['fusion_speedup']:.3f}x" if row.get("fusion_speedup") is not None else "-"
+    sustained = f"{row['floor_sustained_ms'] / row['merged_ms']:.1%}" if row.get("floor_sustained_ms") else "-"
+    # full-model rows: the arms are timed one after the other, unpaired: no intervals
+    return (f"{row['mode']:<9}{row['phase']:<11}{row['image_tokens']:>7}{row['text_tokens']:>6}"
+            f"{row['standard_ms']:>13.3f}{lean_ms:>10}{row['merged_ms']:>11.3f}{row['speedup']:>8.3f}x"
+            f"{_interval(row.get('speedup_ci')):>14}{fusion:>9}{_interval(row.get('fusion_speedup_ci')):>14}{mhz:>8}"
+            f"{kernels:>17}{row['floor_ms']:>10.3f}{row['floor_ms'] / row['merged_ms']:>13.1%}{sustained:>11}"
             f"{row['merged_tflops']:>9.1f}")
+
+
+def _format_check(c: dict) -> str:
+    verdict = "pass" if c["passed"] else "FAIL"
+    if "cosine" not in c:  # a LoRA arm's check
+        return (f"check {c['name']}: {verdict} ({c['lora_layers']} LoRA layers, {c['lora_parameters']} LoRA "
+                f"parameters trained, base frozen{', ' + c['message'] if c.get('message') else ''})")
+    return (f"check {c['name']}: {verdict} (cosine {c['cosine']:.6f}, rel L2 {c['rel_l2_err']:.3g}"
+            f"{', bit-identical' if c.get('bit_identical') else ''})")
 
 
 def format_table(result: dict) -> str:
     lines = [f"{result['device']}  torch {result['torch']}  diffusers {result['diffusers']}  "
-             f"bf16 matmul peak {result['matmul_peak_tflops']:.1f} TFLOP/s  processor {result['config']['processor']}",
+             f"bf16 matmul peak {result['matmul_peak_tflops']:.1f} TFLOP/s (sustained "
+             f"{result.get('matmul_sustained_tflops') or float('nan'):.1f})  processor {result['config']['processor']}"
+             + (f"  LoRA rank {result['config']['lora_rank']}" if result["config"].get("lora_rank") else ""),
+             "speedup = standard / merged; fusion = lean-unfused / merged (the lean arithmetic on the separate "
+             "projections); floor/merged at the burst peak, sustained: at the sustained peak",
              HEADER, *map(format_row, result["rows"])]
     full = [r for r in result.get("full_model", []) if "merged_ms" in r]
     if full:
         lines += [f"full model ({full[0]['layers']} blocks):", HEADER, *map(format_row, full)]
-        lines += [f"full-model check {r['check']['name']} (informational): cosine {r['check']['cosine']:.6f}, "
-                  f"rel L2 {r['check']['rel_l2_err']:.3g}" for r in full]
-    lines += ["time per call by kernel kind, standard -> merged (ms): matmul, attention, other"]
-    lines += [f"  {p['mode']:<9}{p['phase']:<8}{p['image_tokens']:>7}   "
-              + ", ".join(f"{p['standard'][k]:.3f} -> {p['merged'][k]:.3f}" for k in ("matmul_ms", "attention_ms",
-                                                                                    "other_ms"))
+        lines += [f"full-model check {c['name']} (informational): cosine {c['cosine']:.6f}, "
+                  f"rel L2 {c['rel_l2_err']:.3g}" for r in full for c in (r["check"], r.get("lean_check")) if c]
+    lines += ["time per call by kernel kind, standard -> lean-unfused -> merged (ms): matmul, attention, other"]
+    lines += [f"  {p['mode']:<9}{p['phase']:<11}{p['image_tokens']:>7}   "
+              + ", ".join(" -> ".join(f"{p[arm][k]:.3f}" for arm in ARMS if arm in p)
+                          for k in ("matmul_ms", "attention_ms", "other_ms"))
               for p in result.get("profiles", [])]
-    lines += [f"check {c['name']}: {'pass' if c['passed'] else 'FAIL'} (cosine {c['cosine']:.6f}, "
-              f"rel L2 {c['rel_l2_err']:.3g}{', bit-identical' if c.get('bit_identical') else ''})"
-              for c in result["checks"]]
+    lines += [_format_check(c) for c in result["checks"]]
     lines += [f"goal {name}: {'met' if ok else 'NOT met'}" for name, ok in goals(result).items()]
-    held = [r for r in result["rows"] if r["mode"] == "compiled" and r["phase"] == "forward" and
-            "floor_sustained_ms" in r]
+    held = [r for r in result["rows"] if r["mode"] == "compiled" and r["phase"] == "forward"]
     if held:
-        lines += [f"  for context, compiled forward floor/merged at the sustained matmul peak "
-                  f"({result['matmul_sustained_tflops']:.1f} TFLOP/s, the card under continuous load): "
-                  + ", ".join(f"{r['image_tokens']} {r['floor_sustained_ms'] / r['merged_ms']:.1%}" for r in held)]
-    lines += [f"  slower: {r['mode']} {r['phase']} {r['image_tokens']}+{r['text_tokens']} {r['speedup']:.3f}x, "
-              + ("resolved (95% CI below 1.0)" if _resolved_slower(r) else "not resolved (95% CI reaches 1.0)")
-              for r in result["rows"] if r["speedup"] < 1.0]
+        lines += [f"  compiled forward floor/merged at the sustained matmul peak "
+                  f"({result['matmul_sustained_tflops']:.1f} TFLOP/s, the card under continuous load; judged) "
+                  f"and at the burst peak "
+                  f"({result['matmul_peak_tflops']:.1f} TFLOP/s): "
+                  + ", ".join(f"{r['image_tokens']} {_sustained_floor(r) / r['merged_ms']:.1%} "
+                              f"(burst {r['floor_ms'] / r['merged_ms']:.1%})" for r in held)]
+    for key, what in (("speedup", "slower"), ("fusion_speedup", "fusion slower")):
+        lines += [f"  {what}: {r['mode']} {r['phase']} {r['image_tokens']}+{r['text_tokens']} {r[key]:.3f}x, "
+                  + ("resolved (95% CI below 1.0)" if _resolved_below(r, key) else "not resolved (95% CI reaches 1.0)")
+                  for r in result["rows"] if r.get(key) is not None and r[key] < 1.0]
     return "\n".join(lines)
+
+
+GOAL_NEVER_SLOWER = "merged never slower (no row's 95% CI below 1.0)"
+GOAL_FUSION_SHARE = "fusion's own share never below 1.0 (no row's fusion_speedup 95% CI below 1.0)"
+GOAL_EAGER_FORWARD = "eager forward >= 1.05x at the real width"
+GOAL_FLOOR = "compiled forward >= 80% of the matmul floor at the sustained peak"
 
 
 def goals(result: dict) -> dict[str, bool]:
     """The issue's targets for the merged path, judged on the rows measured (only those the rows allow).
 
     "Slower" is a measured claim: a row is slower when the 95% confidence interval of its paired speedup lies below
-    1.0 (a point ratio of 0.998 between two equal paths is noise, not a loss)."""
+    1.0 (a point ratio of 0.998 between two equal paths is noise, not a loss). It is judged on every row, the
+    lora-train rows included; fusion's own share (lean-unfused / merged) by the same rule on every row that has it.
+    Compiled forward is judged against the matmul floor at the sustained peak measured in the same run (the burst
+    floor, which no block under continuous load reaches, is kept beside it in the table and the row)."""
     rows = result["rows"]
-    out = {"merged never slower (no row's 95% CI below 1.0)": not any(map(_resolved_slower, rows))}
+    out = {GOAL_NEVER_SLOWER: not any(_resolved_below(r, "speedup") for r in rows)}
+    shared = [r for r in rows if r.get("fusion_speedup") is not None]
+    if shared:
+        out[GOAL_FUSION_SHARE] = not any(_resolved_below(r, "fusion_speedup") for r in shared)
     if result["config"]["dim"] == 3072:
         eager = [r for r in rows if r["mode"] == "eager" and r["phase"] == "forward"]
         if eager:
-            out["eager forward >= 1.05x at the real width"] = all(r["speedup"] >= 1.05 for r in eager)
+            out[GOAL_EAGER_FORWARD] = all(r["speedup"] >= 1.05 for r in eager)
     compiled = [r for r in rows if r["mode"] == "compiled" and r["phase"] == "forward"]
     if compiled:
-        out["compiled forward >= 80% of the matmul floor"] = all(r["floor_ms"] >= 0.8 * r["merged_ms"]
-                                                                 for r in compiled)
+        out[GOAL_FLOOR] = all(_sustained_floor(r) >= 0.8 * r["merged_ms"] for r in compiled)
     return out
 
 
-def _resolved_slower(row: dict) -> bool:
-    """Slower beyond noise: the 95% CI of the paired speedup below 1.0 (unpaired rows: the point ratio)."""
-    return row["speedup_ci"][1] < 1.0 if row.get("speedup_ci") else row["speedup"] < 1.0
+def _sustained_floor(row: dict) -> float:
+    """The row's matmul floor at the sustained peak; a row from before it was measured: the burst floor (lower, so
+    the stricter)."""
+    return row.get("floor_sustained_ms") or row["floor_ms"]
+
+
+def _resolved_below(row: dict, key: str) -> bool:
+    """row[key] below 1.0 beyond noise: its 95% CI (row[key + '_ci']) wholly below 1.0; unpaired rows (no CI): the
+    point ratio."""
+    ci = row.get(f"{key}_ci")
+    return ci[1] < 1.0 if ci else row[key] < 1.0
 
 
 def _clock_note(sampled, device: str) -> str:
@@ -720,7 +1012,8 @@ def _config(opts: Options) -> dict:
     return dict(dim=opts.dim, heads=opts.heads, head_dim=opts.head_dim, batch=opts.batch, processor=opts.processor,
                 repeats=opts.repeats, warmup=opts.warmup, compile_backend=opts.backend,
                 compile_mode=opts.compile_mode, compile_shapes=opts.compile_shapes, seed=opts.seed,
-                dtype="bf16", text_mask=None, layers=opts.layers if opts.full_model else None)
+                dtype="bf16", text_mask=None, layers=opts.layers if opts.full_model else None,
+                lora_rank=opts.lora_rank or None, lora_dtype="bf16" if opts.lora_rank else None)
 
 
 def _device_name(device: str) -> str:
@@ -793,7 +1086,14 @@ def register_bench(subparsers) -> None:
     p.add_argument("--text-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--modes", type=_choices(MODES), default=MODES, help="comma list of eager,compiled")
-    p.add_argument("--phases", type=_choices(PHASES), default=PHASES, help="comma list of forward,train")
+    p.add_argument("--phases", type=_choices(ALL_PHASES), default=PHASES,
+                   help=f"comma list of forward,train,{LORA_PHASE} (default forward,train; {LORA_PHASE} needs "
+                        "--lora-rank, which adds it)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help=f"add {LORA_PHASE} rows: a training step of the block with PEFT LoRA adapters of rank R "
+                        "(alpha R, bf16) on the write-up's targets (standard and lean-unfused: to_q, to_k, to_v, "
+                        "add_q_proj, add_k_proj, add_v_proj, to_out.0, to_add_out; merged: to_qkv, add_qkv_proj, "
+                        "to_out.0, to_add_out), base weights frozen")
     p.add_argument("--processor", choices=tuple(PROCESSORS),
                    help="merged processor (default: fast-compiled on cuda, its region compiled by inductor; "
                         "fast on cpu)")
@@ -821,9 +1121,10 @@ def register_bench(subparsers) -> None:
 
 
 def _bench(args) -> int:
+    phases = args.phases + ((LORA_PHASE,) if args.lora_rank and LORA_PHASE not in args.phases else ())
     opts = Options(device=args.device, dim=args.dim, heads=args.heads, head_dim=args.head_dim,
                    image_tokens=args.image_tokens, text_tokens=args.text_tokens, batch=args.batch, modes=args.modes,
-                   phases=args.phases,
+                   phases=phases, lora_rank=args.lora_rank,
                    processor=args.processor or ("fast-compiled" if args.device == "cuda" else "fast"),
                    repeats=args.repeats or (30 if args.device == "cuda" else 3),
                    warmup=args.warmup or (5 if args.device == "cuda" else 1),
@@ -866,7 +1167,7 @@ def with_previous(previous: dict | None, result: dict) -> dict:
         raise VerifyError(f"--append: measured on {previous.get('device')!r}, not on {result['device']!r}")
 
     def key(row):
-        return row["mode"], row["phase"], row["image_tokens"], row["text_tokens"]
+        return row["mode"], row["phase"], row["image_tokens"], row["text_tokens"], row.get("lora_rank")
 
     merged = dict(result)
     for name in ("rows", "full_model"):
@@ -874,7 +1175,7 @@ def with_previous(previous: dict | None, result: dict) -> dict:
         seen = {key(r) for r in new}
         kept = [r for r in previous.get(name) or [] if key(r) not in seen]
         if kept or new:
-            merged[name] = sorted(kept + new, key=lambda r: (MODES.index(r["mode"]), PHASES.index(r["phase"]),
+            merged[name] = sorted(kept + new, key=lambda r: (MODES.index(r["mode"]), ALL_PHASES.index(r["phase"]),
                                                              r["image_tokens"]))
     merged["checks"] = (previous.get("checks") or []) + result["checks"]
     merged["appended_from"] = {k: previous.get(k) for k in ("matmul_peak_tflops", "config", "torch", "diffusers")}
