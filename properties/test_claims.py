@@ -417,3 +417,47 @@ def test_selector_parses_filters_indices_and_values_with_slashes_and_dots():
     for bad in ("", "a..b", "a[k=v]x", "1a", "a[3][k=v]"):
         with pytest.raises(SelectError):
             parse(bad)
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("checks[name=model/edit/outputs,dtype=fp16].max_abs_err", "dtype=fp16 selects nothing in this run"),
+    ("checks[name=model/edit/outputs,dtype=fp32].max_abs_error", "no key 'max_abs_error'"),
+    ("checks[nam=model/edit/outputs].max_abs_err", "no field 'nam'"),
+    ("checks[name=modle/edit/outputs].max_abs_err", "no check is named"),
+    ("lora.scale.valu", "no key 'valu'"),
+    ("output_stats[fixture=t2i,dtype=fp32,implementation=merged].mean", "fixture=t2i selects nothing"),
+])
+def test_a_claim_whose_path_selects_nothing_exits_2_before_anything_runs(tmp_path, capsys, monkeypatch, metric,
+                                                                         message):
+    import verify.report
+
+    def never(*args, **kwargs):
+        raise AssertionError("the report ran before the claims were checked")
+
+    monkeypatch.setattr(verify.report, "run_report", never)
+    claims = _claims(tmp_path, [{"id": "c", "metric": metric, "op": "<", "expected": 1}])
+    assert main(["report", "--claims", str(claims), "--dtypes", "fp64,fp32", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "claim 'c'" in err and message in err and not (tmp_path / "o").exists()
+
+
+def test_a_claim_may_test_a_list_and_its_length(runs, tmp_path):
+    claims = [{"id": "none-unmatched", "metric": "lora.unmatched_keys", "op": "==", "expected": []},
+              {"id": "count", "metric": "len(lora.unmatched_keys)", "op": "==", "expected": 0},
+              {"id": "some", "metric": "len(checks)", "op": ">", "expected": 10},
+              {"id": "wrong", "metric": "lora.unmatched_keys", "op": "==", "expected": ["x"]}]
+    rows = _by_id(ledger(runs["default"], _claims(tmp_path, claims), None))
+    assert [rows[i]["verdict"] for i in ("none-unmatched", "count", "some", "wrong")] == [
+        CONFIRMED, CONFIRMED, CONFIRMED, REFUTED]
+    assert rows["count"]["measured"] == 0
+
+
+def test_every_write_up_row_says_what_it_measured(runs):
+    rows = _by_id(ledger(runs["default"], None, None))
+    assert all(r["measured_on"] for r in rows.values())
+    assert "not your files" in rows["base-output-same"]["measured_on"]
+    assert "candidate reference" in rows["attention-block-match"]["measured_on"]
+    assert rows["lora-480-tensors"]["measured_on"].startswith("LoRA: embedded: seeded rank-32 LoRA")
+    assert rows["faster-10-15pct"]["measured_on"] == "no bench"
+    merged = _by_id(ledger(runs["merged"], None, None))
+    assert merged["merge-split-exact"]["measured_on"].startswith("weight round trips of your merged weights")

@@ -8,7 +8,8 @@ A user's claims file (JSON, or YAML) is a list of claims, or {"claims": [...]}; 
 
     id: edit-fp32-error                       # required, unique
     text: edit output within 1e-5 in fp32     # optional (default: the metric, op and expected value)
-    metric: checks[name=model/edit/outputs,dtype=fp32].max_abs_err    # a path into summary.json (verify.selector)
+    metric: checks[name=model/edit/outputs,dtype=fp32].max_abs_err    # a path into summary.json (verify.selector),
+                                              # or len(PATH): the length of a list (lora.unmatched_keys)
     op: "<"                                   # <, <=, ==, >=, >, !=, approx
     expected: 1.0e-5
     rel: 1.0e-6                               # approx only: |measured - expected| <= max(rel * |expected|, abs)
@@ -26,6 +27,7 @@ from pathlib import Path
 from verify.errors import VerifyError
 from verify.regress import Thresholds, noise
 from verify.selector import Absent, SelectError, parse, resolve
+from verify.summary_schema import check_path
 
 CONFIRMED, REFUTED, UNMEASURED = "confirmed", "refuted", "not measurable in this run"
 OPS: dict[str, Callable] = {"<": operator.lt, "<=": operator.le, "==": operator.eq, ">=": operator.ge,
@@ -57,7 +59,38 @@ def ledger(summary: dict, claims_file: Path | None, bench: dict | None, properti
         attention_block_tolerance(summary, properties), lossless(summary, properties),
         base_output(summary), lora_tensors(summary), alpha(summary), *speed(bench),
     ]
-    return rows + [judge(c, summary) for c in user]
+    subjects = measured_on(summary, bench, properties)
+    for r in rows:
+        r["measured_on"] = subjects[r["id"]]
+    return rows + [judge(c, summary) | {"measured_on": "this run's summary.json"} for c in user]
+
+
+def measured_on(summary: dict, bench: dict | None, properties: dict | None) -> dict[str, str]:
+    """What each write-up row was measured on: whose weights, which implementation, which LoRA file or bench, so a
+    row about seeded weights and the tool's own processor is never read as a verdict on the user's files."""
+    inputs = summary.get("inputs") or {}
+    cand = (summary.get("candidate") or {}).get("spec", "the merged model")
+    if inputs.get("merged_checkpoint"):
+        weights = f"your merged weights {inputs['merged_checkpoint']} against {inputs.get('checkpoint')}"
+    elif inputs.get("checkpoint"):
+        weights = f"the checkpoint {inputs['checkpoint']} (merged here)"
+    else:
+        weights = f"seeded {inputs.get('config')} weights (seed {inputs.get('seed')}; not your files)"
+    suite = f"; property-suite results of {properties.get('card', 'a run')}" if properties else ""
+    components = (f"the registry's seeded attention and block cases at the model's width, candidate {cand}"
+                  f"{suite}")
+    lora = (summary.get("lora") or {}).get("file") or "no LoRA"
+    if isinstance(bench, dict):
+        processor = (bench.get("config") or {}).get("processor", "as recorded")
+        where = f"bench rows on {bench.get('device', 'an unnamed device')}, processor {processor}"
+    else:
+        where = "bench rows given" if bench else "no bench"
+    return {"merge-split-exact": f"weight round trips of {weights}{suite}",
+            "lossless-conversion": f"weight round trips of {weights}{suite}",
+            "attention-block-match": components, "attention-block-within-tolerance": components,
+            "base-output-same": f"the full model over the fixtures, {weights}, candidate {cand}",
+            "lora-480-tensors": f"LoRA: {lora}", "alpha-1": f"LoRA: {lora}",
+            "faster-10-15pct": where, "kernels-67pct-fewer": where}
 
 
 def refuted_user_claims(rows: list[dict]) -> list[dict]:
@@ -387,7 +420,7 @@ def _validate(path: Path, i: int, claim, seen: set[str]) -> None:
     if "text" in claim and not isinstance(claim["text"], str):
         raise VerifyError(f"{where}: text must be a string")
     try:
-        parse(claim["metric"])
+        parse(metric_path(claim["metric"])[0])
     except SelectError as e:
         raise VerifyError(f"{where}: {e}") from None
     expected = _number(claim["expected"])
@@ -399,6 +432,25 @@ def _validate(path: Path, i: int, claim, seen: set[str]) -> None:
         v = _number(claim.get(k, 0))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise VerifyError(f"{where}: {k} must be a number >= 0, got {claim[k]!r}")
+
+
+def metric_path(metric) -> tuple[str, bool]:
+    """(the path, whether the claim measures its length): 'len(lora.unmatched_keys)' -> ('lora.unmatched_keys',
+    True)."""
+    text = metric.strip() if isinstance(metric, str) else metric
+    if isinstance(text, str) and text.startswith("len(") and text.endswith(")"):
+        return text[4:-1].strip(), True
+    return text, False
+
+
+def check_claims(claims: list[dict], values: dict[str, set[str]]) -> None:
+    """Every claim's metric path against summary.json's shape and this run's filter values, before anything runs;
+    VerifyError naming the claim whose path would select nothing."""
+    for claim in claims:
+        try:
+            check_path(metric_path(claim["metric"])[0], values)
+        except SelectError as e:
+            raise VerifyError(f"claim {claim['id']!r}: {e}") from None
 
 
 def _number(x):
@@ -415,8 +467,9 @@ def judge(claim: dict, summary: dict) -> dict:
     """One user claim measured on `summary`; VerifyError (naming the claim) when its metric selects nothing."""
     text = claim.get("text") or f"{claim['metric']} {claim['op']} {claim['expected']}"
     op, expected = claim["op"], _number(claim["expected"])
+    path, length = metric_path(claim["metric"])
     try:
-        measured = resolve(summary, claim["metric"])
+        measured = resolve(summary, path)
     except Absent as e:
         return row(claim["id"], text, UNMEASURED, None, claim["expected"], f"{claim['metric']}: {e}", "user")
     except SelectError as e:
@@ -424,9 +477,13 @@ def judge(claim: dict, summary: dict) -> dict:
     if measured is None:
         return row(claim["id"], text, UNMEASURED, None, claim["expected"], f"{claim['metric']} is null in this run",
                    "user")
-    if isinstance(measured, (dict, list)):
-        raise VerifyError(f"claim {claim['id']!r}: metric {claim['metric']!r} selects a {type(measured).__name__}, "
-                          "not a value; select one field")
+    if length:
+        if not isinstance(measured, (list, dict, str)):
+            raise VerifyError(f"claim {claim['id']!r}: {path} is {measured!r}; len() takes a list")
+        measured = len(measured)
+    if isinstance(measured, (dict, list)) and not (op in ("==", "!=") and isinstance(expected, type(measured))):
+        raise VerifyError(f"claim {claim['id']!r}: metric {claim['metric']!r} selects a {type(measured).__name__}; "
+                          "select one field, compare it with == / != to a list, or measure len(...)")
     if isinstance(measured, (int, float)) and not isinstance(measured, bool):
         expected = _number(expected)
     if op in ("==", "!=") and type(measured) is not type(expected) and not (

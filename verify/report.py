@@ -234,6 +234,13 @@ def _bf16_notes(records: list[Record]) -> list[str]:
             "difference hides in bf16 noise, which is why every verdict includes fp64 and fp32"]
 
 
+def run_values(dtypes) -> dict[str, set[str]]:
+    """The values the records of a run with `dtypes` take in the fields a claim's filter may name."""
+    names = {dtype_name(d) for d in (*REQUIRED_DTYPES, *dtypes)}
+    return {"dtype": names, "fixture": set(FIXTURES), "implementation": {"oracle", "standard", "merged"},
+            "component": {"weights", "inputs", "attention", "block", "model", "lora"}}
+
+
 def embedded_lora(opts: Options) -> bool:
     """The embedded default: seeded tiny or small weights and no LoRA file given."""
     return not opts.lora and not opts.checkpoint and opts.config != "full"

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from verify.qkv import LAYOUTS
-from verify.tolerance import parse_dtypes
-
 
 def _dtypes(text: str):
+    from verify.tolerance import parse_dtypes
+
     try:
         return tuple(parse_dtypes(text))
     except ValueError as e:
@@ -17,6 +16,7 @@ def _dtypes(text: str):
 
 
 def register_report(subparsers) -> None:
+    from verify.qkv import LAYOUTS
     from verify.regress import add_threshold_arguments
 
     p = subparsers.add_parser(
@@ -65,17 +65,17 @@ def register_report(subparsers) -> None:
 def _report(args) -> int:
     import json
 
-    from verify.claims import ledger, load_bench, load_claims, refuted_user_claims
+    from verify.claims import check_claims, ledger, load_bench, load_claims, refuted_user_claims
     from verify.errors import VerifyError
     from verify.regress import load_summary, regress, thresholds_from
     from verify.render import write_report
-    from verify.report import Options, run_report
+    from verify.report import Options, run_report, run_values
 
     _refuse_foreign_out(args.out, args.force)
     _refuse_writing_into_inputs(args.out, [args.checkpoint, args.merged_checkpoint, args.lora, args.adapter_config,
                                            args.claims, args.bench, args.properties, args.baseline])
-    if args.claims:
-        load_claims(args.claims)  # bad claims are bad input: refuse before running anything
+    if args.claims:  # bad claims are bad input: refuse before running anything, paths checked against this run
+        check_claims(load_claims(args.claims), run_values(args.dtypes))
     baseline = load_summary(args.baseline) if args.baseline else None
     bench = load_bench(args.bench) if args.bench else None
     properties = None
