@@ -96,6 +96,7 @@ def test_fused_tensor_is_the_layout_stated(tmp_path, std):
     q, k, v = (a[f"transformer_blocks.1.attn.add_{x}_proj.weight"] for x in "qkv")
     assert torch.equal(tensors(tmp_path / "blocked")[key], torch.cat([q, k, v]))
     inter = tensors(tmp_path / "interleaved")[key].reshape(4, 3, HEAD_DIM, -1)  # (heads, q|k|v, head_dim, in)
+    assert torch.equal(inter[:, 0].reshape(q.shape), q), "each head's group starts with its q rows"
     assert torch.equal(inter[:, 1].reshape(q.shape), k) and torch.equal(inter[:, 2].reshape(q.shape), v)
 
 
