@@ -14,7 +14,17 @@ import yaml
 
 from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
 from verify import fixtures, qkv
-from verify.claims import CONFIRMED, REFUTED, UNMEASURED, judge, ledger, load_bench, load_claims, refuted_user_claims
+from verify.claims import (
+    CONFIRMED,
+    REFUTED,
+    UNMEASURED,
+    judge,
+    ledger,
+    load_bench,
+    load_claims,
+    refuted_user_claims,
+    speed,
+)
 from verify.cli import main
 from verify.errors import VerifyError
 from verify.selector import SelectError, parse, path_of, resolve
@@ -461,3 +471,29 @@ def test_every_write_up_row_says_what_it_measured(runs):
     assert rows["faster-10-15pct"]["measured_on"] == "no bench"
     merged = _by_id(ledger(runs["merged"], None, None))
     assert merged["merge-split-exact"]["measured_on"].startswith("weight round trips of your merged weights")
+
+
+def _lora_row(mode, fusion, speedup, k_std=300, k_lean=200, k_merged=140):
+    return {**_bench_row(mode, "lora-train", speedup, k_std, k_merged), "fusion_speedup": fusion,
+            "fusion_speedup_ci": [fusion - 0.01, fusion + 0.01], "kernels_lean_unfused": k_lean}
+
+
+def test_speed_claims_judge_fusions_own_share_on_the_lora_training_rows():
+    """The write-up's setting: a LoRA training step. Full training rows at 1.2x are ignored when LoRA rows exist;
+    the slowest LoRA row decides (1.09 refutes, whatever the others)."""
+    bench = {"device": "NVIDIA H200", "rows": [_bench_row("eager", "train", 1.2, 300, 100),
+                                               _lora_row("eager", 1.2, 1.3), _lora_row("compiled", 1.09, 1.25)]}
+    faster, fewer = speed(bench)
+    assert faster["verdict"] == REFUTED and faster["measured"] == 1.09
+    assert "fusion's own share" in faster["detail"] and "1.250x" in faster["detail"]
+    bench["rows"][2]["fusion_speedup"] = 1.10
+    assert speed(bench)[0]["verdict"] == CONFIRMED
+    assert fewer["measured"] == pytest.approx(1 - 140 / 200) and fewer["verdict"] == REFUTED
+
+
+@pytest.mark.parametrize("k_merged, verdict", [(66.9, CONFIRMED), (67.1, REFUTED)])
+def test_kernel_claim_on_lora_rows_counts_against_the_lean_unfused_arm(k_merged, verdict):
+    """The bound is 0.665 of the lean-unfused arm's kernels saved: 200 -> 66.9 (0.6655) confirms, 200 -> 67.1
+    (0.6645) refutes, though both save over 93% against the standard arm's 1000."""
+    rows = [_lora_row("eager", 1.2, 1.3, k_std=1000, k_lean=200, k_merged=k_merged)]
+    assert speed({"rows": rows})[1]["verdict"] == verdict
