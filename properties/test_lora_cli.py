@@ -183,7 +183,7 @@ def test_json_is_strict_even_with_nan(tmp_path):
 
 
 def test_convert_copies_unmatched_modules_and_says_so(tmp_path, capsys):
-    modules = random_modules(STANDARD, OTHERS, 1, 0)
+    modules = random_modules(STANDARD, [BOTH_STREAMS[0], *OTHERS], 1, 0)
     src = write_lora(tmp_path / "src.safetensors", "lightning", modules, 1.0)
     tensors, metadata = formats.read_safetensors(src)
     extra = {f"{MISSING}.lora_down.weight": torch.ones(1, 64), f"{MISSING}.lora_up.weight": torch.ones(64, 1),
@@ -206,3 +206,169 @@ def test_convert_renames_between_fused_namings(tmp_path):
     ((A, B),) = modules.values()
     assert delta_by_module(dst).keys() == {"transformer_blocks.1.attn.to_added_qkv"}
     assert torch.equal(delta_by_module(dst)["transformer_blocks.1.attn.to_added_qkv"], B @ A)
+
+
+# --- lora-audit --strict and the assumed scale -------------------------------------------------------------------
+
+NO_ALPHA_WARNING = "scale 1 assumed: no alpha found; PEFT's default lora_alpha is 8, which would give 8/r"
+
+
+def test_strict_exits_1_on_any_warning_and_0_without(tmp_path, capsys):
+    clean = write_lora(tmp_path / "clean.safetensors", "lightning", random_modules(STANDARD, OTHERS, 2, 0), 2.0)
+    rc, record = audit_json(tmp_path, str(clean), "--config", "tiny", "--strict")
+    assert rc == 0 and record["warnings"] == []
+    scaled = write_lora(tmp_path / "scaled.safetensors", "lightning", random_modules(STANDARD, OTHERS, 2, 0), 8.0)
+    assert audit_json(tmp_path, str(scaled), "--config", "tiny")[0] == 0  # warnings alone never fail the audit
+    rc, record = audit_json(tmp_path, str(scaled), "--config", "tiny", "--strict")
+    assert rc == 1 and len(record["warnings"]) == 1 and "alpha present" in record["warnings"][0]
+    assert "--strict: 1 warning(s)" in capsys.readouterr().out
+
+
+def _peft_folder(folder: Path, alpha: float | None, targets=("to_q", "to_k", "to_v", "to_out.0")) -> Path:
+    """What PEFT's save_pretrained writes for the tiny model (adapter_model.safetensors + adapter_config.json),
+    with adapter_config.json removed when `alpha` is None."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model(CONFIGS["tiny"], 0), LoraConfig(
+        r=4, lora_alpha=alpha or 8, target_modules=list(targets), init_lora_weights=False))
+    model.save_pretrained(str(folder))
+    if alpha is None:
+        (folder / "adapter_config.json").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("where", ["peft folder without adapter_config.json", "diffusers file without metadata"])
+def test_no_alpha_warns_with_peft_default(tmp_path, where):
+    if where.startswith("peft"):
+        path = _peft_folder(tmp_path / "adapter", None)
+    else:
+        path = write_lora(tmp_path / "l.safetensors", "diffusers", random_modules(STANDARD, OTHERS, 4, 0))
+    rc, record = audit_json(tmp_path, str(path), "--config", "tiny")
+    assert rc == 0 and record["scale"]["value"] == 1.0 and record["scale"]["source"] == "assumed: no alpha found"
+    (warning,) = [w for w in record["warnings"] if w.startswith(NO_ALPHA_WARNING)]
+    assert "8/4 = 2" in warning and "--adapter-config" in warning
+    assert audit_json(tmp_path, str(path), "--config", "tiny", "--strict")[0] == 1
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lightning", "comfyui", "diffsynth"])
+def test_formats_whose_convention_is_scale_1_do_not_warn_of_peft(tmp_path, fmt):
+    path = write_lora(tmp_path / "l.safetensors", fmt, random_modules(STANDARD, OTHERS, 4, 0))
+    rc, record = audit_json(tmp_path, str(path), "--config", "tiny", "--strict")
+    assert rc == 0 and record["warnings"] == [] and record["scale"]["value"] == 1.0
+
+
+# --- PEFT save_pretrained folders --------------------------------------------------------------------------------
+
+def test_peft_folder_is_read_by_audit_and_convert(tmp_path, capsys):
+    folder = _peft_folder(tmp_path / "adapter", 8.0)
+    rc, record = audit_json(tmp_path, str(folder), "--config", "tiny")
+    assert rc == 0 and record["format"] == "peft" and record["modules_matched"] == 8
+    assert record["scale"] == {"value": 2.0, "min": 2.0, "max": 2.0, "source": "adapter config"}
+    merged = tmp_path / "merged.safetensors"
+    assert main(["lora-convert", str(folder), str(merged), "--to", "merged", "--config", "tiny"]) == 0
+    capsys.readouterr()
+    inside = folder / "adapter_model.safetensors"
+    before = inside.read_bytes()
+    assert main(["lora-convert", str(folder), str(inside), "--to", "merged", "--force"]) == 2
+    assert inside.read_bytes() == before and "overwrite the source" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [({}, "a folder without adapter_model.safetensors"),
+                                              ({"adapter_model.bin": b"pickle"}, "a pickle")])
+def test_folder_without_safetensors_exits_2(tmp_path, capsys, content, message):
+    (tmp_path / "adapter").mkdir()
+    for name, data in content.items():
+        (tmp_path / "adapter" / name).write_bytes(data)
+    rc, _ = audit_json(tmp_path, str(tmp_path / "adapter"), "--config", "tiny")
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_report_reads_a_peft_folder(tmp_path):
+    folder = _peft_folder(tmp_path / "adapter", 8.0)
+    out = tmp_path / "report"
+    assert main(["report", "--lora", str(folder), "--out", str(out), "--dtypes", "fp64,fp32"]) == 0
+    lora = json.loads((out / "summary.json").read_text())["lora"]
+    assert lora["format"] == "peft" and lora["modules_matched"] == 8 and lora["scale"]["value"] == 2.0
+
+
+# --- lora-convert: existing DST, nothing to convert, sizes from the file -----------------------------------------
+
+def test_convert_refuses_an_existing_dst_without_force(tmp_path, capsys):
+    src = write_lora(tmp_path / "src.safetensors", "lightning", random_modules(STANDARD, BOTH_STREAMS, 2, 0), 2.0)
+    dst = tmp_path / "dst.safetensors"
+    dst.write_bytes(b"the user's file")
+    mtime = dst.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["lora-convert", str(src), str(dst), "--to", "merged", "--config", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"qkv-verify: error: {dst}: exists; pass --force to replace it\n"
+    assert dst.read_bytes() == b"the user's file" and dst.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.safetensors", "src.safetensors"]
+    assert main(["lora-convert", str(src), str(dst), "--to", "merged", "--config", "tiny", "--force"]) == 0
+    assert formats.read(dst).alpha_source == "alpha keys"
+
+
+@pytest.mark.parametrize("layout, to, naming, says", [
+    ("standard", "standard", "seed", "already in the standard layout"),
+    ("seed", "merged", "seed", "already in the merged layout with the seed naming"),
+    ("diffusers", "merged", "diffusers", "already in the merged layout with the diffusers naming"),
+    ("none", "merged", "seed", "already in the merged layout"),  # no q/k/v: the same in both layouts
+])
+def test_convert_to_the_layout_it_is_in_exits_2(tmp_path, capsys, layout, to, naming, says):
+    spec = STANDARD if layout in ("standard", "none") else mapping.retarget(STANDARD, "merged", layout)
+    paths = OTHERS if layout == "none" else [p for p in spec.targets if ".0.attn." in p and "to_out" not in p]
+    src = write_lora(tmp_path / "src.safetensors", "comfyui", random_modules(spec, paths, 2, 0), 2.0)
+    dst = tmp_path / "dst.safetensors"
+    capsys.readouterr()
+    assert main(["lora-convert", str(src), str(dst), "--to", to, "--naming", naming]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "nothing to convert" in err and err.count("\n") == 1 and not dst.exists()
+
+
+def _merged_small_lora(path: Path) -> tuple[Path, dict]:
+    """A fused LoRA made for the small model (which the default full-size model does not fit), with its separate
+    q/k/v factors."""
+    small = checkpoint.spec_from_config("small")
+    fused = mapping.retarget(small, "merged", "seed")
+    modules = random_modules(fused, ["transformer_blocks.3.attn.to_qkv", "transformer_blocks.1.attn.add_qkv_proj",
+                                     "transformer_blocks.2.attn.to_out.0"], 3, 0, torch.float64)
+    return write_lora(path, "comfyui", modules, 6.0), modules
+
+
+def test_convert_takes_qkv_sizes_from_the_file_without_a_model(tmp_path):
+    src, modules = _merged_small_lora(tmp_path / "merged.safetensors")
+    dst = tmp_path / "standard.safetensors"
+    assert main(["lora-convert", str(src), str(dst), "--to", "standard"]) == 0
+    got = delta_by_module(dst)
+    for path, (A, B) in modules.items():
+        expected = 6.0 / 3 * (B @ A)
+        if path.endswith("to_out.0"):
+            assert torch.equal(got[path], expected)
+            continue
+        prefix, leaf = path.rsplit(".", 1)
+        names = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
+        thirds = expected.chunk(3)  # Qwen-Image's q, k and v are equal: a blocked fused B splits in three
+        for name, third in zip(names[leaf], thirds):
+            torch.testing.assert_close(got[f"{prefix}.{name}"], third, rtol=1e-15, atol=0)
+
+
+def test_convert_still_checks_against_a_model_when_given(tmp_path, capsys):
+    src, _ = _merged_small_lora(tmp_path / "merged.safetensors")
+    dst = tmp_path / "standard.safetensors"
+    assert main(["lora-convert", str(src), str(dst), "--to", "standard", "--config", "small"]) == 0
+    dst.unlink()
+    capsys.readouterr()
+    assert main(["lora-convert", str(src), str(dst), "--to", "standard", "--config", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "a LoRA for another model size?" in err and "--checkpoint" not in err and not dst.exists()
+
+
+def test_audit_hint_names_checkpoint_when_the_default_model_does_not_fit(tmp_path, capsys):
+    src, _ = _merged_small_lora(tmp_path / "merged.safetensors")
+    capsys.readouterr()
+    rc, record = audit_json(tmp_path, str(src))
+    err = capsys.readouterr().err
+    assert rc == 2 and record is None and err.count("\n") == 1
+    assert "the full-size Qwen-Image was assumed: pass --checkpoint DIR" in err and "--config" in err
+    assert audit_json(tmp_path, str(src), "--config", "small")[0] == 0

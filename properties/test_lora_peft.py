@@ -132,12 +132,18 @@ def test_loaded_lora_matches_peft(tmp_path_factory, case):
 @EXPENSIVE
 @given(cases())
 def test_converted_lora_matches_peft(tmp_path_factory, case):
-    """lora-convert to the target's layout carries each module's scale: the written file loads at the same effect."""
+    """lora-convert to the target's layout carries each module's scale: the written file loads at the same effect.
+    An adapter already in that layout (or with no q/k/v module to move) is refused: exit 2, nothing written."""
     folder = tmp_path_factory.mktemp("peft")
     trained, path = train(case, folder)
     converted = folder / "converted.safetensors"
+    moves = case.trained_on != case.load_into and bool(set(case.targets) & set(qkv_names(case.trained_on,
+                                                                                          case.naming)))
     assert main(["lora-convert", str(path), str(converted), "--to", case.load_into, "--naming", case.naming,
-                 "--layout", case.layout, "--config", "tiny"]) == 0
+                 "--layout", case.layout, "--config", "tiny"]) == (0 if moves else 2)
+    if not moves:
+        assert not converted.exists()
+        return
     assert formats.read(converted).alpha_source == "alpha keys"
     loaded, _, _ = load(case, converted)
     (ref, _), (out, calls) = forward(trained, case), forward(loaded, case)

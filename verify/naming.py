@@ -1,4 +1,5 @@
-"""Module names of the Qwen-Image attention projections, standard and fused, in the two fused namings."""
+"""Module names of the Qwen-Image attention projections, standard and fused, in the two fused namings, and the fused
+row layouts (torch-free: the command line's choices come from here)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ NAMINGS: dict[str, tuple[Stream, Stream]] = {
     ),
 }
 DEFAULT_NAMING = "seed"
+LAYOUTS = ("blocked", "interleaved")  # fused q/k/v row orders; verify.qkv implements them
 
 
 def streams(naming: str) -> tuple[Stream, Stream]:

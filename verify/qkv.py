@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from verify.errors import VerifyError
-
-LAYOUTS = ("blocked", "interleaved")
+from verify.naming import LAYOUTS  # defined torch-free there; verify.qkv.LAYOUTS as before
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 
 from verify import qkv
 from verify.lora import algebra
-from verify.lora.formats import LoraFile
+from verify.lora.formats import NO_ALPHA, LoraFile
 from verify.lora.mapping import Plan, leaf, lora_layout
 from verify.naming import NAMINGS
 
@@ -92,7 +92,7 @@ def _warnings(lora: LoraFile, plan: Plan, scales: dict[str, float]) -> list[str]
     if plan.unmatched:
         out.append(f"{len(plan.unmatched)} modules of the file match nothing in the model (a loader that skips "
                     f"them silently loads a partial LoRA), e.g. {plan.unmatched[0]}")
-    if lora.alpha_source != "assumed: no alpha found" and any(s != 1 for s in scales.values()):
+    if lora.alpha_source != NO_ALPHA and any(s != 1 for s in scales.values()):
         out.append(
             f"alpha present ({lora.alpha_source}): a loader that ignores it (DiffSynth: W += multiplier * B @ A) "
             f"applies multiplier 1 unless given {_fmt(scales)}"

@@ -14,7 +14,7 @@ from verify.checkpoint import Checkpoint
 from verify.errors import VerifyError
 from verify.fixtures import CONFIGS
 from verify.lora import formats
-from verify.lora.mapping import ModelSpec, spec_of
+from verify.lora.mapping import ModelSpec, other_layout, spec_of
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -26,6 +26,37 @@ def spec_from_config(name: str, layout: str = "blocked") -> ModelSpec:
     with torch.device("meta"):
         model = QwenImageTransformer2DModel(**CONFIGS[name])
     return spec_of(model, layout)
+
+
+def spec_from_files(loras: list[formats.LoraFile], layout: str = "blocked") -> ModelSpec:
+    """The standard model the LoRA files imply, when no model is given: the full Qwen-Image model's module names
+    (they do not change with its size) with the files' own shapes. A fused q/k/v splits in three equal parts and the
+    q, k and v of one stream share a shape, as in every Qwen-Image; VerifyError where the files disagree."""
+    if layout != "blocked":
+        raise VerifyError("--layout interleaved needs the model's head size: pass --checkpoint DIR or --config NAME")
+    full = spec_from_config("full")
+    groups = other_layout(full)  # fused path (either naming) -> its q, k, v paths
+    separate = {p: alt.separate for alt in groups.values() for p in alt.separate}
+    flat = {p.replace(".", "_"): p for p in [*full.targets, *groups]}
+    shapes: dict[str, tuple[tuple[int, int], str]] = {}  # standard path -> (shape, the key it comes from)
+    for lora in loras:
+        for pair in lora.pairs:
+            path = flat.get(pair.path) if pair.flat else pair.path
+            (rows, cols), key = (pair.B.shape[0], pair.A.shape[1]), pair.keys[0]
+            if path in groups:
+                if rows % 3:
+                    raise VerifyError(f"{key}: a fused q/k/v update of {rows} rows, not three equal parts")
+                targets, shape = groups[path].separate, (rows // 3, cols)
+            elif path in full.targets:
+                targets, shape = separate.get(path, (path,)), (rows, cols)
+            else:
+                continue  # matches nothing: planning lists it as unmatched
+            for target in targets:
+                known, where = shapes.setdefault(target, (shape, key))
+                if known != shape:
+                    raise VerifyError(f"{key} implies {target} of shape {shape}, {where} implies {known}: LoRAs "
+                                      "for different model sizes")
+    return ModelSpec({p: shape for p, (shape, _) in shapes.items()}, full.head_dim, layout)
 
 
 def spec_from_checkpoint(folder: str | Path, layout: str = "blocked") -> ModelSpec:

@@ -42,6 +42,10 @@ UNSUPPORTED = {
 }
 CONFIG_FORMATS = ("diffusers", "peft")  # formats whose scale comes from a PEFT LoraConfig
 METADATA_KEY = "lora_adapter_metadata"
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's lora_alpha when none is given
+# the weights file of a LoRA folder: PEFT's save_pretrained, diffusers' save_lora_weights
+FOLDER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+NO_ALPHA = "assumed: no alpha found"
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class LoraFile:
     """A LoRA file's pairs, where their alphas came from, and notes for the audit."""
 
     pairs: list[Pair]
-    alpha_source: str  # "alpha keys" | "adapter config" | "metadata" | "assumed: no alpha found"
+    alpha_source: str  # "alpha keys" | "adapter config" | "metadata" | NO_ALPHA
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -76,8 +80,9 @@ class LoraFile:
 
 
 def read(path: str | Path, adapter_config: str | Path | None = None) -> LoraFile:
-    """Read a safetensors LoRA file; VerifyError for anything not a supported LoRA (never a partial load)."""
-    path = Path(path)
+    """Read a safetensors LoRA file, or the folder PEFT's save_pretrained (or diffusers' save_lora_weights) writes;
+    VerifyError for anything not a supported LoRA (never a partial load)."""
+    path = lora_file(path)
     tensors, metadata = read_safetensors(path)
     config, source = _config(path, metadata, adapter_config)
     modules: dict[tuple[str, bool], dict[str, tuple[str, torch.Tensor]]] = {}  # (name, flat) -> role -> key, tensor
@@ -100,6 +105,23 @@ def read(path: str | Path, adapter_config: str | Path | None = None) -> LoraFile
     if not pairs:
         raise VerifyError(f"{path}: no LoRA tensors found")
     return _with_scale_notes(pairs, source, config)
+
+
+def lora_file(path: str | Path) -> Path:
+    """The safetensors file of a LoRA given as that file or as the folder holding it (with adapter_config.json)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = [path / name for name in FOLDER_FILES if (path / name).is_file()]
+    if len(found) > 1:
+        raise VerifyError(f"{path}: holds both {found[0].name} and {found[1].name}; pass the file you mean")
+    if found:
+        return found[0]
+    if (path / "adapter_model.bin").is_file():
+        raise VerifyError(f"{path}: holds adapter_model.bin, a pickle, which is never loaded; save the adapter with "
+                          "safe_serialization=True (adapter_model.safetensors)")
+    raise VerifyError(f"{path}: a folder without {' or '.join(FOLDER_FILES)} (what PEFT's save_pretrained and "
+                      "diffusers' save_lora_weights write)")
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -218,5 +240,14 @@ def _with_scale_notes(pairs: list[Pair], source: str | None, config: dict | None
     elif has_alpha_keys:
         alpha_source = "alpha keys"
     else:
-        alpha_source = "assumed: no alpha found"
+        alpha_source = NO_ALPHA
+        peft_saved = sorted({p.format for p in pairs if p.format in CONFIG_FORMATS})
+        if peft_saved:  # kohya, Lightning and ComfyUI files without .alpha mean scale 1; DiffSynth ignores alpha
+            ranks = sorted({p.rank for p in pairs if p.format in CONFIG_FORMATS})
+            would = ", ".join(f"8/{r} = {PEFT_DEFAULT_ALPHA / r:g}" for r in ranks)
+            warnings.append(
+                f"scale 1 assumed: no alpha found; PEFT's default lora_alpha is {PEFT_DEFAULT_ALPHA}, which would give "
+                f"{PEFT_DEFAULT_ALPHA}/r ({would}): this {'+'.join(peft_saved)} LoRA keeps its alpha in "
+                f"adapter_config.json beside it or in its {METADATA_KEY} metadata and has neither; pass "
+                "--adapter-config with the LoraConfig it was trained with")
     return LoraFile(pairs, alpha_source, warnings)

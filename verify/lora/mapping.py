@@ -155,6 +155,11 @@ def _other_layout(spec: ModelSpec) -> dict[str, Alternative]:
     return out
 
 
+def other_layout(spec: ModelSpec) -> dict[str, Alternative]:
+    """The paths `spec` holds in its other layout (fused ones of a standard model, separate ones of a merged one)."""
+    return _other_layout(spec)
+
+
 def _unflatten(name: str, flat: dict[str, set[str]]) -> str | None:
     """The model path whose dots-as-underscores spelling is `name` (kohya); VerifyError if several are."""
     found = flat.get(name, set())
@@ -163,9 +168,13 @@ def _unflatten(name: str, flat: dict[str, set[str]]) -> str | None:
     return next(iter(found), None)
 
 
+class ShapeMismatch(VerifyError):
+    """A LoRA module whose weight shape is not its target's: most often a LoRA made for another model size."""
+
+
 def _check_shape(pair: Pair, path: str, shape: tuple[int, int]) -> None:
     if (pair.B.shape[0], pair.A.shape[1]) != shape:
-        raise VerifyError(
+        raise ShapeMismatch(
             f"LoRA module {pair.path!r} updates a ({pair.B.shape[0]}, {pair.A.shape[1]}) weight, "
             f"but the model's {path} is {shape}: a LoRA for another model size?"
         )
