@@ -266,6 +266,7 @@ def test_peft_folder_is_read_by_audit_and_convert(tmp_path, capsys):
     assert record["scale"] == {"value": 2.0, "min": 2.0, "max": 2.0, "source": "adapter config"}
     merged = tmp_path / "merged.safetensors"
     assert main(["lora-convert", str(folder), str(merged), "--to", "merged", "--config", "tiny"]) == 0
+    assert main(["lora-compare", str(folder), str(merged)]) == 0
     capsys.readouterr()
     inside = folder / "adapter_model.safetensors"
     before = inside.read_bytes()
@@ -351,6 +352,7 @@ def test_convert_takes_qkv_sizes_from_the_file_without_a_model(tmp_path):
         thirds = expected.chunk(3)  # Qwen-Image's q, k and v are equal: a blocked fused B splits in three
         for name, third in zip(names[leaf], thirds):
             torch.testing.assert_close(got[f"{prefix}.{name}"], third, rtol=1e-15, atol=0)
+    assert main(["lora-compare", str(src), str(dst)]) == 0
 
 
 def test_convert_still_checks_against_a_model_when_given(tmp_path, capsys):

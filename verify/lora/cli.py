@@ -1,4 +1,4 @@
-"""The `lora-audit` and `lora-convert` subcommands; bad input raises VerifyError (exit status 2 in
+"""The `lora-audit`, `lora-convert` and `lora-compare` subcommands; bad input raises VerifyError (exit status 2 in
 verify.cli). Registering them imports neither torch nor diffusers: each command imports what it needs."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ LORA_HELP = "LoRA .safetensors file (any format lora-audit reads), or a PEFT sav
 
 
 def register(subparsers) -> None:
-    """Add `lora-audit` and `lora-convert` to the qkv-verify command line."""
+    """Add `lora-audit`, `lora-convert` and `lora-compare` to the qkv-verify command line."""
     a = subparsers.add_parser(
         "lora-audit", help="say what a LoRA file does to a standard or merged Qwen-Image model",
         description="What a LoRA file does to a model: modules matched and unmatched, weights changed, ranks, the "
@@ -49,6 +49,19 @@ def register(subparsers) -> None:
     _model_args(c, "the sizes the file itself implies (q, k and v equal, as in every Qwen-Image)")
     c.add_argument("--force", action="store_true", help="replace an existing DST")
     c.set_defaults(func=convert_command)
+    m = subparsers.add_parser(
+        "lora-compare", help="do two LoRA files change the model by the same delta W? (catches a broken converter)",
+        description="Whether LoRA files A and B (any formats, either q/k/v layout) change every weight of the model by "
+                    "the same delta W, each at its own file's scale: per module ||dW_A - dW_B|| / ||dW_A|| against "
+                    "a tolerance from the files' dtype (torch.testing's default rtol for the least precise dtype of "
+                    "their A and B tensors), the scales, and the modules only one of them touches. Exit status: 0 "
+                    "the same within the tolerance, 1 different, 2 bad input.",
+    )
+    m.add_argument("a", type=Path, metavar="A", help=LORA_HELP + ": the reference (e.g. the original)")
+    m.add_argument("b", type=Path, metavar="B", help=LORA_HELP + ": compared against A (e.g. a conversion of it)")
+    _model_args(m, "the sizes the files themselves imply", adapter_config=False)
+    m.add_argument("--json", type=Path, metavar="FILE", help="write the comparison record here as JSON")
+    m.set_defaults(func=compare_command)
 
 
 def _model_args(p, default: str, adapter_config: bool = True) -> None:
@@ -150,6 +163,22 @@ def convert_command(args) -> int:
     for p in passed:
         print(f"unmatched, copied unchanged: {p.path}")
     return 0
+
+
+def compare_command(args) -> int:
+    """Compare the delta W of two LoRA files module by module: 0 the same within the tolerance, 1 different."""
+    from verify.lora import compare, formats, mapping
+
+    if args.json is not None and not args.json.parent.is_dir():
+        raise VerifyError(f"{args.json.parent}: no such folder for --json")
+    a, b = formats.read(args.a), formats.read(args.b)
+    spec = mapping.retarget(_spec(args, [a, b]), "standard")  # compared weight by weight on separate q, k, v
+    record = compare.compare(a, b, _plan(a, spec, args), _plan(b, spec, args))
+    record["files"] = {"a": str(args.a), "b": str(args.b)}
+    if args.json is not None:  # first: the file is written even when a reader of the table goes away (| head)
+        _write_text(args.json, json.dumps(_strict(record), indent=2, allow_nan=False))
+    print(compare.table(record))
+    return 0 if record["same"] else 1
 
 
 def _strict(value):
