@@ -1,31 +1,69 @@
-"""The `qkv-verify` command line: subcommands, and one place that turns bad input into exit status 2."""
+"""qkv-verify checks that a Qwen-Image transformer whose q, k and v projections are fused into one matrix (merged
+QKV) computes the same function as diffusers' standard model, and converts checkpoints and LoRA files between the two
+layouts. `qkv-verify COMMAND --help` lists a command's flags and its exit status; bad input always exits 2 with one
+line saying what is wrong and where."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from verify.bench import register_bench
-from verify.convert import register as register_convert
+from verify import __version__
 from verify.errors import run_command
-from verify.lora.cli import register as register_lora
-from verify.regress import register_regress
-from verify.report_cli import register_report
-from verify.suite_cli import register_test
 
-REGISTRARS = [register_report, register_test, register_lora, register_regress, register_convert, register_bench]
+# command -> (module, registrar, the line `qkv-verify --help` shows). A registrar is imported only when its command
+# runs (or asks for its --help): `qkv-verify --help` imports neither torch nor diffusers.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "report": ("verify.report_cli", "register_report",
+               "check a merged model against the standard one over the whole model, in every dtype (and a LoRA): "
+               "summary.json, report.md, index.html"),
+    "test": ("verify.suite_cli", "register_test", "run the packaged property suite against your implementation (SPEC)"),
+    "lora-audit": ("verify.lora.cli", "register", "say what a LoRA file does to a standard or merged Qwen-Image model"),
+    "lora-convert": ("verify.lora.cli", "register",
+                     "convert a LoRA between separate q/k/v and fused QKV, keeping delta W exactly"),
+    "lora-compare": ("verify.lora.cli", "register",
+                     "do two LoRA files change the model by the same delta W? (catches a broken converter)"),
+    "regress": ("verify.regress", "register_regress",
+                "compare two summary.json files: which outputs, samples and check metrics moved"),
+    "convert": ("verify.convert", "register",
+                "stream a checkpoint between standard and merged QKV; --check proves a conversion"),
+    "bench": ("verify.bench", "register_bench",
+              "standard vs merged block speed: forward and training step, eager and torch.compile"),
+}
 
 
-def parser() -> argparse.ArgumentParser:
+class _Only:
+    """The subparsers object a registrar sees: it adds only `name` (a registrar may add several commands), with
+    the one-line help of COMMANDS."""
+
+    def __init__(self, subparsers, name: str):
+        self.subparsers, self.name = subparsers, name
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        if name != self.name:
+            return argparse.ArgumentParser(add_help=False)  # another command of the same registrar: not wanted now
+        return self.subparsers.add_parser(name, **{**kwargs, "help": COMMANDS[name][2]})
+
+
+def parser(*commands: str) -> argparse.ArgumentParser:
+    """The qkv-verify parser with the full flags of `commands` (every command: parser(*COMMANDS)); the others are
+    listed by name and one line only, so that building it imports nothing a command of `commands` does not need."""
     p = argparse.ArgumentParser(prog="qkv-verify", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    for register in REGISTRARS:
-        register(sub)
+    p.add_argument("--version", action="version", version=f"qkv-verify {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    for name, (module, registrar, line) in COMMANDS.items():
+        if name in commands:
+            getattr(importlib.import_module(module), registrar)(_Only(sub, name))
+        else:
+            sub.add_parser(name, help=line, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = parser(*([command] if command in COMMANDS else [])).parse_args(argv)
     return run_command(args.func, args)
 
 

@@ -592,13 +592,24 @@ def register(subparsers) -> None:
         "convert", help="stream a checkpoint between standard and merged QKV; --check proves a conversion",
         description="Exit status: 0 written (with --check: proven), 1 (--check) a tensor differs, 2 bad input.",
     )
-    c.add_argument("src", type=Path, help="diffusers transformer folder (config.json + safetensors) or one file")
-    c.add_argument("dst", type=Path, help="output folder (never inside SRC; written beside, renamed when complete)")
-    c.add_argument("--to", help="merged | standard (with --check: inferred from SRC)")
-    c.add_argument("--naming", help="fused names: seed (to_qkv, add_qkv_proj; default) or diffusers (to_added_qkv)")
-    c.add_argument("--layout", help="fused rows: blocked (default) or interleaved per head")
+    c.add_argument("src", type=Path, metavar="SRC",
+                   help="diffusers transformer folder (config.json + safetensors) or one file")
+    c.add_argument("dst", type=Path, metavar="DST",
+                   help="output folder (never inside SRC; written beside, renamed when complete); with --check: the "
+                        "conversion to prove")
+    # choices listed by metavar, checked by the command itself: a bad value is one error line (exit 2), as elsewhere
+    c.add_argument("--to", metavar="{" + ",".join(DIRECTIONS) + "}",
+                   help="layout to write: merged (fused q/k/v) or standard (separate q, k, v); with --check: "
+                        "inferred from SRC")
+    c.add_argument("--naming", metavar="{" + ",".join(NAMINGS) + "}",
+                   help="fused names: seed (to_qkv, add_qkv_proj; default) or diffusers (to_qkv, to_added_qkv); "
+                        "with --check and a merged SRC or DST: detected from the tensor names")
+    c.add_argument("--layout", metavar="{" + ",".join(LAYOUTS) + "}",
+                   help="fused rows: blocked (all q, all k, all v; default) or interleaved (per head); with --check: "
+                        "DST's manifest, else blocked")
     c.add_argument("--force", action="store_true", help="replace an existing DST")
-    c.add_argument("--check", action="store_true", help="prove that DST holds exactly SRC's tensors, converted")
+    c.add_argument("--check", action="store_true",
+                   help="prove that DST holds exactly SRC's tensors, converted (reads both in full; exit 1 if not)")
     c.set_defaults(func=command)
 
 

@@ -28,7 +28,7 @@ def register_test(subparsers) -> None:
                         "to_added_qkv), or none for an unfused candidate")
     p.add_argument("--layout", choices=("blocked", "interleaved"), default="blocked",
                    help="layout of SPEC's fused parameters, to map its weight gradients (default blocked)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the suite runs (default cpu)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",
                    help="after --: passed to pytest (e.g. -x, -k block, --hypothesis-seed=1)")
     p.set_defaults(func=_test)
