@@ -1,4 +1,5 @@
-"""The command line as a new user meets it: --version, help for every flag, a fast `--help`, quiet broken pipes."""
+"""The command line as a new user meets it: --version, help for every flag, a fast `--help`, quiet broken pipes, and
+errors that point at the fix (the other q/k/v layout; two checkpoints of different sizes)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from verify import __version__
+from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
+from verify import __version__, qkv
 from verify.cli import COMMANDS, main, parser
 from verify.errors import BROKEN_PIPE
+from verify.state_dict import matching_layout, merge_state_dict
 
 PYTHON = [sys.executable, "-c"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,3 +138,101 @@ def test_closed_reader_exits_quietly_and_still_writes_json(tmp_path, buffered):
         os.close(write)
     assert result.returncode == BROKEN_PIPE and result.stderr == ""
     assert (tmp_path / "audit.json").exists()
+
+
+# --- the other q/k/v layout --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    std = standard_checkpoint(root / "std")
+    return {"std": std, "blocked": merged_checkpoint(std, root / "blocked"),
+            "interleaved": merged_checkpoint(std, root / "interleaved", layout="interleaved"),
+            "big": standard_checkpoint(root / "big", num_layers=3)}
+
+
+@pytest.mark.parametrize("fused, flag", [("interleaved", []), ("blocked", ["--layout", "interleaved"])])
+def test_convert_check_names_the_layout_the_weights_match(checkpoints, capsys, fused, flag):
+    capsys.readouterr()
+    assert main(["convert", "--check", str(checkpoints["std"]), str(checkpoints[fused]), *flag]) == 1
+    out = capsys.readouterr().out
+    assert f"match SRC bit for bit in the {fused} layout" in out and f"pass --layout {fused}" in out
+    assert main(["convert", "--check", str(checkpoints["std"]), str(checkpoints[fused]), "--layout", fused]) == 0
+
+
+def test_convert_check_of_standard_dst_names_srcs_layout(checkpoints, tmp_path, capsys):
+    """SRC merged (interleaved), DST standard: read SRC as blocked and the split tensors differ; interleaved fits."""
+    capsys.readouterr()
+    assert main(["convert", "--check", str(checkpoints["interleaved"]), str(checkpoints["std"])]) == 1
+    assert "pass --layout interleaved" in capsys.readouterr().out
+
+
+def test_convert_check_gives_no_layout_hint_for_wrong_weights(checkpoints, tmp_path, capsys):
+    def swap_kv(sd):
+        key = "transformer_blocks.1.attn.to_qkv.weight"
+        q, k, v = qkv.split(sd[key], qkv.QKVShape.equal(sd[key].shape[0], 16), "blocked")
+        return sd | {key: torch.cat([q, v, k])}
+
+    bad = merged_checkpoint(checkpoints["std"], tmp_path / "bad", mutate=swap_kv)
+    capsys.readouterr()
+    assert main(["convert", "--check", str(checkpoints["std"]), str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "transformer_blocks.1.attn.to_qkv.weight differs" in out and "--layout" not in out
+
+
+@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+def test_matching_layout_names_the_layout_of_merged_weights(layout):
+    g = torch.Generator().manual_seed(0)
+    std = {f"attn.{n}.{p}": torch.randn(64, 64, generator=g) if p == "weight" else torch.randn(64, generator=g)
+           for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj") for p in ("weight", "bias")}
+    merged = merge_state_dict(std, "seed", layout, 16)
+    assert matching_layout(std, merged, "seed", 16) == layout
+    wrong = dict(merged, **{"attn.to_qkv.weight": merged["attn.to_qkv.weight"].flip(0)})
+    assert matching_layout(std, wrong, "seed", 16) is None
+
+
+@pytest.mark.xfail(strict=True, reason="verify/report.py (another engineer's) must add "
+                                       "state_dict.layout_hint(layout, matching_layout(...)) to weight_check's message")
+def test_report_weight_check_names_the_layout_the_weights_match(checkpoints, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    assert main(["report", "--checkpoint", str(checkpoints["std"]), "--merged-checkpoint",
+                 str(checkpoints["interleaved"]), "--out", str(out), "--dtypes", "fp64,fp32"]) == 1
+    checks = json.loads((out / "summary.json").read_text())["checks"]
+    weights = next(c for c in checks if c["name"].startswith("weights/split-"))
+    assert not weights["passed"] and "pass --layout interleaved" in weights["message"]
+
+
+# --- two checkpoints of different sizes --------------------------------------------------------------------------
+
+def test_report_names_both_configs_and_the_fields_that_differ(checkpoints, tmp_path, capsys):
+    merged = merged_checkpoint(checkpoints["big"], tmp_path / "merged3")
+    capsys.readouterr()
+    assert main(["report", "--checkpoint", str(checkpoints["std"]), "--merged-checkpoint", str(merged),
+                 "--out", str(tmp_path / "out"), "--dtypes", "fp64,fp32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert f"{checkpoints['std'] / 'config.json'} and {merged / 'config.json'} describe different models" in err
+    assert "num_layers 2 vs 3" in err
+
+
+def test_report_blames_the_standard_config_for_a_merged_file_without_one(checkpoints, tmp_path, capsys):
+    merged = merged_checkpoint(checkpoints["big"], tmp_path / "merged3")
+    weights = merged / "diffusion_pytorch_model.safetensors"
+    capsys.readouterr()
+    assert main(["report", "--checkpoint", str(checkpoints["std"]), "--merged-checkpoint", str(weights),
+                 "--out", str(tmp_path / "out"), "--dtypes", "fp64,fp32"]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: does not fit the model of {checkpoints['std'] / 'config.json'}" in err
+    assert "of its config" not in err
+
+
+def test_convert_check_names_both_configs_and_the_fields_that_differ(checkpoints, tmp_path, capsys):
+    merged = merged_checkpoint(checkpoints["big"], tmp_path / "merged3")
+    capsys.readouterr()
+    assert main(["convert", "--check", str(checkpoints["std"]), str(merged)]) == 1
+    out = capsys.readouterr().out
+    assert "DST holds transformer_blocks.2." in out and "0 missing, 24 extra" in out
+    assert f"{checkpoints['std'] / 'config.json'} and {merged / 'config.json'} describe different models" in out
+    assert "num_layers 2 vs 3" in out

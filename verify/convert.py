@@ -517,19 +517,21 @@ def check(src: Path, dst: Path, naming: str | None = None, layout: str | None = 
         naming = detect_naming(dst_ckpt.leaf_names())
     p = plan(src_ckpt, to, naming or conversion.get("naming"), layout)
     got = tensors_of(dst_ckpt)
+    models = _different_models(src_ckpt, dst_ckpt)
     missing, extra = sorted(set(p.out) - set(got)), sorted(set(got) - set(p.out))
     if missing or extra:
-        what = [f"lacks {missing[0]}"] * bool(missing) + [f"holds {extra[0]}, which SRC's conversion does not"] * bool(
-            extra)
-        return Verdict(False, f"DST {' and '.join(what)} ({len(missing)} missing, {len(extra)} extra)")
+        what = [f"lacks {missing[0]}" for _ in missing[:1]] + [f"holds {extra[0]}, which SRC's conversion does not"
+                                                                for _ in extra[:1]]
+        return Verdict(False, f"DST {' and '.join(what)} ({len(missing)} missing, {len(extra)} extra){models}")
     for key in sorted(p.out):
         if p.out[key] != (got[key].dtype, got[key].shape):
             return Verdict(False, f"tensor {key} differs: SRC converts to {p.out[key][0]} {p.out[key][1]}, DST "
-                                  f"holds {got[key].dtype} {got[key].shape}")
+                                  f"holds {got[key].dtype} {got[key].shape}{models}")
     differ, dst_entries, src_entries = _compare_all(p, got)
     what = f"{len(p.out)} tensors, {p.to} layout (naming {p.naming}, layout {p.layout})"
     if differ:
-        return Verdict(False, f"tensor {differ[0]} differs ({len(differ)} of {what} differ)")
+        hint = _other_layout_hint(src_ckpt, p, got, differ)
+        return Verdict(False, f"tensor {differ[0]} differs ({len(differ)} of {what} differ){hint}")
     if manifest is not None:
         listed = mf.entries_of(manifest)
         wrong = sorted(k for k in set(listed) | set(dst_entries) if listed.get(k) != dst_entries.get(k))
@@ -539,6 +541,39 @@ def check(src: Path, dst: Path, naming: str | None = None, layout: str | None = 
             return Verdict(False, f"{dst / mf.NAME}: names a source other than SRC (identity differs)")
     return Verdict(True, f"proven: DST holds exactly SRC's tensors in the other layout: {what}"
                          + ("; manifest matches" if manifest is not None else "; DST has no manifest"))
+
+
+def _different_models(src: Checkpoint, dst: Checkpoint) -> str:
+    """'; SRC/config.json and DST/config.json describe different models (fields)' when both have one and they do."""
+    if src.config is None or dst.config is None:
+        return ""
+    from verify.loading import differing_fields
+
+    fields = differing_fields(model_config(src), model_config(dst))
+    if not fields:
+        return ""
+    return (f"; {src.path / 'config.json'} and {dst.path / 'config.json'} describe different models "
+            f"({'; '.join(fields)})")
+
+
+def _other_layout_hint(ckpt: Checkpoint, p: Plan, got: dict[str, Tensor], differ: list[str]) -> str:
+    """'; ... match in the other layout: pass --layout X' when every differing tensor is a q/k/v conversion that SRC
+    gives bit for bit in the other layout (the weights were fused in the other row order); else ''."""
+    if not all(k in p.groups for k in differ):
+        return ""
+    other = next(layout for layout in LAYOUTS if layout != p.layout)
+    try:
+        q = plan(ckpt, p.to, p.naming, other)
+    except VerifyError:  # the shapes do not fit the other layout
+        return ""
+    a, b = bytearray(CHUNK), bytearray(CHUNK)
+    groups = {q.groups[k].fused: q.groups[k] for k in differ}
+    for group in groups.values():
+        _, targets = _materialize(q, group)
+        if not all(_same(None, want, got[k], a, b)[0] for k, want in targets.items()):
+            return ""
+    return (f"; the {len(differ)} differing tensors match SRC bit for bit in the {other} layout: the weights were "
+            f"fused {other}, pass --layout {other}")
 
 
 def _compare_all(p: Plan, got: dict[str, Tensor]) -> tuple[list[str], dict, dict]:

@@ -16,14 +16,23 @@ from verify.fused import MERGE_KEY, fuse_model
 from verify.naming import NAMINGS
 from verify.qkv import LAYOUTS
 
-_ARGS = set(inspect.signature(QwenImageTransformer2DModel.__init__).parameters) - {"self"}
+_PARAMETERS = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+_ARGS = set(_PARAMETERS) - {"self"}
+
+
+class ModelConfig(dict):
+    """A model's constructor arguments, and the config.json they were read from (`path`; None when built here)."""
+
+    path = None
 
 
 def model_config(ckpt: Checkpoint) -> dict:
-    """The model's constructor arguments from config.json (diffusers bookkeeping keys dropped)."""
+    """The model's constructor arguments from config.json (diffusers bookkeeping keys dropped), as a ModelConfig
+    that knows its file."""
     if ckpt.config is None:
         raise VerifyError(f"{ckpt.path}: a model needs a folder with config.json, not a single file")
-    config = {k: v for k, v in ckpt.config.items() if k in _ARGS}
+    config = ModelConfig({k: v for k, v in ckpt.config.items() if k in _ARGS})
+    config.path = ckpt.path / "config.json"
     heads, head_dim = config.get("num_attention_heads", 24), config.get("attention_head_dim", 128)
     axes = config.get("axes_dims_rope", (16, 56, 56))
     if sum(axes) != head_dim:
@@ -87,27 +96,56 @@ def merge_recorded(ckpt: Checkpoint) -> dict | None:
     return merge
 
 
-def check_fits(ckpt: Checkpoint, model: nn.Module) -> None:
-    """VerifyError naming the first missing, unexpected or mis-shaped tensor, from the headers alone."""
+def differing_fields(a: dict, b: dict) -> list[str]:
+    """'name: A vs B' for each constructor argument two model configs set differently (diffusers' defaults filled
+    in, lists and tuples alike)."""
+    def value(config: dict, key: str):
+        v = config.get(key, _PARAMETERS[key].default)
+        return list(v) if isinstance(v, tuple) else v
+
+    return [f"{k} {value(a, k)} vs {value(b, k)}" for k in sorted((set(a) | set(b)) & _ARGS)
+            if value(a, k) != value(b, k)]
+
+
+def check_same_model(ckpt: Checkpoint, config: dict) -> None:
+    """VerifyError when `ckpt` has a config.json describing another model than `config` (read from another
+    checkpoint's config.json): both files are named, with the fields that differ."""
+    if ckpt.config is None or getattr(config, "path", None) is None:
+        return
+    own = model_config(ckpt)
+    if own.path.resolve() == config.path.resolve():
+        return
+    fields = differing_fields(config, own)
+    if fields:
+        raise VerifyError(f"{config.path} and {own.path} describe different models ({'; '.join(fields)}): the "
+                          "two checkpoints are not one model in two layouts")
+
+
+def check_fits(ckpt: Checkpoint, model: nn.Module, config: dict | None = None) -> None:
+    """VerifyError naming the first missing, unexpected or mis-shaped tensor, from the headers alone; `config` (the
+    model's) names the config.json the model was built from when that is not the checkpoint's own."""
+    source = getattr(config, "path", None)
+    whose = "its config" if source is None or source.parent == ckpt.path else str(source)
     expected = {k: tuple(p.shape) for k, p in model.named_parameters()}
     missing = sorted(set(expected) - set(ckpt.shapes))
     unexpected = sorted(set(ckpt.shapes) - set(expected))
     if missing or unexpected:
         what = ", ".join([f"missing {k}" for k in missing[:1]] + [f"unexpected {k}" for k in unexpected[:1]])
-        raise VerifyError(f"{ckpt.path}: does not fit the model of its config ({what}; "
+        raise VerifyError(f"{ckpt.path}: does not fit the model of {whose} ({what}; "
                           f"{len(missing)} missing, {len(unexpected)} unexpected)")
     for key, shape in expected.items():
         if ckpt.shapes[key] != shape:
-            raise VerifyError(f"{ckpt.path}: {key} has shape {ckpt.shapes[key]}, the config wants {shape}")
+            raise VerifyError(f"{ckpt.path}: {key} has shape {ckpt.shapes[key]}, {whose} wants {shape}")
 
 
 def merged_naming(ckpt: Checkpoint, config: dict) -> str:
     """The fused naming whose merged model the checkpoint fits (every name and shape); else VerifyError naming
     what does not fit."""
     problems = {}
+    check_same_model(ckpt, config)
     for naming in NAMINGS:
         try:
-            check_fits(ckpt, fuse_model(empty_model(config), naming))
+            check_fits(ckpt, fuse_model(empty_model(config), naming), config)
             return naming
         except VerifyError as e:
             problems[naming] = str(e)

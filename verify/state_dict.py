@@ -74,3 +74,30 @@ def _group(sd: Mapping[str, torch.Tensor], naming: str, fused: bool) -> _Groups:
         groups[(prefix, stream, param)] = tuple(by_leaf[leaf] for leaf in wanted)
         groups.consumed.update(by_leaf.values())
     return groups
+
+
+def matching_layout(standard: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor], naming: str,
+                    head_dim: int) -> str | None:
+    """The layout in which every fused q/k/v tensor of `merged` splits into exactly `standard`'s q, k and v (bit for
+    bit), or None: where merged weights fail in the layout they were given, this names the one they were fused in."""
+    for layout in qkv.LAYOUTS:
+        try:
+            parts = {k: v for k, v in split_state_dict(merged, naming, layout, head_dim).items() if k not in merged}
+        except VerifyError:  # the rows do not fit this layout
+            continue
+        if parts and all(k in standard and _same_bits(v, standard[k]) for k, v in parts.items()):
+            return layout
+    return None
+
+
+def layout_hint(layout: str, found: str | None) -> str:
+    """The sentence a failed check of merged weights given in `layout` adds when they match in `found`."""
+    if found is None or found == layout:
+        return ""
+    return (f"; the merged weights match bit for bit in the {found} layout: they were fused {found}, pass --layout "
+            f"{found}")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.detach().contiguous().reshape(-1).view(torch.uint8), b.detach().contiguous().reshape(-1).view(torch.uint8))

@@ -56,7 +56,7 @@ class CheckpointSource(StateDictSource):
         if is_merged(ckpt):
             super().__init__({}, config, (merged_naming(ckpt, config), layout))
         else:
-            check_fits(ckpt, empty_model(config))
+            check_fits(ckpt, empty_model(config), config)
             super().__init__({}, config)
         self.ckpt = ckpt
 
