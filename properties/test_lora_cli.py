@@ -274,8 +274,18 @@ def test_peft_folder_is_read_by_audit_and_convert(tmp_path, capsys):
     assert inside.read_bytes() == before and "overwrite the source" in capsys.readouterr().err
 
 
+def test_diffusers_save_lora_weights_folder_is_read(tmp_path):
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    write_lora(folder / "pytorch_lora_weights.safetensors", "diffusers", random_modules(STANDARD, OTHERS, 2, 0), 4.0)
+    rc, record = audit_json(tmp_path, str(folder), "--config", "tiny")
+    assert rc == 0 and record["format"] == "diffusers" and record["scale"]["value"] == 2.0
+
+
 @pytest.mark.parametrize("content, message", [({}, "a folder without adapter_model.safetensors"),
-                                              ({"adapter_model.bin": b"pickle"}, "a pickle")])
+                                              ({"adapter_model.bin": b"pickle"}, "a pickle"),
+                                              ({"adapter_model.safetensors": b"", "pytorch_lora_weights.safetensors":
+                                                b""}, "pass the file you mean")])
 def test_folder_without_safetensors_exits_2(tmp_path, capsys, content, message):
     (tmp_path / "adapter").mkdir()
     for name, data in content.items():
