@@ -7,18 +7,34 @@ concatenation copies q, k and v once more. `FastFusedQwenAttnProcessor` computes
 
 - one fused projection per stream (the module is called, so LoRA wrappers and `count_fused_calls` see it);
 - q, k, v as views of the projection output (no split copies), in either fused layout;
-- QK-norm as one `F.rms_norm` (one fp32-accumulating pass, one rounding);
+- QK-norm as one `F.rms_norm` (one fp32-accumulating pass), then its weight (a second pass in fp16 and bf16);
 - RoPE in real arithmetic with cos/sin taken once from the complex frequencies (cached across the blocks of one
   model forward), written straight into the joint [text, image] buffer, so q and k need no concatenation; its
   backward is the inverse rotation (no saved activations);
 - under torch.compile, one fp32 expression (norm, RoPE, concatenation) that inductor fuses into one kernel per tensor.
 
-It is not bit-identical to diffusers (one rounding fewer in the norm; in eager, RoPE's two passes each round to the
-input's dtype, with fp32 coefficients: half-precision coefficients put weight gradients beyond the rule on rare
-draws, see properties/test_fast_fused.py): it is judged by the relative-to-base rule against the fp64 oracle like
-every merged path. In an fp64 model it uses diffusers' own norm and RoPE (fp32 variance, complex64 RoPE), because
-the fp64 oracle is diffusers in fp64 and computing those steps in true fp64 moves weight gradients beyond the fp64
-floor (see `_diffusers_norm_rope`).
+Per image q or k in eager half precision: 5 elementwise passes (norm, weight, and RoPE's swap, multiply and
+multiply-add) against diffusers' 10 (norm 6, RoPE 3, concatenation 1).
+
+Precision. In eager fp16 and bf16 the kernels round where diffusers rounds, no more and no less: the norm rounds its
+normalised value, then the product with the weight (`_norm`); RoPE computes in fp32 with fp32 coefficients and
+rounds once, forward and backward (`_rope_into`). On the CPU its half-precision outputs are then bit-identical to
+diffusers'. Each rounding added or skipped put weight gradients beyond the relative-to-base rule (k=3) on small
+draws, with torch.testing's floors (properties/test_fast_fused.py, ROUNDING_DRAWS; seeds 59600-60299 of one
+zero_cond_t block, bf16 and fp16): RoPE rounded after each of its two passes and the weight inside one fused norm
+failed 7 of the first 300 seeds; RoPE rounded once with the fused norm, 2 of 700; the arithmetic here, 0 of 700.
+Costs of that: the weight's own pass (forward: one multiply; backward: two products and the weight's reduction,
+which the fused norm did inside its kernel) and RoPE's fp32 intermediate (4 bytes per element more than a
+half-precision one, no extra pass). Half-precision RoPE coefficients also put gradients beyond the rule (fp32 ones
+are used). The compiled paths (the fp32 expression and the region) compute norm and RoPE in fp32 and round once
+(inductor elides intermediate casts anyway): closer to the fp64 oracle than diffusers, not bit-identical, and on the
+same block the expression fails the rule on 6 of 700 seeds, 5 of them in gradients (one element of a 6- or
+12-element norm-weight or bias gradient, a sum of a few rounded terms, beyond 3x a standard error that happens to be
+small there).
+
+Every path is judged by the relative-to-base rule against the fp64 oracle like every merged path. In an fp64 model
+it uses diffusers' own norm and RoPE (fp32 variance, complex64 RoPE), because the fp64 oracle is diffusers in fp64
+and computing those steps in true fp64 moves weight gradients beyond the fp64 floor (see `_diffusers_norm_rope`).
 """
 
 from __future__ import annotations
@@ -152,10 +168,18 @@ def _compiled_region(backend: str):
 
 
 def _norm(norm: torch.nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    """QK RMSNorm as one fused op where it is diffusers' RMSNorm with a weight of x's dtype; else the module."""
+    """QK RMSNorm as one fused op where it is diffusers' RMSNorm with a weight of x's dtype; else the module.
+
+    In fp16 and bf16 the weight is a second op, as in diffusers: the normalised value rounds to x's dtype, then its
+    product with the weight; in backward grad * weight rounds before the norm's fp32 backward, and the weight's
+    gradient sums rounded products. One fused op with the weight skips those roundings (module docstring: precision);
+    the cost is one elementwise pass over q and k, and the weight's backward outside the norm's kernel.
+    """
     if norm is None:
         return x
     if isinstance(norm, RMSNorm) and norm.weight is not None and norm.bias is None and norm.weight.dtype == x.dtype:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return F.rms_norm(x, (x.shape[-1],), None, norm.eps) * norm.weight
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
     return norm(x)
 
@@ -246,10 +270,15 @@ def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
-    """out = x * cos + sign * swap_pairs(x) * sin, in three passes (swap, multiply, multiply-add)."""
+    """out = x * cos + sign * swap_pairs(x) * sin, in three passes (swap, multiply, multiply-add).
+
+    The product x * cos stays in the coefficients' fp32 and the sum rounds once to out's dtype, as diffusers' complex
+    fp32 RoPE rounds once (forward and backward). Rounded after each pass (x * cos written to out first), half-precision
+    RoPE put weight gradients beyond the rule (module docstring: precision); the fp32 intermediate costs 4 bytes per
+    element more than a half-precision one, no extra pass.
+    """
     partner = _swap_pairs(x)
-    torch.mul(x, cos, out=out)
-    torch.addcmul(out, partner, sin, value=sign, out=out)
+    torch.addcmul(torch.mul(x, cos), partner, sin, value=sign, out=out)
 
 
 class _JointRope(torch.autograd.Function):
