@@ -231,11 +231,12 @@ def test_the_slowest_training_row_decides_the_speed_claim(runs):
 
 
 def test_the_committed_h200_bench_refutes_faster_training(runs):
-    """reports/gpu/bench-h200.json: eager training 1.14-1.27x, compiled training 1.015-1.034x."""
+    """reports/gpu/bench-h200.json has LoRA training rows: the claim is judged on fusion's own share there, the
+    slowest deciding, though the merged path's speedup over the standard one passes 1.10 on some rows."""
     bench = json.loads((GPU / "bench-h200.json").read_text())
-    slowest = min(r["speedup"] for r in bench["rows"] if r["phase"] == "train")
-    fastest = max(r["speedup"] for r in bench["rows"] if r["phase"] == "train")
-    assert slowest < 1.10 <= fastest, "the file has training rows on both sides of 1.10x"
+    lora = [r for r in bench["rows"] if r["phase"] == "lora-train"]
+    slowest = min(r["fusion_speedup"] for r in lora)
+    assert lora and slowest < 1.10 <= max(r["speedup"] for r in lora), "rows on both sides of 1.10x"
     row = _by_id(ledger(runs["default"], None, load_bench(GPU / "bench-h200.json")))["faster-10-15pct"]
     assert row["verdict"] == REFUTED and row["measured"] == slowest
 

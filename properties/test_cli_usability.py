@@ -69,13 +69,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
-# flags other engineers' modules have not documented yet (verify/report_cli.py, verify/bench.py)
-UNDOCUMENTED = {"report": "--device, --seed", "bench": "--device, --heads, --head-dim, --text-tokens, --batch, --seed"}
-
-
-@pytest.mark.parametrize("command", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=f"{c} lacks help for {UNDOCUMENTED[c]}"))
-    if c in UNDOCUMENTED else c for c in COMMANDS])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_flag_has_help_and_shows_its_choices(command):
     sub = _subparsers()[command]
     text = sub.format_help()
@@ -191,8 +185,6 @@ def test_matching_layout_names_the_layout_of_merged_weights(layout):
     assert matching_layout(std, wrong, "seed", 16) is None
 
 
-@pytest.mark.xfail(strict=True, reason="verify/report.py (another engineer's) must add "
-                                       "state_dict.layout_hint(layout, matching_layout(...)) to weight_check's message")
 def test_report_weight_check_names_the_layout_the_weights_match(checkpoints, tmp_path):
     import json
 

@@ -1078,13 +1078,13 @@ def register_bench(subparsers) -> None:
         description="Exit status: 0 measured, 1 the merged block disagreed with the standard one (nothing timed "
                     "after it), 2 bad usage or input.",
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="where to time (default cuda)")
     p.add_argument("--dim", type=int, default=3072, help="model width (= heads x head-dim)")
-    p.add_argument("--heads", type=int, default=24)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=24, help="attention heads (default 24, the real model)")
+    p.add_argument("--head-dim", type=int, default=128, help="size of one head (default 128)")
     p.add_argument("--image-tokens", type=_ints, default=(4096, 8192, 16384), help="comma list of image token counts")
-    p.add_argument("--text-tokens", type=int, default=256)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--text-tokens", type=int, default=256, help="text tokens in every row (default 256)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--modes", type=_choices(MODES), default=MODES, help="comma list of eager,compiled")
     p.add_argument("--phases", type=_choices(ALL_PHASES), default=PHASES,
                    help=f"comma list of forward,train,{LORA_PHASE} (default forward,train; {LORA_PHASE} needs "
@@ -1099,7 +1099,7 @@ def register_bench(subparsers) -> None:
                         "fast on cpu)")
     p.add_argument("--repeats", type=int, help="timed calls per implementation and row (default 30 on cuda, 3 on cpu)")
     p.add_argument("--warmup", type=int, help="untimed calls first, compilation included (default 5 on cuda, 1 on cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the block's weights and inputs (default 0)")
     p.add_argument("--compile-backend", default="auto",
                    help="torch.compile backend (default: inductor on cuda, eager (graph capture only) on cpu)")
     p.add_argument("--compile-mode", help="torch.compile mode for inductor (default: its default mode)")

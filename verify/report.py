@@ -28,7 +28,7 @@ from verify.fused import default_processor, fuse_model
 from verify.loading import empty_model, is_merged, merge_recorded, model_config
 from verify.naming import NAMINGS
 from verify.qkv import LAYOUTS
-from verify.state_dict import merge_state_dict, split_state_dict
+from verify.state_dict import layout_hint, matching_layout, merge_state_dict, split_state_dict
 from verify.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.tolerance import OUTPUTS, dtype_name
 
@@ -131,6 +131,9 @@ def weight_check(std: StateDictSource, cand: StateDictSource) -> Record:
         record = compare_exact(name, "weights", {prefix + k: v for k, v in expected.items()},
                                {prefix + k: v for k, v in actual.items()})
         if not record.passed:
+            if prefix:  # a block: do its fused weights match in the other layout?
+                found = matching_layout(expected, cand.block(i), naming, head_dim)
+                record = replace(record, message=record.message + layout_hint(layout, found))
             return record
         total += record.numel
     return replace(record, numel=total, message=f"every tensor bit-identical after splitting ({total} values)")

@@ -31,10 +31,11 @@ def register_report(subparsers) -> None:
                         "--candidate's fused parameters when it declares none (to map its weight gradients)")
     p.add_argument("--config", choices=("tiny", "small", "full"), default="tiny",
                    help="seeded-weights config when no --checkpoint is given (default: tiny)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the tested dtypes run (the fp64 oracle runs there too); default cpu")
     p.add_argument("--dtypes", type=_dtypes, default=_dtypes("fp64,fp32,bf16,fp16"),
                    help="comma list of fp64,fp32,bf16,fp16 (fp64 and fp32 are always run)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated weights and inputs (default 0)")
     p.add_argument("--lora", type=Path, help="a LoRA file (any format lora-audit reads): standard+LoRA vs merged+LoRA")
     p.add_argument("--adapter-config", type=Path, help="PEFT adapter_config.json for --lora")
     p.add_argument("--claims", type=Path, help="your claims (JSON or YAML), judged on this run like the write-up's")
