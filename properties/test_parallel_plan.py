@@ -18,8 +18,11 @@ CONFIG = fixtures.model_config("tiny")
 HEAD_DIM = CONFIG["attention_head_dim"]
 
 
-def test_set_attention_backend_and_the_parallel_config_reach_dispatch(monkeypatch):
-    model = fuse_model(fixtures.build_model(CONFIG, 0))
+@pytest.mark.parametrize("processor", ["reference", "fast"])
+def test_set_attention_backend_and_the_parallel_config_reach_dispatch(monkeypatch, processor):
+    import verify.fast_fused
+
+    model = fuse_model(fixtures.build_model(CONFIG, 0), processor=processor)
     model.set_attention_backend("native")
     assert {a.processor._attention_backend for a in joint_attentions(model)} == {AttentionBackendName.NATIVE}
     marker = object()
@@ -34,6 +37,7 @@ def test_set_attention_backend_and_the_parallel_config_reach_dispatch(monkeypatc
         return dispatch(*args, **kwargs)
 
     monkeypatch.setattr(fused, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(verify.fast_fused, "dispatch_attention_fn", spy)
     with torch.no_grad():
         model(**fixtures.model_inputs(CONFIG, fixtures.FIXTURES["text-to-image"], 0))
     assert len(seen) == CONFIG["num_layers"]

@@ -77,7 +77,7 @@ class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):
         q, k, v = self.joint_qkv(attn, txt, img, image_rotary_emb)  # (B, S_txt + S_img, H, D) each
         joint = dispatch_attention_fn(
             q, k, v, attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states), dropout_p=0.0,
-            is_causal=False,
+            is_causal=False, backend=self._attention_backend, parallel_config=self._parallel_config,
         )  # (B, S_txt + S_img, H, D)
         return self.outputs(attn, joint.to(q.dtype), encoder_hidden_states.shape[1])
 

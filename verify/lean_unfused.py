@@ -63,8 +63,7 @@ class LeanUnfusedQwenAttnProcessor(FastFusedQwenAttnProcessor):
         q, k, v = self.joint_qkv(attn, txt, img, image_rotary_emb)  # (B, S_txt + S_img, H, D) each
         joint = dispatch_attention_fn(
             q, k, v, attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states), dropout_p=0.0,
-            is_causal=False, backend=getattr(self, "_attention_backend", None),
-            parallel_config=getattr(self, "_parallel_config", None),
+            is_causal=False, backend=self._attention_backend, parallel_config=self._parallel_config,
         )  # (B, S_txt + S_img, H, D); the attention backend and parallel config diffusers sets on processors
         return self.outputs(attn, joint.to(q.dtype), encoder_hidden_states.shape[1])
 
