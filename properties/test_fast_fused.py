@@ -32,6 +32,11 @@ ALL = tuple(DTYPES.values())  # fp64, fp32, bf16, fp16 in every example
 PATHS = pytest.mark.parametrize("functional", [False, True], ids=["kernels", "compile-expression"])
 
 
+def _budget(examples: int) -> int:
+    """`examples` under the dev and ci profiles, ten times as many under thorough (max_examples 1000)."""
+    return max(examples, examples * settings.default.max_examples // 100)
+
+
 def fast_merge(naming: str = "seed", layout: str = "blocked", functional: bool | None = None):
     """Candidate build for run_case: the fast processor, with one of its two paths forced (None: automatic)."""
 
@@ -146,7 +151,7 @@ def test_half_precision_coefficients_are_caught(seed, dtype, draw, monkeypatch):
 
 
 @PATHS
-@settings(max_examples=6)
+@settings(max_examples=_budget(6))
 @given(config=model_configs(), spec=input_specs(), seed=seeds(), naming=namings(), layout=layouts())
 def test_fast_block_equals_standard(device, functional, config, spec, seed, naming, layout):
     """One block: outputs and gradients w.r.t. both streams and every weight, zero_cond_t and edit drawn."""
@@ -155,7 +160,7 @@ def test_fast_block_equals_standard(device, functional, config, spec, seed, nami
 
 
 @PATHS
-@settings(max_examples=5)
+@settings(max_examples=_budget(5))
 @given(config=model_configs(), spec=input_specs(padded=True), seed=seeds(), naming=namings(), layout=layouts())
 def test_fast_attention_equals_standard(device, functional, config, spec, seed, naming, layout):
     """One attention with an observable text padding mask: outputs and gradients."""
@@ -163,7 +168,7 @@ def test_fast_attention_equals_standard(device, functional, config, spec, seed, 
 
 
 @PATHS
-@settings(max_examples=3)
+@settings(max_examples=_budget(3))
 @given(config=model_configs(), spec=input_specs(edit=False), seed=seeds(), naming=namings(), layout=layouts())
 def test_fast_model_equals_standard(device, functional, config, spec, seed, naming, layout):
     """The whole transformer, text-to-image: outputs and gradients."""
