@@ -17,20 +17,21 @@ Per image q or k in eager half precision: 5 elementwise passes (norm, weight, an
 multiply-add) against diffusers' 10 (norm 6, RoPE 3, concatenation 1).
 
 Precision. In eager fp16 and bf16 the kernels round where diffusers rounds, no more and no less: the norm rounds its
-normalised value, then the product with the weight (`_norm`); RoPE computes in fp32 with fp32 coefficients and
-rounds once, forward and backward (`_rope_into`). On the CPU its half-precision outputs are then bit-identical to
-diffusers'. Each rounding added or skipped put weight gradients beyond the relative-to-base rule (k=3) on small
-draws, with torch.testing's floors (properties/test_fast_fused.py, ROUNDING_DRAWS; seeds 59600-60299 of one
-zero_cond_t block, bf16 and fp16): RoPE rounded after each of its two passes and the weight inside one fused norm
-failed 7 of the first 300 seeds; RoPE rounded once with the fused norm, 2 of 700; the arithmetic here, 0 of 700.
-Costs of that: the weight's own pass (forward: one multiply; backward: two products and the weight's reduction,
-which the fused norm did inside its kernel) and RoPE's fp32 intermediate (4 bytes per element more than a
-half-precision one, no extra pass). Half-precision RoPE coefficients also put gradients beyond the rule (fp32 ones
-are used). The compiled paths (the fp32 expression and the region) compute norm and RoPE in fp32 and round once
-(inductor elides intermediate casts anyway): closer to the fp64 oracle than diffusers, not bit-identical, and on the
-same block the expression fails the rule on 6 of 700 seeds, 5 of them in gradients (one element of a 6- or
-12-element norm-weight or bias gradient, a sum of a few rounded terms, beyond 3x a standard error that happens to be
-small there).
+normalised value, then the product with the weight (`_norm`); RoPE computes in fp32 with fp32 coefficients and rounds
+once, forward and backward (`_rope_into`). On the CPU its half-precision outputs are then bit-identical to diffusers'
+(20 of 20 block draws measured); its gradients are not, as no merged path's are: the fused projection's input gradient
+is one product over q, k and v where diffusers sums three rounded ones. Each rounding added or skipped put weight
+gradients beyond the relative-to-base rule (k=3) on small draws, with torch.testing's floors
+(properties/test_fast_fused.py, ROUNDING_DRAWS; seeds 59600-60299 of one zero_cond_t block, bf16 and fp16): RoPE rounded
+after each of its two passes and the weight inside one fused norm failed 7 of the first 300 seeds; RoPE rounded once
+with the fused norm, 2 of 700; the arithmetic here, 0 of 700. Costs of that: the weight's own pass (forward: one
+multiply; backward: two products and the weight's reduction, which the fused norm did inside its kernel) and RoPE's fp32
+intermediate (4 bytes per element more than a half-precision one, no extra pass). Half-precision RoPE coefficients also
+put gradients beyond the rule (fp32 ones are used). The compiled paths (the fp32 expression and the region) compute norm
+and RoPE in fp32 and round once (inductor elides intermediate casts anyway): closer to the fp64 oracle than diffusers,
+not bit-identical, and on the same block the expression fails the rule on 6 of 700 seeds, 5 of them in gradients (one
+element of a 6- or 12-element norm-weight or bias gradient, a sum of a few rounded terms, beyond 3x a standard error
+that happens to be small there).
 
 Every path is judged by the relative-to-base rule against the fp64 oracle like every merged path. In an fp64 model
 it uses diffusers' own norm and RoPE (fp32 variance, complex64 RoPE), because the fp64 oracle is diffusers in fp64
