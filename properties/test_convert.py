@@ -115,7 +115,9 @@ def test_output_files_are_named_and_indexed_as_diffusers_does(tmp_path, std):
             assert f.metadata() == {"format": "pt"}
     assert index["weight_map"] == held
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(out).values())
-    assert (out / "config.json").read_bytes() == (std / "config.json").read_bytes()
+    written = json.loads((out / "config.json").read_text())
+    assert written.pop("qkv_merge") == {"naming": "seed", "layout": "blocked"}, "the merge it holds is recorded"
+    assert written == json.loads((std / "config.json").read_text()), "every other field as SRC has it"
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".safetensors")) == sorted(
         ["config.json", conv.INDEX, mf.NAME])
 

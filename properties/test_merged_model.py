@@ -213,3 +213,31 @@ def test_the_readme_example_runs(peft_lora, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["report"].modules_matched == len(SEPARATE) * CONFIG["num_layers"]
     assert json.loads((tmp_path / "merged-model" / "config.json").read_text())["qkv_merge"]["layout"] == "blocked"
+
+
+def test_convert_records_the_merge_and_honours_it(tmp_path):
+    """qkv-verify convert writes qkv_merge into a merged DST's config.json (load_merged then needs no layout) and
+    drops it from a standard one; converting back refuses a --layout that contradicts the record."""
+    from verify.cli import main
+
+    std = tmp_path / "std"
+    _model().save_pretrained(std)
+    expected = _out(fuse_model(_model(), layout="interleaved"))
+    assert main(["convert", str(std), str(tmp_path / "m"), "--to", "merged", "--layout", "interleaved"]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["qkv_merge"]["layout"] == "interleaved"
+    torch.testing.assert_close(_out(load_merged(tmp_path / "m")), expected, rtol=0, atol=0)
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "bad"), "--to", "standard", "--layout",
+                 "blocked"]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "back"), "--to", "standard"]) == 0
+    assert "qkv_merge" not in json.loads((tmp_path / "back" / "config.json").read_text())
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "back"), "--check"]) == 0
+
+
+def test_a_lora_loaded_on_the_standard_model_fuses_exactly(peft_lora):
+    path, expected = peft_lora
+    model = _model()
+    load_lora(model, path)
+    fuse_model(model)
+    assert adapters.is_lora(model.transformer_blocks[0].attn.to_qkv)
+    torch.testing.assert_close(_out(model), expected, **TIGHT)

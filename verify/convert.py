@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import struct
 import sys
 import time
@@ -33,7 +32,8 @@ from verify import destination, qkv
 from verify import manifest as mf
 from verify.checkpoint import DTYPES, Checkpoint, read_header
 from verify.errors import VerifyError
-from verify.loading import model_config
+from verify.fused import MERGE_KEY
+from verify.loading import merge_recorded, model_config
 from verify.naming import DEFAULT_NAMING, NAMINGS, detect_naming, streams
 from verify.qkv import LAYOUTS, QKVShape
 from verify.scan import CHUNK, IN_FLIGHT, Scan, Workers, scan_file, tensor_bytes
@@ -475,22 +475,35 @@ class Result:
     manifest: dict
 
 
-def convert(src: Path, dst: Path, to: str, naming: str | None = None, layout: str = "blocked", force: bool = False,
+def convert(src: Path, dst: Path, to: str, naming: str | None = None, layout: str | None = None, force: bool = False,
             warn: Warn = _warn_stderr) -> Result:
-    """Convert SRC into DST (a new folder, renamed into place once complete); SRC is only read."""
+    """Convert SRC into DST (a new folder, renamed into place once complete); SRC is only read. `layout` None: the
+    one a merged SRC's config.json records (qkv_merge), else blocked; DST's config.json records the merge it holds."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     ckpt = open_checkpoint(src)
     destination.check_paths(src, dst, force)
-    p = plan(ckpt, to, naming, layout)
+    p = plan(ckpt, to, naming, _layout(ckpt, to, layout))
     with destination.staged(dst, warn) as tmp:
         out_entries, src_entries = write(p, tmp, warn)
         if ckpt.config is not None:
-            shutil.copyfile(ckpt.path / "config.json", tmp / "config.json")
+            config = {k: v for k, v in ckpt.config.items() if k != MERGE_KEY}
+            if p.to == "merged":
+                config[MERGE_KEY] = {"naming": p.naming, "layout": p.layout}
+            destination.write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         manifest = mf.build(out_entries, src_entries, src, p.conversion)
         destination.write_text(tmp / mf.NAME, json.dumps(manifest, indent=2) + "\n")
     nbytes = sum(t.nbytes for t in p.src.values())
     return Result(dst, p, len(p.shards), nbytes, time.perf_counter() - start, manifest)
+
+
+def _layout(ckpt: Checkpoint, to: str, layout: str | None) -> str:
+    """The fused layout to read or write: a merged SRC's recorded one must agree with a given one."""
+    recorded = merge_recorded(ckpt) if to == "standard" and ckpt.config is not None else None
+    if recorded and layout and layout != recorded["layout"]:
+        raise VerifyError(f"{ckpt.path}/config.json records layout {recorded['layout']}; --layout {layout} would "
+                          f"split its fused tensors wrongly (pass --layout {recorded['layout']} or leave it out)")
+    return layout or (recorded or {}).get("layout") or "blocked"
 
 
 @dataclass
@@ -663,7 +676,7 @@ def command(args) -> int:
         return 0 if verdict.proven else 1
     if args.to is None:
         raise VerifyError("convert needs --to merged or --to standard (or --check)")
-    r = convert(args.src, args.dst, args.to, args.naming, args.layout or "blocked", args.force)
+    r = convert(args.src, args.dst, args.to, args.naming, args.layout, args.force)
     gb = r.nbytes / 1e9
     print(f"wrote {r.dst}: {len(r.plan.out)} tensors in {r.shards} shard(s), {r.plan.to} (naming {r.plan.naming}, "
           f"layout {r.plan.layout}), {gb:.3f} GB in {r.seconds:.1f} s ({gb / max(r.seconds, 1e-9):.2f} GB/s); "
