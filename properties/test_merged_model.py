@@ -241,3 +241,13 @@ def test_a_lora_loaded_on_the_standard_model_fuses_exactly(peft_lora):
     fuse_model(model)
     assert adapters.is_lora(model.transformer_blocks[0].attn.to_qkv)
     torch.testing.assert_close(_out(model), expected, **TIGHT)
+
+
+def test_lora_audit_on_a_merged_folder_refuses_a_layout_its_config_contradicts(peft_lora, tmp_path, capsys):
+    from verify.cli import main
+
+    fuse_model(_model(), layout="interleaved").save_pretrained(tmp_path / "m")
+    path, _ = peft_lora
+    assert main(["lora-audit", str(path), "--checkpoint", str(tmp_path / "m")]) == 2
+    assert "records layout interleaved" in capsys.readouterr().err
+    assert main(["lora-audit", str(path), "--checkpoint", str(tmp_path / "m"), "--layout", "interleaved"]) == 0

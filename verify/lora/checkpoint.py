@@ -67,6 +67,12 @@ def spec_from_checkpoint(folder: str | Path, layout: str = "blocked") -> ModelSp
     ckpt = Checkpoint(folder)  # validated headers, shards and index; no tensor is read
     if ckpt.config is None:
         raise VerifyError(f"{folder}: no config.json (expected a diffusers checkpoint folder)")
+    from verify.loading import merge_recorded
+
+    recorded = merge_recorded(ckpt)
+    if recorded and recorded["layout"] != layout:  # a LoRA mapped in the other layout lands on the wrong rows
+        raise VerifyError(f"{folder}/config.json records layout {recorded['layout']}; pass --layout "
+                          f"{recorded['layout']} (it was {layout})")
     targets = {key.removesuffix(".weight"): shape for key, shape in ckpt.shapes.items()
                if key.endswith(".weight") and len(shape) == 2}
     if not targets:
