@@ -1,7 +1,7 @@
 """Test-session setup shared by the repository's suite and the packaged one: Hypothesis profiles and determinism.
 
-Profiles: `dev` (default), `ci` (chosen when CI=true; derandomized, no deadline, no database) and `thorough`;
-HYPOTHESIS_PROFILE overrides both.
+Profiles: `dev` (default), `ci` (chosen when CI=true; derandomized, no deadline, no database), `thorough`, and
+`find` (ci without shrinking: a verdict, not a minimal example); HYPOTHESIS_PROFILE overrides both.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 
 def load_profile() -> str:
@@ -18,6 +18,9 @@ def load_profile() -> str:
     settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None,
                               print_blob=True)
     settings.register_profile("thorough", max_examples=1000, deadline=None)
+    # ci without shrinking: where only the verdict counts (CI proving that each planted bug fails the suite)
+    settings.register_profile("find", parent=settings.get_profile("ci"),
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate])
     ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
     name = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if ci else "dev")
     settings.load_profile(name)
