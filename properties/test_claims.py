@@ -498,3 +498,254 @@ def test_kernel_claim_on_lora_rows_counts_against_the_lean_unfused_arm(k_merged,
     (0.6645) refutes, though both save over 93% against the standard arm's 1000."""
     rows = [_lora_row("eager", 1.2, 1.3, k_std=1000, k_lean=200, k_merged=k_merged)]
     assert speed({"rows": rows})[1]["verdict"] == verdict
+
+
+# --- every write-up row, text and all, on summaries made here (mutation testing: reports/mutation/) ---------------
+
+
+def _check(name, component, dtype="fp32", passed=True, identical=False, err=1e-6, ratio=1.0, message="ok") -> dict:
+    return {"name": name, "component": component, "dtype": dtype, "passed": passed, "bit_identical": identical,
+            "max_abs_err": err, "base_max_abs_err": 1e-6, "ratio": ratio, "message": message}
+
+
+def _made_summary(good: bool) -> dict:
+    """good: every check passes, outputs agree; else a failed attention check, a moved sample, a refuted LoRA."""
+    def stats(impl: str) -> dict:
+        return {"fixture": "t2i", "dtype": "fp32", "implementation": impl, "numel": 4, "mean": 0.0, "std": 1.0,
+                "min": -2.0, "max": 2.0, "p1": -1.9, "p5": -1.5, "p50": 0.0, "p95": 1.5, "p99": 1.9, "nan": 0,
+                "inf": 0}
+
+    merged_values = [0.5, -1.0] if good else [0.5, -0.5]
+    return {
+        "checks": [_check("weights/merge", "weights", identical=True, err=0.0, ratio=None),
+                   _check("weights/round-trip", "weights", identical=good, err=0.0 if good else 0.25, ratio=None),
+                   _check("attention/t2i", "attention", passed=good, ratio=1.5, message="3 elements off"),
+                   _check("block/t2i", None, dtype="bf16", ratio=2.25, identical=True),  # by name
+                   _check("model/t2i/outputs", "model")],
+        "output_stats": [stats("oracle"), stats("standard"), stats("merged")],
+        "output_samples": [{"fixture": "t2i", "dtype": "fp32", "implementation": i, "indices": [0, 5],
+                            "values": v} for i, v in (("standard", [0.5, -1.0]), ("merged", merged_values))],
+        "inputs": {"config": "tiny", "seed": 3, "model_config": {"num_layers": 2}},
+        "lora": {"file": "a.safetensors", "weights_changed": 16 if good else 15, "tensors": 48, "modules_matched": 16,
+                 "unmatched_keys": {"x": 1, "y": 2, "z": 3} if good else ["a"],
+                 "scale": {"value": 1.0, "min": 1.0 if good else 0.5, "max": 1.0, "source": "alpha/rank"}},
+    }
+
+
+MADE_BENCH = [{"name": "block", "mode": "eager", "phase": "train", "image_tokens": 64, "text_tokens": 8, "speedup": 1.2,
+               "kernels_standard": 30, "kernels_merged": 10},
+              {"full_model": True, "mode": "compiled", "phase": "forward", "speedup": 0.9, "kernels_standard": 12,
+               "kernels_merged": 4},
+              {"speedup": 1.05, "phase": "training"}]
+MADE_PROPERTIES = {"tests": [
+    {"test": "properties/test_qkv.py::test_split_inverts_merge", "outcome": "passed", "examples": 7},
+    {"test": "properties/test_qkv.py::test_merge_inverts_split", "outcome": "passed"},
+    {"test": "properties/test_equivalence.py::test_fused_block_equals_standard", "outcome": "failed", "examples": 3}]}
+
+
+# what ledger says of _made_summary(good=True) with MADE_BENCH and MADE_PROPERTIES, and of good=False alone
+MADE_GOOD_ROWS = [{'id': 'merge-split-exact',
+  'claim': 'merge/split difference 0.00',
+  'verdict': 'confirmed',
+  'measured': 0.0,
+  'expected': 0.0,
+  'detail': '2 of 2 weight checks bit-identical; property suite: 2 passed, 0 failed (7 examples)',
+  'source': 'write-up',
+  'measured_on': 'weight round trips of seeded tiny weights (seed 3; not your files); property-suite results of a '
+                 'run'},
+ {'id': 'attention-block-match',
+  'claim': 'attention and block: perfect match',
+  'verdict': 'refuted',
+  'measured': 1,
+  'expected': 2,
+  'detail': '2 of 2 checks passed, 1 bit-identical; worst error ratio merged/standard 2.25 (block/t2i bf16); '
+            'measured = how many checks are bit-identical, expected = all of them; property suite: 1 failed (it '
+            'judges within tolerance, so a failure refutes a perfect match)',
+  'source': 'write-up',
+  'measured_on': "the registry's seeded attention and block cases at the model's width, candidate the merged "
+                 'model; property-suite results of a run'},
+ {'id': 'attention-block-within-tolerance',
+  'claim': 'attention and block: within tolerance',
+  'verdict': 'refuted',
+  'measured': 2.25,
+  'expected': 'within tolerance',
+  'detail': '2 of 2 checks passed, 1 bit-identical; worst error ratio merged/standard 2.25 (block/t2i bf16); '
+            'property suite: 0 passed, 1 failed; measured = worst error ratio merged/standard',
+  'source': 'write-up',
+  'measured_on': "the registry's seeded attention and block cases at the model's width, candidate the merged "
+                 'model; property-suite results of a run'},
+ {'id': 'lossless-conversion',
+  'claim': 'lossless bidirectional weight conversion',
+  'verdict': 'confirmed',
+  'measured': 0.0,
+  'expected': 0.0,
+  'detail': '1 of 1 round-trip checks bit-identical',
+  'source': 'write-up',
+  'measured_on': 'weight round trips of seeded tiny weights (seed 3; not your files); property-suite results of a '
+                 'run'},
+ {'id': 'base-output-same',
+  'claim': 'base model: same output (mean 203.98)',
+  'verdict': 'confirmed',
+  'measured': 0.0,
+  'expected': 'same output (every element within tolerance)',
+  'detail': "merged mean in this run t2i fp32: 0 (203.98 was the write-up's real-model mean, not comparable here); "
+            'largest merged-vs-standard mean gap 0; 1 of 1 element-wise output checks passed; judged element by '
+            'element, never by the mean (outputs with equal means can differ); sampled outputs bit-identical in 1 '
+            'of 1 fixture/dtype pairs; measured = largest |merged - standard| over the sampled values',
+  'source': 'write-up',
+  'measured_on': 'the full model over the fixtures, seeded tiny weights (seed 3; not your files), candidate the '
+                 'merged model'},
+ {'id': 'lora-480-tensors',
+  'claim': 'LoRA loading: 480 tensors updated',
+  'verdict': 'confirmed',
+  'measured': 16,
+  'expected': 16,
+  'detail': 'weight matrices changed: 16; LoRA file tensors: 48; modules matched: 16; unmatched keys: 3; expected '
+            "16 = 480 / 60 blocks x 2 blocks. DiffSynth's 'N tensors are fused' counts weight matrices changed: "
+            "480 means 8 per block, while the write-up's merged list (to_qkv, add_qkv_proj, to_out.0, to_add_out) "
+            'changes 4 per block (240 on 60 blocks) from 480 A/B tensors',
+  'source': 'write-up',
+  'measured_on': 'LoRA: a.safetensors'},
+ {'id': 'alpha-1',
+  'claim': 'alpha = 1.0 is correct (PEFT scales by lora_alpha / r = 32/32)',
+  'verdict': 'confirmed',
+  'measured': 1.0,
+  'expected': 1.0,
+  'detail': 'the file implies a multiplier of 1 (per module 1..1; source: alpha/rank)',
+  'source': 'write-up',
+  'measured_on': 'LoRA: a.safetensors'},
+ {'id': 'faster-10-15pct',
+  'claim': '10-15% faster training',
+  'verdict': 'refuted',
+  'measured': 1.05,
+  'expected': 1.1,
+  'detail': 'speedup = standard time / merged time, training rows: block eager train 64+8 tokens 1.200x, training '
+            '1.050x; confirmed when every row is at least 1.10x; measured = the slowest',
+  'source': 'write-up',
+  'measured_on': 'bench rows given'},
+ {'id': 'kernels-67pct-fewer',
+  'claim': '67% fewer kernel calls',
+  'verdict': 'confirmed',
+  'measured': 0.6666666666666667,
+  'expected': 0.67,
+  'detail': 'kernels per call, standard -> merged: block eager train 64+8 tokens 30 -> 10 (66.7% fewer), full '
+            'model compiled forward 12 -> 4 (66.7% fewer); confirmed when every row has at least 66.5% fewer; '
+            'measured = the smallest fraction saved',
+  'source': 'write-up',
+  'measured_on': 'bench rows given'}]
+
+
+MADE_BAD_ROWS = [{'id': 'merge-split-exact',
+  'claim': 'merge/split difference 0.00',
+  'verdict': 'refuted',
+  'measured': 0.25,
+  'expected': 0.0,
+  'detail': '1 of 2 weight checks bit-identical; first failure: weights/round-trip: ok',
+  'source': 'write-up',
+  'measured_on': 'weight round trips of seeded tiny weights (seed 3; not your files)'},
+ {'id': 'attention-block-match',
+  'claim': 'attention and block: perfect match',
+  'verdict': 'refuted',
+  'measured': 1,
+  'expected': 2,
+  'detail': '1 of 2 checks passed, 1 bit-identical; worst error ratio merged/standard 2.25 (block/t2i bf16); '
+            'measured = how many checks are bit-identical, expected = all of them',
+  'source': 'write-up',
+  'measured_on': "the registry's seeded attention and block cases at the model's width, candidate the merged "
+                 'model'},
+ {'id': 'attention-block-within-tolerance',
+  'claim': 'attention and block: within tolerance',
+  'verdict': 'refuted',
+  'measured': 2.25,
+  'expected': 'within tolerance',
+  'detail': '1 of 2 checks passed, 1 bit-identical; worst error ratio merged/standard 2.25 (block/t2i bf16); first '
+            'failure: attention/t2i [fp32]: 3 elements off; measured = worst error ratio merged/standard',
+  'source': 'write-up',
+  'measured_on': "the registry's seeded attention and block cases at the model's width, candidate the merged "
+                 'model'},
+ {'id': 'lossless-conversion',
+  'claim': 'lossless bidirectional weight conversion',
+  'verdict': 'refuted',
+  'measured': 0.25,
+  'expected': 0.0,
+  'detail': '0 of 1 round-trip checks bit-identical; first failure: weights/round-trip: ok',
+  'source': 'write-up',
+  'measured_on': 'weight round trips of seeded tiny weights (seed 3; not your files)'},
+ {'id': 'base-output-same',
+  'claim': 'base model: same output (mean 203.98)',
+  'verdict': 'refuted',
+  'measured': 0.5,
+  'expected': 'same output (every element within tolerance)',
+  'detail': "merged mean in this run t2i fp32: 0 (203.98 was the write-up's real-model mean, not comparable here); "
+            'largest merged-vs-standard mean gap 0; 1 of 1 element-wise output checks passed; 1 sampled values '
+            'differ beyond dtype noise, e.g. t2i fp32 at flat index 5: -1 vs -0.5; the means agree, yet the '
+            'outputs differ: a mean alone cannot show two outputs are the same; sampled outputs bit-identical in 0 '
+            'of 1 fixture/dtype pairs; measured = largest |merged - standard| over the sampled values',
+  'source': 'write-up',
+  'measured_on': 'the full model over the fixtures, seeded tiny weights (seed 3; not your files), candidate the '
+                 'merged model'},
+ {'id': 'lora-480-tensors',
+  'claim': 'LoRA loading: 480 tensors updated',
+  'verdict': 'refuted',
+  'measured': 15,
+  'expected': 16,
+  'detail': 'weight matrices changed: 15; LoRA file tensors: 48; modules matched: 16; unmatched keys: 1; expected '
+            "16 = 480 / 60 blocks x 2 blocks. DiffSynth's 'N tensors are fused' counts weight matrices changed: "
+            "480 means 8 per block, while the write-up's merged list (to_qkv, add_qkv_proj, to_out.0, to_add_out) "
+            'changes 4 per block (240 on 60 blocks) from 480 A/B tensors',
+  'source': 'write-up',
+  'measured_on': 'LoRA: a.safetensors'},
+ {'id': 'alpha-1',
+  'claim': 'alpha = 1.0 is correct (PEFT scales by lora_alpha / r = 32/32)',
+  'verdict': 'refuted',
+  'measured': 1.0,
+  'expected': 1.0,
+  'detail': 'the file implies a multiplier of 1 (per module 0.5..1; source: alpha/rank)',
+  'source': 'write-up',
+  'measured_on': 'LoRA: a.safetensors'},
+ {'id': 'faster-10-15pct',
+  'claim': '10-15% faster training',
+  'verdict': 'not measurable in this run',
+  'measured': None,
+  'expected': 1.1,
+  'detail': 'no benchmark rows with a speedup (qkv-verify bench --json; reports/gpu/bench-*.json)',
+  'source': 'write-up',
+  'measured_on': 'no bench'},
+ {'id': 'kernels-67pct-fewer',
+  'claim': '67% fewer kernel calls',
+  'verdict': 'not measurable in this run',
+  'measured': None,
+  'expected': 0.67,
+  'detail': 'no benchmark rows with kernels_standard and kernels_merged',
+  'source': 'write-up',
+  'measured_on': 'no bench'}]
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["good", "bad"])
+def test_every_write_up_row_of_a_made_summary_reads_as_written(good):
+    """Each row's verdict, numbers and every word of its detail: the ledger is what a reader of the report sees."""
+    rows = ledger(_made_summary(good), None, MADE_BENCH if good else None, MADE_PROPERTIES if good else None)
+    assert rows == (MADE_GOOD_ROWS if good else MADE_BAD_ROWS)
+
+
+def test_user_claims_read_as_written():
+    summary = _made_summary(True)
+    std = "output_stats[fixture=t2i,dtype=fp32,implementation=merged].std"
+    err = "checks[name=model/t2i/outputs,dtype=fp32].max_abs_err"
+    assert judge({"id": "u1", "metric": "lora.tensors", "op": ">=", "expected": 40}, summary) == {
+        "id": "u1", "claim": "lora.tensors >= 40", "verdict": CONFIRMED, "measured": 48, "expected": 40,
+        "detail": "lora.tensors: 48 >= 40 is true", "source": "user"}
+    assert judge({"id": "u2", "text": "std near 1", "metric": std, "op": "approx", "expected": 1.0, "abs": 0.5},
+                 summary)["detail"] == f"{std}: |1 - 1| = 0 vs allowed 0.5"
+    assert judge({"id": "u3", "metric": err, "op": "<", "expected": 1e-7}, summary)["detail"] == \
+        f"{err}: 1e-06 < 1e-07 is false"
+    summary["lora"] = None
+    assert judge({"id": "u4", "metric": "lora.tensors", "op": ">=", "expected": 40}, summary) == {
+        "id": "u4", "claim": "lora.tensors >= 40", "verdict": UNMEASURED, "measured": None, "expected": 40,
+        "detail": "lora.tensors: lora is null in this run", "source": "user"}
+
+
+def test_a_bench_row_without_name_mode_or_phase_is_labelled_row():
+    (faster, _) = speed([{"speedup": 1.5}])
+    assert faster["detail"].startswith("speedup = standard time / merged time, all rows (no training step measured): "
+                                       "row 1.500x;")

@@ -84,3 +84,83 @@ def test_nan_is_never_equal_to_nan(rule):
                      torch.float32)
     assert not record.passed and record.nonfinite == 8 and "8 NaN/Inf elements" in record.message, record.message
     assert record.mismatched == 8, "every NaN element is a mismatch"
+
+
+# --- every field of the records, pinned (mutation testing: reports/mutation/) --------------------------------------
+
+
+def test_compare_exact_records_say_what_differs():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ok = compare_exact("w", "weights", {"a": a, "b": a[:2]}, {"a": a.clone(), "b": a[:2].clone()})
+    assert (ok.passed, ok.dtype, ok.rule, ok.message) == (True, "fp32", "exact", "2 tensors bit-identical")
+    assert (ok.max_abs_err, ok.rel_l2_err, ok.cosine, ok.numel, ok.bit_identical) == (0.0, 0.0, 1.0, 6, True)
+    changed = a.clone()
+    changed[1] = 2.5
+    bad = compare_exact("w", "weights", {"a": a}, {"a": changed})
+    assert (bad.passed, bad.dtype, bad.rule, bad.bit_identical) == (False, "fp32", "exact", False)
+    assert bad.message == "first differing tensor: a: 1 of 16 bytes differ, max abs difference 0.5"
+    ints = torch.tensor([1, 2], dtype=torch.int32)
+    assert compare_exact("i", "w", {"i": ints}, {"i": ints + 1}).message == \
+        "first differing tensor: i: 2 of 8 bytes differ", "no difference in value for integers"
+    assert compare_exact("w", "w", {"a": a}, {}).message == "first differing tensor: a missing from actual"
+    assert compare_exact("w", "w", {}, {"a": a}).message == "first differing tensor: a missing from expected"
+    assert compare_exact("w", "w", {"a": a.double()}, {"a": a.double()}).dtype == "fp64"
+
+
+def test_compare_with_tensors_on_one_side_only_fails_naming_them():
+    t = torch.zeros(3, dtype=torch.float64)
+    record = compare("m", "model", {"x": t, "y": t}, {"x": t}, OUTPUTS, torch.float32, "cpu", base={"x": t, "y": t},
+                     fused_calls=2)
+    assert record.passed is False and record.rule == "relative_to_base(k=2)" and record.fused_calls == 2
+    assert record.message == "tensors present on one side only: ['y']"
+    assert (record.name, record.component, record.dtype, record.device) == ("m", "model", "fp32", "cpu")
+
+
+def test_record_to_dict_adds_the_mismatched_fraction_and_nulls_non_finite_numbers():
+    ref = torch.zeros(4, dtype=torch.float64)
+    cand = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    d = compare("m", "model", {"x": ref}, {"x": cand}, ALLCLOSE, torch.float32, "cpu").to_dict()
+    assert d["mismatched"] == 1 and d["numel"] == 4 and d["mismatched_fraction"] == 0.25
+    assert d["base_max_abs_err"] is None and d["ratio"] is None
+    cand[0] = float("nan")
+    d = compare("m", "model", {"x": ref}, {"x": cand}, ALLCLOSE, torch.float32, "cpu").to_dict()
+    assert d["max_abs_err"] is None and d["nonfinite"] == 1 and d["mismatched_fraction"] == 0.5
+
+
+def test_a_relative_comparison_records_its_worst_element_and_the_standard_models_error():
+    """Every field of one record worked out by hand: cand is off by 3e-3 at a[1, 0] where the standard model's error
+    is 1e-3 (at a[0, 0]), so the bound there is 2 * 1e-3 + atol + rtol * 3 (fp32: 1e-5, 1.3e-6)."""
+    f64 = torch.float64
+    ref = {"a": torch.tensor([[1.0, -2.0], [3.0, 0.5]], dtype=f64), "b": torch.tensor([4.0, 0.0], dtype=f64)}
+    base = {"a": ref["a"] + torch.tensor([[1e-3, 0.0], [0.0, 0.0]], dtype=f64), "b": ref["b"].clone()}
+    cand = {"a": ref["a"] + torch.tensor([[0.0, 0.0], [3e-3, 0.0]], dtype=f64),
+            "b": ref["b"] + torch.tensor([0.0, 2e-6], dtype=f64)}
+    record = compare("m/x", "model", ref, {k: v.float() for k, v in cand.items()}, OUTPUTS, torch.float32, "cpu",
+                     base={k: v.float() for k, v in base.items()}, fused_calls=4)
+    d = record.to_dict()
+    floats = {k: d.pop(k) for k in ("max_abs_err", "base_max_abs_err", "rel_l2_err", "cosine", "ratio", "tolerance",
+                                    "mismatched_fraction")}
+    err, base_err = float(torch.tensor(3.003).float()) - 3.0, float(torch.tensor(1.001).float()) - 1.0
+    assert floats == {
+        "max_abs_err": pytest.approx(err, rel=1e-9), "base_max_abs_err": pytest.approx(base_err, rel=1e-9),
+        "rel_l2_err": pytest.approx(err / float(ref["a"].norm()), rel=1e-6), "cosine": pytest.approx(1, abs=1e-6),
+        "ratio": pytest.approx(err / base_err, rel=1e-9),
+        "tolerance": pytest.approx(2 * base_err + 1e-5 + 1.3e-6 * 3.0, rel=1e-9),
+        "mismatched_fraction": pytest.approx(1 / 6)}
+    assert floats["cosine"] < 1
+    assert d == {
+        "name": "m/x", "component": "model", "dtype": "fp32", "device": "cpu", "rule": "relative_to_base(k=2)",
+        "passed": False,
+        "message": "Mismatched elements: 1 / 6 (17%); greatest absolute difference 0.003; worst element a[1, 0] off "
+                   "by 0.003 where 0.00201 is allowed by relative_to_base(k=2) (base error 0.001)",
+        "mismatched": 1, "numel": 6, "worst_index": "a[1, 0]", "bit_identical": False, "nonfinite": 0,
+        "fused_calls": 4, "first_divergence": None, "weight_gradients": None, "provided": True}
+
+
+def test_an_infinite_oracle_value_is_bounded_by_the_absolute_floor_alone():
+    """+-Inf in the oracle counts as 0 in the bound (the record fails on the non-finite count, not on a huge bound)."""
+    for inf in (float("inf"), float("-inf")):
+        ref = {"x": torch.tensor([inf, 1.0], dtype=torch.float64)}
+        record = compare("m", "model", ref, {"x": torch.tensor([1.0, 1.0])}, ALLCLOSE, torch.float32, "cpu")
+        assert (record.passed, record.nonfinite, record.worst_index) == (False, 1, "x[0]")
+        assert record.tolerance == 1e-5, "atol + rtol * 0"

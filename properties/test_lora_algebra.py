@@ -160,3 +160,41 @@ def test_conventions():
     assert algebra.multiplier(None, 16) == 1.0
     assert algebra.multiplier(8.0, 64) == 8.0 / 64
     assert algebra.multiplier(8.0, 64, rslora=True) == 8.0 / 8
+
+
+# --- pinned by mutation testing (reports/mutation/) -------------------------------------------------------------
+
+
+def test_fuse_keeps_a_common_scale_and_bakes_differing_ones_into_B():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    q, k = (Factors(A, torch.randn(4, 2, generator=g, dtype=torch.float64), 0.5) for _ in range(2))
+    fused = algebra.fuse([q, k, None], (4, 4, 4), "blocked", 2)
+    assert fused.scale == 0.5 and torch.equal(fused.B[:4], q.B) and torch.equal(fused.B[4:8], k.B)
+    assert torch.equal(fused.B[8:], torch.zeros(4, 2, dtype=torch.float64))
+    mixed = algebra.fuse([q, Factors(A, k.B, 2.0), None], (4, 4, 4), "blocked", 2)
+    assert mixed.scale == 1.0 and torch.equal(mixed.B[:4], q.B * 0.5) and torch.equal(mixed.B[4:8], k.B * 2.0)
+
+
+def test_fuse_keeps_the_factors_dtype_where_a_part_is_missing():
+    A = torch.ones(2, 3, dtype=torch.bfloat16)
+    part = Factors(A, torch.ones(4, 2, dtype=torch.bfloat16), 1.0)
+    for shared in (True, False):
+        other = part if shared else Factors(A * 2, part.B, 1.0)
+        fused = algebra.fuse([part, None, other], (4, 4, 4), "blocked", 2)
+        assert fused.B.dtype == torch.bfloat16 and fused.A.dtype == torch.bfloat16, shared
+
+
+def test_a_lora_pair_of_the_wrong_shape_is_refused_naming_the_models_module():
+    import pytest
+
+    from verify.errors import VerifyError
+    from verify.lora.formats import LoraFile, Pair
+    from verify.lora.mapping import ModelSpec, plan
+
+    spec = ModelSpec({"blocks.0.attn.to_q": (8, 8), "blocks.0.attn.to_k": (8, 8), "blocks.0.attn.to_v": (8, 8)}, 4)
+    pair = Pair("blocks.0.attn.to_q", torch.zeros(2, 6), torch.zeros(8, 2), 2.0, False, "peft", ("q.lora_A",))
+    with pytest.raises(VerifyError) as caught:
+        plan(LoraFile([pair], "alpha keys"), spec)
+    assert str(caught.value) == ("LoRA module 'blocks.0.attn.to_q' updates a (8, 6) weight, but the model's "
+                                 "blocks.0.attn.to_q is (8, 8): a LoRA for another model size?")

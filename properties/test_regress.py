@@ -316,3 +316,130 @@ def test_default_report_matches_the_committed_baseline(tmp_path, capsys):
                     + format_result(result, str(BASELINE), "this run"))
     assert result["compared"] > 0 and result["thresholds"]["per_dtype"].keys() == {"fp64", "fp32", "bf16", "fp16"}
     OBTAINED.unlink(missing_ok=True)
+
+
+# --- regress on a small summary made here: every moved item, count and text pinned (mutation testing) -------------
+
+
+def _tiny() -> dict:
+    """A minimal summary: one fp32 model check, oracle/standard/merged statistics and three merged samples. Its fp32
+    noise is the check's base error, 1e-6 (the scale, 2, times fp32's eps is smaller): the threshold is 4e-6."""
+    def stats(impl: str) -> dict:
+        return {"fixture": "t2i", "dtype": "fp32", "implementation": impl, "numel": 4, "mean": 0.0, "std": 1.0,
+                "min": -2.0, "max": 2.0, "nan": 0}
+
+    check = {"name": "model/t2i/outputs", "dtype": "fp32", "component": "model", "passed": True,
+             "bit_identical": True, "nonfinite": 0, "max_abs_err": 1e-6, "base_max_abs_err": 1e-6,
+             "rel_l2_err": 1e-7, "cosine": 1.0}
+    return {"verdict": "pass", "checks": [check], "output_stats": [stats(i) for i in ("oracle", "standard", "merged")],
+            "output_samples": [{"fixture": "t2i", "dtype": "fp32", "implementation": "merged", "indices": [0, 5, 9],
+                                "values": [0.5, -1.0, 1.5]}],
+            "inputs": {"seed": 0}, "environment": {"torch": "2.13"}}
+
+
+TINY_CHECK = "checks[name=model/t2i/outputs,dtype=fp32]"
+TINY_THRESHOLD = 4e-6
+
+
+def _moved(cand: dict, base: dict | None = None) -> list[dict]:
+    return regress(base or _tiny(), cand)["moved"]
+
+
+def test_tiny_summary_thresholds_and_count_of_compared_values():
+    result = regress(_tiny(), _tiny())
+    assert result["passed"] and result["moved"] == [] and result["notes"] == []
+    assert result["thresholds"]["noise"] == {"fp32": pytest.approx(1e-6)}
+    assert result["thresholds"]["per_dtype"] == {"fp32": pytest.approx(TINY_THRESHOLD)}
+    assert result["thresholds"]["scale"] == 2.0
+    assert result["compared"] == 7 + 3 + 3 * 6, "7 check fields, 3 samples, 6 fields of 3 statistics records"
+
+
+def test_each_kind_of_moved_check_field_is_one_item_with_its_threshold_and_detail():
+    cand = _tiny()
+    cand["checks"][0].update(bit_identical=False, passed=False, max_abs_err=1e-6 + 2 * TINY_THRESHOLD,
+                             rel_l2_err=1e-7 + TINY_THRESHOLD)  # relative fields: threshold / scale = 2e-6
+    moved = {m["name"].rpartition(".")[2]: m for m in _moved(cand)}
+    assert set(moved) == {"passed", "bit_identical", "max_abs_err", "rel_l2_err"}
+    assert moved["bit_identical"] == {"name": f"{TINY_CHECK}.bit_identical", "baseline": True, "candidate": False,
+                                      "delta": None, "threshold": 0, "detail": "bit-identity lost"}
+    assert moved["passed"] == {"name": f"{TINY_CHECK}.passed", "baseline": True, "candidate": False,
+                               "delta": None, "threshold": 0, "detail": "must be equal"}
+    assert moved["max_abs_err"]["baseline"] == 1e-6 and moved["max_abs_err"]["detail"] == ""
+    assert moved["max_abs_err"]["threshold"] == pytest.approx(TINY_THRESHOLD)
+    assert moved["max_abs_err"]["delta"] == pytest.approx(2 * TINY_THRESHOLD)
+    assert moved["rel_l2_err"]["threshold"] == pytest.approx(TINY_THRESHOLD / 2)
+    within = _tiny()
+    within["checks"][0].update(max_abs_err=1e-6 + 0.9 * TINY_THRESHOLD, rel_l2_err=1e-7 + 0.4 * TINY_THRESHOLD,
+                               nonfinite=0)
+    assert _moved(within) == []
+
+
+def test_moved_samples_are_one_item_named_after_the_largest_change():
+    cand = _tiny()
+    cand["output_samples"][0]["values"] = [0.5, -1.0 + 100 * TINY_THRESHOLD, 1.5 + 2 * TINY_THRESHOLD]
+    (item,) = _moved(cand)
+    sel = "output_samples[fixture=t2i,dtype=fp32,implementation=merged]"
+    assert item["name"] == f"{sel}.values[1]", "the largest |change| (not the largest |value|)"
+    assert (item["baseline"], item["threshold"]) == (-1.0, pytest.approx(TINY_THRESHOLD))
+    assert item["detail"] == "2 of 3 sampled values moved; worst at flat index 5"
+
+
+def test_moved_statistics_counts_and_notes():
+    cand = _tiny()
+    cand["output_stats"][2].update(mean=2 * TINY_THRESHOLD, nan=1)
+    cand["inputs"]["seed"] = 1
+    cand["environment"]["torch"] = "x" * 59  # 61 characters as JSON: shortened
+    cand["checks"].append({**cand["checks"][0], "name": "model/new/outputs"})
+    result = regress(_tiny(), cand)
+    by_field = {m["name"].rpartition(".")[2]: m for m in result["moved"]}
+    assert set(by_field) == {"mean", "nan"}
+    assert by_field["nan"]["detail"] == "must be equal" and by_field["nan"]["threshold"] == 0
+    assert by_field["mean"]["threshold"] == pytest.approx(TINY_THRESHOLD)
+    assert result["notes"] == [
+        "inputs.seed differs: 0 (baseline) vs 1 (candidate)",
+        f"environment.torch differs: \"2.13\" (baseline) vs \"{'x' * 56}... (candidate)",
+        "1 check(s) only in the candidate, not compared (e.g. checks[name=model/new/outputs,dtype=fp32]); "
+        "regenerate the baseline to cover them",
+    ]
+    cand["environment"]["torch"] = "x" * 58  # 60 characters: kept whole
+    assert f"\"{'x' * 58}\" (candidate)" in regress(_tiny(), cand)["notes"][1]
+
+
+def _tiny_lora() -> dict:
+    sweep = [{"fixture": "t2i", "factor": f, "multiplier": 0.5 * f, "merged_mean": 0.1 * f, "merged_rel_dev": 0.01}
+             for f in (1.0, 2.0)]
+    return {**_tiny(), "lora": {"format": "lightning", "layout": "standard", "modules_matched": 8, "tensors": 24,
+                                "weights_changed": 8, "scale": {"value": 0.5}, "sweep": sweep}}
+
+
+def test_lora_section_counts_items_and_sweep_limits():
+    assert regress(_tiny_lora(), _tiny_lora())["compared"] == 28 + 5 + 1 + 2 * 3, "5 counts, the scale, the sweep"
+    cand = _tiny_lora()
+    cand["lora"]["modules_matched"] = 7
+    cand["lora"]["sweep"][1]["multiplier"] = 1.0 * (1 + 1e-13)  # within 1e-12 relative
+    cand["lora"]["sweep"][1]["merged_mean"] = 0.2 + 0.9 * TINY_THRESHOLD  # within the fp32 threshold
+    cand["lora"]["sweep"][0]["merged_rel_dev"] = 0.01 + 0.9 * TINY_THRESHOLD  # beyond threshold / scale
+    moved = _moved(cand, _tiny_lora())
+    assert [m["name"] for m in moved] == ["lora.modules_matched", "lora.sweep[fixture=t2i,factor=1.0].merged_rel_dev"]
+    assert moved[0] == {"name": "lora.modules_matched", "baseline": 8, "candidate": 7, "delta": -1, "threshold": 0,
+                        "detail": "must be equal"}
+    assert moved[1]["baseline"] == 0.01 and moved[1]["threshold"] == pytest.approx(TINY_THRESHOLD / 2)
+    cand = _tiny_lora()
+    cand["lora"]["sweep"][1]["multiplier"] = 1.0 * (1 + 1e-11)
+    (item,) = _moved(cand, _tiny_lora())
+    assert item["name"].endswith("factor=2.0].multiplier") and item["threshold"] == pytest.approx(1e-12)
+    assert _moved(_tiny_lora()) == [{"name": "lora", "baseline": None, "candidate": "present", "delta": None,
+                                     "threshold": None, "detail": "LoRA section in one run only"}]
+
+
+def test_format_result_lays_out_the_moved_items_as_a_table():
+    cand = _tiny()
+    cand["checks"][0]["passed"] = False
+    text = format_result(regress(_tiny(), cand), "a.json", "b.json")
+    lines = text.splitlines()
+    assert lines[0] == "regress: 1 item(s) moved beyond the thresholds (28 values compared); baseline a.json, " \
+                       "candidate b.json"
+    assert lines[1] == "thresholds: rtol_scale 4 x noise(dtype) + atol 0: fp32 4e-06"
+    assert lines[-3].split() == ["name", "baseline", "candidate", "delta", "threshold", "detail"]
+    assert lines[-1].split() == [f"{TINY_CHECK}.passed", "True", "False", "null", "0", "must", "be", "equal"]
+    assert format_result(regress(_tiny(), _tiny()), "a", "b").startswith("regress: nothing moved beyond")

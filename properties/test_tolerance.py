@@ -17,7 +17,7 @@ from torch.testing._comparison import default_tolerances
 
 from properties.strategies import float_dtypes
 from verify.compare import compare
-from verify.tolerance import ALLCLOSE, DTYPES, EXACT, FLOORS, GRADIENTS, OUTPUTS
+from verify.tolerance import ALLCLOSE, DTYPES, EXACT, FLOORS, GRADIENTS, OUTPUTS, Rule, parse_dtypes
 
 INSIDE, OUTSIDE = 1 - 1e-3, 1 + 1e-3  # the candidate's error as a multiple of the allowed error
 # (rule, k): DESIGN.md section 5's factors; allclose is the floor alone, whatever the standard model's error
@@ -105,3 +105,43 @@ def test_exact_passes_equal_bits_and_fails_one_ulp(dtype):
     tensors["cand"][CAND_AT] = torch.nextafter(tensors["ref"][CAND_AT], torch.tensor(math.inf, dtype=torch.float64))
     record = _judge(tensors, EXACT, dtype)
     assert not record.passed and record.mismatched == 1 and record.tolerance == 0.0, record.message
+
+
+# --- the rules' own API, pinned (mutation testing: reports/mutation/) ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+def test_floor_reads_torch_testing_and_swaps_it_into_atol_rtol(dtype):
+    """FLOORS is built at import; the function that builds it is called here, so a change to it is seen."""
+    from verify.tolerance import _floor
+
+    rtol, atol = default_tolerances(dtype)
+    assert _floor(dtype) == (atol, rtol) == FLOORS[dtype]
+
+
+def test_rules_describe_themselves_with_their_factor():
+    """The rule's name in every record (and in every report) says the factor of a relative rule."""
+    assert [r.describe() for r in (OUTPUTS, GRADIENTS, ALLCLOSE, EXACT)] == [
+        "relative_to_base(k=2)", "relative_to_base(k=3)", "allclose", "exact"]
+    assert Rule("relative_to_base", 2.5).describe() == "relative_to_base(k=2.5)"
+    assert Rule("allclose", 7.0).describe() == "allclose"
+
+
+def test_allclose_is_the_floor_alone_whatever_its_factor():
+    """Only the relative rule adds k * err(base, ref): an allclose rule never does, even one given a factor."""
+    ref = torch.tensor([0.0, -2.0, 3.0], dtype=torch.float64)
+    atol, rtol = FLOORS[torch.float32]
+    floor = atol + rtol * ref.abs()
+    assert torch.equal(Rule("allclose", 5.0).bound(torch.float32, 1.0, ref), floor)
+    assert torch.equal(Rule("relative_to_base", 5.0).bound(torch.float32, 1.0, ref), 5.0 + floor)
+    assert torch.equal(Rule("exact", 5.0).bound(torch.float32, 1.0, ref), torch.zeros(3, dtype=torch.float64))
+
+
+def test_parse_dtypes_reads_a_comma_list_and_names_what_it_refuses():
+    assert parse_dtypes("fp64") == [torch.float64]
+    assert parse_dtypes(" bf16 , fp16,,fp32 ") == [torch.bfloat16, torch.float16, torch.float32]
+    expected = "expected a comma list of fp64, fp32, bf16, fp16"
+    for text, named in (("fp64,fp8,int8", "fp8, int8"), ("", "(none)"), (" , ", "(none)"), ("FP32", "FP32")):
+        with pytest.raises(ValueError) as caught:
+            parse_dtypes(text)
+        assert str(caught.value) == f"unknown dtype {named}; {expected}", text
