@@ -164,3 +164,21 @@ def test_an_infinite_oracle_value_is_bounded_by_the_absolute_floor_alone():
         record = compare("m", "model", ref, {"x": torch.tensor([1.0, 1.0])}, ALLCLOSE, torch.float32, "cpu")
         assert (record.passed, record.nonfinite, record.worst_index) == (False, 1, "x[0]")
         assert record.tolerance == 1e-5, "atol + rtol * 0"
+
+
+@pytest.mark.parametrize("shape", [(0,), (2, 0)])
+def test_empty_tensors_compare_as_equal_with_nothing_allowed(shape):
+    """A zero-size tensor (an empty batch) has no element to be off: it passes, with a zero bound and no index
+    (ZeroDivisionError in _unravel before)."""
+    z = torch.zeros(shape)
+    record = compare("e", "model", {"t": z.double()}, {"t": z}, OUTPUTS, torch.float32, "cpu", base={"t": z.clone()})
+    assert (record.passed, record.tolerance, record.max_abs_err, record.worst_index) == (True, 0.0, 0.0, "t[]")
+
+
+def test_a_candidate_equal_to_the_standard_model_is_bit_identical():
+    ref = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    base = torch.tensor([1.0, 2.5])
+    record = compare("m", "model", {"t": ref}, {"t": base.clone()}, OUTPUTS, torch.float32, "cpu", base={"t": base})
+    assert record.bit_identical is True and record.passed
+    other = compare("m", "model", {"t": ref}, {"t": base + 1e-7}, OUTPUTS, torch.float32, "cpu", base={"t": base})
+    assert other.bit_identical is False

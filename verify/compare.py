@@ -170,6 +170,8 @@ def _judge(key: str, ref: torch.Tensor, cand: torch.Tensor, base: torch.Tensor |
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
+    if 0 in shape:  # an empty tensor has no element to name (and `flat % 0` would raise)
+        return []
     index = []
     for size in reversed(shape):
         index.append(flat % size)
