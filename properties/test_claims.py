@@ -749,3 +749,44 @@ def test_a_bench_row_without_name_mode_or_phase_is_labelled_row():
     (faster, _) = speed([{"speedup": 1.5}])
     assert faster["detail"].startswith("speedup = standard time / merged time, all rows (no training step measured): "
                                        "row 1.500x;")
+
+
+def test_an_approx_claim_with_a_negative_abs_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- {id: a, metric: verdict, op: approx, expected: 1, abs: -1}")
+    with pytest.raises(VerifyError, match="abs must be a number >= 0, got -1"):
+        load_claims(path)
+
+
+def test_user_claim_floats_are_shown_to_six_digits():
+    summary = {"lora": {"scale": {"value": 1 / 3}}}
+    row = judge({"id": "u", "metric": "lora.scale.value", "op": "<", "expected": 0.5}, summary)
+    assert row["detail"] == "lora.scale.value: 0.333333 < 0.5 is true"
+
+
+def test_attention_and_block_rows_without_checks():
+    from verify.claims import attention_block_tolerance
+
+    unmeasured = attention_block_tolerance({"checks": []})
+    assert unmeasured["verdict"] == UNMEASURED and unmeasured["detail"] == (
+        "the report runs the full model; no attention or block check here and no property-suite results "
+        "(test_fused_attention/block_equals_standard)")
+    suite = {"tests": [{"test": "properties/test_equivalence.py::test_fused_attention_equals_standard",
+                        "outcome": "passed"}]}
+    backed = attention_block_tolerance({"checks": []}, suite)
+    assert (backed["verdict"], backed["measured"], backed["detail"]) == (CONFIRMED, None,
+                                                                         "property suite: 1 passed, 0 failed")
+
+
+def test_rows_say_whose_checkpoint_they_measured():
+    rows = ledger({"checks": [], "output_stats": [], "inputs": {"checkpoint": "/w/std"}}, None, None)
+    assert {r["id"]: r["measured_on"] for r in rows}["base-output-same"] == \
+        "the full model over the fixtures, the checkpoint /w/std (merged here), candidate the merged model"
+
+
+def test_lora_training_rows_without_a_lean_unfused_arm_are_judged_on_the_merged_speedup():
+    (faster, _) = speed([{"name": "block", "phase": "lora-train", "speedup": 1.2},
+                         {"name": "block", "phase": "forward", "speedup": 0.5}])
+    assert faster["verdict"] == CONFIRMED and faster["detail"] == (
+        "speedup = standard time / merged time, LoRA-training rows (no lean-unfused arm in this bench): block "
+        "lora-train 1.200x; confirmed when every row is at least 1.10x; measured = the slowest")

@@ -472,3 +472,40 @@ def test_temporary_folders_of_a_killed_convert_are_removed_and_no_others(tmp_pat
     assert convert(std, tmp_path / "out", "--to", "merged") == 0
     assert not stale.exists() and live.exists() and remote.exists()
     assert f"removed {stale.name}" in capsys.readouterr().err
+
+
+# --- convert --check's verdicts, word for word (mutation testing: reports/mutation/) ------------------------------
+
+
+def test_check_of_a_diffusers_named_dst_without_manifest_finds_its_naming(tmp_path, std):
+    dst = tmp_path / "m"
+    assert convert(std, dst, "--to", "merged", "--naming", "diffusers") == 0
+    verdict = conv.check(std, dst)
+    assert verdict.proven and verdict.message.endswith("(naming diffusers, layout blocked); manifest matches")
+    (dst / mf.NAME).unlink()
+    verdict = conv.check(std, dst)
+    assert verdict.proven, verdict.message
+    assert verdict.message.endswith("(naming diffusers, layout blocked); DST has no manifest")
+
+
+def test_check_refuses_a_layout_its_manifest_contradicts(tmp_path, std):
+    dst = tmp_path / "m"
+    assert convert(std, dst, "--to", "merged", "--layout", "interleaved") == 0
+    with pytest.raises(conv.VerifyError) as caught:
+        conv.check(std, dst, layout="blocked")
+    assert str(caught.value) == f"--layout blocked contradicts {dst / mf.NAME}, which says interleaved"
+
+
+def test_check_names_a_missing_tensor(tmp_path, std):
+    dst = tmp_path / "m"
+    assert convert(std, dst, "--to", "merged") == 0
+    (dst / mf.NAME).unlink()
+    index = json.loads((dst / conv.INDEX).read_text())
+    gone = sorted(index["weight_map"])[0]
+    shard = dst / index["weight_map"].pop(gone)
+    sd = load_file(shard)
+    del sd[gone]
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    (dst / conv.INDEX).write_text(json.dumps(index))
+    verdict = conv.check(std, dst)
+    assert not verdict.proven and verdict.message == f"DST lacks {gone} (1 missing, 0 extra)"

@@ -170,3 +170,10 @@ def test_non_positive_sizes_are_refused(size, field, layout):
     sizes = {**dict(q_rows=4, k_rows=4, v_rows=4, head_dim=2), field: size}
     with pytest.raises(VerifyError, match="positive"):
         qkv.QKVShape(**sizes).check(layout)
+
+
+def test_blocked_split_returns_views_of_the_fused_tensor():
+    """split's contract: (q, k, v) views. Blocked rows are contiguous runs, no copy is made (interleaved cats)."""
+    fused = torch.arange(24.0).reshape(12, 2)
+    q, k, v = qkv.split(fused, qkv.QKVShape.equal(12, 2), "blocked")
+    assert [t.data_ptr() for t in (q, k, v)] == [fused[0].data_ptr(), fused[4].data_ptr(), fused[8].data_ptr()]

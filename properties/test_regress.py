@@ -443,3 +443,12 @@ def test_format_result_lays_out_the_moved_items_as_a_table():
     assert lines[-3].split() == ["name", "baseline", "candidate", "delta", "threshold", "detail"]
     assert lines[-1].split() == [f"{TINY_CHECK}.passed", "True", "False", "null", "0", "must", "be", "equal"]
     assert format_result(regress(_tiny(), _tiny()), "a", "b").startswith("regress: nothing moved beyond")
+
+
+def test_outputs_of_another_size_are_refused_with_both_sizes():
+    cand = _tiny()
+    cand["output_stats"][2]["numel"] = 5
+    with pytest.raises(VerifyError) as caught:
+        regress(_tiny(), cand)
+    assert str(caught.value) == ("the runs do not line up: output_stats[fixture=t2i,dtype=fp32,implementation=merged]"
+                                 ".numel is 4 in the baseline, 5 in the candidate")

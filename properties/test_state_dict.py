@@ -173,3 +173,37 @@ def test_fusing_and_unfusing_leave_the_random_stream_untouched(device, config, s
     torch.manual_seed(seed)
     unfuse_model(fuse_model(model, layout=layout))
     assert torch.equal(torch.rand(4, device=device), expected)
+
+
+# --- matching_layout and layout_hint (mutation testing: reports/mutation/) --------------------------------------
+
+
+def _qkv_block(prefix: str, leaves: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"{prefix}{leaf}.weight": torch.randn(8, 3, generator=g) for leaf in leaves}
+
+
+@pytest.mark.parametrize("layout", qkv.LAYOUTS)
+def test_matching_layout_names_the_layout_merged_weights_were_fused_in(layout):
+    """Two heads of 4 rows: blocked and interleaved differ, so exactly one layout splits back bit for bit."""
+    from verify.state_dict import matching_layout
+
+    std = {**_qkv_block("b.0.attn.", ("add_q_proj", "add_k_proj", "add_v_proj"), 0), "b.0.other.weight": torch.ones(2)}
+    merged = merge_state_dict(std, "diffusers", layout, 4)
+    assert set(merged) == {"b.0.attn.to_added_qkv.weight", "b.0.other.weight"}
+    assert matching_layout(std, merged, "diffusers", 4) == layout
+    wrong = dict(std)
+    wrong["b.0.attn.add_k_proj.weight"] = wrong["b.0.attn.add_k_proj.weight"].clone()
+    wrong["b.0.attn.add_k_proj.weight"][0, 0] += 1
+    assert matching_layout(wrong, merged, "diffusers", 4) is None, "one element off: no layout matches"
+    assert matching_layout({**std, "b.0.attn.add_k_proj.weight": std["b.0.attn.add_k_proj.weight"].double()},
+                           merged, "diffusers", 4) is None, "the same values in another dtype are other bits"
+    assert matching_layout({}, merged, "diffusers", 4) is None
+
+
+def test_layout_hint_speaks_only_when_the_weights_match_another_layout():
+    from verify.state_dict import layout_hint
+
+    assert layout_hint("blocked", None) == "" and layout_hint("interleaved", "interleaved") == ""
+    assert layout_hint("blocked", "interleaved") == ("; the merged weights match bit for bit in the interleaved "
+                                                     "layout: they were fused interleaved, pass --layout interleaved")
