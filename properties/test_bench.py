@@ -8,6 +8,7 @@ fused) in all four dtypes, with gradients; the LoRA arms train their adapters an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -16,7 +17,7 @@ import statistics
 import pytest
 import torch
 
-from verify import bench
+from verify import bench, fast_fused
 from verify.candidate import resolve
 from verify.cases import CASES
 from verify.cli import main
@@ -162,7 +163,7 @@ def test_a_lora_arm_that_trains_base_weights_is_caught(monkeypatch):
                          log=lambda line: None)
     with pytest.raises(bench.BenchCheckFailed) as failed:
         bench.run_bench(opts)
-    bad = [c for c in failed.value.result["checks"] if not c["passed"]]
+    bad = [c for c in failed.value.result["checks"] if not c["passed"] and c["rule"].startswith("lora")]
     assert {c["name"] for c in bad} == {f"bench/lora-eager/{arm}" for arm in bench.ARMS}
     assert all("base weights trained" in c["message"] and c["base_with_grad"] for c in bad)
     assert failed.value.result["rows"] == []
@@ -187,18 +188,27 @@ def test_profiles_split_the_time(result):
 
 
 def test_checks_before_timing(result):
-    """The bench judged the merged and lean-unfused blocks against the fp64 oracle (the merged one's fused calls
-    counted) in each mode, checked every arm (LoRA arms too) against the standard one at the timed size, and checked
-    each LoRA arm's adapters (targets, trained, base frozen; in eager the fused LoRA layers counted as they ran)."""
+    """Before anything is timed, every arm at every size, eager and compiled, LoRA arms too, is judged against the
+    fp64 oracle by the relative-to-base rule, outputs and gradients (weight gradients under the standard's names),
+    with its projection calls counted in both modes (compiled: in the graph torch.compile captured): the merged
+    arms call their 2 fused projections, the lean ones their 6 separate ones. Each LoRA arm's adapters are checked
+    (targets, trained, base frozen) and the lean arm's processor."""
     checks = result["checks"]
     assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
-    oracle = [c for c in checks if c["rule"].startswith("relative_to_base")]
-    assert {c["name"] for c in oracle} == {f"bench/{arm}-{mode}/outputs" for arm in ("block", "lean-unfused")
-                                           for mode in bench.MODES}
-    assert next(c for c in oracle if c["name"] == "bench/block-eager/outputs")["fused_calls"] == 2
-    sanity = {c["name"] for c in checks if c["rule"].startswith("sanity")}
-    assert sanity == {f"bench/{lora}{mode}/16+8{lean}" for lora in ("", "lora-") for mode in bench.MODES
-                      for lean in ("", "/lean-unfused")}
+    judged = {c["name"]: c for c in checks if c["rule"].startswith("relative_to_base")}
+    assert set(judged) == {f"bench/{lora}{mode}/16+8/{arm}/{kind}" for lora in ("", "lora-") for mode in bench.MODES
+                           for arm in ("merged", "lean-unfused") for kind in ("outputs", "gradients")}
+    for name, c in judged.items():
+        assert c["fused_calls"] == (2 if "/merged/" in name else 6), name
+        assert c["rule"] == ("relative_to_base(k=2)" if name.endswith("/outputs") else "relative_to_base(k=3)")
+        assert c["dtype"] == "bf16" and c["mismatched"] == 0 and c["numel"] > 0
+        if name.endswith("/gradients"):
+            assert c["weight_gradients"] == "compared"
+    # the gradients judged: both input streams and every weight (LoRA arms: every adapter) of a 64-wide block
+    block_weights = sum(p.numel() for p in bench.build_block(bench.Options(device="cpu", dim=64, heads=4,
+                                                                           head_dim=16)).parameters())
+    assert judged["bench/eager/16+8/merged/gradients"]["numel"] == block_weights + (16 + 8) * 64
+    assert not [c for c in checks if c["rule"].startswith("sanity")]
     lora = {c["name"]: c for c in checks if c["rule"].startswith("lora")}
     assert set(lora) == {f"bench/lora-{mode}/{arm}" for mode in bench.MODES for arm in bench.ARMS}
     for name, c in lora.items():
@@ -207,6 +217,163 @@ def test_checks_before_timing(result):
         assert c["base_with_grad"] == [] and c["lora_without_grad"] == []
         # PEFT's wrappers of the fused projections ran, one call per stream (compiled: not hooked)
         assert c["qkv_lora_calls"] == (None if "compiled" in name else 2 if merged else 6)
+    assert next(c for c in checks if c["name"] == "bench/lean-unfused")["passed"]
+
+
+def _gate(**kwargs) -> list[dict]:
+    """The bench's checks on a tiny block, stopped at the first failing size: the failing records (nothing of their
+    mode was timed)."""
+    opts = bench.Options(**{**dict(device="cpu", dim=64, heads=4, head_dim=16, image_tokens=(16,), text_tokens=8,
+                                   phases=("forward",), repeats=1, warmup=1, log=lambda line: None), **kwargs})
+    with pytest.raises(bench.BenchCheckFailed) as failed:
+        bench.run_bench(opts)
+    bad = [c for c in failed.value.result["checks"] if not c["passed"]]
+    assert not [r for r in failed.value.result["rows"] if f"/{r['mode']}/" in bad[0]["name"]]
+    return bad
+
+
+def test_the_gate_catches_a_bug_in_the_gradients_only(monkeypatch):
+    """Planted in the fast processor's own backward (RoPE's inverse rotation applied forwards): outputs are right,
+    so only the gradient records can fail, and they do, in eager, for the merged arm."""
+    original = fast_fused._rope_into
+
+    def rope(out, x, cos, sin, sign):
+        return original(out, x, cos, sin, 1.0)  # the backward calls it with sign -1
+
+    monkeypatch.setattr(fast_fused, "_rope_into", rope)
+    bad = _gate(modes=("eager",))
+    assert {c["name"] for c in bad} == {"bench/eager/16+8/merged/gradients", "bench/eager/16+8/lean-unfused/gradients"}
+    assert all(c["mismatched"] > 0 for c in bad)
+
+
+def test_the_gate_catches_a_compiled_path_that_bypasses_the_fused_projection(monkeypatch):
+    """Planted: under torch.compile the merged processor multiplies by the fused weights itself, skipping the
+    modules (a LoRA on them would be silently dropped). Outputs and gradients are right; only the graph count of
+    the fused projections (0 of 2) can catch it, and does, in compiled mode only."""
+    original = fast_fused.FastFusedQwenAttnProcessor.projections
+
+    def bypass(self, attn, hidden_states, encoder_hidden_states):
+        if not torch.compiler.is_compiling():
+            return original(self, attn, hidden_states, encoder_hidden_states)
+        img, txt = getattr(attn, self.image.fused), getattr(attn, self.text.fused)
+        return (torch.nn.functional.linear(hidden_states, img.weight, img.bias),
+                torch.nn.functional.linear(encoder_hidden_states, txt.weight, txt.bias))
+
+    monkeypatch.setattr(fast_fused.FastFusedQwenAttnProcessor, "projections", bypass)
+    bad = _gate()
+    assert {c["name"] for c in bad} == {"bench/compiled/16+8/merged/outputs", "bench/compiled/16+8/merged/gradients"}
+    assert all(c["fused_calls"] == 0 and "0 calls of the merged arm's projections" in c["message"] for c in bad)
+
+
+def test_the_gate_catches_a_wrong_compiled_expression(monkeypatch):
+    """Planted in the compile expression (RoPE's pair coefficients unsigned), which only a compiled run takes: the
+    eager records pass, the compiled outputs and gradients of both arms fail."""
+    original = fast_fused.pair_coefficients
+
+    def unsigned(cos_sin):
+        cos, sin = original(cos_sin)
+        return cos, sin.abs() if torch.compiler.is_compiling() else sin
+
+    monkeypatch.setattr(fast_fused, "pair_coefficients", unsigned)
+    bad = _gate()
+    assert {c["name"] for c in bad} >= {"bench/compiled/16+8/merged/outputs", "bench/compiled/16+8/merged/gradients"}
+    assert all(c["name"].startswith("bench/compiled/") for c in bad)
+
+
+def test_the_gate_judges_the_lora_arms_gradients(monkeypatch):
+    """Planted: the merged LoRA arm's fused adapter B with its k and v rows swapped (a LoRA split in the wrong
+    order): its gradients, compared as the fused adapter's against the separate adapters' merged, fail."""
+    from verify import qkv
+
+    original = bench.lora_blocks
+
+    def swapped(std, merged, lean, rank, seed):
+        arms = original(std, merged, lean, rank, seed)
+        with torch.no_grad():
+            attn = arms["merged"].attn
+            b = attn.to_qkv.lora_B["default"].weight
+            q, k, v = qkv.split(b.clone(), qkv.QKVShape.equal(b.shape[0], 16), "blocked")
+            b.copy_(torch.cat([q, v, k]))
+        return arms
+
+    monkeypatch.setattr(bench, "lora_blocks", swapped)
+    bad = _gate(modes=("eager",), phases=("lora-train",), lora_rank=RANK)
+    assert {c["name"] for c in bad} >= {f"bench/lora-eager/16+8/merged/{kind}" for kind in ("outputs", "gradients")}
+
+
+def test_fused_lora_gradients_are_the_separate_adapters_merged():
+    """The fused adapter's gradient, worked out by autograd on the fused adapter itself, equals the separate
+    adapters' gradients mapped by bench_judge.fused_lora_gradients (A: summed, B: merged), in both layouts."""
+    from verify import bench_judge, qkv
+
+    torch.manual_seed(0)
+    d, r, hd = 8, 2, 4
+    x = torch.randn(5, d, dtype=torch.float64)
+    a = torch.randn(r, d, dtype=torch.float64)
+    bs = [torch.randn(d, r, dtype=torch.float64) for _ in range(3)]
+    for layout in ("blocked", "interleaved"):
+        cot = torch.randn(5, 3 * d, dtype=torch.float64)
+        fa, fb = a.clone().requires_grad_(), qkv.merge(*bs, layout=layout, head_dim=hd).requires_grad_()
+        (x @ fa.T @ fb.T * cot).sum().backward()
+        sep_a = [a.clone().requires_grad_() for _ in range(3)]
+        sep_b = [b.clone().requires_grad_() for b in bs]
+        cq, ck, cv = qkv.split(cot.T, qkv.QKVShape.equal(3 * d, hd), layout)
+        sum((x @ ai.T @ bi.T * c.T).sum() for ai, bi, c in zip(sep_a, sep_b, (cq, ck, cv))).backward()
+        grads = {f"weight.attn.{n}.{side}.default.weight": t.grad for n, ai, bi in zip(("to_q", "to_k", "to_v"), sep_a,
+                                                                                        sep_b)
+                 for side, t in (("lora_A", ai), ("lora_B", bi))}
+        grads["input.hidden_states"] = x
+        mapped = bench_judge.fused_lora_gradients(grads, layout, hd)
+        assert set(mapped) == {"weight.attn.to_qkv.lora_A.default.weight", "weight.attn.to_qkv.lora_B.default.weight",
+                               "input.hidden_states"}
+        torch.testing.assert_close(mapped["weight.attn.to_qkv.lora_A.default.weight"], fa.grad, rtol=1e-12, atol=0)
+        assert torch.equal(mapped["weight.attn.to_qkv.lora_B.default.weight"], fb.grad)
+
+
+@pytest.mark.parametrize("mask_heads", [None, 1, 4])
+def test_the_oracle_attention_a_head_at_a_time_is_torchs(mask_heads):
+    """heads_in_chunks (the fp64 oracle's memory bound) computes torch's SDPA, outputs and gradients, bit for bit
+    here, with no mask, a broadcast mask and a per-head one."""
+    import torch.nn.functional as F
+
+    from verify import bench_judge
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = None if mask_heads is None else torch.rand(2, mask_heads, 7, 7, generator=g) > 0.3
+    if mask is not None:
+        mask[..., 0] = True  # no fully masked row
+    results = []
+    for chunked in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with bench_judge.heads_in_chunks(1) if chunked else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
+            out.backward(torch.ones_like(out))
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for plain, chunked in zip(*results):
+        assert torch.equal(plain, chunked)
+    assert F.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"  # restored
+
+
+def test_graph_calls_counts_module_calls_in_a_captured_graph():
+    """probes.graph_calls: a module called twice counts twice, a wrapped one once (its inner layer is not it)."""
+    from verify.probes import graph_calls
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_qkv = torch.nn.Linear(4, 4)
+            self.add_qkv_proj = torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+        def forward(self, x):
+            return self.add_qkv_proj(self.to_qkv(self.to_qkv(x)))
+
+    graphs = []
+    compiled = torch.compile(Net(), backend=lambda gm, ex: graphs.append(gm) or gm.forward)
+    compiled(torch.randn(2, 4))
+    assert [graph_calls(g, ("to_qkv",)) for g in graphs] == [2]
+    assert [graph_calls(g, ("add_qkv_proj",)) for g in graphs] == [1]
+    assert [graph_calls(g, ("to_q",)) for g in graphs] == [0]
 
 
 @pytest.mark.parametrize("processor", ["fast", "reference"])

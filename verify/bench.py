@@ -11,9 +11,10 @@ Times are medians of many calls after a warm-up (CUDA events on a GPU, time.perf
 interleaved call by call (every order in turn), with 95% confidence intervals of the paired speedups and the GPU's
 clock and power while they ran (verify.clocks); kernels per call come from torch.profiler (GPU kernels; on the CPU,
 leaf aten ops that compute); achieved TFLOP/s and the matmul floor are against bf16 matmul peaks measured in the
-same run (a short burst and sustained load). Before anything is timed, the merged and lean-unfused blocks are judged
-against an fp64 oracle by verify.compare (relative-to-base rule, fused calls counted) at one size, and every arm is
-checked against the standard output at every size, so the bench never times a wrong kernel.
+same run (a short burst and sustained load). Before anything is timed, every arm (merged, lean-unfused, and their LoRA
+counterparts) is judged at every size, eager and compiled, outputs and gradients, against an fp64 oracle by the
+relative-to-base rule, with its projection calls counted in both modes (verify.bench_judge), so the bench never times
+a wrong kernel.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from verify import clocks
+from verify import bench_judge, clocks
 from verify.errors import VerifyError, run_command
 
 DTYPE = torch.bfloat16
@@ -79,7 +80,7 @@ class Options:
     compile_shapes: str = "dynamic"  # "dynamic": image sequence symbolic, one compile for all sizes; "static"
     full_model: bool = False
     layers: int = 60
-    check_tokens: int | None = None  # image tokens of the fp64-oracle check (default: the smallest size)
+    check_tokens: int | None = None  # a size judged before timing but not timed (every timed size is judged too)
     time_limit: float = 0.0  # seconds; past it, no new (mode, size) group starts (0: no limit)
     trace: Path | None = None  # folder for each row's profiler timelines (Chrome trace JSON), or none
     log: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
@@ -507,13 +508,9 @@ def forward_call(module: nn.Module, inputs: dict) -> Callable[[], object]:
 
 def train_call(module: nn.Module, inputs: dict, seed: int) -> Callable[[], object]:
     """Forward + backward w.r.t. both input streams and every weight, with fixed seeded cotangents; grads reset."""
-    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in ("hidden_states", "encoder_hidden_states")}
-    if _is_marked(inputs["hidden_states"]):
-        _mark_sequence(leaves["hidden_states"])
+    leaves = bench_judge.grad_leaves(inputs)
     args = {**inputs, **leaves}
-    g = torch.Generator(device=inputs["hidden_states"].device).manual_seed(seed + 7)
-    outputs = (leaves["encoder_hidden_states"], leaves["hidden_states"])  # the block returns (text, image)
-    cotangents = [torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) for t in outputs]
+    cotangents = bench_judge.cotangents(inputs, seed)
 
     def run():
         module.zero_grad(set_to_none=True)
@@ -525,10 +522,14 @@ def train_call(module: nn.Module, inputs: dict, seed: int) -> Callable[[], objec
     return run
 
 
-def _compile(module, opts: Options, static: bool | None = None):
-    """torch.compile of the bench: static shapes, or (compile_shapes "dynamic") the image sequence marked dynamic."""
-    mode = {"mode": opts.compile_mode} if opts.compile_mode and opts.backend == "inductor" else {}
+def _compile(module, opts: Options, static: bool | None = None, arm: bench_judge.Arm | None = None):
+    """torch.compile of the bench: static shapes, or (compile_shapes "dynamic") the image sequence marked dynamic;
+    an `arm` keeps the graphs it compiles (to count its projection calls under compile)."""
     static = opts.compile_shapes == "static" if static is None else static
+    if arm is not None:
+        backend = arm.compiled(bench_judge.capturing(opts.backend, opts.compile_mode))
+        return torch.compile(module, backend=backend, dynamic=False if static else None)
+    mode = {"mode": opts.compile_mode} if opts.compile_mode and opts.backend == "inductor" else {}
     return torch.compile(module, backend=opts.backend, dynamic=False if static else None, **mode)
 
 
@@ -537,10 +538,6 @@ def _mark_sequence(hidden_states: torch.Tensor, image_freqs: torch.Tensor | None
     torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
     if image_freqs is not None:
         torch._dynamo.maybe_mark_dynamic(image_freqs, 0)
-
-
-def _is_marked(t: torch.Tensor) -> bool:
-    return bool(getattr(t, "_dynamo_weak_dynamic_indices", None) or getattr(t, "_dynamo_dynamic_indices", None))
 
 
 def _set_recompile_limit(n: int) -> None:
@@ -554,39 +551,41 @@ def _set_recompile_limit(n: int) -> None:
 # --- equivalence before timing ------------------------------------------------------------------------------------
 
 
-def oracle_check(name: str, std: nn.Module, std_run: nn.Module, merged_run: nn.Module, merged: nn.Module,
-                 inputs: dict, device: str, fused: bool = True) -> dict:
-    """verify.compare of the merged outputs vs an fp64 oracle (std's weights in fp64), relative to the standard's.
+def judged_arms(blocks: dict[str, nn.Module], processor: str) -> dict[str, bench_judge.Arm]:
+    """The merged and lean-unfused arms of `blocks` as the gate judges them, their projection calls counted from now
+    on (before compilation): the merged arm's fused projections, the lean arm's separate ones, each forbidding the
+    other's."""
+    from verify.candidate import resolve
 
-    `fused` False: `merged` is the lean-unfused block, judged by the same rule; instead of fused calls, every joint
-    attention must run a lean-unfused processor (in eager, a compiled-region one must have entered its region)."""
-    from verify.candidate import DEFAULT_FUSED_MODULES
-    from verify.compare import compare
-    from verify.fixtures import cast_inputs
-    from verify.probes import count_calls
-    from verify.tolerance import OUTPUTS
+    if not blocks:
+        return {}
+    impl = resolve(processor)
+    return {"merged": bench_judge.Arm("merged", blocks["merged"], impl.fused_modules, bench_judge.SEPARATE,
+                                      impl.layout or "blocked"),
+            "lean_unfused": bench_judge.Arm("lean-unfused", blocks["lean_unfused"], bench_judge.SEPARATE,
+                                            impl.fused_modules)}
 
-    ref_block = nn.Module.to(copy.deepcopy(std), dtype=torch.float64)
-    compiled = merged_run is not merged
-    regions_before = _region_calls(merged)
+
+def judge_arms(name: str, std: nn.Module, arms: dict[str, bench_judge.Arm], run: dict[str, nn.Module], inputs: dict,
+               opts: Options, lora: bool = False) -> list[dict]:
+    """Each arm's outputs and gradients at this size and mode (its timed module `run[arm]`) against the fp64 oracle
+    of `std`, relative to the standard arm of the same mode (verify.bench_judge)."""
+    ref = bench_judge.oracle(std, inputs, opts.seed)
+    base = bench_judge.train_step(run["standard"], std, inputs, opts.seed)
+    return [record for key, arm in arms.items()
+            for record in bench_judge.judge(f"{name}/{arm.name}", arm, run[key], ref, base, inputs, opts.seed,
+                                            opts.head_dim, lora=lora)]
+
+
+def lean_check(name: str, module: nn.Module, inputs: dict) -> dict:
+    """The lean-unfused block runs a lean-unfused processor over its separate projections (no merged block in
+    disguise, no diffusers' processor), and in eager a compiled-region one enters its region."""
+    before = _region_calls(module)
     with torch.no_grad():
-        ref = _named(ref_block(**cast_inputs(inputs, torch.float64, device)))
-        del ref_block
-        base = _named(std_run(**inputs))
-        if compiled or not fused:  # hooks would force a recompilation; merged has no separate projections to fall to
-            cand, fused_calls = _named(merged_run(**inputs)), None
-        else:
-            with count_calls(merged, DEFAULT_FUSED_MODULES) as calls:
-                cand = _named(merged_run(**inputs))
-            fused_calls = sum(calls.values())
-    record = compare(name, "block", ref, cand, OUTPUTS, DTYPE, device, base=base, fused_calls=fused_calls)
-    if fused and not _has_no_separate_projections(merged):
-        record.passed, record.message = False, "the merged block still has separate q/k/v projections"
-    if not fused:
-        problem = _lean_problem(merged, regions_before if not compiled else None)
-        if problem:
-            record.passed, record.message = False, problem
-    return record.to_dict()
+        module(**inputs)
+    problem = _lean_problem(module, before)
+    return dict(name=name, rule="lean-unfused(processor, separate projections, region entered)",
+                passed=problem is None, message=problem)
 
 
 def _region_calls(module: nn.Module) -> int:
@@ -631,11 +630,6 @@ def sanity_check(name: str, base: tuple, cand: tuple) -> dict:
                 passed=finite and rel <= 2e-2 and cosine >= 0.999, bit_identical=bool(torch.equal(b, c)))
 
 
-def _named(outputs) -> dict[str, torch.Tensor]:
-    txt, img = outputs
-    return {"image": img, "text": txt}
-
-
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
@@ -662,16 +656,16 @@ def run_bench(opts: Options) -> dict:
     lora = {}
     if LORA_PHASE in opts.phases:
         lora = lora_blocks(std, blocks["merged"], blocks["lean_unfused"], opts.lora_rank, opts.seed + 1)
+    arms = {"": judged_arms(blocks, opts.processor), "lora-": judged_arms(lora, opts.processor)}
     runs = {"eager": (blocks, lora)}
     if "compiled" in opts.modes:
         _set_recompile_limit(64)
-        runs["compiled"] = ({arm: _compile(m, opts) for arm, m in blocks.items()},
-                            {arm: _compile(m, opts) for arm, m in lora.items()})
-    check_tokens = opts.check_tokens or min(opts.image_tokens)
-    sizes = [check_tokens, *(t for t in opts.image_tokens if t != check_tokens)]  # the oracle check comes first
+        runs["compiled"] = ({arm: _compile(m, opts, arm=arms[""].get(arm)) for arm, m in blocks.items()},
+                            {arm: _compile(m, opts, arm=arms["lora-"].get(arm)) for arm, m in lora.items()})
+    extra = (opts.check_tokens,) if opts.check_tokens and opts.check_tokens not in opts.image_tokens else ()
     for mode in opts.modes:  # eager first: its rows are cheap; compilation happens in the compiled mode's warm-up
         run, lora_run = runs[mode]
-        for tokens in sizes:
+        for i, tokens in enumerate((*extra, *opts.image_tokens)):
             if opts.time_limit and time.time() - t0 > opts.time_limit:
                 result["skipped"].append(dict(mode=mode, image_tokens=tokens, reason="--time-limit"))
                 log(f"[{time.time() - t0:6.1f}s] skipped {mode} at {tokens} image tokens (--time-limit)")
@@ -679,15 +673,13 @@ def run_bench(opts: Options) -> dict:
             inputs = block_inputs(opts, tokens)
             if mode == "compiled" and opts.compile_shapes == "dynamic":
                 _mark_sequence(inputs["hidden_states"], inputs["image_rotary_emb"][0])
-            checks = arm_checks(f"bench/{mode}/{tokens}+{opts.text_tokens}", run, inputs)
+            checks = judge_arms(f"bench/{mode}/{tokens}+{opts.text_tokens}", std, arms[""], run, inputs, opts)
+            if mode == "eager" and i == 0:
+                checks.append(lean_check("bench/lean-unfused", blocks["lean_unfused"], inputs))
             if lora_run:
-                checks += arm_checks(f"bench/lora-{mode}/{tokens}+{opts.text_tokens}", lora_run, inputs)
-            if tokens == check_tokens:
-                checks.append(oracle_check(f"bench/block-{mode}/outputs", std, run["standard"], run["merged"],
-                                           blocks["merged"], inputs, opts.device))
-                checks.append(oracle_check(f"bench/lean-unfused-{mode}/outputs", std, run["standard"],
-                                           run["lean_unfused"], blocks["lean_unfused"], inputs, opts.device,
-                                           fused=False))
+                checks += judge_arms(f"bench/lora-{mode}/{tokens}+{opts.text_tokens}", lora["standard"], arms["lora-"],
+                                     lora_run, inputs, opts, lora=True)
+            if lora_run and i == 0:
                 checks += [lora_check(f"bench/lora-{mode}/{arm}", arm, lora[arm], lora_run[arm],
                                       train_call(lora_run[arm], inputs, opts.seed), inputs) for arm in lora]
             result["checks"] += checks
@@ -697,9 +689,10 @@ def run_bench(opts: Options) -> dict:
             if tokens not in opts.image_tokens:
                 continue
             for phase in opts.phases:
-                arms = lora_run if phase == LORA_PHASE else run
-                row = measure_row(opts, arms["standard"], arms["merged"], inputs, mode, phase, tokens,
-                                  (peak, sustained), profile_sink=result["profiles"], lean_run=arms["lean_unfused"])
+                arms_run = lora_run if phase == LORA_PHASE else run
+                row = measure_row(opts, arms_run["standard"], arms_run["merged"], inputs, mode, phase, tokens,
+                                  (peak, sustained), profile_sink=result["profiles"],
+                                  lean_run=arms_run["lean_unfused"])
                 result["rows"].append(row)
                 log(f"[{time.time() - t0:6.1f}s] {format_row(row)}")
                 opts.on_update(result)
@@ -711,15 +704,6 @@ def run_bench(opts: Options) -> dict:
         result["full_model"] = []
         full_model_rows(opts, (peak, sustained), t0, result["full_model"], result)
     return result
-
-
-def arm_checks(name: str, runs: dict[str, nn.Module], inputs: dict) -> list[dict]:
-    """The merged and lean-unfused outputs against the standard's at a timed size (verify.bench.sanity_check)."""
-    with torch.no_grad():
-        base = runs["standard"](**inputs)
-        checks = [sanity_check(name, base, runs["merged"](**inputs))]
-        checks.append(sanity_check(f"{name}/lean-unfused", base, runs["lean_unfused"](**inputs)))
-    return checks
 
 
 def measure_row(opts: Options, std_run, merged_run, inputs: dict, mode: str, phase: str, tokens: int,
@@ -916,11 +900,18 @@ def format_row(row: dict) -> str:
 
 def _format_check(c: dict) -> str:
     verdict = "pass" if c["passed"] else "FAIL"
-    if "cosine" not in c:  # a LoRA arm's check
+    note = f", {c['message']}" if c.get("message") and not c["passed"] else ""
+    if "lora_layers" in c:  # a LoRA arm's adapters
         return (f"check {c['name']}: {verdict} ({c['lora_layers']} LoRA layers, {c['lora_parameters']} LoRA "
-                f"parameters trained, base frozen{', ' + c['message'] if c.get('message') else ''})")
-    return (f"check {c['name']}: {verdict} (cosine {c['cosine']:.6f}, rel L2 {c['rel_l2_err']:.3g}"
-            f"{', bit-identical' if c.get('bit_identical') else ''})")
+                f"parameters trained, base frozen{note})")
+    if "mismatched" not in c:  # the lean arm's processor
+        return f"check {c['name']}: {verdict}{note and ' (' + note[2:] + ')'}"
+    ratio = "bit-identical" if c.get("bit_identical") else (
+        f"worst {c['ratio']:.2f}x the standard's error" if c.get("ratio") is not None else
+        f"worst error {c['max_abs_err']:.3g} (the standard's is 0)")
+    weights = f", weight gradients {c['weight_gradients']}" if c.get("weight_gradients") else ""
+    return (f"check {c['name']}: {verdict} ({ratio}, {c['mismatched']} of {c['numel']} beyond {c['rule']}, "
+            f"{c['fused_calls']} projection calls{weights}{note})")
 
 
 def format_table(result: dict) -> str:
@@ -1106,7 +1097,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--compile-shapes", choices=("dynamic", "static"), default="dynamic",
                    help="dynamic: the image sequence length is symbolic, one compilation per implementation and phase "
                         "serves every size (default); static: one compilation per size")
-    p.add_argument("--check-tokens", type=int, help="image tokens of the fp64-oracle check (default: the smallest)")
+    p.add_argument("--check-tokens", type=int,
+                   help="also judge (not time) the arms at N image tokens; every timed size is judged anyway")
     p.add_argument("--full-model", action="store_true",
                    help="also the whole model (--layers blocks) forward, bf16, seeded on the device (~41 GB)")
     p.add_argument("--layers", type=int, default=60, help="blocks of --full-model (default 60)")

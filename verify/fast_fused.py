@@ -73,8 +73,7 @@ class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
             raise ValueError("pass encoder_hidden_states_mask; the processor builds the joint mask")
-        img = getattr(attn, self.image.fused)(hidden_states)  # (B, S_img, 3 * H * D)
-        txt = getattr(attn, self.text.fused)(encoder_hidden_states)  # (B, S_txt, 3 * H * D)
+        img, txt = self.projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = self.joint_qkv(attn, txt, img, image_rotary_emb)  # (B, S_txt + S_img, H, D) each
         joint = dispatch_attention_fn(
             q, k, v, attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states), dropout_p=0.0,
@@ -82,11 +81,19 @@ class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):
         )  # (B, S_txt + S_img, H, D)
         return self.outputs(attn, joint.to(q.dtype), encoder_hidden_states.shape[1])
 
-    def joint_qkv(self, attn: Attention, txt: torch.Tensor, img: torch.Tensor, image_rotary_emb) -> tuple:
-        """Normalised, rotated q and k and plain v of the joint [text, image] sequence from the fused outputs."""
+    def projections(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple:
+        """The (image, text) projections: one fused module per stream, (B, S, 3 * H * D) each."""
+        return getattr(attn, self.image.fused)(hidden_states), getattr(attn, self.text.fused)(encoder_hidden_states)
+
+    def heads(self, projected, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, S, H, D) as views of one stream's projection."""
+        return split_heads(projected, head_dim, self.layout)
+
+    def joint_qkv(self, attn: Attention, txt, img, image_rotary_emb) -> tuple:
+        """Normalised, rotated q and k and plain v of the joint [text, image] sequence from the projections."""
         head_dim = attn.inner_dim // attn.heads
-        img_q, img_k, img_v = split_heads(img, head_dim, self.layout)  # (B, S_img, H, D) views
-        txt_q, txt_k, txt_v = split_heads(txt, head_dim, self.layout)
+        img_q, img_k, img_v = self.heads(img, head_dim)  # (B, S_img, H, D) views
+        txt_q, txt_k, txt_v = self.heads(txt, head_dim)
         img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
         functional = torch.compiler.is_compiling() if self.functional is None else self.functional
         joint_qk = _joint_qk_functional if functional else _joint_qk_kernels

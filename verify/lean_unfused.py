@@ -21,16 +21,12 @@ implementation), so verify.equivalence.run_case proves it computes the standard 
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from verify.fast_fused import (
     FastFusedQwenAttnProcessor,
-    _joint_qk_functional,
-    _joint_qk_kernels,
-    _JointCopy,
     _rms_rope,
 )
 from verify.fused import FusedQwenAttnProcessor, joint_attentions
@@ -47,38 +43,13 @@ class UnfusedReferenceQwenAttnProcessor(FusedQwenAttnProcessor):
 class LeanUnfusedQwenAttnProcessor(FastFusedQwenAttnProcessor):
     """The fast processor's lean norm + RoPE + joint layout on the outputs of the separate q/k/v projections."""
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,  # image stream (B, S_img, dim)
-        encoder_hidden_states: torch.Tensor,  # text stream (B, S_txt, dim)
-        encoder_hidden_states_mask: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if attention_mask is not None:
-            raise ValueError("pass encoder_hidden_states_mask; the processor builds the joint mask")
-        img = tuple(getattr(attn, name)(hidden_states) for name in self.image.separate)  # 3 x (B, S_img, H * D)
-        txt = tuple(getattr(attn, name)(encoder_hidden_states) for name in self.text.separate)  # 3 x (B, S_txt, H * D)
-        q, k, v = self.joint_qkv(attn, txt, img, image_rotary_emb)  # (B, S_txt + S_img, H, D) each
-        joint = dispatch_attention_fn(
-            q, k, v, attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states), dropout_p=0.0,
-            is_causal=False, backend=self._attention_backend, parallel_config=self._parallel_config,
-        )  # (B, S_txt + S_img, H, D); the attention backend and parallel config diffusers sets on processors
-        return self.outputs(attn, joint.to(q.dtype), encoder_hidden_states.shape[1])
+    def projections(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple:
+        """The (image, text) projections: three separate modules per stream, (B, S, H * D) each."""
+        return (tuple(getattr(attn, name)(hidden_states) for name in self.image.separate),
+                tuple(getattr(attn, name)(encoder_hidden_states) for name in self.text.separate))
 
-    def joint_qkv(self, attn: Attention, txt: tuple, img: tuple, image_rotary_emb) -> tuple:
-        """As FastFusedQwenAttnProcessor.joint_qkv, from (q, k, v) projections of each stream (views, no copies)."""
-        head_dim = attn.inner_dim // attn.heads
-        img_q, img_k, img_v = (t.unflatten(-1, (-1, head_dim)) for t in img)  # (B, S_img, H, D)
-        txt_q, txt_k, txt_v = (t.unflatten(-1, (-1, head_dim)) for t in txt)
-        img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        functional = torch.compiler.is_compiling() if self.functional is None else self.functional
-        joint_qk = _joint_qk_functional if functional else _joint_qk_kernels
-        q = joint_qk(attn.norm_added_q, txt_q, txt_freqs, attn.norm_q, img_q, img_freqs)
-        k = joint_qk(attn.norm_added_k, txt_k, txt_freqs, attn.norm_k, img_k, img_freqs)
-        v = torch.cat([txt_v, img_v], dim=1) if functional else _JointCopy.apply(txt_v, img_v)
-        return q, k, v
+    def heads(self, projected, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(t.unflatten(-1, (-1, head_dim)) for t in projected)  # views, no copies
 
 
 class LeanUnfusedRegionQwenAttnProcessor(LeanUnfusedQwenAttnProcessor):

@@ -4,6 +4,7 @@ parameter names mapped onto the standard model's (whatever wrapper prefix it add
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 
@@ -25,6 +26,21 @@ def count_calls(module: nn.Module, names: tuple[str, ...]) -> Iterator[Counter]:
     finally:
         for h in hooks:
             h.remove()
+
+
+def graph_calls(graph: torch.fx.GraphModule, names: tuple[str, ...]) -> int:
+    """Calls of every submodule whose last name is in `names` in a graph dynamo captured: torch.compile runs the
+    graph, not the modules' forwards (hooks attached after compilation never fire; attached before, they are traced
+    and guard on the count they read), so under compile the calls are counted where the graph records them, in its
+    nodes' module stacks (a module called twice has two entries)."""
+    calls = set()
+    for node in graph.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+            if re.split(r"[.\[\]']+", path.strip(".[]'"))[-1] in names:
+                calls.add(key)
+    return len(calls)
 
 
 @contextlib.contextmanager
