@@ -273,3 +273,30 @@ def test_pytest_plugin_gives_a_users_suite_the_candidate(tmp_path):
     assert failed.returncode == 1 and "first divergence" in failed.stdout
     skipped = run()
     assert skipped.returncode == 0 and "1 skipped" in skipped.stdout
+
+
+def test_test_takes_its_options_after_spec_and_pytests_after_the_separator(capsys):
+    """`qkv-verify test SPEC --device cpu -- -k attention --co`: the options after SPEC are ours (not pytest's),
+    what follows `--` is pytest's; one of ours misspelt there is a usage error (exit 2), not a pytest argument."""
+    assert main(["test", "reference", "--layout", "blocked", "--device", "cpu", "--", "-q", "-k", "attention",
+                 "--co"]) == 0
+    assert "tests collected" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage:
+        main(["test", "reference", "--devise", "cpu"])
+    assert usage.value.code == 2 and "unrecognized arguments: --devise" in capsys.readouterr().err
+
+
+def test_test_runs_where_pytest_does_not_load_the_plugin_itself(tmp_path):
+    """From a checkout on PYTHONPATH (no pytest11 entry point, as on the GPU machine) or with plugin autoloading off,
+    the suite hands pytest the plugin itself; installed, pytest loads it from the entry point (handing it over too
+    would register it twice, an error)."""
+    import os
+
+    from verify import suite_cli
+
+    assert suite_cli._installed_plugin("verify.pytest_plugin")  # this environment installed the package
+    assert not suite_cli._installed_plugin("no.such_plugin")
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = subprocess.run([sys.executable, "-m", "verify.cli", "test", "reference", "--", "-q", "-k", "attention",
+                           "--co"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "tests collected" in done.stdout, done.stdout + done.stderr

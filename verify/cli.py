@@ -63,7 +63,12 @@ def parser(*commands: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    passed = []  # `qkv-verify test SPEC ... -- PYTEST_ARGS`: what follows `--` is pytest's, never ours
+    if command == "test" and "--" in argv:
+        argv, passed = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args = parser(*([command] if command in COMMANDS else [])).parse_args(argv)
+    if passed:
+        args.pytest_args = passed
     return run_command(args.func, args)
 
 

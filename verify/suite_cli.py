@@ -5,7 +5,6 @@ Exit status: 0 every property holds, 1 one failed (pytest prints the reproducing
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 SUITE = Path(__file__).parent / "suite"
@@ -14,11 +13,14 @@ SUITE = Path(__file__).parent / "suite"
 def register_test(subparsers) -> None:
     p = subparsers.add_parser(
         "test", help="run the packaged property suite against your implementation (SPEC)",
+        usage="qkv-verify test SPEC [--reference SPEC] [--fused-modules NAMES] [--layout blocked|interleaved] "
+              "[--device cpu|cuda] [-- PYTEST_ARGS]",
         description="Runs the Hypothesis property suite that ships with qkv-verify against SPEC: random head counts, "
                     "head dims, sequence lengths, batch sizes, padded text masks and zero_cond_t; attention and "
                     "block; outputs and gradients; fp64, fp32, bf16, fp16. CI=true selects the derandomised `ci` "
                     "profile, HYPOTHESIS_PROFILE any other. Exit status: 0 all properties hold, 1 one failed (with "
-                    "the reproducing example), 2 bad SPEC or usage.",
+                    "the reproducing example), 2 bad SPEC or usage. After --, arguments go to pytest (e.g. -x, -k "
+                    "block, --hypothesis-seed=1).",
     )
     p.add_argument("spec", metavar="SPEC", help="package.module:attr, path/to/file.py:attr, or a built-in name "
                                                  "(reference, fast, fast-compiled, diffsynth)")
@@ -29,21 +31,33 @@ def register_test(subparsers) -> None:
     p.add_argument("--layout", choices=("blocked", "interleaved"), default="blocked",
                    help="layout of SPEC's fused parameters, to map its weight gradients (default blocked)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the suite runs (default cpu)")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",
-                   help="after --: passed to pytest (e.g. -x, -k block, --hypothesis-seed=1)")
-    p.set_defaults(func=_test)
+    p.set_defaults(func=_test, pytest_args=[])  # verify.cli passes what follows `--` (pytest's own arguments)
 
 
 def _test(args) -> int:
     import pytest
 
+    from verify import pytest_plugin
+
     _validate(args)
-    extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     options = ["--qkv-candidate", args.spec, "--qkv-layout", args.layout, "--qkv-device", args.device]
     options += ["--qkv-reference", args.reference] if args.reference else []
     options += ["--qkv-fused-modules", args.fused_modules] if args.fused_modules else []
-    code = pytest.main(["-c", str(SUITE / "pytest.ini"), "--rootdir", str(SUITE), str(SUITE), *options, *extra])
+    plugins = [] if _installed_plugin(pytest_plugin.__name__) else [pytest_plugin]
+    code = pytest.main(["-c", str(SUITE / "pytest.ini"), "--rootdir", str(SUITE), str(SUITE), *options,
+                        *args.pytest_args], plugins=plugins)
     return {0: 0, 1: 1}.get(int(code), 2)
+
+
+def _installed_plugin(module: str) -> bool:
+    """Whether pytest loads `module` itself: the package installed (its pytest11 entry point) and plugin autoloading
+    on. From a source tree on PYTHONPATH, or with PYTEST_DISABLE_PLUGIN_AUTOLOAD, it does not: the suite hands it over
+    (handing over a plugin pytest also loads is an error)."""
+    import os
+    from importlib.metadata import entry_points
+
+    registered = any(ep.value == module for ep in entry_points(group="pytest11"))
+    return registered and not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD")
 
 
 def _validate(args) -> None:
