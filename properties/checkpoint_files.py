@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from verify import fixtures
-from verify.state_dict import merge_state_dict
+from verify.checks import fixtures
+from verify.maths.state_dict import merge_state_dict
 
 
 def standard_checkpoint(path: Path, seed: int = 0, shard_size: str = "40KB", **overrides) -> Path:

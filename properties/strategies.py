@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from verify.naming import NAMINGS
-from verify.qkv import LAYOUTS, QKVShape
-from verify.strategies import _positive, expensive, input_specs, model_configs, rope_axes, seeds  # noqa: F401 (shared)
+from verify.checks.strategies import _positive, expensive, input_specs, model_configs, rope_axes, seeds  # noqa: F401 (shared)
+from verify.maths.naming import NAMINGS
+from verify.maths.qkv import LAYOUTS, QKVShape
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 

@@ -1,7 +1,8 @@
 """`qkv-verify bench` on the CPU with tiny dims: the JSON contract, and the blocks it times compute the standard one.
 
 The bench's sizes all come from its arguments, so this smoke test runs the same code as the GPU measurement. The
-merged block it times (bench.merged_block) and the lean-unfused one (bench.lean_block) are proven equivalent to the
+merged block it times (bench_blocks.merged_block) and the lean-unfused one (bench_blocks.lean_block) are proven
+equivalent to the
 standard block by the property machinery (run_case: fp64 oracle, relative-to-base rule, fused calls counted where
 fused) in all four dtypes, with gradients; the LoRA arms train their adapters and never a base weight.
 """
@@ -17,13 +18,19 @@ import statistics
 import pytest
 import torch
 
-from verify import bench, fast_fused
-from verify.candidate import resolve
-from verify.cases import CASES
+from verify.bench import blocks as bench_blocks
+from verify.bench import lora as bench_lora
+from verify.bench import options as bench_options
+from verify.bench import run as bench_run
+from verify.bench import table as bench_table
+from verify.bench import timing as bench_timing
+from verify.checks.cases import CASES
+from verify.checks.compare import assert_passed
+from verify.checks.equivalence import run_case
+from verify.checks.tolerance import DTYPES
 from verify.cli import main
-from verify.compare import assert_passed
-from verify.equivalence import run_case
-from verify.tolerance import DTYPES
+from verify.implementations import fast_fused
+from verify.implementations.candidate import resolve
 
 ROW_FIELDS = {"mode", "phase", "image_tokens", "text_tokens", "standard_ms", "merged_ms", "speedup",
               "kernels_standard", "kernels_merged", "floor_ms", "merged_tflops"}
@@ -32,7 +39,7 @@ LEAN_FIELDS = {"lean_unfused_ms", "fusion_speedup", "fusion_speedup_ci", "lean_s
 TINY = ["--device", "cpu", "--dim", "64", "--heads", "4", "--head-dim", "16", "--image-tokens", "16",
         "--text-tokens", "8"]
 RANK = 4
-# The write-up's target lists, typed out here rather than read from bench.lora_targets.
+# The write-up's target lists, typed out here rather than read from bench_lora.lora_targets.
 STANDARD_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"]
 MERGED_TARGETS = ["to_qkv", "add_qkv_proj", "to_out.0", "to_add_out"]
 
@@ -50,7 +57,8 @@ def test_json_contract(result):
     assert result["matmul_peak_tflops"] > 0 and result["matmul_sustained_tflops"] > 0
     assert result["matmul_peak_clocks"] is None and result["matmul_sustained_clocks"] is None  # the CPU has none
     rows = result["rows"]
-    assert [(r["mode"], r["phase"]) for r in rows] == [(m, p) for m in bench.MODES for p in bench.ALL_PHASES]
+    assert [(r["mode"], r["phase"]) for r in rows] == [(m, p) for m in bench_options.MODES for p in
+    bench_options.ALL_PHASES]
     for row in rows:
         extra = {"speedup_ci", "clocks", "standard_calls_ms", "merged_calls_ms", "floor_sustained_ms"} | LEAN_FIELDS
         extra |= {"lora_rank", "lora_targets"} if row["phase"] == "lora-train" else set()
@@ -68,7 +76,7 @@ def test_json_contract(result):
         assert isinstance(row["kernels_standard"], int) and row["kernels_standard"] > 0
         assert isinstance(row["kernels_merged"], int) and row["kernels_merged"] > 0
         assert isinstance(row["kernels_lean_unfused"], int) and row["kernels_lean_unfused"] > 0
-    forward, train = (next(r for r in rows if r["mode"] == "eager" and r["phase"] == p) for p in bench.PHASES)
+    forward, train = (next(r for r in rows if r["mode"] == "eager" and r["phase"] == p) for p in bench_options.PHASES)
     assert train["floor_ms"] > forward["floor_ms"]  # the backward's products are counted
     profile = next(p for p in result["profiles"] if (p["mode"], p["phase"]) == ("eager", "forward"))
     matmuls = {impl: sum(n for name, _, n in profile[impl]["top"] if name == "aten::addmm") for impl in profile
@@ -90,39 +98,40 @@ def test_fusion_share_fields_are_consistent(result):
         assert row["speedup"] == pytest.approx(row["lean_speedup"] * row["fusion_speedup"], rel=1e-12)
         low, high = row["fusion_speedup_ci"]
         assert 0 < low <= row["fusion_speedup"] <= high and math.isfinite(high)
-        assert (low, high) == bench.speedup_interval(lean, merged)  # the same paired bootstrap as speedup_ci
+        assert (low, high) == bench_timing.speedup_interval(lean, merged)  # the same paired bootstrap as speedup_ci
 
 
 def test_lora_rows(result):
     """--lora-rank: a lora-train row per mode and size, with the write-up's target lists and the rank; a LoRA
     training step's matmuls sit between a forward and a full training step (frozen base: no weight gradients)."""
     lora = [r for r in result["rows"] if r["phase"] == "lora-train"]
-    assert [r["mode"] for r in lora] == list(bench.MODES)
+    assert [r["mode"] for r in lora] == list(bench_options.MODES)
     for row in lora:
         assert row["lora_rank"] == RANK
         assert row["lora_targets"] == {"standard": STANDARD_TARGETS, "merged": MERGED_TARGETS,
                                        "lean_unfused": STANDARD_TARGETS}
         assert row["kernels_merged"] < row["kernels_standard"]  # 6 q/k/v LoRA layers became 2
     assert result["config"]["lora_rank"] == RANK
-    opts = bench.Options(device="cpu", lora_rank=32)
-    forward, train, lora_step = (bench.block_flops(opts, 8192, p) for p in ("forward", "train", "lora-train"))
+    opts = bench_options.Options(device="cpu", lora_rank=32)
+    forward, train, lora_step = (bench_blocks.block_flops(opts, 8192, p) for p in ("forward", "train", "lora-train"))
     assert 2 * forward < lora_step < train
-    base = bench.block_flops(bench.Options(device="cpu"), 8192, "lora-train")
+    base = bench_blocks.block_flops(bench_options.Options(device="cpu"), 8192, "lora-train")
     assert lora_step - base == pytest.approx(36 * (8192 + 256) * 32 * 3072)  # merged arm's adapters, fwd + bwd
 
 
 def _tiny_lora_arms(rank: int = RANK) -> tuple[dict, dict]:
-    opts = bench.Options(device="cpu", dim=64, heads=4, head_dim=16, text_tokens=8, lora_rank=rank,
+    opts = bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16, text_tokens=8, lora_rank=rank,
                          phases=("lora-train",))
-    std = bench.build_block(opts)
-    arms = bench.lora_blocks(std, bench.merged_block(std, "fast"), bench.lean_block(std, "fast"), rank, seed=1)
-    return arms, bench.block_inputs(opts, 16)
+    std = bench_blocks.build_block(opts)
+    arms = bench_lora.lora_blocks(std, bench_blocks.merged_block(std, "fast"), bench_blocks.lean_block(std, "fast"),
+    rank, seed=1)
+    return arms, bench_blocks.block_inputs(opts, 16)
 
 
 def assert_trains_only_lora(module: torch.nn.Module, inputs: dict) -> None:
     """One training step of the bench (train_call): every LoRA parameter gets a nonzero gradient, no base one any."""
     module.zero_grad(set_to_none=True)
-    bench.train_call(module, inputs, seed=0)()
+    bench_blocks.train_call(module, inputs, seed=0)()
     named = dict(module.named_parameters())
     lora = {n: p for n, p in named.items() if ".lora_A." in n or ".lora_B." in n}
     base = {n: p for n, p in named.items() if n not in lora}
@@ -142,7 +151,8 @@ def test_lora_arms_train_only_their_adapters():
             MERGED_TARGETS if arm == "merged" else STANDARD_TARGETS)
     with torch.no_grad():
         out = {arm: torch.cat([t.flatten() for t in m(**inputs)]).double() for arm, m in arms.items()}
-        base = bench.build_block(bench.Options(device="cpu", dim=64, heads=4, head_dim=16, text_tokens=8))
+        base = bench_blocks.build_block(bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16,
+        text_tokens=8))
         plain = torch.cat([t.flatten() for t in base(**inputs)]).double()
     moved = (out["standard"] - plain).norm() / plain.norm()  # through the residual stream: a few percent
     assert moved > 0.02
@@ -153,18 +163,18 @@ def test_lora_arms_train_only_their_adapters():
 def test_a_lora_arm_that_trains_base_weights_is_caught(monkeypatch):
     """Planted: adapters added without freezing the base. The assertion above fails on it, and so does the bench's
     own check, which stops the run before anything is timed."""
-    monkeypatch.setattr(bench, "freeze_base", lambda module: [p.requires_grad_(True) for p in module.parameters()])
+    monkeypatch.setattr(bench_lora, "freeze_base", lambda module: [p.requires_grad_(True) for p in module.parameters()])
     arms, inputs = _tiny_lora_arms()
     for module in arms.values():
         with pytest.raises(AssertionError, match="base weight received a gradient"):
             assert_trains_only_lora(module, inputs)
-    opts = bench.Options(device="cpu", dim=64, heads=4, head_dim=16, image_tokens=(16,), text_tokens=8,
+    opts = bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16, image_tokens=(16,), text_tokens=8,
                          modes=("eager",), phases=("lora-train",), lora_rank=RANK, repeats=1, warmup=1,
                          log=lambda line: None)
-    with pytest.raises(bench.BenchCheckFailed) as failed:
-        bench.run_bench(opts)
+    with pytest.raises(bench_run.BenchCheckFailed) as failed:
+        bench_run.run_bench(opts)
     bad = [c for c in failed.value.result["checks"] if not c["passed"] and c["rule"].startswith("lora")]
-    assert {c["name"] for c in bad} == {f"bench/lora-eager/{arm}" for arm in bench.ARMS}
+    assert {c["name"] for c in bad} == {f"bench/lora-eager/{arm}" for arm in bench_options.ARMS}
     assert all("base weights trained" in c["message"] and c["base_with_grad"] for c in bad)
     assert failed.value.result["rows"] == []
 
@@ -196,7 +206,8 @@ def test_checks_before_timing(result):
     checks = result["checks"]
     assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
     judged = {c["name"]: c for c in checks if c["rule"].startswith("relative_to_base")}
-    assert set(judged) == {f"bench/{lora}{mode}/16+8/{arm}/{kind}" for lora in ("", "lora-") for mode in bench.MODES
+    assert set(judged) == {f"bench/{lora}{mode}/16+8/{arm}/{kind}" for lora in ("", "lora-") for mode in
+    bench_options.MODES
                            for arm in ("merged", "lean-unfused") for kind in ("outputs", "gradients")}
     for name, c in judged.items():
         assert c["fused_calls"] == (2 if "/merged/" in name else 6), name
@@ -205,12 +216,12 @@ def test_checks_before_timing(result):
         if name.endswith("/gradients"):
             assert c["weight_gradients"] == "compared"
     # the gradients judged: both input streams and every weight (LoRA arms: every adapter) of a 64-wide block
-    block_weights = sum(p.numel() for p in bench.build_block(bench.Options(device="cpu", dim=64, heads=4,
+    block_weights = sum(p.numel() for p in bench_blocks.build_block(bench_options.Options(device="cpu", dim=64, heads=4,
                                                                            head_dim=16)).parameters())
     assert judged["bench/eager/16+8/merged/gradients"]["numel"] == block_weights + (16 + 8) * 64
     assert not [c for c in checks if c["rule"].startswith("sanity")]
     lora = {c["name"]: c for c in checks if c["rule"].startswith("lora")}
-    assert set(lora) == {f"bench/lora-{mode}/{arm}" for mode in bench.MODES for arm in bench.ARMS}
+    assert set(lora) == {f"bench/lora-{mode}/{arm}" for mode in bench_options.MODES for arm in bench_options.ARMS}
     for name, c in lora.items():
         merged = name.endswith("/merged")
         assert c["lora_layers"] == (4 if merged else 8) and c["lora_parameters"] == 2 * c["lora_layers"]
@@ -223,10 +234,11 @@ def test_checks_before_timing(result):
 def _gate(**kwargs) -> list[dict]:
     """The bench's checks on a tiny block, stopped at the first failing size: the failing records (nothing of their
     mode was timed)."""
-    opts = bench.Options(**{**dict(device="cpu", dim=64, heads=4, head_dim=16, image_tokens=(16,), text_tokens=8,
+    opts = bench_options.Options(**{**dict(device="cpu", dim=64, heads=4, head_dim=16, image_tokens=(16,),
+    text_tokens=8,
                                    phases=("forward",), repeats=1, warmup=1, log=lambda line: None), **kwargs})
-    with pytest.raises(bench.BenchCheckFailed) as failed:
-        bench.run_bench(opts)
+    with pytest.raises(bench_run.BenchCheckFailed) as failed:
+        bench_run.run_bench(opts)
     bad = [c for c in failed.value.result["checks"] if not c["passed"]]
     assert not [r for r in failed.value.result["rows"] if f"/{r['mode']}/" in bad[0]["name"]]
     return bad
@@ -283,9 +295,9 @@ def test_the_gate_catches_a_wrong_compiled_expression(monkeypatch):
 def test_the_gate_judges_the_lora_arms_gradients(monkeypatch):
     """Planted: the merged LoRA arm's fused adapter B with its k and v rows swapped (a LoRA split in the wrong
     order): its gradients, compared as the fused adapter's against the separate adapters' merged, fail."""
-    from verify import qkv
+    from verify.maths import qkv
 
-    original = bench.lora_blocks
+    original = bench_lora.lora_blocks
 
     def swapped(std, merged, lean, rank, seed):
         arms = original(std, merged, lean, rank, seed)
@@ -296,7 +308,7 @@ def test_the_gate_judges_the_lora_arms_gradients(monkeypatch):
             b.copy_(torch.cat([q, v, k]))
         return arms
 
-    monkeypatch.setattr(bench, "lora_blocks", swapped)
+    monkeypatch.setattr(bench_run, "lora_blocks", swapped)
     bad = _gate(modes=("eager",), phases=("lora-train",), lora_rank=RANK)
     assert {c["name"] for c in bad} >= {f"bench/lora-eager/16+8/merged/{kind}" for kind in ("outputs", "gradients")}
 
@@ -304,7 +316,8 @@ def test_the_gate_judges_the_lora_arms_gradients(monkeypatch):
 def test_fused_lora_gradients_are_the_separate_adapters_merged():
     """The fused adapter's gradient, worked out by autograd on the fused adapter itself, equals the separate
     adapters' gradients mapped by bench_judge.fused_lora_gradients (A: summed, B: merged), in both layouts."""
-    from verify import bench_judge, qkv
+    from verify.bench import judge as bench_judge
+    from verify.maths import qkv
 
     torch.manual_seed(0)
     d, r, hd = 8, 2, 4
@@ -336,7 +349,7 @@ def test_the_oracle_attention_a_head_at_a_time_is_torchs(mask_heads):
     here, with no mask, a broadcast mask and a per-head one."""
     import torch.nn.functional as F
 
-    from verify import bench_judge
+    from verify.bench import judge as bench_judge
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 4, 7, 8, generator=g, dtype=torch.float64) for _ in range(3))
@@ -357,7 +370,7 @@ def test_the_oracle_attention_a_head_at_a_time_is_torchs(mask_heads):
 
 def test_graph_calls_counts_module_calls_in_a_captured_graph():
     """probes.graph_calls: a module called twice counts twice, a wrapped one once (its inner layer is not it)."""
-    from verify.probes import graph_calls
+    from verify.checks.probes import graph_calls
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -378,9 +391,9 @@ def test_graph_calls_counts_module_calls_in_a_captured_graph():
 
 @pytest.mark.parametrize("processor", ["fast", "reference"])
 def test_timed_block_is_equivalent(device, processor):
-    """The block bench.merged_block builds computes the standard function in fp64, fp32, bf16 and fp16."""
+    """The block bench_blocks.merged_block builds computes the standard function in fp64, fp32, bf16 and fp16."""
     records = run_case(CASES["block"], dtypes=tuple(DTYPES.values()), device=device,
-                       candidate=lambda module, component: bench.merged_block(module, processor))
+                       candidate=lambda module, component: bench_blocks.merged_block(module, processor))
     assert len(records) == 2 * len(DTYPES)
     for record in records:
         assert_passed(record)
@@ -389,10 +402,11 @@ def test_timed_block_is_equivalent(device, processor):
 
 @pytest.mark.parametrize("processor", ["fast", "reference"])
 def test_lean_unfused_block_is_equivalent(device, processor):
-    """The lean-unfused block bench.lean_block builds (separate projections kept) computes the standard function in
+    """The lean-unfused block bench_blocks.lean_block builds (separate projections kept) computes the standard
+    function in
     fp64, fp32, bf16 and fp16, outputs and gradients (weight gradients onto the standard's own names)."""
     def build(module, component):
-        return bench.lean_block(module, processor)
+        return bench_blocks.lean_block(module, processor)
 
     records = run_case(CASES["block"], dtypes=tuple(DTYPES.values()), device=device, candidate=resolve(build, "none"))
     assert len(records) == 2 * len(DTYPES)
@@ -410,31 +424,31 @@ def test_lean_unfused_block_runs_the_separate_projections(processor, kind):
     """The lean-unfused arm is no merged block in disguise (which would pass the equivalence test above and make
     fusion_speedup 1.0 by construction): it keeps the six projections, calls each once per forward, has no fused
     one, and runs the lean counterpart of the merged processor rather than diffusers' own."""
-    from verify.fused import joint_attentions
-    from verify.probes import count_calls
+    from verify.checks.probes import count_calls
+    from verify.implementations.fused import joint_attentions
 
-    opts = bench.Options(device="cpu", dim=64, heads=4, head_dim=16, text_tokens=8)
-    lean = bench.lean_block(bench.build_block(opts), processor)
+    opts = bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16, text_tokens=8)
+    lean = bench_blocks.lean_block(bench_blocks.build_block(opts), processor)
     separate = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
     assert not {n.rsplit(".", 1)[-1] for n, _ in lean.named_modules()} & {"to_qkv", "add_qkv_proj", "to_added_qkv"}
     assert [type(attn.processor).__name__ for attn in joint_attentions(lean)] == [kind]
     if processor == "fast-compiled":
         joint_attentions(lean)[0].processor.backend = "aot_eager"
     with torch.no_grad(), count_calls(lean, separate) as calls:
-        lean(**bench.block_inputs(opts, 16))
+        lean(**bench_blocks.block_inputs(opts, 16))
     assert dict(calls) == {f"attn.{n}": 1 for n in separate}
 
 
 def test_lean_unfused_region_is_equivalent(device):
     """fast-compiled's lean-unfused arm: the compiled region over the separate projections (inductor on a GPU, as the
     bench runs it; on the CPU aot_eager, which traces and differentiates the same region) in four dtypes."""
-    from verify.lean_unfused import lean_unfused
+    from verify.implementations.lean_unfused import lean_unfused
 
     backend = "inductor" if device == "cuda" else "aot_eager"
     installed = []
 
     def build(module, component):
-        from verify.lean_unfused import install
+        from verify.implementations.lean_unfused import install
 
         installed.extend(install(module, "fast-compiled", backend=backend))
         return module
@@ -451,7 +465,7 @@ def test_lean_unfused_region_is_equivalent(device):
 
 def test_a_wrong_lean_unfused_block_is_caught(monkeypatch):
     """Planted: the lean path's v replaced by its k. The oracle comparison that passes the lean block fails it."""
-    from verify import lean_unfused
+    from verify.implementations import lean_unfused
 
     original = lean_unfused.LeanUnfusedQwenAttnProcessor.joint_qkv
 
@@ -461,7 +475,7 @@ def test_a_wrong_lean_unfused_block_is_caught(monkeypatch):
 
     monkeypatch.setattr(lean_unfused.LeanUnfusedQwenAttnProcessor, "joint_qkv", wrong)
     records = run_case(CASES["block"], dtypes=(torch.float32,), device="cpu",
-                       candidate=resolve(lambda module, component: bench.lean_block(module, "fast"), "none"))
+                       candidate=resolve(lambda module, component: bench_blocks.lean_block(module, "fast"), "none"))
     assert not any(r.passed for r in records)
 
 
@@ -472,10 +486,10 @@ def test_bad_sizes_exit_2(capsys):
 
 def test_flops_and_grid():
     """The real block at 8192 + 256 tokens: 2.79 TFLOP forward (DESIGN section 7: 3.53 ms at 790 TFLOP/s)."""
-    opts = bench.Options(device="cpu")
-    assert bench.block_flops(opts, 8192, "forward") / 1e12 == pytest.approx(2.79, abs=0.01)
-    assert bench.rope_axes(128) == (16, 56, 56) and sum(bench.rope_axes(16)) == 16
-    assert bench.image_grid(8192) == (64, 128) and bench.image_grid(16) == (4, 4)
+    opts = bench_options.Options(device="cpu")
+    assert bench_blocks.block_flops(opts, 8192, "forward") / 1e12 == pytest.approx(2.79, abs=0.01)
+    assert bench_blocks.rope_axes(128) == (16, 56, 56) and sum(bench_blocks.rope_axes(16)) == 16
+    assert bench_blocks.image_grid(8192) == (64, 128) and bench_blocks.image_grid(16) == (4, 4)
 
 
 def test_full_model_rows(tmp_path):
@@ -499,7 +513,7 @@ def test_append_keeps_earlier_rows(result, tmp_path):
                  "--json", str(out)]) == 0
     both = json.loads(out.read_text())
     keys = [(r["mode"], r["phase"]) for r in both["rows"]]
-    assert keys == [(m, p) for m in bench.MODES for p in bench.ALL_PHASES]  # in order, LoRA rows kept
+    assert keys == [(m, p) for m in bench_options.MODES for p in bench_options.ALL_PHASES]  # in order, LoRA rows kept
     again = next(r for r in both["rows"] if (r["mode"], r["phase"]) == ("compiled", "forward"))
     assert again != next(r for r in result["rows"] if (r["mode"], r["phase"]) == ("compiled", "forward"))
     assert both["appended_from"]["matmul_peak_tflops"] == result["matmul_peak_tflops"]
@@ -514,10 +528,10 @@ def test_a_slower_row_is_named_and_judged_by_its_interval(result):
     noisy.update(speedup=0.99, speedup_ci=[0.97, 1.01])
     for row in result["rows"][1:]:
         row.update(speedup=1.1, speedup_ci=[1.05, 1.15])
-    assert bench.goals(result)[goal]
+    assert bench_table.goals(result)[goal]
     slower.update(speedup=0.96, speedup_ci=[0.95, 0.97])
-    assert not bench.goals(result)[goal]
-    lines = [line for line in bench.format_table(result).splitlines() if line.startswith("  slower:")]
+    assert not bench_table.goals(result)[goal]
+    lines = [line for line in bench_table.format_table(result).splitlines() if line.startswith("  slower:")]
     assert len(lines) == 2
     assert lines[0].endswith("not resolved (95% CI reaches 1.0)") and lines[1].endswith("resolved (95% CI below 1.0)")
     assert lines[1].startswith(f"  slower: {slower['mode']} {slower['phase']}")
@@ -540,15 +554,17 @@ def test_goal_never_slower_covers_lora_rows(result):
     """"Merged never slower" is judged on the lora-train rows too: a compiled LoRA row whose 95% CI reaches 1.0
     exactly passes, one whose CI ends just below 1.0 fails."""
     result = _all_goals_met(result)
-    assert set(bench.goals(result)) == {bench.GOAL_NEVER_SLOWER, bench.GOAL_FUSION_SHARE, bench.GOAL_FLOOR}
-    assert all(bench.goals(result).values())
+    assert set(bench_table.goals(result)) == {bench_table.GOAL_NEVER_SLOWER, bench_table.GOAL_FUSION_SHARE,
+    bench_table.GOAL_FLOOR}
+    assert all(bench_table.goals(result).values())
     lora = _row(result, "compiled", "lora-train")
     lora.update(speedup=0.981, speedup_ci=[0.97, 1.0])
-    assert bench.goals(result)[bench.GOAL_NEVER_SLOWER]
+    assert bench_table.goals(result)[bench_table.GOAL_NEVER_SLOWER]
     lora["speedup_ci"] = [0.97, 0.9999]
-    goals = bench.goals(result)
-    assert not goals[bench.GOAL_NEVER_SLOWER] and goals[bench.GOAL_FUSION_SHARE] and goals[bench.GOAL_FLOOR]
-    assert "  slower: compiled lora-train 16+8 0.981x, resolved (95% CI below 1.0)" in bench.format_table(result)
+    goals = bench_table.goals(result)
+    assert not goals[bench_table.GOAL_NEVER_SLOWER]
+    assert goals[bench_table.GOAL_FUSION_SHARE] and goals[bench_table.GOAL_FLOOR]
+    assert "  slower: compiled lora-train 16+8 0.981x, resolved (95% CI below 1.0)" in bench_table.format_table(result)
 
 
 @pytest.mark.parametrize("mode,phase", [("compiled", "forward"), ("eager", "train"), ("compiled", "lora-train")])
@@ -558,11 +574,13 @@ def test_goal_fusion_share_at_its_boundary(result, mode, phase):
     result = _all_goals_met(result)
     row = _row(result, mode, phase)
     row.update(fusion_speedup=0.996, fusion_speedup_ci=[0.99, 1.0])
-    assert all(bench.goals(result).values())
+    assert all(bench_table.goals(result).values())
     row["fusion_speedup_ci"] = [0.99, 0.99999]
-    goals = bench.goals(result)
-    assert not goals[bench.GOAL_FUSION_SHARE] and goals[bench.GOAL_NEVER_SLOWER] and goals[bench.GOAL_FLOOR]
-    assert f"  fusion slower: {mode} {phase} 16+8 0.996x, resolved (95% CI below 1.0)" in bench.format_table(result)
+    goals = bench_table.goals(result)
+    assert not goals[bench_table.GOAL_FUSION_SHARE]
+    assert goals[bench_table.GOAL_NEVER_SLOWER] and goals[bench_table.GOAL_FLOOR]
+    line = f"  fusion slower: {mode} {phase} 16+8 0.996x, resolved (95% CI below 1.0)"
+    assert line in bench_table.format_table(result)
 
 
 def test_goal_floor_is_judged_at_the_sustained_peak(result):
@@ -572,19 +590,20 @@ def test_goal_floor_is_judged_at_the_sustained_peak(result):
     result = _all_goals_met(result)
     row = _row(result, "compiled", "forward")
     row.update(merged_ms=1.0, floor_ms=0.5, floor_sustained_ms=0.8)
-    assert bench.goals(result)[bench.GOAL_FLOOR]
-    assert "16 80.0% (burst 50.0%)" in bench.format_table(result)
+    assert bench_table.goals(result)[bench_table.GOAL_FLOOR]
+    assert "16 80.0% (burst 50.0%)" in bench_table.format_table(result)
     row["floor_sustained_ms"] = 0.7999
-    goals = bench.goals(result)
-    assert not goals[bench.GOAL_FLOOR] and goals[bench.GOAL_NEVER_SLOWER] and goals[bench.GOAL_FUSION_SHARE]
+    goals = bench_table.goals(result)
+    assert not goals[bench_table.GOAL_FLOOR]
+    assert goals[bench_table.GOAL_NEVER_SLOWER] and goals[bench_table.GOAL_FUSION_SHARE]
     _row(result, "compiled", "train")["floor_sustained_ms"] = 0.1  # training rows are not judged against the floor
     row.update(floor_sustained_ms=0.8)
-    assert bench.goals(result)[bench.GOAL_FLOOR]
+    assert bench_table.goals(result)[bench_table.GOAL_FLOOR]
     del row["floor_sustained_ms"]
     row["floor_ms"] = 0.8
-    assert bench.goals(result)[bench.GOAL_FLOOR]
+    assert bench_table.goals(result)[bench_table.GOAL_FLOOR]
     row["floor_ms"] = 0.7999
-    assert not bench.goals(result)[bench.GOAL_FLOOR]
+    assert not bench_table.goals(result)[bench_table.GOAL_FLOOR]
 
 
 def test_speedup_interval_covers_the_true_ratio_under_drift():
@@ -596,7 +615,7 @@ def test_speedup_interval_covers_the_true_ratio_under_drift():
         drift = (0.05 * torch.randn(40, generator=g)).exp()
         a = 1.02 * drift * (0.01 * torch.randn(40, generator=g)).exp()
         b = drift * (0.01 * torch.randn(40, generator=g)).exp()
-        low, high = bench.speedup_interval(a.tolist(), b.tolist())
+        low, high = bench_timing.speedup_interval(a.tolist(), b.tolist())
         point = a.quantile(0.5).item() / b.quantile(0.5).item()
         assert low <= point <= high
         covered += low <= 1.02 <= high
@@ -609,16 +628,16 @@ def test_speedup_interval_resolves_a_planted_loss():
     """A merged path 3% slower in every pair, under the same drift, gives an interval wholly below 1.0."""
     g = torch.Generator().manual_seed(1)
     drift = (0.05 * torch.randn(40, generator=g)).exp()
-    low, high = bench.speedup_interval(drift.tolist(), (1.03 * drift).tolist())
+    low, high = bench_timing.speedup_interval(drift.tolist(), (1.03 * drift).tolist())
     assert high < 1.0 and low == pytest.approx(1 / 1.03, rel=1e-6)  # every pair at exactly 1/1.03
-    assert bench.speedup_interval(drift.tolist(), (1.03 * drift).tolist()) == (low, high)  # seeded
+    assert bench_timing.speedup_interval(drift.tolist(), (1.03 * drift).tolist()) == (low, high)  # seeded
 
 
 def test_pairs_alternate_call_by_call():
     """Standard and merged calls are interleaved a b, b a, ...: drift between calls hits both alike."""
     calls = []
-    opts = bench.Options(device="cpu", repeats=4, warmup=1)
-    a_times, b_times = bench.paired_times(lambda: calls.append("a"), lambda: calls.append("b"), opts)
+    opts = bench_options.Options(device="cpu", repeats=4, warmup=1)
+    a_times, b_times = bench_timing.paired_times(lambda: calls.append("a"), lambda: calls.append("b"), opts)
     assert "".join(calls) == "ab" + "abbaabba"  # warm-up, then the pairs
     assert len(a_times) == len(b_times) == 4
 
@@ -627,12 +646,13 @@ def test_three_arms_interleave_in_every_order():
     """Three arms: repeat i runs each once, in the i-th of the six orders in turn (each arm takes each place equally
     often); the i-th calls of any two arms are a pair."""
     calls = []
-    opts = bench.Options(device="cpu", repeats=6, warmup=1)
-    times = bench.interleaved_times([lambda name=n: calls.append(name) for n in "abc"], opts)
+    opts = bench_options.Options(device="cpu", repeats=6, warmup=1)
+    times = bench_timing.interleaved_times([lambda name=n: calls.append(name) for n in "abc"], opts)
     assert "".join(calls) == "abc" + "abc" + "acb" + "bac" + "bca" + "cab" + "cba"
     assert [len(t) for t in times] == [6, 6, 6]
     calls.clear()
-    bench.interleaved_times([lambda: calls.append("a"), lambda: calls.append("b")], bench.Options(device="cpu",
+    bench_timing.interleaved_times([lambda: calls.append("a"), lambda: calls.append("b")],
+    bench_options.Options(device="cpu",
                                                                                                   repeats=4, warmup=1))
     assert "".join(calls) == "ab" + "abbaabba"  # two arms: exactly paired_times
 
@@ -649,7 +669,7 @@ def test_trace_writes_each_rows_timelines(tmp_path):
 
 def test_speed_chart_draws_each_rows_interval(result):
     """The report's speed chart: one bar per row at its speedup, its error bar spanning the row's 95% CI."""
-    from verify.charts import speed_chart
+    from verify.present.charts import speed_chart
 
     fig = speed_chart(result)
     bars = [c for c in fig.axes[0].containers if hasattr(c, "errorbar")]
@@ -667,13 +687,13 @@ def test_speed_chart_draws_each_rows_interval(result):
 def test_report_speed_section(result):
     """report --bench: a speed table row per timed row (interval shown), and the bench's own goals; a bare list of
     rows (no config) gets the table without goals."""
-    from verify.render import tables
+    from verify.present.render import tables
 
     frames = tables({"checks": [], "output_stats": [], "speed": result})
     speed = frames["speed"]
     assert len(speed) == len(result["rows"])
     assert list(speed["speedup"]) == [r["speedup"] for r in result["rows"]]
     assert list(speed["95% CI"]) == [f"{r['speedup_ci'][0]:.3f}-{r['speedup_ci'][1]:.3f}" for r in result["rows"]]
-    assert dict(zip(frames["speed_goals"]["goal"], frames["speed_goals"]["met"])) == bench.goals(result)
+    assert dict(zip(frames["speed_goals"]["goal"], frames["speed_goals"]["met"])) == bench_table.goals(result)
     bare = tables({"checks": [], "output_stats": [], "speed": {"rows": result["rows"]}})
     assert len(bare["speed"]) == len(result["rows"]) and "speed_goals" not in bare

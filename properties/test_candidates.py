@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
-from verify import qkv
-from verify.candidate import resolve
-from verify.cases import CASES
+from verify.checks.cases import CASES
+from verify.checks.equivalence import run_case
 from verify.cli import main
-from verify.equivalence import run_case
+from verify.implementations.candidate import resolve
+from verify.maths import qkv
 from verify.planted import PLANTED
 from verify.testing import assert_candidate, check_candidate
 
@@ -292,7 +292,7 @@ def test_test_runs_where_pytest_does_not_load_the_plugin_itself(tmp_path):
     would register it twice, an error)."""
     import os
 
-    from verify import suite_cli
+    from verify.commands import test as suite_cli
 
     assert suite_cli._installed_plugin("verify.pytest_plugin")  # this environment installed the package
     assert not suite_cli._installed_plugin("no.such_plugin")

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
-from verify import fixtures, qkv
-from verify.claims import (
+from verify.checks import fixtures
+from verify.checks.claims import (
     CONFIRMED,
     REFUTED,
     UNMEASURED,
@@ -25,9 +25,10 @@ from verify.claims import (
     refuted_user_claims,
     speed,
 )
+from verify.checks.selector import SelectError, parse, path_of, resolve
 from verify.cli import main
 from verify.errors import VerifyError
-from verify.selector import SelectError, parse, path_of, resolve
+from verify.maths import qkv
 
 WRITE_UP = ["merge-split-exact", "attention-block-match", "attention-block-within-tolerance", "lossless-conversion",
             "base-output-same", "lora-480-tensors", "alpha-1", "faster-10-15pct", "kernels-67pct-fewer"]
@@ -440,12 +441,12 @@ def test_selector_parses_filters_indices_and_values_with_slashes_and_dots():
 ])
 def test_a_claim_whose_path_selects_nothing_exits_2_before_anything_runs(tmp_path, capsys, monkeypatch, metric,
                                                                          message):
-    import verify.report
+    import verify.checks.report
 
     def never(*args, **kwargs):
         raise AssertionError("the report ran before the claims were checked")
 
-    monkeypatch.setattr(verify.report, "run_report", never)
+    monkeypatch.setattr(verify.checks.report, "run_report", never)
     claims = _claims(tmp_path, [{"id": "c", "metric": metric, "op": "<", "expected": 1}])
     assert main(["report", "--claims", str(claims), "--dtypes", "fp64,fp32", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -765,7 +766,7 @@ def test_user_claim_floats_are_shown_to_six_digits():
 
 
 def test_attention_and_block_rows_without_checks():
-    from verify.claims import attention_block_tolerance
+    from verify.checks.claims import attention_block_tolerance
 
     unmeasured = attention_block_tolerance({"checks": []})
     assert unmeasured["verdict"] == UNMEASURED and unmeasured["detail"] == (

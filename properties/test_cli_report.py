@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
-from verify import qkv
 from verify.cli import main
+from verify.maths import qkv
 
 CHECK_FIELDS = {"name", "component", "dtype", "device", "passed", "max_abs_err", "rel_l2_err", "cosine", "ratio",
                 "tolerance"}

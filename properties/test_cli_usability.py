@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
-from verify import __version__, qkv
+from verify import __version__
 from verify.cli import COMMANDS, main, parser
 from verify.errors import BROKEN_PIPE
-from verify.state_dict import matching_layout, merge_state_dict
+from verify.maths import qkv
+from verify.maths.state_dict import matching_layout, merge_state_dict
 
 PYTHON = [sys.executable, "-c"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,7 @@ def test_help_imports_no_torch_and_answers_in_under_a_second():
     probe = "import sys; from verify.cli import parser; parser(); print('torch' in sys.modules)"
     assert subprocess.run([*PYTHON, probe], capture_output=True, text=True, cwd=ROOT).stdout == "False\n"
     light = ("import sys; from verify.cli import parser; parser('lora-audit', 'lora-convert', 'lora-compare', 'test');"
-             " import verify.report_cli;"
+             " import verify.commands.report;"
              " print(sorted(m for m in ('torch', 'diffusers', 'pandas') if m in sys.modules))")
     assert subprocess.run([*PYTHON, light], capture_output=True, text=True, cwd=ROOT).stdout == "[]\n"
     seconds = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from verify import clocks
+from verify.bench import clocks
 
 
 def test_summary_of_samples():

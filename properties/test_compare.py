@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from properties.strategies import float_dtypes, frames, random_tensor, seeds
-from verify.compare import assert_failed, assert_passed, compare, compare_exact
-from verify.tolerance import ALLCLOSE, EXACT, GRADIENTS, OUTPUTS
+from verify.checks.compare import assert_failed, assert_passed, compare, compare_exact
+from verify.checks.tolerance import ALLCLOSE, EXACT, GRADIENTS, OUTPUTS
 
 RULES = (OUTPUTS, GRADIENTS, ALLCLOSE, EXACT)
 NON_FINITE = (float("nan"), float("inf"), float("-inf"))

@@ -20,12 +20,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from properties.checkpoint_files import standard_checkpoint
-from verify import convert as conv
-from verify import destination, qkv, scan
-from verify import manifest as mf
-from verify.checkpoint import DTYPES, Checkpoint
 from verify.cli import main
-from verify.loading import build_merged, model_config
+from verify.commands import convert as conv
+from verify.files import destination, scan
+from verify.files import manifest as mf
+from verify.files.checkpoint import DTYPES, Checkpoint
+from verify.implementations.loading import build_merged, model_config
+from verify.maths import qkv
 
 HEAD_DIM = 16  # the tiny config's
 QKV_LEAVES = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
@@ -88,7 +89,8 @@ def test_round_trip_is_byte_exact_and_loads(tmp_path, std, naming, layout):
 
 
 def test_fused_tensor_is_the_layout_stated(tmp_path, std):
-    """Independent of verify.state_dict: blocked is cat([q, k, v]); interleaved puts each head's q, k, v together."""
+    """Independent of verify.maths.state_dict: blocked is cat([q, k, v]); interleaved puts each head's q, k, v
+    together."""
     a = tensors(std)
     for layout in ("blocked", "interleaved"):
         assert convert(std, tmp_path / layout, "--to", "merged", "--layout", layout) == 0
@@ -420,7 +422,7 @@ def test_killed_run_leaves_no_destination(tmp_path, std):
 
     before = snapshot(std)
     dst = tmp_path / "m"
-    script = ("import sys, time; from pathlib import Path; import verify.convert as c\n"
+    script = ("import sys, time; from pathlib import Path; import verify.commands.convert as c\n"
               "real = c._kernel_copy\n"
               "c._kernel_copy = lambda *a: (time.sleep(0.05), real(*a))\n"
               "c.convert(Path(sys.argv[1]), Path(sys.argv[2]), 'merged')\n")

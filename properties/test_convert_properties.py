@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from properties.strategies import expensive, input_specs, layouts, model_configs, namings, seeds
-from verify import fixtures
-from verify.cases import Case, model_outputs
-from verify.checkpoint import Checkpoint
-from verify.compare import assert_passed
-from verify.convert import check, convert
-from verify.equivalence import run_case
-from verify.loading import build_merged, load_standard, model_config
+from verify.checks import fixtures
+from verify.checks.cases import Case, model_outputs
+from verify.checks.compare import assert_passed
+from verify.checks.equivalence import run_case
+from verify.commands.convert import check, convert
+from verify.files.checkpoint import Checkpoint
+from verify.implementations.loading import build_merged, load_standard, model_config
 
 STORED = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 SHARDS = st.sampled_from(["8KB", "40KB", "10GB"])  # many small shards, a few, one file

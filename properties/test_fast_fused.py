@@ -1,4 +1,5 @@
-"""The fast merged processor (verify.fast_fused) computes the standard function: the same properties as the reference.
+"""The fast merged processor (verify.implementations.fast_fused) computes the standard function: the same properties
+as the reference.
 
 Each example runs a registry case through `run_case` with `fuse_model(..., processor="fast")` in fp64, fp32, bf16
 and fp16, judged by the relative-to-base rule against the fp64 oracle, with the fused projections counted. Both of
@@ -18,15 +19,21 @@ from diffusers.models.normalization import RMSNorm
 from hypothesis import event, given, settings
 
 from properties.strategies import input_specs, layouts, model_configs, namings, seeds
-from verify import fast_fused
-from verify.cases import CASES
-from verify.compare import assert_failed, assert_passed
-from verify.equivalence import run_case
+from verify.checks.cases import CASES
+from verify.checks.compare import assert_failed, assert_passed
+from verify.checks.equivalence import run_case
+from verify.checks.fixtures import InputSpec, model_config
+from verify.checks.tolerance import DTYPES
 from verify.errors import VerifyError
-from verify.fast_fused import FastFusedQwenAttnProcessor, RegionCompiledFusedQwenAttnProcessor
-from verify.fixtures import InputSpec, model_config
-from verify.fused import FusedQwenAttnProcessor, fuse_attention, fuse_model, joint_attentions, unfuse_model
-from verify.tolerance import DTYPES
+from verify.implementations import fast_fused
+from verify.implementations.fast_fused import FastFusedQwenAttnProcessor, RegionCompiledFusedQwenAttnProcessor
+from verify.implementations.fused import (
+    FusedQwenAttnProcessor,
+    fuse_attention,
+    fuse_model,
+    joint_attentions,
+    unfuse_model,
+)
 
 ALL = tuple(DTYPES.values())  # fp64, fp32, bf16, fp16 in every example
 PATHS = pytest.mark.parametrize("functional", [False, True], ids=["kernels", "compile-expression"])
@@ -63,7 +70,7 @@ def _check(case_name, device, config, spec, seed, naming, layout, functional) ->
 # Draws of one small zero_cond_t block on which the eager kernels' half-precision gradients went beyond 3x the
 # standard's error with torch.testing's floors, while RoPE rounded after each of its two passes and the norm applied
 # its weight inside one fused op: 7 of seeds 59600-59899 (bf16 and fp16 run), one element each. With diffusers'
-# roundings (verify.fast_fused, module docstring: precision) 0 of seeds 59600-60299 fail.
+# roundings (verify.implementations.fast_fused, module docstring: precision) 0 of seeds 59600-60299 fail.
 ROUNDING_CONFIG = model_config("tiny", in_channels=1, out_channels=1, num_layers=1, attention_head_dim=6,
                                num_attention_heads=2, joint_attention_dim=1, axes_dims_rope=(2, 2, 2), zero_cond_t=True)
 ROUNDING_SPEC = InputSpec(batch=2, height=1, width=2, edit=False, text_len=1, pad=(0, 0), timesteps=(0.0, 0.0))
@@ -260,7 +267,8 @@ def test_region_compiles_once_for_every_sequence_length(monkeypatch, marked):
     """The region's sequence lengths are symbolic from its first graph: a second image and text length reuse it (a
     graph compiled for a static first length ran its backward 5x slower on an H200, NOTES change 14). Planted: without
     the marks, the second length compiles a second graph."""
-    from verify import bench
+    from verify.bench import blocks as bench_blocks
+    from verify.bench import options as bench_options
 
     if not marked:
         monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda t, dim: None)
@@ -270,13 +278,13 @@ def test_region_compiles_once_for_every_sequence_length(monkeypatch, marked):
         graphs.append(gm)
         return gm.forward
 
-    opts = bench.Options(device="cpu", dim=64, heads=4, head_dim=16)
-    block = bench.build_block(opts)
+    opts = bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16)
+    block = bench_blocks.build_block(opts)
     processors = [RegionCompiledFusedQwenAttnProcessor(backend=counting) for _ in joint_attentions(block)]
     for attn, processor in zip(joint_attentions(block), processors):
         fuse_attention(attn, processor=processor)
     for image_tokens, text_tokens in ((16, 8), (36, 12)):
-        inputs = bench.block_inputs(bench.Options(device="cpu", dim=64, heads=4, head_dim=16,
+        inputs = bench_blocks.block_inputs(bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16,
                                                   text_tokens=text_tokens), image_tokens)
         with torch.no_grad(), _many_graphs():
             block(**inputs)

@@ -1,8 +1,9 @@
 """Fuzzing every safetensors reader with random and mutated files: each one succeeds or raises VerifyError, and none
 crashes otherwise or hangs (each example runs under a deadline).
 
-Readers: verify.checkpoint.read_header and Checkpoint (a single file, and a folder with config.json, every tensor
-read), convert's planning (headers, grouping, shapes), and the LoRA reader verify.lora.formats.read. Inputs: random
+Readers: verify.files.checkpoint.read_header and Checkpoint (a single file, and a folder with config.json, every tensor
+read), convert's planning (headers, grouping, shapes), and the LoRA reader verify.files.lora_formats.read. Inputs:
+random
 bytes; valid files (a LoRA file and a small model-like file) with bytes flipped, truncated, a new header length, a
 random JSON header, or one field of one tensor entry replaced by a random JSON value.
 
@@ -26,13 +27,13 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from properties.strategies import float_dtypes, layouts, namings, random_tensor, seeds
-from verify.checkpoint import DTYPES, Checkpoint, read_header
-from verify.compare import assert_passed, compare_exact
-from verify.convert import Plan, plan
+from verify.checks.compare import assert_passed, compare_exact
+from verify.commands.convert import Plan, plan
 from verify.errors import VerifyError
-from verify.lora import formats
-from verify.naming import DEFAULT_NAMING, NAMINGS, detect_naming
-from verify.state_dict import merge_state_dict, split_state_dict
+from verify.files import lora_formats as formats
+from verify.files.checkpoint import DTYPES, Checkpoint, read_header
+from verify.maths.naming import DEFAULT_NAMING, NAMINGS, detect_naming
+from verify.maths.state_dict import merge_state_dict, split_state_dict
 
 FUZZ = settings(deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 

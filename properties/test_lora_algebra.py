@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verify import qkv
-from verify.lora import algebra
-from verify.lora.algebra import Factors
+from verify.maths import lora as algebra
+from verify.maths import qkv
+from verify.maths.lora import Factors
 
 FAST = settings(deadline=None)
 
@@ -189,8 +189,8 @@ def test_a_lora_pair_of_the_wrong_shape_is_refused_naming_the_models_module():
     import pytest
 
     from verify.errors import VerifyError
-    from verify.lora.formats import LoraFile, Pair
-    from verify.lora.mapping import ModelSpec, plan
+    from verify.files.lora_formats import LoraFile, Pair
+    from verify.files.lora_mapping import ModelSpec, plan
 
     spec = ModelSpec({"blocks.0.attn.to_q": (8, 8), "blocks.0.attn.to_k": (8, 8), "blocks.0.attn.to_v": (8, 8)}, 4)
     pair = Pair("blocks.0.attn.to_q", torch.zeros(2, 6), torch.zeros(8, 2), 2.0, False, "peft", ("q.lora_A",))

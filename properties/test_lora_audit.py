@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from properties.test_lora_files import STANDARD, random_modules, write_lora
-from verify.lora import checkpoint, formats, mapping
-from verify.lora.audit import audit
+from verify.checks import lora_checkpoint as checkpoint
+from verify.checks.lora_audit import audit
+from verify.files import lora_formats as formats
+from verify.files import lora_mapping as mapping
 
 FULL = checkpoint.spec_from_config("full")
 DIFFSYNTH_EDIT = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
@@ -131,8 +133,8 @@ def test_alpha_ignored_by_a_convention_warns(tmp_path):
 
 @pytest.mark.parametrize("naming", ["seed", "diffusers"])
 def test_load_report(tmp_path, naming):
-    from verify.fixtures import CONFIGS, build_model
-    from verify.fused import fuse_model
+    from verify.checks.fixtures import CONFIGS, build_model
+    from verify.implementations.fused import fuse_model
 
     model = fuse_model(build_model(CONFIGS["tiny"], 0), naming)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -153,9 +155,9 @@ def test_load_report(tmp_path, naming):
 
 
 def test_spec_takes_the_layout_of_the_fused_model():
+    from verify.checks.fixtures import CONFIGS, build_model
     from verify.errors import VerifyError
-    from verify.fixtures import CONFIGS, build_model
-    from verify.fused import fuse_model
+    from verify.implementations.fused import fuse_model
 
     model = fuse_model(build_model(CONFIGS["tiny"], 0), layout="interleaved")
     assert mapping.spec_of(model).layout == "interleaved"

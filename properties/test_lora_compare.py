@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from properties.test_lora_files import STANDARD, random_modules, write_lora
+from verify.checks import lora_checkpoint as checkpoint
 from verify.cli import main
-from verify.lora import checkpoint
-from verify.naming import streams
+from verify.maths.naming import streams
 
 RANK, ALPHA = 4, 8.0
 QKV = [f"transformer_blocks.{b}.attn.{n}" for b in (0, 1) for s in streams("seed") for n in s.separate]

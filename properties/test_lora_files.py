@@ -14,9 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from verify.checks import lora_checkpoint as checkpoint
+from verify.checks.lora_audit import audit
 from verify.errors import VerifyError
-from verify.lora import checkpoint, formats, mapping
-from verify.lora.audit import audit
+from verify.files import lora_formats as formats
+from verify.files import lora_mapping as mapping
 
 FORMATS = ("diffusers", "peft", "diffsynth", "lightning", "kohya", "comfyui")
 WITH_ALPHA_KEYS = ("lightning", "kohya", "comfyui")

@@ -18,17 +18,19 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
 from properties.test_lora_algebra import fuse_into_k_third, fuse_sharing_first_A, split_in_kqv_order
-from verify.candidate import DEFAULT_FUSED_MODULES
+from verify.checks.compare import Record, assert_failed, assert_passed, compare, compare_exact
+from verify.checks.fixtures import CONFIGS, FIXTURES, build_model, model_inputs
+from verify.checks.lora_audit import audit
+from verify.checks.probes import count_calls
+from verify.checks.tolerance import ALLCLOSE
 from verify.cli import main
-from verify.compare import Record, assert_failed, assert_passed, compare, compare_exact
-from verify.fixtures import CONFIGS, FIXTURES, build_model, model_inputs
-from verify.fused import fuse_model
-from verify.lora import algebra, formats, mapping
-from verify.lora.audit import audit
-from verify.naming import streams
-from verify.probes import count_calls
-from verify.state_dict import merge_state_dict
-from verify.tolerance import ALLCLOSE
+from verify.files import lora_formats as formats
+from verify.files import lora_mapping as mapping
+from verify.implementations.candidate import DEFAULT_FUSED_MODULES
+from verify.implementations.fused import fuse_model
+from verify.maths import lora as algebra
+from verify.maths.naming import streams
+from verify.maths.state_dict import merge_state_dict
 
 CONFIG = CONFIGS["tiny"]
 HEAD_DIM = CONFIG["attention_head_dim"]

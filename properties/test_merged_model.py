@@ -12,9 +12,11 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from verify import VerifyError, adapters, fixtures, fuse_model, load_lora, load_merged, unfuse_model
-from verify.candidate import DEFAULT_FUSED_MODULES
-from verify.probes import count_calls
+from verify import VerifyError, fuse_model, load_lora, load_merged, unfuse_model
+from verify.checks import fixtures
+from verify.checks.probes import count_calls
+from verify.implementations import adapters
+from verify.implementations.candidate import DEFAULT_FUSED_MODULES
 
 CONFIG = fixtures.model_config("tiny")
 SEPARATE = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0"]

@@ -10,9 +10,11 @@ import torch
 from diffusers.hooks.tensor_parallel import PackedColwiseParallel, resolve_tp_shard_specs
 from diffusers.models.attention_dispatch import AttentionBackendName
 
-from verify import fixtures, fused, qkv
-from verify.fused import fuse_model, joint_attentions, tensor_parallel_plan, unfuse_model
-from verify.naming import streams
+from verify.checks import fixtures
+from verify.implementations import fused
+from verify.implementations.fused import fuse_model, joint_attentions, tensor_parallel_plan, unfuse_model
+from verify.maths import qkv
+from verify.maths.naming import streams
 
 CONFIG = fixtures.model_config("tiny")
 HEAD_DIM = CONFIG["attention_head_dim"]
@@ -20,7 +22,7 @@ HEAD_DIM = CONFIG["attention_head_dim"]
 
 @pytest.mark.parametrize("processor", ["reference", "fast"])
 def test_set_attention_backend_and_the_parallel_config_reach_dispatch(monkeypatch, processor):
-    import verify.fast_fused
+    import verify.implementations.fast_fused
 
     model = fuse_model(fixtures.build_model(CONFIG, 0), processor=processor)
     model.set_attention_backend("native")
@@ -37,7 +39,7 @@ def test_set_attention_backend_and_the_parallel_config_reach_dispatch(monkeypatc
         return dispatch(*args, **kwargs)
 
     monkeypatch.setattr(fused, "dispatch_attention_fn", spy)
-    monkeypatch.setattr(verify.fast_fused, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(verify.implementations.fast_fused, "dispatch_attention_fn", spy)
     with torch.no_grad():
         model(**fixtures.model_inputs(CONFIG, fixtures.FIXTURES["text-to-image"], 0))
     assert len(seen) == CONFIG["num_layers"]

@@ -18,9 +18,9 @@ from properties.strategies import (
     seeds,
     shapes_and_layouts,
 )
-from verify import qkv
-from verify.compare import assert_passed, compare_exact
+from verify.checks.compare import assert_passed, compare_exact
 from verify.errors import VerifyError
+from verify.maths import qkv
 
 
 def _dim(frame, negative: bool) -> int:

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from properties.checkpoint_files import standard_checkpoint
+from verify.checks.regress import EPS, Thresholds, format_result, load_summary, regress
+from verify.checks.selector import resolve
 from verify.cli import main
 from verify.errors import VerifyError
-from verify.regress import EPS, Thresholds, format_result, load_summary, regress
-from verify.selector import resolve
 
 BASELINE = Path(__file__).resolve().parent.parent / "reports" / "baselines" / "default.json"
 OBTAINED = BASELINE.with_name("default.obtained.json")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 import pytest
 
 from properties.test_streaming import _lora_file
-from verify import fixtures
+from verify.checks import fixtures
 from verify.cli import main
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

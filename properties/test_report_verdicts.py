@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from verify import fixtures
+from verify.checks import fixtures
 from verify.cli import main
 
 FAST = ("--dtypes", "fp64,fp32")

@@ -19,13 +19,13 @@ from properties.strategies import (
     random_tensor,
     seeds,
 )
-from verify import qkv
-from verify.compare import assert_failed, assert_passed, compare_exact
+from verify.checks.compare import assert_failed, assert_passed, compare_exact
+from verify.checks.fixtures import build_model
 from verify.errors import VerifyError
-from verify.fixtures import build_model
-from verify.fused import FusedQwenAttnProcessor, fuse_model, joint_attentions, unfuse_model
-from verify.naming import NAMINGS, streams
-from verify.state_dict import merge_state_dict, split_state_dict
+from verify.implementations.fused import FusedQwenAttnProcessor, fuse_model, joint_attentions, unfuse_model
+from verify.maths import qkv
+from verify.maths.naming import NAMINGS, streams
+from verify.maths.state_dict import merge_state_dict, split_state_dict
 
 KEY = re.compile(r"^(?P<prefix>.*\.)?(?P<leaf>\w+)\.(?P<param>weight|bias)$")
 
@@ -186,7 +186,7 @@ def _qkv_block(prefix: str, leaves: tuple[str, ...], seed: int) -> dict[str, tor
 @pytest.mark.parametrize("layout", qkv.LAYOUTS)
 def test_matching_layout_names_the_layout_merged_weights_were_fused_in(layout):
     """Two heads of 4 rows: blocked and interleaved differ, so exactly one layout splits back bit for bit."""
-    from verify.state_dict import matching_layout
+    from verify.maths.state_dict import matching_layout
 
     std = {**_qkv_block("b.0.attn.", ("add_q_proj", "add_k_proj", "add_v_proj"), 0), "b.0.other.weight": torch.ones(2)}
     merged = merge_state_dict(std, "diffusers", layout, 4)
@@ -202,7 +202,7 @@ def test_matching_layout_names_the_layout_merged_weights_were_fused_in(layout):
 
 
 def test_layout_hint_speaks_only_when_the_weights_match_another_layout():
-    from verify.state_dict import layout_hint
+    from verify.maths.state_dict import layout_hint
 
     assert layout_hint("blocked", None) == "" and layout_hint("interleaved", "interleaved") == ""
     assert layout_hint("blocked", "interleaved") == ("; the merged weights match bit for bit in the interleaved "

@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verify import fixtures
-from verify.candidate import resolve
-from verify.compare import compare, compare_exact
-from verify.fused import fuse_model
-from verify.loading import empty_model
-from verify.lora import formats, mapping
-from verify.report import _updater
-from verify.streaming import StateDictSource, run_streaming
-from verify.tolerance import OUTPUTS
+from verify.checks import fixtures
+from verify.checks.compare import compare, compare_exact
+from verify.checks.report import _updater
+from verify.checks.streaming import StateDictSource, run_streaming
+from verify.checks.tolerance import OUTPUTS
+from verify.files import lora_formats as formats
+from verify.files import lora_mapping as mapping
+from verify.implementations.candidate import resolve
+from verify.implementations.fused import fuse_model
+from verify.implementations.loading import empty_model
 
 REFERENCE, DIFFUSERS = resolve("reference"), resolve("diffusers")
 FLAGS = [{}, {"zero_cond_t": True}, {"use_layer3d_rope": True, "use_additional_t_cond": True}]

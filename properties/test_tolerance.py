@@ -1,4 +1,4 @@
-"""The rules of verify/tolerance.py at their boundaries, judged through `compare`.
+"""The rules of verify/checks/tolerance.py at their boundaries, judged through `compare`.
 
 The per-dtype floors are torch.testing's own: at |cand - ref| just inside and just outside atol + rtol * |ref|, the
 allclose rule accepts and rejects exactly where torch.testing.assert_close does. The relative rules allow
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from torch.testing._comparison import default_tolerances
 
 from properties.strategies import float_dtypes
-from verify.compare import compare
-from verify.tolerance import ALLCLOSE, DTYPES, EXACT, FLOORS, GRADIENTS, OUTPUTS, Rule, parse_dtypes
+from verify.checks.compare import compare
+from verify.checks.tolerance import ALLCLOSE, DTYPES, EXACT, FLOORS, GRADIENTS, OUTPUTS, Rule, parse_dtypes
 
 INSIDE, OUTSIDE = 1 - 1e-3, 1 + 1e-3  # the candidate's error as a multiple of the allowed error
 # (rule, k): DESIGN.md section 5's factors; allclose is the floor alone, whatever the standard model's error
@@ -113,7 +113,7 @@ def test_exact_passes_equal_bits_and_fails_one_ulp(dtype):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 def test_floor_reads_torch_testing_and_swaps_it_into_atol_rtol(dtype):
     """FLOORS is built at import; the function that builds it is called here, so a change to it is seen."""
-    from verify.tolerance import _floor
+    from verify.checks.tolerance import _floor
 
     rtol, atol = default_tolerances(dtype)
     assert _floor(dtype) == (atol, rtol) == FLOORS[dtype]

@@ -13,9 +13,10 @@ The public API, stable whatever the layout of the package (imported on first use
 __version__ = "0.1.0"
 
 _API = {
-    "fuse_model": "verify.fused", "unfuse_model": "verify.fused", "load_merged": "verify.loading",
-    "load_lora": "verify.lora.install", "check_candidate": "verify.testing", "assert_candidate": "verify.testing",
-    "resolve": "verify.candidate", "VerifyError": "verify.errors",
+    "fuse_model": "verify.implementations.fused", "unfuse_model": "verify.implementations.fused",
+    "load_merged": "verify.implementations.loading", "load_lora": "verify.implementations.lora",
+    "check_candidate": "verify.testing", "assert_candidate": "verify.testing",
+    "resolve": "verify.implementations.candidate", "VerifyError": "verify.errors",
 }
 __all__ = [*_API, "__version__"]
 

@@ -15,20 +15,22 @@ from verify.errors import run_command
 # command -> (module, registrar, the line `qkv-verify --help` shows). A registrar is imported only when its command
 # runs (or asks for its --help): `qkv-verify --help` imports neither torch nor diffusers.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "report": ("verify.report_cli", "register_report",
+    "report": ("verify.commands.report", "register_report",
                "check a merged model against the standard one over the whole model, in every dtype (and a LoRA): "
                "summary.json, report.md, index.html"),
-    "test": ("verify.suite_cli", "register_test", "run the packaged property suite against your implementation (SPEC)"),
-    "lora-audit": ("verify.lora.cli", "register", "say what a LoRA file does to a standard or merged Qwen-Image model"),
-    "lora-convert": ("verify.lora.cli", "register",
+    "test": ("verify.commands.test", "register_test",
+             "run the packaged property suite against your implementation (SPEC)"),
+    "lora-audit": ("verify.commands.lora", "register",
+                   "say what a LoRA file does to a standard or merged Qwen-Image model"),
+    "lora-convert": ("verify.commands.lora", "register",
                      "convert a LoRA between separate q/k/v and fused QKV, keeping delta W exactly"),
-    "lora-compare": ("verify.lora.cli", "register",
+    "lora-compare": ("verify.commands.lora", "register",
                      "do two LoRA files change the model by the same delta W? (catches a broken converter)"),
-    "regress": ("verify.regress", "register_regress",
+    "regress": ("verify.commands.regress", "register_regress",
                 "compare two summary.json files: which outputs, samples and check metrics moved"),
-    "convert": ("verify.convert", "register",
+    "convert": ("verify.commands.convert", "register",
                 "stream a checkpoint between standard and merged QKV; --check proves a conversion"),
-    "bench": ("verify.bench", "register_bench",
+    "bench": ("verify.commands.bench", "register_bench",
               "standard vs merged block speed: forward and training step, eager and torch.compile"),
 }
 

@@ -1,6 +1,6 @@
 """Planted bugs: deliberately wrong merged implementations that the same comparison must reject.
 
-Each is a candidate `build(standard, component)` (verify.candidate) and a SPEC of its own, e.g.
+Each is a candidate `build(standard, component)` (verify.implementations.candidate) and a SPEC of its own, e.g.
 `verify.planted:k_v_swapped`: `qkv-verify report --candidate` and `qkv-verify test` must fail every one of them.
 """
 
@@ -11,9 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from verify import qkv
-from verify.fused import FusedQwenAttnProcessor, fuse_attention, joint_attentions
-from verify.naming import DEFAULT_NAMING
+from verify.implementations.fused import FusedQwenAttnProcessor, fuse_attention, joint_attentions
+from verify.maths import qkv
+from verify.maths.naming import DEFAULT_NAMING
 
 
 class _KVSwapped(FusedQwenAttnProcessor):

@@ -27,8 +27,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session")
 def qkv_candidate(request: pytest.FixtureRequest):
-    """The verify.candidate.Implementation named by --qkv-candidate."""
-    from verify.candidate import resolve
+    """The verify.implementations.candidate.Implementation named by --qkv-candidate."""
+    from verify.implementations.candidate import resolve
 
     spec = request.config.getoption("--qkv-candidate")
     if not spec:
@@ -39,7 +39,7 @@ def qkv_candidate(request: pytest.FixtureRequest):
 @pytest.fixture(scope="session")
 def qkv_reference(request: pytest.FixtureRequest):
     """The reference named by --qkv-reference (diffusers when none)."""
-    from verify.candidate import resolve
+    from verify.implementations.candidate import resolve
 
     return resolve(request.config.getoption("--qkv-reference") or "diffusers")
 

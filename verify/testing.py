@@ -3,7 +3,7 @@
     from verify.testing import assert_candidate
     assert_candidate("my_pkg.fused:build")                 # attention, block and model; fp64, fp32, bf16, fp16
 
-`check_candidate` returns the records (verify.compare.Record); `assert_candidate` raises AssertionError with a
+`check_candidate` returns the records (verify.checks.compare.Record); `assert_candidate` raises AssertionError with a
 diffusers-style message for every failing one.
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Iterable
 
 import torch
 
-from verify.candidate import Build, Implementation, resolve
-from verify.cases import CASES
-from verify.compare import Record
-from verify.equivalence import run_case
+from verify.checks.cases import CASES
+from verify.checks.compare import Record
+from verify.checks.equivalence import run_case
+from verify.implementations.candidate import Build, Implementation, resolve
 
 
 def check_candidate(candidate: str | Build | Implementation, reference: str | Build | Implementation | None = None,

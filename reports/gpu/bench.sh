@@ -12,5 +12,5 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD
 card=$(python3 -c "import torch, re; n = torch.cuda.get_device_name(); print(re.search(r'[HAB]\d+', n).group(0).lower())")
-python3 -m verify.bench --device cuda --json "$out/$name-$card.json" "$@" 2>&1 | tee "$out/$name-$card.log"
+python3 -m verify.commands.bench --device cuda --json "$out/$name-$card.json" "$@" 2>&1 | tee "$out/$name-$card.log"
 exit "${PIPESTATUS[0]}"

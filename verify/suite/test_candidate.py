@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from verify.cases import CASES
-from verify.equivalence import run_case
-from verify.strategies import input_specs, model_configs, seeds
+from verify.checks.cases import CASES
+from verify.checks.equivalence import run_case
+from verify.checks.strategies import input_specs, model_configs, seeds
+from verify.checks.tolerance import DTYPES
 from verify.testing import describe
-from verify.tolerance import DTYPES
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))

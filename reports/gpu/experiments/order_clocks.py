@@ -19,7 +19,9 @@ import time
 import pynvml
 import torch
 
-from verify import bench
+from verify.bench import blocks as bench_blocks
+from verify.bench import options as bench_options
+from verify.bench import timing as bench_timing
 
 
 class Sampler(threading.Thread):
@@ -56,7 +58,7 @@ class Sampler(threading.Thread):
 def timed(fn, calls: int, sampler: Sampler) -> dict:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    ms = bench.time_calls(fn, "cuda", calls)
+    ms = bench_timing.time_calls(fn, "cuda", calls)
     t1 = time.perf_counter()
     return dict(median_ms=statistics.median(ms), first_ms=ms[0], last_ms=ms[-1], **sampler.between(t0, t1))
 
@@ -101,14 +103,14 @@ def busy(fn, calls: int) -> dict:
 
 
 def main(out: str, tokens: int) -> None:
-    opts = bench.Options(device="cuda", image_tokens=(tokens,), processor="fast-compiled")
-    bench._set_recompile_limit(64)
-    std = bench.build_block(opts)
-    merged = bench.merged_block(std, opts.processor)
-    inputs = bench.block_inputs(opts, tokens)
-    bench._mark_sequence(inputs["hidden_states"], inputs["image_rotary_emb"][0])
-    a = bench.train_call(bench._compile(std, opts), inputs, opts.seed)
-    b = bench.train_call(bench._compile(merged, opts), inputs, opts.seed)
+    opts = bench_options.Options(device="cuda", image_tokens=(tokens,), processor="fast-compiled")
+    bench_blocks.set_recompile_limit(64)
+    std = bench_blocks.build_block(opts)
+    merged = bench_blocks.merged_block(std, opts.processor)
+    inputs = bench_blocks.block_inputs(opts, tokens)
+    bench_blocks.mark_sequence(inputs["hidden_states"], inputs["image_rotary_emb"][0])
+    a = bench_blocks.train_call(bench_blocks.compile_block(std, opts), inputs, opts.seed)
+    b = bench_blocks.train_call(bench_blocks.compile_block(merged, opts), inputs, opts.seed)
     sampler = Sampler()
     sampler.start()
     for fn in (a, b, a, b):

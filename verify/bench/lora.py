@@ -1,0 +1,136 @@
+"""The LoRA training rows (the write-up's setting): PEFT adapters on the write-up's targets, base frozen, checked."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch._dynamo
+from torch import nn
+
+from verify.bench.gate import has_no_separate_projections
+from verify.bench.options import DTYPE
+
+
+def lora_targets(arm: str) -> tuple[str, ...]:
+    """The write-up's PEFT target modules: the separate q/k/v projections of both streams for the standard and
+    lean-unfused arms, the fused ones for the merged arm, and both output projections for all."""
+    from verify.maths.naming import DEFAULT_NAMING, streams
+
+    image, text = streams(DEFAULT_NAMING)
+    qkv = (image.fused, text.fused) if arm == "merged" else (*image.separate, *text.separate)
+    return (*qkv, "to_out.0", "to_add_out")
+
+
+def _qkv_targets(arm: str) -> tuple[str, ...]:
+    return lora_targets(arm)[:-2]
+
+
+def is_lora_parameter(name: str) -> bool:
+    """A parameter of a PEFT LoRA adapter (lora_A / lora_B, ...), not of the base model."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def freeze_base(module: nn.Module) -> None:
+    """Train only the adapters: every base parameter frozen (requires_grad False), every LoRA parameter trainable."""
+    for name, p in module.named_parameters():
+        p.requires_grad_(is_lora_parameter(name))
+
+
+def add_lora(module: nn.Module, arm: str, rank: int, seed: int) -> nn.Module:
+    """PEFT LoRA adapters of `rank` on `module`'s targets for `arm`, in place: alpha = rank (scale 1), A and B both
+    random (init_lora_weights=False: B is not zero, so the adapters change the output and their gradients are
+    general), in the bench's dtype, base frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=list(lora_targets(arm)))
+    torch.manual_seed(seed)
+    inject_adapter_in_model(config, module)
+    nn.Module.to(module, dtype=DTYPE)
+    freeze_base(module)
+    return module
+
+
+def lora_blocks(std: nn.Module, merged: nn.Module, lean: nn.Module, rank: int, seed: int) -> dict[str, nn.Module]:
+    """The three arms of a lora-train row: copies of `std`, `merged` and `lean` with PEFT adapters on their target
+    lists (base frozen). The merged arm's adapters are random; the standard and lean-unfused arms get the same ones
+    split (each of to_q, to_k, to_v: the fused adapter's A and its rows of B in the merged layout), so all three
+    compute one function and every timed size can be checked like the other rows."""
+    from verify.implementations.fused import joint_attentions
+    from verify.maths import qkv
+
+    out = {"merged": add_lora(copy.deepcopy(merged), "merged", rank, seed)}
+    out["standard"] = add_lora(copy.deepcopy(std), "standard", rank, seed)
+    with torch.no_grad():
+        for fused_attn, attn in zip(joint_attentions(out["merged"]), joint_attentions(out["standard"])):
+            proc = fused_attn.processor
+            for stream in (proc.image, proc.text):
+                fused = getattr(fused_attn, stream.fused)
+                a, b = fused.lora_A["default"].weight, fused.lora_B["default"].weight
+                parts = qkv.split(b, qkv.QKVShape.equal(b.shape[0], attn.inner_dim // attn.heads), proc.layout)
+                for name, part in zip(stream.separate, parts):
+                    getattr(attn, name).lora_A["default"].weight.copy_(a)
+                    getattr(attn, name).lora_B["default"].weight.copy_(part)
+            for name in ("to_out", "to_add_out"):
+                src, dst = getattr(fused_attn, name), getattr(attn, name)
+                src, dst = (src[0], dst[0]) if name == "to_out" else (src, dst)
+                for side in ("lora_A", "lora_B"):
+                    getattr(dst, side)["default"].weight.copy_(getattr(src, side)["default"].weight)
+    lean_lora = copy.deepcopy(out["standard"])
+    for attn, lean_attn in zip(joint_attentions(lean_lora), joint_attentions(lean)):
+        attn.set_processor(copy.deepcopy(lean_attn.processor))
+    out["lean_unfused"] = lean_lora
+    return out
+
+
+def lora_gradients(module: nn.Module, step: Callable[[], object]) -> dict:
+    """One training step of `module`, then which parameters hold a gradient: the base ones that do (must be none)
+    and the LoRA ones that do not, or whose gradient is all zeros (must be none)."""
+    module.zero_grad(set_to_none=True)
+    step()
+    named = list(module.named_parameters())
+    lora = [(n, p) for n, p in named if is_lora_parameter(n)]
+    return dict(lora_parameters=len(lora), base_parameters=len(named) - len(lora),
+                base_with_grad=[n for n, p in named if not is_lora_parameter(n) and p.grad is not None],
+                base_trainable=[n for n, p in named if not is_lora_parameter(n) and p.requires_grad],
+                lora_without_grad=[n for n, p in lora if p.grad is None or not bool(p.grad.ne(0).any())])
+
+
+def lora_check(name: str, arm: str, module: nn.Module, run: nn.Module, step: Callable[[], object],
+               inputs: dict) -> dict:
+    """A LoRA arm before it is timed: PEFT LoRA layers on exactly its targets, one training step of `run` (the
+    timed module, compiled or not) that trains every adapter and no base weight, and in eager (`run` is `module`)
+    the q/k/v LoRA layers counted as they run (merged: the fused to_qkv / add_qkv_proj wrappers, one call per
+    stream; their base layers are the fused projections)."""
+    from peft.tuners.lora import LoraLayer
+
+    from verify.checks.probes import count_calls
+    from verify.implementations.fused import joint_attentions
+
+    targets = lora_targets(arm)
+    wrapped = sorted(n for n, m in module.named_modules() if isinstance(m, LoraLayer))
+    expected = sorted(n for n, _ in module.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)
+                      and not n.endswith(".base_layer"))
+    grads = lora_gradients(module, step)
+    problems = []
+    if wrapped != expected or not wrapped:
+        problems.append(f"LoRA layers on {wrapped}, expected {expected}")
+    if grads["base_with_grad"] or grads["base_trainable"]:
+        problems.append(f"base weights trained: {(grads['base_with_grad'] or grads['base_trainable'])[:4]}")
+    if grads["lora_without_grad"] or not grads["lora_parameters"]:
+        problems.append(f"LoRA parameters without a gradient: {grads['lora_without_grad'][:4]}")
+    if arm == "merged" and not has_no_separate_projections(module):
+        problems.append("the merged block still has separate q/k/v projections")
+    qkv_calls = None
+    if run is module:
+        with torch.no_grad(), count_calls(module, _qkv_targets(arm)) as calls:
+            module(**inputs)
+        qkv_calls = sum(calls.values())
+        if qkv_calls != len(_qkv_targets(arm)) * len(joint_attentions(module)):
+            problems.append(f"{qkv_calls} calls of the q/k/v LoRA layers {_qkv_targets(arm)}")
+    return dict(name=name, rule="lora(targets, base frozen, every adapter trained)", passed=not problems,
+                message="; ".join(problems) or None, lora_layers=len(wrapped), qkv_lora_calls=qkv_calls,
+                **{k: grads[k] for k in ("lora_parameters", "base_parameters")},
+                base_with_grad=grads["base_with_grad"][:8], lora_without_grad=grads["lora_without_grad"][:8])

@@ -1,0 +1,75 @@
+"""What `qkv-verify bench` measures: its options, the modes, phases and arms of a row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+from verify.errors import VerifyError
+
+DTYPE = torch.bfloat16
+
+MODES = ("eager", "compiled")
+
+PHASES = ("forward", "train")
+
+LORA_PHASE = "lora-train"  # a LoRA training step: rows of --lora-rank
+
+ALL_PHASES = (*PHASES, LORA_PHASE)
+
+ARMS = ("standard", "merged", "lean_unfused")  # the implementations each block row times
+
+
+@dataclass
+class Options:
+    """What to measure; every size comes from here, so a CPU smoke test runs the same code with tiny dims."""
+
+    device: str = "cuda"
+    dim: int = 3072
+    heads: int = 24
+    head_dim: int = 128
+    image_tokens: tuple[int, ...] = (4096, 8192, 16384)
+    text_tokens: int = 256
+    batch: int = 1
+    modes: tuple[str, ...] = MODES
+    phases: tuple[str, ...] = PHASES  # of ALL_PHASES; "lora-train" needs lora_rank
+    processor: str = "fast"
+    lora_rank: int = 0  # rank of the LoRA adapters of the lora-train rows (0: no such rows)
+    repeats: int = 30  # timed calls per implementation and row
+    warmup: int = 5
+    seed: int = 0
+    compile_backend: str = "auto"  # inductor on cuda; dynamo capture only ("eager") on the CPU
+    compile_mode: str | None = None  # torch.compile mode for inductor (e.g. max-autotune-no-cudagraphs)
+    compile_shapes: str = "dynamic"  # "dynamic": image sequence symbolic, one compile for all sizes; "static"
+    full_model: bool = False
+    layers: int = 60
+    check_tokens: int | None = None  # a size judged before timing but not timed (every timed size is judged too)
+    time_limit: float = 0.0  # seconds; past it, no new (mode, size) group starts (0: no limit)
+    trace: Path | None = None  # folder for each row's profiler timelines (Chrome trace JSON), or none
+    log: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
+    on_update: Callable[[dict], None] = field(default=lambda result: None, repr=False)  # after every row
+
+    def validate(self) -> None:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise VerifyError("--device cuda: no CUDA device on this machine (use --device cpu for a smoke test)")
+        if self.dim != self.heads * self.head_dim:
+            raise VerifyError(f"--dim {self.dim} is not --heads {self.heads} x --head-dim {self.head_dim}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise VerifyError(f"--head-dim must be even and at least 6 (three RoPE axes), got {self.head_dim}")
+        if min(self.image_tokens, default=0) < 1 or self.text_tokens < 1 or self.batch < 1:
+            raise VerifyError("--image-tokens, --text-tokens and --batch must be positive")
+        if self.repeats < 1 or self.warmup < 1:
+            raise VerifyError("--repeats and --warmup must be at least 1")
+        if self.lora_rank < 0 or (LORA_PHASE in self.phases) != (self.lora_rank > 0):
+            raise VerifyError(f"--lora-rank must be positive exactly when the {LORA_PHASE!r} rows are asked for, got "
+                              f"rank {self.lora_rank} with phases {', '.join(self.phases)}")
+
+    @property
+    def backend(self) -> str:
+        if self.compile_backend != "auto":
+            return self.compile_backend
+        return "inductor" if self.device == "cuda" else "eager"

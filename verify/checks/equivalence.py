@@ -1,0 +1,178 @@
+"""Run an equivalence case: the reference in fp64 (the oracle), then reference vs candidate in each dtype, judged by
+verify.checks.compare. Both implementations come in through verify.implementations.candidate; diffusers is the default
+reference."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from verify.checks.cases import Case, Outputs
+from verify.checks.compare import Record, compare
+from verify.checks.divergence import first_divergence
+from verify.checks.fixtures import InputSpec, cast_inputs
+from verify.checks.probes import count_calls, standard_parameters
+from verify.checks.tolerance import GRADIENTS, OUTPUTS, dtype_name
+from verify.errors import VerifyError
+from verify.implementations.candidate import Build, Implementation, resolve
+from verify.implementations.fused import default_processor
+
+GRAD_INPUTS = ("hidden_states", "encoder_hidden_states")
+Spec = str | Build | Implementation
+
+
+def implementation(spec: Spec | None, device: str = "cpu") -> Implementation:
+    """An Implementation from a SPEC, a build callable or an Implementation; None: fuse_model's default processor
+    on `device`."""
+    if isinstance(spec, Implementation):
+        return spec
+    return resolve(default_processor(device) if spec is None else spec)
+
+
+def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: str = "cpu", seed: int = 0,
+             config: dict | None = None, spec: InputSpec | None = None, candidate: Spec | None = None,
+             reference: Spec | None = None, layout: str = "blocked") -> list[Record]:
+    """Records for `case` in each dtype: outputs (and gradients when the case asks) of the candidate vs the
+    reference; `layout` splits the candidate's fused parameters when its weight gradients are mapped."""
+    cand_impl, ref_impl = implementation(candidate, device), implementation(reference or "diffusers")
+    layout = cand_impl.layout or layout
+    config, spec = config or case.config, spec or case.spec
+    standard = case.build(config, seed)
+    inputs = case.inputs(config, spec, seed)
+    judge = _Judge(case, standard, inputs, device, seed, layout, config["attention_head_dim"])
+    ref_module = build_component(ref_impl, _to(copy.deepcopy(standard), torch.float64, "cpu"), case.component)
+    ref = judge.run(ref_impl, ref_module, torch.float64) if ref_module is not None else None  # the oracle
+    records = []
+    for dtype in dtypes or case.dtypes:
+        base_module = build_component(ref_impl, _to(copy.deepcopy(standard), dtype, device), case.component)
+        cand_module = build_component(cand_impl, _to(copy.deepcopy(standard), dtype, device), case.component)
+        if cand_module is None or base_module is None:
+            absent = (cand_impl, "candidate") if cand_module is None else (ref_impl, "reference")
+            records += [judge.not_provided(kind, dtype, *absent) for kind in judge.kinds]
+            continue
+        base = judge.run(ref_impl, base_module, dtype)
+        with count_calls(cand_module, cand_impl.fused_modules) as calls:
+            cand = judge.run(cand_impl, cand_module, dtype)
+        judge.check_shapes(cand_impl, base["outputs"], cand["outputs"])
+        fused_calls = sum(calls.values()) if cand_impl.fused else None
+        for kind in judge.kinds:
+            record = judge.compare(kind, ref, base, cand, dtype, fused_calls, (ref_impl, cand_impl), ref_module)
+            if not record.passed and (record.mismatched or record.nonfinite):
+                record.first_divergence = judge.locate(ref_module, base_module, cand_module, dtype)
+            records.append(record)
+    return records
+
+
+def build_component(impl: Implementation, standard: nn.Module, component: str) -> nn.Module | None:
+    """impl's module for `component`; a model that impl does not provide is the standard model with every block
+    built by impl (None when it provides neither)."""
+    built = impl.make(copy.deepcopy(standard) if component == "model" else standard, component)
+    if built is not None or component != "model":
+        return built
+    blocks = standard.transformer_blocks
+    for i in range(len(blocks)):
+        block = impl.make(blocks[i], "block")
+        if block is None:
+            return None
+        blocks[i] = block
+    return standard
+
+
+class _Judge:
+    """One case's inputs and standard component: runs an implementation, names its gradients, judges a kind."""
+
+    def __init__(self, case: Case, standard: nn.Module, inputs: dict, device: str, seed: int, layout: str,
+                 head_dim: int):
+        self.case, self.inputs, self.device, self.seed, self.layout, self.head_dim = (
+            case, inputs, device, seed, layout, head_dim)
+        self.parameters = {n for n, _ in standard.named_parameters()}
+        self.modules = {n for n, _ in standard.named_modules() if n}
+        self.kinds = ("outputs", "gradients") if case.grads else ("outputs",)
+
+    def run(self, impl: Implementation, module: nn.Module, dtype: torch.dtype) -> dict[str, Outputs]:
+        """Named outputs; with gradients of a seeded projection of them w.r.t. inputs and (standard-named) weights."""
+        try:
+            return _run(self.case, module, cast_inputs(self.inputs, dtype, _device(module)), self.case.grads,
+                        self.seed)
+        except VerifyError:
+            raise
+        except Exception as e:
+            raise VerifyError(f"candidate {impl.spec} ({self.case.component}): calling it raised "
+                              f"{type(e).__name__}: {e}") from None
+
+    def check_shapes(self, impl: Implementation, base: Outputs, cand: Outputs) -> None:
+        shapes = {k: tuple(v.shape) for k, v in base.items()}
+        got = {k: tuple(v.shape) for k, v in cand.items()}
+        if shapes != got:
+            raise VerifyError(f"candidate {impl.spec} ({self.case.component}): returns {got} where the standard "
+                              f"returns {shapes}")
+
+    def compare(self, kind: str, ref: dict, base: dict, cand: dict, dtype: torch.dtype, fused_calls: int | None,
+                impls: tuple[Implementation, Implementation], ref_module: nn.Module) -> Record:
+        name = f"{self.case.name}/{kind}"
+        if kind == "outputs":
+            return compare(name, self.case.component, ref[kind], cand[kind], OUTPUTS, dtype, self.device,
+                           base=base[kind], fused_calls=fused_calls)
+        sides, why = {}, ""
+        for role, grads, impl in (("ref", ref, impls[0]), ("base", base, impls[0]), ("cand", cand, impls[1])):
+            mapped, problem = self.weight_gradients(grads[kind], impl)
+            sides[role] = mapped
+            why = why or (problem and f"{'reference' if role != 'cand' else 'candidate'} {impl.spec}: {problem}")
+        if why:
+            sides = {role: {k: v for k, v in g.items() if k.startswith("input.")} for role, g in
+                     (("ref", ref[kind]), ("base", base[kind]), ("cand", cand[kind]))}
+        record = compare(name, self.case.component, sides["ref"], sides["cand"], GRADIENTS, dtype, self.device,
+                         base=sides["base"], fused_calls=fused_calls)
+        record.weight_gradients = f"not compared: {why}" if why else "compared"
+        return record
+
+    def weight_gradients(self, gradients: Outputs, impl: Implementation) -> tuple[Outputs, str]:
+        """Input gradients as they are, weight gradients renamed onto the standard's parameter names."""
+        inputs = {k: v for k, v in gradients.items() if k.startswith("input.")}
+        weights = {k[len("weight."):]: v for k, v in gradients.items() if k.startswith("weight.")}
+        mapped, why = standard_parameters(weights, self.parameters, self.layout, self.head_dim)
+        if mapped is None:
+            return inputs, why
+        return inputs | {f"weight.{k}": v for k, v in mapped.items()}, ""
+
+    def not_provided(self, kind: str, dtype: torch.dtype, impl: Implementation, role: str) -> Record:
+        return Record(f"{self.case.name}/{kind}", self.case.component, dtype_name(dtype), str(self.device),
+                      (OUTPUTS if kind == "outputs" else GRADIENTS).describe(), False,
+                      f"not provided: {role} {impl.spec} returns None for {self.case.component!r}", provided=False)
+
+    def locate(self, ref: nn.Module, base: nn.Module, cand: nn.Module, dtype: torch.dtype) -> str | None:
+        def forward(module: nn.Module, d: torch.dtype) -> None:
+            self.case.outputs(module, cast_inputs(self.inputs, d, _device(module)))
+
+        return first_divergence(ref, base, cand, forward, dtype, self.modules)
+
+
+def _device(module: nn.Module) -> str:
+    param = next(module.parameters(), None)
+    return "cpu" if param is None else str(param.device)
+
+
+def _to(module: nn.Module, dtype: torch.dtype, device: str) -> nn.Module:
+    """Cast with nn.Module.to (diffusers' ModelMixin.to warns about fp32 modules this model does not have)."""
+    return nn.Module.to(module, device=device, dtype=dtype)
+
+
+def _run(case: Case, module: nn.Module, inputs: dict, grads: bool, seed: int) -> dict[str, Outputs]:
+    """Named outputs; with `grads`, also gradients of a seeded projection of them w.r.t. inputs and weights."""
+    if not grads:
+        with torch.no_grad():
+            return {"outputs": case.outputs(module, inputs)}
+    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in GRAD_INPUTS if k in inputs}
+    inputs = {**inputs, **leaves}
+    module.zero_grad(set_to_none=True)
+    outputs = case.outputs(module, inputs)
+    g = torch.Generator().manual_seed(seed + 2)
+    cotangents = {k: torch.randn(o.shape, generator=g, dtype=torch.float64) for k, o in sorted(outputs.items())}
+    loss = sum((o * cotangents[k].to(o.device, o.dtype)).sum() for k, o in outputs.items())
+    loss.backward()
+    gradients = {f"input.{k}": t.grad for k, t in leaves.items()}
+    gradients.update({f"weight.{n}": p.grad for n, p in module.named_parameters() if p.grad is not None})
+    return {"outputs": {k: o.detach() for k, o in outputs.items()}, "gradients": gradients}

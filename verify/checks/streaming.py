@@ -1,0 +1,278 @@
+"""Run the Qwen-Image transformer one block at a time: weights of one block in memory, every implementation advanced.
+
+The real model's fp64 oracle (about 160 GB of weights) fits no GPU and a 41 GB checkpoint must never sit whole in
+RAM, so the report streams: the non-block modules once, then for each block its weights are read (or generated),
+and the oracle, the standard model in each dtype and the merged model in each dtype each take one step. The
+prologue and epilogue follow QwenImageTransformer2DModel.forward line for line; a test holds them to it bit for bit.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from math import prod
+
+import torch
+from diffusers.models.normalization import RMSNorm
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenImageTransformerBlock,
+    compute_text_seq_len_from_mask,
+)
+from torch import nn
+
+from verify.checks.divergence import first_divergence, leaves_bound
+from verify.checks.fixtures import cast_inputs
+from verify.checks.probes import count_calls
+from verify.errors import VerifyError
+from verify.files.checkpoint import Checkpoint
+from verify.implementations.candidate import Implementation
+from verify.implementations.loading import check_fits, empty_model, is_merged, merged_naming
+from verify.maths.state_dict import split_state_dict
+
+BLOCKS = "transformer_blocks."
+Weights = dict[str, torch.Tensor]
+Update = Callable[[nn.Module, str], None]  # changes a module in place (a LoRA): (module, its path prefix)
+
+
+class StateDictSource:
+    """Weights from an in-memory state dict (the seeded tiny and small models, tests)."""
+
+    def __init__(self, state: Weights, config: dict, fused: tuple[str, str] | None = None):
+        self.state, self.config, self.fused = state, config, fused
+
+    def top(self) -> Weights:
+        return {k: v for k, v in self.state.items() if not k.startswith(BLOCKS)}
+
+    def block(self, i: int) -> Weights:
+        prefix = f"{BLOCKS}{i}."
+        return {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
+
+
+class CheckpointSource(StateDictSource):
+    """Weights read lazily from a checkpoint, one block at a time; fused (naming detected, layout as told) or not."""
+
+    def __init__(self, ckpt: Checkpoint, config: dict, layout: str = "blocked"):
+        if is_merged(ckpt):
+            super().__init__({}, config, (merged_naming(ckpt, config), layout))
+        else:
+            check_fits(ckpt, empty_model(config), config)
+            super().__init__({}, config)
+        self.ckpt = ckpt
+
+    def top(self) -> Weights:
+        return {k: self.ckpt.get(k) for k in self.ckpt.keys() if not k.startswith(BLOCKS)}
+
+    def block(self, i: int) -> Weights:
+        prefix = f"{BLOCKS}{i}."
+        return {k[len(prefix):]: self.ckpt.get(k) for k in self.ckpt.keys() if k.startswith(prefix)}
+
+
+class SeededSource(StateDictSource):
+    """Deterministic weights generated per tensor from (seed, name) on `device`: the real width without a file.
+
+    Linear weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), RMSNorm weights ~ U(0.5, 1.5) (so a norm swap shows).
+    """
+
+    def __init__(self, config: dict, seed: int, device: str):
+        super().__init__({}, config)
+        self.seed, self.device = seed, device
+        self.shell = empty_model(config)
+
+    def top(self) -> Weights:
+        params = dict(self.shell.named_parameters())
+        return {k: self._draw(k, p) for k, p in params.items() if not k.startswith(BLOCKS)}
+
+    def block(self, i: int) -> Weights:
+        prefix = f"{BLOCKS}{i}."
+        block = self.shell.transformer_blocks[i]
+        norms = {f"{n}.weight" for n, m in block.named_modules() if isinstance(m, RMSNorm)}
+        return {k: self._draw(prefix + k, p, k in norms) for k, p in block.named_parameters()}
+
+    def _draw(self, name: str, p: torch.Tensor, norm: bool = False) -> torch.Tensor:
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        if norm:
+            return torch.rand(p.shape, generator=g, device=self.device, dtype=torch.float64) + 0.5
+        x = torch.randn(p.shape, generator=g, device=self.device, dtype=torch.float64)
+        return x / p.shape[1] ** 0.5 if p.dim() == 2 else x * 0.02
+
+
+@dataclass
+class StreamRun:
+    """Named outputs of the oracle, and of standard and merged per dtype; fused calls and where the candidate first
+    left the bound (a block, and the submodule inside it when one can be named), per dtype."""
+
+    ref: dict[str, torch.Tensor] = field(default_factory=dict)
+    base: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict)
+    cand: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict)
+    fused_calls: dict[torch.dtype, int | None] = field(default_factory=dict)
+    first_divergence: dict[torch.dtype, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class _Impl:
+    role: str  # "ref" | "base" | "cand"
+    dtype: torch.dtype
+    top: nn.Module = None
+    state: dict = None
+    block: nn.Module = None
+    before: dict = None  # the state the current block started from
+    fused_calls: int = 0
+
+
+def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dtype], device: str,
+                  candidate: Implementation, reference: Implementation, cand: StateDictSource | None = None,
+                  std_update: Update | None = None, cand_update: Update | None = None) -> StreamRun:
+    """Oracle (the reference in fp64), standard (the reference) and candidate (each dtype) full-model outputs,
+    streamed block by block; every block of each is built by its implementation from a standard block.
+
+    `cand` is the user's merged weights (split back, in their layout, into the candidate's standard blocks).
+    `std_update` changes a standard block in place before it is built (a LoRA in the standard layout); the
+    candidate's blocks get `cand_update` after they are built when given (a LoRA in the merged layout), else
+    `std_update` before.
+    """
+    config = std.config
+    impls = [_Impl("ref", torch.float64)]
+    impls += [_Impl(role, d) for d in dtypes for role in ("base", "cand")]
+    top_std, top_cand = _on(std.top(), device), _on((cand or std).top(), device)
+    for impl in impls:
+        impl.top = _top_module(config, top_cand if impl.role == "cand" else top_std, impl.dtype, device)
+        update = cand_update if impl.role == "cand" and cand_update else std_update
+        if update:
+            update(impl.top, "")
+        impl.state = prologue(impl.top, config, cast_inputs(inputs, impl.dtype, device))
+    run = StreamRun(first_divergence={d: None for d in dtypes})
+    shared = {n for n, _ in _shell(config).named_modules() if n}
+    for i in range(config["num_layers"]):
+        w_std = _on(std.block(i), device)
+        w_cand = _on(_standard_weights(cand, i), device) if cand else w_std
+        for impl in impls:
+            impl.block = _implementation_block(config, impl, w_cand if impl.role == "cand" else w_std,
+                                               candidate if impl.role == "cand" else reference, i,
+                                               std_update, cand_update)
+            impl.before = impl.state
+            with torch.no_grad(), count_calls(impl.block, candidate.fused_modules) as calls:
+                impl.state = step(impl.block, impl.state)
+            impl.fused_calls += sum(calls.values())
+        _locate(run, impls, i, shared)
+        del w_std, w_cand
+    for impl in impls:
+        out = {"sample": epilogue(impl.top, config, impl.state)}
+        if impl.role == "ref":
+            run.ref = out
+        elif impl.role == "base":
+            run.base[impl.dtype] = out
+        else:
+            run.cand[impl.dtype] = out
+            run.fused_calls[impl.dtype] = impl.fused_calls if candidate.fused else None
+    return run
+
+
+def _standard_weights(cand: StateDictSource, i: int) -> Weights:
+    """Block i of `cand` as standard weights: fused projections split back in the given (naming, layout)."""
+    weights = cand.block(i)
+    if not cand.fused:
+        return weights
+    naming, layout = cand.fused
+    return split_state_dict(weights, naming, layout, cand.config["attention_head_dim"])
+
+
+def _implementation_block(config: dict, impl: _Impl, weights: Weights, implementation: Implementation, i: int,
+                          std_update: Update | None, cand_update: Update | None) -> nn.Module:
+    """Block i of one implementation: a standard block with `weights` in impl's dtype, built by `implementation`."""
+    prefix = f"{BLOCKS}{i}."
+    block = _block(config, weights, impl.dtype)
+    after = cand_update if impl.role == "cand" else None
+    if std_update and not after:
+        std_update(block, prefix)
+    built = implementation.make(block, "block")
+    if built is None:
+        role = "candidate" if impl.role == "cand" else "reference"
+        raise VerifyError(f"{role} {implementation.spec} provides no 'block': the full-model checks stream the model "
+                          "one block at a time")
+    if after:
+        after(built, prefix)
+    return built
+
+
+def _locate(run: StreamRun, impls: list[_Impl], i: int, shared: set[str]) -> None:
+    """After block i: for each dtype whose candidate has not diverged yet, check both streams against the bound
+    and, where they leave it, name block i and its first diverging submodule (among the names in `shared`)."""
+    ref = impls[0]
+    for base, cand in zip(impls[1::2], impls[2::2]):
+        if run.first_divergence[cand.dtype] is not None:
+            continue
+        keys = ("hidden_states", "encoder_hidden_states")
+        if not any(leaves_bound(ref.state[k], base.state[k], cand.state[k], cand.dtype) for k in keys):
+            continue
+        before = {id(x.block): x.before for x in (ref, base, cand)}
+
+        def forward(module: nn.Module, _dtype: torch.dtype, before: dict = before) -> None:
+            step(module, before[id(module)])
+
+        inner = first_divergence(ref.block, base.block, cand.block, forward, cand.dtype, shared)
+        run.first_divergence[cand.dtype] = f"{BLOCKS}{i}" + (f".{inner}" if inner else "")
+
+
+@torch.no_grad()
+def prologue(top: nn.Module, config: dict, inputs: dict) -> dict:
+    """Everything QwenImageTransformer2DModel.forward does before the first block."""
+    hidden_states = top.img_in(inputs["hidden_states"])
+    timestep = inputs["timestep"].to(hidden_states.dtype)
+    modulate_index = None
+    if config.get("zero_cond_t"):
+        timestep = torch.cat([timestep, timestep * 0], dim=0)
+        modulate_index = torch.tensor(
+            [[0] * prod(s[0]) + [1] * sum(prod(x) for x in s[1:]) for s in inputs["img_shapes"]],
+            device=timestep.device, dtype=torch.int,
+        )
+    encoder_hidden_states = top.txt_in(top.txt_norm(inputs["encoder_hidden_states"]))
+    text_seq_len, _, mask = compute_text_seq_len_from_mask(encoder_hidden_states,
+                                                           inputs.get("encoder_hidden_states_mask"))
+    temb = top.time_text_embed(timestep, hidden_states, inputs.get("additional_t_cond"))
+    rotary = top.pos_embed(inputs["img_shapes"], max_txt_seq_len=text_seq_len, device=hidden_states.device)
+    return dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_mask=mask, temb=temb, image_rotary_emb=rotary, modulate_index=modulate_index)
+
+
+def step(block: nn.Module, state: dict) -> dict:
+    """One transformer block."""
+    encoder_hidden_states, hidden_states = block(**state)
+    return state | dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
+
+
+@torch.no_grad()
+def epilogue(top: nn.Module, config: dict, state: dict) -> torch.Tensor:
+    """Everything QwenImageTransformer2DModel.forward does after the last block."""
+    temb = state["temb"].chunk(2, dim=0)[0] if config.get("zero_cond_t") else state["temb"]
+    return top.proj_out(top.norm_out(state["hidden_states"], temb))
+
+
+def _on(weights: Weights, device: str) -> Weights:
+    return {k: v.to(device=device, dtype=torch.float64) if v.is_floating_point() else v.to(device)
+            for k, v in weights.items()}
+
+
+def _top_module(config: dict, weights: Weights, dtype: torch.dtype, device: str) -> nn.Module:
+    """The non-block modules, with private copies of their weights (an update must never reach the source)."""
+    top = empty_model(config)
+    top.transformer_blocks = nn.ModuleList()
+    top.load_state_dict({k: v.to(dtype, copy=True) for k, v in weights.items()}, strict=True, assign=True)
+    return nn.Module.to(top, device=device).eval()
+
+
+def _shell(config: dict) -> QwenImageTransformerBlock:
+    """One standard block's structure, on the meta device."""
+    with torch.device("meta"):
+        return QwenImageTransformerBlock(
+            dim=config["num_attention_heads"] * config["attention_head_dim"],
+            num_attention_heads=config["num_attention_heads"], attention_head_dim=config["attention_head_dim"],
+            zero_cond_t=config.get("zero_cond_t", False),
+        )
+
+
+def _block(config: dict, weights: Weights, dtype: torch.dtype) -> nn.Module:
+    """One standard block with private copies of its weights, in `dtype`."""
+    block = _shell(config)
+    block.load_state_dict({k: v.to(dtype, copy=True) for k, v in weights.items()}, strict=True, assign=True)
+    return block.eval()

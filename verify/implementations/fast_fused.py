@@ -1,0 +1,334 @@
+"""A faster merged-QKV attention processor: fewer elementwise passes over q and k than diffusers' processor.
+
+Where the time goes (DESIGN.md section 7): fusing the three projections saves little; the elementwise work around
+them dominates. diffusers' RMSNorm makes six passes over q and k, most in fp32 (cast, square, mean, scale, cast
+back, weight), and its RoPE three more (cast to fp32, complex multiply, cast back); the joint [text, image]
+concatenation copies q, k and v once more. `FastFusedQwenAttnProcessor` computes the same function with
+
+- one fused projection per stream (the module is called, so LoRA wrappers and `count_fused_calls` see it);
+- q, k, v as views of the projection output (no split copies), in either fused layout;
+- QK-norm as one `F.rms_norm` (one fp32-accumulating pass), then its weight (a second pass in fp16 and bf16);
+- RoPE in real arithmetic with cos/sin taken once from the complex frequencies (cached across the blocks of one
+  model forward), written straight into the joint [text, image] buffer, so q and k need no concatenation; its
+  backward is the inverse rotation (no saved activations);
+- under torch.compile, one fp32 expression (norm, RoPE, concatenation) that inductor fuses into one kernel per tensor.
+
+Per image q or k in eager half precision: 5 elementwise passes (norm, weight, and RoPE's swap, multiply and
+multiply-add) against diffusers' 10 (norm 6, RoPE 3, concatenation 1).
+
+Precision. In eager fp16 and bf16 the kernels round where diffusers rounds, no more and no less: the norm rounds its
+normalised value, then the product with the weight (`_norm`); RoPE computes in fp32 with fp32 coefficients and rounds
+once, forward and backward (`_rope_into`). On the CPU its half-precision outputs are then bit-identical to diffusers'
+(20 of 20 block draws measured); its gradients are not, as no merged path's are: the fused projection's input gradient
+is one product over q, k and v where diffusers sums three rounded ones. Each rounding added or skipped put weight
+gradients beyond the relative-to-base rule (k=3) on small draws, with torch.testing's floors
+(properties/test_fast_fused.py, ROUNDING_DRAWS; seeds 59600-60299 of one zero_cond_t block, bf16 and fp16): RoPE rounded
+after each of its two passes and the weight inside one fused norm failed 7 of the first 300 seeds; RoPE rounded once
+with the fused norm, 2 of 700; the arithmetic here, 0 of 700. Costs of that: the weight's own pass (forward: one
+multiply; backward: two products and the weight's reduction, which the fused norm did inside its kernel) and RoPE's fp32
+intermediate (4 bytes per element more than a half-precision one, no extra pass). Half-precision RoPE coefficients also
+put gradients beyond the rule (fp32 ones are used). The compiled paths (the fp32 expression and the region) compute norm
+and RoPE in fp32 and round once (inductor elides intermediate casts anyway): closer to the fp64 oracle than diffusers,
+not bit-identical, and on the same block the expression fails the rule on 6 of 700 seeds, 5 of them in gradients (one
+element of a 6- or 12-element norm-weight or bias gradient, a sum of a few rounded terms, beyond 3x a standard error
+that happens to be small there).
+
+Every path is judged by the relative-to-base rule against the fp64 oracle like every merged path. In an fp64 model
+it uses diffusers' own norm and RoPE (fp32 variance, complex64 RoPE), because the fp64 oracle is diffusers in fp64
+and computing those steps in true fp64 moves weight gradients beyond the fp64 floor (see `_diffusers_norm_rope`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import Attention
+from diffusers.models.normalization import RMSNorm
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+from verify.implementations.fused import FusedQwenAttnProcessor
+from verify.maths.naming import DEFAULT_NAMING
+
+
+class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):
+    """Joint [text, image] attention from one fused projection per stream, with lean QK-norm, RoPE and layout.
+
+    `functional`: None picks the fused-kernel-friendly expression under torch.compile and the few-pass eager kernels
+    otherwise; True or False forces one of them (tests run both in eager).
+    """
+
+    def __init__(self, naming: str = DEFAULT_NAMING, layout: str = "blocked", functional: bool | None = None):
+        super().__init__(naming, layout)
+        self.functional = functional
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,  # image stream (B, S_img, dim)
+        encoder_hidden_states: torch.Tensor,  # text stream (B, S_txt, dim)
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is not None:
+            raise ValueError("pass encoder_hidden_states_mask; the processor builds the joint mask")
+        img, txt = self.projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = self.joint_qkv(attn, txt, img, image_rotary_emb)  # (B, S_txt + S_img, H, D) each
+        joint = dispatch_attention_fn(
+            q, k, v, attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states), dropout_p=0.0,
+            is_causal=False, backend=self._attention_backend, parallel_config=self._parallel_config,
+        )  # (B, S_txt + S_img, H, D)
+        return self.outputs(attn, joint.to(q.dtype), encoder_hidden_states.shape[1])
+
+    def projections(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple:
+        """The (image, text) projections: one fused module per stream, (B, S, 3 * H * D) each."""
+        return getattr(attn, self.image.fused)(hidden_states), getattr(attn, self.text.fused)(encoder_hidden_states)
+
+    def heads(self, projected, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, S, H, D) as views of one stream's projection."""
+        return split_heads(projected, head_dim, self.layout)
+
+    def joint_qkv(self, attn: Attention, txt, img, image_rotary_emb) -> tuple:
+        """Normalised, rotated q and k and plain v of the joint [text, image] sequence from the projections."""
+        head_dim = attn.inner_dim // attn.heads
+        img_q, img_k, img_v = self.heads(img, head_dim)  # (B, S_img, H, D) views
+        txt_q, txt_k, txt_v = self.heads(txt, head_dim)
+        img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        functional = torch.compiler.is_compiling() if self.functional is None else self.functional
+        joint_qk = _joint_qk_functional if functional else _joint_qk_kernels
+        q = joint_qk(attn.norm_added_q, txt_q, txt_freqs, attn.norm_q, img_q, img_freqs)
+        k = joint_qk(attn.norm_added_k, txt_k, txt_freqs, attn.norm_k, img_k, img_freqs)
+        v = torch.cat([txt_v, img_v], dim=1) if functional else _JointCopy.apply(txt_v, img_v)
+        return q, k, v
+
+
+class RegionCompiledFusedQwenAttnProcessor(FastFusedQwenAttnProcessor):
+    """The fast processor whose QK-norm + RoPE + joint layout runs as one torch.compile'd region even when the model
+    runs eagerly: inductor emits one kernel per q/k that reads the fused projection once and writes the joint tensor
+    (fp32 arithmetic, one rounding), and its backward. Compiled on first use (a few seconds, once per shape set).
+
+    Falls back to the fast processor's own paths under a whole-model torch.compile, in fp64 (diffusers' own norm and
+    RoPE, see `_diffusers_norm_rope`), without RoPE, and for norms other than a weighted RMSNorm of the input's dtype.
+    `region_calls` counts the calls that ran the compiled region (tests prove it ran).
+    """
+
+    def __init__(self, naming: str = DEFAULT_NAMING, layout: str = "blocked", functional: bool | None = None,
+                 backend: str = "inductor"):
+        super().__init__(naming, layout, functional)
+        self.backend = backend
+        self.region_calls = 0
+
+    def joint_qkv(self, attn: Attention, txt: torch.Tensor, img: torch.Tensor, image_rotary_emb) -> tuple:
+        norms = (attn.norm_added_q, attn.norm_added_k, attn.norm_q, attn.norm_k)
+        plain = all(isinstance(n, RMSNorm) and n.weight is not None and n.bias is None and n.weight.dtype == img.dtype
+                    for n in norms)
+        if (torch.compiler.is_compiling() or self.functional is not None or image_rotary_emb is None or not plain
+                or img.dtype == torch.float64):
+            return super().joint_qkv(attn, txt, img, image_rotary_emb)
+        self.region_calls += 1
+        img_freqs, txt_freqs = image_rotary_emb
+        txt_cs, img_cs = torch.view_as_real(txt_freqs), torch.view_as_real(img_freqs)
+        for t, sequence_dim in ((txt, 1), (img, 1), (txt_cs, 0), (img_cs, 0)):
+            torch._dynamo.maybe_mark_dynamic(t, sequence_dim)
+        region = _compiled_region(self.backend)
+        return region(txt, img, *(n.weight for n in norms), txt_cs, img_cs, tuple(float(n.eps) for n in norms),
+                      attn.inner_dim // attn.heads, self.layout)
+
+
+def split_heads(fused: torch.Tensor, head_dim: int, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) as (B, S, H, D) views of one fused projection output (B, S, 3 * H * D): no copies.
+
+    unbind's backward is one stack, so the fused projection gets its gradient in one pass.
+    """
+    if layout == "blocked":  # [q heads | k heads | v heads]
+        return fused.unflatten(-1, (3, -1, head_dim)).unbind(-3)
+    return fused.unflatten(-1, (-1, 3, head_dim)).unbind(-2)  # interleaved: per head [q | k | v]
+
+
+def _joint_qkv_region(txt, img, txt_wq, txt_wk, img_wq, img_wk, txt_cs, img_cs, eps, head_dim: int, layout: str):
+    """The compiled region: q/k/v views, RMSNorm + RoPE in fp32, and the joint [text, image] concatenation.
+
+    txt_cs, img_cs: (S, D/2, 2) real views of the complex frequencies (cos, sin); eps: the four norms' eps.
+    """
+    txt_q, txt_k, txt_v = split_heads(txt, head_dim, layout)
+    img_q, img_k, img_v = split_heads(img, head_dim, layout)
+    q = torch.cat([_rms_rope(txt_q, txt_wq, eps[0], txt_cs), _rms_rope(img_q, img_wq, eps[2], img_cs)], dim=1)
+    k = torch.cat([_rms_rope(txt_k, txt_wk, eps[1], txt_cs), _rms_rope(img_k, img_wk, eps[3], img_cs)], dim=1)
+    return q, k, torch.cat([txt_v, img_v], dim=1)
+
+
+_REGIONS: dict[str, object] = {}
+
+
+def _compiled_region(backend: str):
+    """_joint_qkv_region compiled with `backend`, once per process; the caller marks the sequence lengths dynamic, so
+    the first graph already serves every length. (Compiled for a static first length, inductor's kernel that
+    assembles the fused projection's gradient ran 5x slower on an H200, and a model trained at one resolution keeps
+    its first graph: reports/gpu/NOTES.md, change 14.) Inductor tunes each kernel's launch configuration once."""
+    if backend not in _REGIONS:
+        options = {"coordinate_descent_tuning": True} if backend == "inductor" else None
+        _REGIONS[backend] = torch.compile(_joint_qkv_region, backend=backend, fullgraph=True, options=options)
+    return _REGIONS[backend]
+
+
+# --- QK-norm + RoPE + joint layout --------------------------------------------------------------------------------
+
+
+def _norm(norm: torch.nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """QK RMSNorm as one fused op where it is diffusers' RMSNorm with a weight of x's dtype; else the module.
+
+    In fp16 and bf16 the weight is a second op, as in diffusers: the normalised value rounds to x's dtype, then its
+    product with the weight; in backward grad * weight rounds before the norm's fp32 backward, and the weight's
+    gradient sums rounded products. One fused op with the weight skips those roundings (module docstring: precision);
+    the cost is one elementwise pass over q and k, and the weight's backward outside the norm's kernel.
+    """
+    if norm is None:
+        return x
+    if isinstance(norm, RMSNorm) and norm.weight is not None and norm.bias is None and norm.weight.dtype == x.dtype:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return F.rms_norm(x, (x.shape[-1],), None, norm.eps) * norm.weight
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)
+
+
+def _joint_qk_kernels(txt_norm, txt, txt_freqs, img_norm, img, img_freqs) -> torch.Tensor:
+    """Eager: norm each stream, then RoPE both straight into one (B, S_txt + S_img, H, D) buffer."""
+    if txt.dtype == torch.float64:
+        return _JointCopy.apply(*_diffusers_norm_rope(txt_norm, txt, txt_freqs, img_norm, img, img_freqs))
+    txt, img = _norm(txt_norm, txt), _norm(img_norm, img)
+    if txt_freqs is None:
+        return torch.cat([txt, img], dim=1)
+    # fp32 coefficients (fp64 returned above): rounded to a half dtype they bias weight gradients (module docstring)
+    coefficients = (*rope_coefficients(txt_freqs, torch.float32), *rope_coefficients(img_freqs, torch.float32))
+    return _JointRope.apply(txt, img, *coefficients)
+
+
+def _joint_qk_functional(txt_norm, txt, txt_freqs, img_norm, img, img_freqs) -> torch.Tensor:
+    """torch.compile: norm and RoPE as one fp32 expression per stream and a concatenation, fused by inductor."""
+    if txt.dtype == torch.float64:
+        return torch.cat(_diffusers_norm_rope(txt_norm, txt, txt_freqs, img_norm, img, img_freqs), dim=1)
+    return torch.cat([_norm_rope_expression(txt_norm, txt, txt_freqs),
+                      _norm_rope_expression(img_norm, img, img_freqs)], dim=1)
+
+
+def _diffusers_norm_rope(txt_norm, txt, txt_freqs, img_norm, img, img_freqs) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64: diffusers' own RMSNorm and RoPE (fp32 variance, complex64 RoPE), so that fp64 matches the oracle.
+
+    The fp64 oracle is diffusers in fp64, only fp32-accurate at the norm's variance and at RoPE; computing those in
+    true fp64 moves weight gradients by ~1e-6 relative, beyond the fp64 floor. The fast arithmetic is judged in fp32,
+    bf16 and fp16, where the standard path's own error sets the bound.
+    """
+    txt, img = txt_norm(txt) if txt_norm is not None else txt, img_norm(img) if img_norm is not None else img
+    if txt_freqs is None:
+        return txt, img
+    return apply_rotary_emb_qwen(txt, txt_freqs, use_real=False), apply_rotary_emb_qwen(img, img_freqs, use_real=False)
+
+
+def _norm_rope_expression(norm, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
+    """RMSNorm then RoPE of x (B, S, H, D) computed in fp32 (fp64 for fp64), rounded once to x's dtype."""
+    if isinstance(norm, RMSNorm) and norm.weight is not None and norm.bias is None:
+        return _rms_rope(x, norm.weight, norm.eps, None if freqs is None else torch.view_as_real(freqs))
+    return _rms_rope(_norm(norm, x), None, 0.0, None if freqs is None else torch.view_as_real(freqs))
+
+
+def _rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos_sin: torch.Tensor | None) -> torch.Tensor:
+    """x (B, S, H, D) -> RMSNorm (when weight is given) then RoPE (when cos_sin (S, D/2, 2) is given), in fp32."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(compute)
+    if weight is not None:
+        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps) * weight.to(compute)
+    if cos_sin is None:
+        return y.to(x.dtype)
+    cos, sin = pair_coefficients(cos_sin.to(compute))
+    # As in the eager kernels: every output element reads x and its pair partner, no stack of the output pairs
+    # (inductor's kernel for that form ran 15% slower on an H200; reports/gpu/NOTES.md).
+    return (y * cos + _swap_pairs(y) * sin).to(x.dtype)
+
+
+def pair_coefficients(cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin_signed), each (S, 1, D), from the frequencies' real view (S, D/2, 2): cos = (c0, c0, c1, c1, ...),
+    sin_signed = (-s0, s0, -s1, s1, ...), so that rope(x) = x * cos + swap_pairs(x) * sin_signed."""
+    cos, sin = cos_sin[:, None].unbind(-1)  # (S, 1, D/2) each
+    return torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+# (id(freqs), dtype) -> (freqs, its version, coefficients): a model passes the same tensors to every block.
+_COEFFICIENTS: dict[tuple, tuple] = {}
+
+
+def rope_coefficients(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pair_coefficients` of complex freqs (S, D/2), in `dtype` (fp32 for half-precision x, fp64 for fp64; the
+    values are those of the complex64 frequencies). Cached by tensor identity."""
+    # The entry holds freqs, so its id cannot be reused while cached; inference-mode tensors cannot enter autograd.
+    key = (id(freqs), dtype, torch.is_inference_mode_enabled())
+    hit = _COEFFICIENTS.get(key)
+    if hit is not None and hit[0] is freqs and hit[1] == freqs._version:
+        return hit[2]
+    value = tuple(t.to(dtype).contiguous() for t in pair_coefficients(torch.view_as_real(freqs)))
+    if len(_COEFFICIENTS) > 8:
+        _COEFFICIENTS.clear()
+    _COEFFICIENTS[key] = (freqs, freqs._version, value)
+    return value
+
+
+def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x0, x3, x2, ...): the partner of each element of an interleaved pair (one copy)."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def _rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
+    """out = x * cos + sign * swap_pairs(x) * sin, in three passes (swap, multiply, multiply-add).
+
+    The product x * cos stays in the coefficients' fp32 and the sum rounds once to out's dtype, as diffusers' complex
+    fp32 RoPE rounds once (forward and backward). Rounded after each pass (x * cos written to out first), half-precision
+    RoPE put weight gradients beyond the rule (module docstring: precision); the fp32 intermediate costs 4 bytes per
+    element more than a half-precision one, no extra pass.
+    """
+    partner = _swap_pairs(x)
+    torch.addcmul(torch.mul(x, cos), partner, sin, value=sign, out=out)
+
+
+class _JointRope(torch.autograd.Function):
+    """RoPE of the text and image parts written into one joint (B, S_txt + S_img, H, D) tensor; backward rotates."""
+
+    @staticmethod
+    def forward(ctx, txt, img, txt_cos, txt_sin, img_cos, img_sin):
+        B, S_txt, H, D = txt.shape
+        joint = torch.empty((B, S_txt + img.shape[1], H, D), dtype=txt.dtype, device=txt.device)
+        _rope_into(joint[:, :S_txt], txt, txt_cos, txt_sin, 1.0)
+        _rope_into(joint[:, S_txt:], img, img_cos, img_sin, 1.0)
+        ctx.save_for_backward(txt_cos, txt_sin, img_cos, img_sin)
+        ctx.text_len = S_txt
+        return joint
+
+    @staticmethod
+    def backward(ctx, grad):
+        txt_cos, txt_sin, img_cos, img_sin = ctx.saved_tensors
+        S_txt = ctx.text_len
+        grads = []
+        for part, cos, sin in ((grad[:, :S_txt], txt_cos, txt_sin), (grad[:, S_txt:], img_cos, img_sin)):
+            out = torch.empty(part.shape, dtype=part.dtype, device=part.device)
+            _rope_into(out, part, cos, sin, -1.0)  # the transpose of a rotation is the rotation by -angle
+            grads.append(out)
+        return grads[0], grads[1], None, None, None, None
+
+
+class _JointCopy(torch.autograd.Function):
+    """The text and image parts copied into one joint (B, S_txt + S_img, ...) tensor (strided sources, one copy each).
+
+    torch.cat of strided views takes a slower generic path; copy_ merges the contiguous head dims. Backward: views.
+    """
+
+    @staticmethod
+    def forward(ctx, txt, img):
+        S_txt = txt.shape[1]
+        joint = torch.empty((txt.shape[0], S_txt + img.shape[1], *txt.shape[2:]), dtype=txt.dtype, device=txt.device)
+        joint[:, :S_txt].copy_(txt)
+        joint[:, S_txt:].copy_(img)
+        ctx.text_len = S_txt
+        return joint
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, : ctx.text_len], grad[:, ctx.text_len :]

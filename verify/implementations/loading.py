@@ -1,0 +1,160 @@
+"""Build standard and merged models from checkpoints: structure on the meta device, then tensors one at a time."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope
+from torch import nn
+
+from verify.errors import VerifyError
+from verify.files.checkpoint import Checkpoint
+from verify.implementations.fused import MERGE_KEY, fuse_model
+from verify.maths.naming import NAMINGS
+from verify.maths.qkv import LAYOUTS
+
+_PARAMETERS = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+_ARGS = set(_PARAMETERS) - {"self"}
+
+
+class ModelConfig(dict):
+    """A model's constructor arguments, and the config.json they were read from (`path`; None when built here)."""
+
+    path = None
+
+
+def model_config(ckpt: Checkpoint) -> dict:
+    """The model's constructor arguments from config.json (diffusers bookkeeping keys dropped), as a ModelConfig
+    that knows its file."""
+    if ckpt.config is None:
+        raise VerifyError(f"{ckpt.path}: a model needs a folder with config.json, not a single file")
+    config = ModelConfig({k: v for k, v in ckpt.config.items() if k in _ARGS})
+    config.path = ckpt.path / "config.json"
+    heads, head_dim = config.get("num_attention_heads", 24), config.get("attention_head_dim", 128)
+    axes = config.get("axes_dims_rope", (16, 56, 56))
+    if sum(axes) != head_dim:
+        raise VerifyError(f"{ckpt.path}/config.json: axes_dims_rope {axes} must sum to attention_head_dim {head_dim}")
+    if not (isinstance(heads, int) and heads > 0):
+        raise VerifyError(f"{ckpt.path}/config.json: num_attention_heads must be a positive integer")
+    return config
+
+
+def is_merged(ckpt: Checkpoint) -> bool:
+    return "to_qkv" in ckpt.leaf_names()
+
+
+def empty_model(config: dict) -> QwenImageTransformer2DModel:
+    """The model's structure without weights (meta device); RoPE tables, which are plain attributes, built for real."""
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**config)
+    rope = QwenEmbedLayer3DRope if config.get("use_layer3d_rope") else QwenEmbedRope
+    model.pos_embed = rope(theta=10000, axes_dim=list(model.pos_embed.axes_dim), scale_rope=True)
+    return model
+
+
+def load_standard(ckpt: Checkpoint, dtype: torch.dtype = torch.float64) -> QwenImageTransformer2DModel:
+    """The standard model with the checkpoint's weights, cast to `dtype`."""
+    if is_merged(ckpt):
+        raise VerifyError(f"{ckpt.path}: holds fused to_qkv weights; pass it as --merged-checkpoint")
+    return _fill(empty_model(model_config(ckpt)), ckpt, dtype)
+
+
+def build_merged(ckpt: Checkpoint, config: dict, layout: str, dtype: torch.dtype | None = torch.float64) -> nn.Module:
+    """A merged model (naming detected from the keys, `layout` as told) with the checkpoint's weights."""
+    model = fuse_model(empty_model(config), merged_naming(ckpt, config), layout)
+    return _fill(model, ckpt, dtype)
+
+
+def load_merged(path: str | Path, layout: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The merged model saved in folder `path` (save_pretrained of a fused model, or `qkv-verify convert`): its
+    config.json records the merge (`qkv_merge`: naming, layout); `layout` is needed only where it does not, and
+    must agree where it does. Tensors keep their stored dtype unless `dtype` is given."""
+    ckpt = Checkpoint(path)
+    if not is_merged(ckpt):
+        raise VerifyError(f"{path}: holds no fused to_qkv weights; load it with QwenImageTransformer2DModel")
+    recorded = merge_recorded(ckpt)
+    if recorded and layout and layout != recorded["layout"]:
+        raise VerifyError(f"{path}/config.json records layout {recorded['layout']}, not {layout}")
+    layout = layout or (recorded or {}).get("layout")
+    if layout is None:
+        raise VerifyError(f"{path}/config.json does not record the fused layout (qkv_merge); pass layout= "
+                          "('blocked' or 'interleaved'): it is never guessed from the weights")
+    return build_merged(ckpt, model_config(ckpt), layout, dtype)
+
+
+def merge_recorded(ckpt: Checkpoint) -> dict | None:
+    """The merge a folder's config.json records ({'naming', 'layout'}), or None."""
+    merge = (ckpt.config or {}).get(MERGE_KEY)
+    if merge is None:
+        return None
+    if not (isinstance(merge, dict) and merge.get("layout") in LAYOUTS and merge.get("naming") in NAMINGS):
+        raise VerifyError(f"{ckpt.path}/config.json: {MERGE_KEY} must be {{naming: seed|diffusers, layout: "
+                          f"blocked|interleaved}}, got {merge!r}")
+    return merge
+
+
+def differing_fields(a: dict, b: dict) -> list[str]:
+    """'name: A vs B' for each constructor argument two model configs set differently (diffusers' defaults filled
+    in, lists and tuples alike)."""
+    def value(config: dict, key: str):
+        v = config.get(key, _PARAMETERS[key].default)
+        return list(v) if isinstance(v, tuple) else v
+
+    return [f"{k} {value(a, k)} vs {value(b, k)}" for k in sorted((set(a) | set(b)) & _ARGS)
+            if value(a, k) != value(b, k)]
+
+
+def check_same_model(ckpt: Checkpoint, config: dict) -> None:
+    """VerifyError when `ckpt` has a config.json describing another model than `config` (read from another
+    checkpoint's config.json): both files are named, with the fields that differ."""
+    if ckpt.config is None or getattr(config, "path", None) is None:
+        return
+    own = model_config(ckpt)
+    if own.path.resolve() == config.path.resolve():
+        return
+    fields = differing_fields(config, own)
+    if fields:
+        raise VerifyError(f"{config.path} and {own.path} describe different models ({'; '.join(fields)}): the "
+                          "two checkpoints are not one model in two layouts")
+
+
+def check_fits(ckpt: Checkpoint, model: nn.Module, config: dict | None = None) -> None:
+    """VerifyError naming the first missing, unexpected or mis-shaped tensor, from the headers alone; `config` (the
+    model's) names the config.json the model was built from when that is not the checkpoint's own."""
+    source = getattr(config, "path", None)
+    whose = "its config" if source is None or source.parent == ckpt.path else str(source)
+    expected = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    missing = sorted(set(expected) - set(ckpt.shapes))
+    unexpected = sorted(set(ckpt.shapes) - set(expected))
+    if missing or unexpected:
+        what = ", ".join([f"missing {k}" for k in missing[:1]] + [f"unexpected {k}" for k in unexpected[:1]])
+        raise VerifyError(f"{ckpt.path}: does not fit the model of {whose} ({what}; "
+                          f"{len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, shape in expected.items():
+        if ckpt.shapes[key] != shape:
+            raise VerifyError(f"{ckpt.path}: {key} has shape {ckpt.shapes[key]}, {whose} wants {shape}")
+
+
+def merged_naming(ckpt: Checkpoint, config: dict) -> str:
+    """The fused naming whose merged model the checkpoint fits (every name and shape); else VerifyError naming
+    what does not fit."""
+    problems = {}
+    check_same_model(ckpt, config)
+    for naming in NAMINGS:
+        try:
+            check_fits(ckpt, fuse_model(empty_model(config), naming), config)
+            return naming
+        except VerifyError as e:
+            problems[naming] = str(e)
+    closest = min(problems.values(), key=len)
+    raise VerifyError(f"fits neither fused naming ({', '.join(NAMINGS)}): {closest}")
+
+
+def _fill(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None) -> nn.Module:
+    check_fits(ckpt, model)
+    state = {key: ckpt.get(key).to(dtype or ckpt.get(key).dtype) for key, _ in model.named_parameters()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

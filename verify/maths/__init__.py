@@ -1,0 +1,2 @@
+"""The maths, apart from files and models: q/k/v merge and split, state-dict renaming, the namings, LoRA algebra.
+Imports nothing of verify but verify.errors."""

@@ -1,0 +1,1 @@
+"""Presentation: the report's tables, charts and HTML template. Imports verify.checks and below."""
