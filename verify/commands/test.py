@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SUITE = Path(__file__).parent / "suite"
+SUITE = Path(__file__).parents[1] / "suite"
 
 
 def register_test(subparsers) -> None:

@@ -22,7 +22,8 @@ once, forward and backward (`_rope_into`). On the CPU its half-precision outputs
 (20 of 20 block draws measured); its gradients are not, as no merged path's are: the fused projection's input gradient
 is one product over q, k and v where diffusers sums three rounded ones. Each rounding added or skipped put weight
 gradients beyond the relative-to-base rule (k=3) on small draws, with torch.testing's floors
-(properties/test_fast_fused.py, ROUNDING_DRAWS; seeds 59600-60299 of one zero_cond_t block, bf16 and fp16): RoPE rounded
+(properties/implementations/test_fast_fused.py, ROUNDING_DRAWS; seeds 59600-60299 of one zero_cond_t block, bf16 and
+fp16): RoPE rounded
 after each of its two passes and the weight inside one fused norm failed 7 of the first 300 seeds; RoPE rounded once
 with the fused norm, 2 of 700; the arithmetic here, 0 of 700. Costs of that: the weight's own pass (forward: one
 multiply; backward: two products and the weight's reduction, which the fused norm did inside its kernel) and RoPE's fp32

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from properties.test_lora_files import (
+from properties.files.test_lora_files import (
     FORMATS,
     STANDARD,
     WITH_ALPHA_KEYS,
@@ -164,7 +164,7 @@ def test_saved_checkpoint_holds_the_model(tmp_path):
 
 
 def test_default_is_the_full_architecture(tmp_path):
-    from properties.test_lora_audit import FULL
+    from properties.checks.test_lora_audit import FULL
 
     paths = ["transformer_blocks.59.attn.add_v_proj", "transformer_blocks.0.txt_mod.1"]
     path = write_lora(tmp_path / "l.safetensors", "comfyui", random_modules(FULL, paths, 1, 0, torch.bfloat16))

@@ -32,7 +32,7 @@ from verify.maths import qkv
 
 WRITE_UP = ["merge-split-exact", "attention-block-match", "attention-block-within-tolerance", "lossless-conversion",
             "base-output-same", "lora-480-tensors", "alpha-1", "faster-10-15pct", "kernels-67pct-fewer"]
-GPU = Path(__file__).resolve().parent.parent / "reports" / "gpu"
+GPU = Path(__file__).resolve().parents[2] / "reports" / "gpu"
 
 
 def _report(out: Path, *args: str) -> dict:
@@ -258,7 +258,7 @@ def test_the_committed_full_width_gpu_report_is_within_tolerance_not_a_perfect_m
 
 def test_property_suite_results_back_attention_and_block(runs):
     def results(outcome):
-        return {"tests": [{"test": f"properties/test_equivalence.py::test_fused_{c}_equals_standard[cpu]",
+        return {"tests": [{"test": f"properties/checks/test_equivalence.py::test_fused_{c}_equals_standard[cpu]",
                            "outcome": outcome, "examples": 100} for c in ("attention", "block")]}
 
     summary = _without(runs["default"], "attention", "block")  # as a report that runs only the full model
@@ -539,9 +539,10 @@ MADE_BENCH = [{"name": "block", "mode": "eager", "phase": "train", "image_tokens
                "kernels_merged": 4},
               {"speedup": 1.05, "phase": "training"}]
 MADE_PROPERTIES = {"tests": [
-    {"test": "properties/test_qkv.py::test_split_inverts_merge", "outcome": "passed", "examples": 7},
-    {"test": "properties/test_qkv.py::test_merge_inverts_split", "outcome": "passed"},
-    {"test": "properties/test_equivalence.py::test_fused_block_equals_standard", "outcome": "failed", "examples": 3}]}
+    {"test": "properties/maths/test_qkv.py::test_split_inverts_merge", "outcome": "passed", "examples": 7},
+    {"test": "properties/maths/test_qkv.py::test_merge_inverts_split", "outcome": "passed"},
+    {"test": "properties/checks/test_equivalence.py::test_fused_block_equals_standard", "outcome": "failed",
+     "examples": 3}]}
 
 
 # what ledger says of _made_summary(good=True) with MADE_BENCH and MADE_PROPERTIES, and of good=False alone
@@ -772,7 +773,7 @@ def test_attention_and_block_rows_without_checks():
     assert unmeasured["verdict"] == UNMEASURED and unmeasured["detail"] == (
         "the report runs the full model; no attention or block check here and no property-suite results "
         "(test_fused_attention/block_equals_standard)")
-    suite = {"tests": [{"test": "properties/test_equivalence.py::test_fused_attention_equals_standard",
+    suite = {"tests": [{"test": "properties/checks/test_equivalence.py::test_fused_attention_equals_standard",
                         "outcome": "passed"}]}
     backed = attention_block_tolerance({"checks": []}, suite)
     assert (backed["verdict"], backed["measured"], backed["detail"]) == (CONFIRMED, None,

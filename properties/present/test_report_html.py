@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 
 import pytest
 
-from properties.test_streaming import _lora_file
+from properties.checks.test_streaming import _lora_file
 from verify.checks import fixtures
 from verify.cli import main
 

@@ -24,7 +24,7 @@ from verify.maths import qkv
 from verify.planted import PLANTED
 from verify.testing import assert_candidate, check_candidate
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 HIGH = (torch.float64, torch.float32)
 
 

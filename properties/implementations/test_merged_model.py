@@ -207,7 +207,7 @@ def test_the_readme_example_runs(peft_lora, tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     code = re.search(r"```python\n# example: merged-model\n(.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_lora.safetensors").write_bytes(peft_lora[0].read_bytes())

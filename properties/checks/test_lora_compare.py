@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from properties.test_lora_files import STANDARD, random_modules, write_lora
+from properties.files.test_lora_files import STANDARD, random_modules, write_lora
 from verify.checks import lora_checkpoint as checkpoint
 from verify.cli import main
 from verify.maths.naming import streams

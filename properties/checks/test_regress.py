@@ -21,7 +21,7 @@ from verify.checks.selector import resolve
 from verify.cli import main
 from verify.errors import VerifyError
 
-BASELINE = Path(__file__).resolve().parent.parent / "reports" / "baselines" / "default.json"
+BASELINE = Path(__file__).resolve().parents[2] / "reports" / "baselines" / "default.json"
 OBTAINED = BASELINE.with_name("default.obtained.json")
 PERTURBED = "transformer_blocks.1.img_mlp.net.2.weight"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from properties.test_lora_files import STANDARD, random_modules, write_lora
+from properties.files.test_lora_files import STANDARD, random_modules, write_lora
 from verify.checks import lora_checkpoint as checkpoint
 from verify.checks.lora_audit import audit
 from verify.files import lora_formats as formats

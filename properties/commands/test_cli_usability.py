@@ -24,7 +24,7 @@ from verify.maths import qkv
 from verify.maths.state_dict import matching_layout, merge_state_dict
 
 PYTHON = [sys.executable, "-c"]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*argv: str, **kwargs) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
-from properties.test_lora_algebra import fuse_into_k_third, fuse_sharing_first_A, split_in_kqv_order
+from properties.maths.test_lora_algebra import fuse_into_k_third, fuse_sharing_first_A, split_in_kqv_order
 from verify.checks.compare import Record, assert_failed, assert_passed, compare, compare_exact
 from verify.checks.fixtures import CONFIGS, FIXTURES, build_model, model_inputs
 from verify.checks.lora_audit import audit
