@@ -22,6 +22,7 @@ from verify.checks.cases import CASES
 from verify.checks.compare import Record, compare, compare_exact
 from verify.checks.equivalence import run_case
 from verify.checks.fixtures import FIXTURES
+from verify.checks.sharding import check_tensor_parallel, parse_parallel
 from verify.checks.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.checks.tolerance import OUTPUTS, dtype_name
 from verify.errors import VerifyError
@@ -55,6 +56,7 @@ class Options:
     candidate: str | None = None  # a SPEC (implementations.candidate); None: fuse_model's default processor here
     reference: str | None = None  # a SPEC; None: diffusers
     fused_modules: str | None = None  # override of the candidate's fused module names ("none": unfused)
+    parallel: str | None = None  # "tp=N": the merged model also judged sharded over N CPU ranks (checks.sharding)
 
 
 @dataclass
@@ -73,6 +75,11 @@ def load_subject(opts: Options) -> Subject:
     subject = _weights(opts)
     subject.candidate = resolve(opts.candidate or default_processor(opts.device), opts.fused_modules)
     subject.reference = resolve(opts.reference or "diffusers")
+    if opts.parallel:
+        parse_parallel(opts.parallel, opts.device, opts.candidate or default_processor(opts.device))
+        if opts.checkpoint or opts.config == "full":
+            raise VerifyError(f"--parallel {opts.parallel}: shards seeded weights of --config tiny or small on CPU "
+                              "ranks, not a checkpoint or the full config")
     return subject
 
 
@@ -209,6 +216,13 @@ def run_report(opts: Options) -> dict:
     if lora:
         lora.summary["sweep"] = _sweep(subject, lora, opts, progress)
     progress.close()
+    parallel = None
+    if opts.parallel:
+        kind, ranks = parse_parallel(opts.parallel, opts.device, opts.candidate or default_processor(opts.device))
+        processor = opts.candidate or default_processor(opts.device)
+        records += check_tensor_parallel(opts.layout, "merged", ranks, processor, opts.seed, opts.config)
+        parallel = {"kind": kind, "degree": ranks, "device": "cpu", "backend": "gloo", "processor": processor,
+                    "plan": "the merged model's _tp_plan", "weights": f"seeded {opts.config} config (seed {opts.seed})"}
     summary = {
         "verdict": "pass" if all(r.passed for r in records if r.provided) else "fail",
         "compared": "",
@@ -221,6 +235,7 @@ def run_report(opts: Options) -> dict:
         "environment": environment(opts.device),
         "inputs": inputs_section(opts, subject, dtypes),
         "notes": notes,
+        "parallel": parallel,
     }
     summary["compared"] = compared_line(summary)
     summary["notes"] += _bf16_notes(records)

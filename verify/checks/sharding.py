@@ -24,6 +24,27 @@ from verify.checks.tolerance import OUTPUTS
 from verify.errors import VerifyError
 
 PLANS = ("merged", "naive-colwise", "blocked-cut")  # the merged model's own plan, and two planted wrong ones
+KINDS = ("tp", "ulysses", "ring")  # `report --parallel KIND=N`: tensor parallel; context parallel, two ways
+
+
+def parse_parallel(text: str, device: str, processor: str) -> tuple[str, int]:
+    """`report --parallel KIND=N` -> (kind, N), or a VerifyError saying why it cannot run here."""
+    import torch
+
+    kind, _, degree = text.partition("=")
+    if kind not in KINDS or not degree.isdigit() or int(degree) < 2:
+        raise VerifyError(f"--parallel {text}: expected tp=N, ulysses=N or ring=N with N >= 2")
+    ranks = int(degree)
+    if device == "cuda" and torch.cuda.device_count() < ranks:
+        raise VerifyError(f"--parallel {text}: needs {ranks} CUDA devices, this machine has "
+                          f"{torch.cuda.device_count()}")
+    if kind != "tp" or device == "cuda":
+        raise VerifyError(f"--parallel {text} --device {device}: not run by this version; it runs tensor parallelism "
+                          "on CPU ranks (--parallel tp=N --device cpu)")
+    if processor not in ("reference", "fast"):
+        raise VerifyError(f"--parallel {text}: shards the product's processors reference or fast (pass one as "
+                          f"--candidate), not {processor}")
+    return kind, ranks
 
 
 def tp_plan(model: torch.nn.Module, plan: str, layout: str) -> dict:
@@ -52,7 +73,7 @@ def shard(model: torch.nn.Module, plan: dict, mesh) -> torch.nn.Module:
 
 
 def check_tensor_parallel(layout: str = "blocked", plan: str = "merged", ranks: int = 2, processor: str = "reference",
-                          seed: int = 0) -> list[Record]:
+                          seed: int = 0, config: str = "tiny") -> list[Record]:
     """One record per fixture: the merged model sharded over `ranks` CPU ranks by `plan` vs the unsharded standard
     model (fp64), relative to the standard model sharded by its own plan, with the fused calls of every rank
     counted; every rank's outputs must agree. (Spawns the ranks: a script calling it needs a __main__ guard.)"""
@@ -62,7 +83,8 @@ def check_tensor_parallel(layout: str = "blocked", plan: str = "merged", ranks: 
         raise VerifyError(f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}")
     with tempfile.TemporaryDirectory() as folder:
         init = Path(folder) / "init"
-        mp.spawn(_rank, args=(ranks, str(init), folder, layout, plan, processor, seed), nprocs=ranks, join=True)
+        mp.spawn(_rank, args=(ranks, str(init), folder, layout, plan, processor, seed, config), nprocs=ranks,
+                 join=True)
         results = [torch.load(Path(folder) / f"rank{r}.pt") for r in range(ranks)]
     records = []
     for name in results[0]:
@@ -77,7 +99,8 @@ def check_tensor_parallel(layout: str = "blocked", plan: str = "merged", ranks: 
     return records
 
 
-def _rank(rank: int, ranks: int, init: str, folder: str, layout: str, plan: str, processor: str, seed: int) -> None:
+def _rank(rank: int, ranks: int, init: str, folder: str, layout: str, plan: str, processor: str, seed: int,
+          config_name: str) -> None:
     """One rank: the unsharded standard model, then the standard and merged models sharded, on every fixture."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -91,7 +114,7 @@ def _rank(rank: int, ranks: int, init: str, folder: str, layout: str, plan: str,
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=ranks)
     try:
         mesh = init_device_mesh("cpu", (ranks,))
-        config = model_config("tiny")
+        config = model_config(config_name)
         std = build_model(config, seed)
         merged = fuse_model(copy.deepcopy(std), layout=layout, processor=processor)
         wrong = tp_plan(merged, plan, layout)

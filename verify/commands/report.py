@@ -53,6 +53,10 @@ def register_report(subparsers) -> None:
     p.add_argument("--fused-modules", metavar="NAMES",
                    help="comma list of the module names whose calls prove the candidate's fused path ran (default "
                         "to_qkv,add_qkv_proj,to_added_qkv), or none for an unfused candidate")
+    p.add_argument("--parallel", metavar="KIND=N",
+                   help="also judge the merged model sharded over N ranks: tp=N (tensor parallel, diffusers' TP "
+                        "styles by the model's _tp_plan, on CPU ranks over gloo); ulysses=N and ring=N are refused "
+                        "by this version")
     p.add_argument("--baseline", type=Path, help="a stored summary.json: report what moved (as `qkv-verify regress`)")
     add_threshold_arguments(p)
     p.add_argument("--allow-unmatched", action="store_true",
@@ -89,7 +93,7 @@ def _report(args) -> int:
     opts = Options(checkpoint=args.checkpoint, merged_checkpoint=args.merged_checkpoint, config=args.config,
                    layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed, lora=args.lora,
                    adapter_config=args.adapter_config, candidate=args.candidate, reference=args.reference,
-                   fused_modules=args.fused_modules, allow_unmatched=args.allow_unmatched)
+                   fused_modules=args.fused_modules, allow_unmatched=args.allow_unmatched, parallel=args.parallel)
     summary = run_report(opts)
     summary["claims"] = ledger(summary, args.claims, bench, properties)
     summary["speed"] = bench

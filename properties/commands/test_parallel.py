@@ -1,0 +1,52 @@
+"""`qkv-verify report --parallel`: tp=N shards the merged model over N CPU ranks (verify.checks.sharding) and records
+its checks and layout in summary.json; every other use is refused with one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from verify.checks.fixtures import FIXTURES
+from verify.cli import main
+
+
+def test_report_parallel_tp_2_judges_the_sharded_merged_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["report", "--parallel", "tp=2", "--dtypes", "fp64,fp32", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parallel"] == {"kind": "tp", "degree": 2, "device": "cpu", "backend": "gloo",
+                                   "processor": "reference", "plan": "the merged model's _tp_plan",
+                                   "weights": "seeded tiny config (seed 0)"}
+    sharded = [c for c in summary["checks"] if c["name"].startswith("tp2/")]
+    assert [c["name"] for c in sharded] == [f"tp2/merged/blocked/{name}" for name in FIXTURES]
+    assert all(c["passed"] and c["fused_calls"] > 0 and c["dtype"] == "fp64" for c in sharded)
+    assert summary["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--parallel", "tp=1"], "expected tp=N, ulysses=N or ring=N with N >= 2"),
+    (["--parallel", "pp=2"], "expected tp=N, ulysses=N or ring=N with N >= 2"),
+    (["--parallel", "tp"], "expected tp=N, ulysses=N or ring=N with N >= 2"),
+    (["--parallel", "ulysses=2"], "--parallel ulysses=2 --device cpu: not run by this version"),
+    (["--parallel", "ring=2"], "--parallel ring=2 --device cpu: not run by this version"),
+    (["--parallel", "tp=2", "--candidate", "fast-compiled"], "shards the product's processors reference or fast"),
+    (["--parallel", "tp=2", "--config", "full"], "not a checkpoint or the full config"),
+])
+def test_a_parallel_run_that_cannot_run_here_exits_2_with_one_line(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["report", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_parallel_on_cuda_needs_that_many_gpus(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "out"
+    assert main(["report", "--parallel", "tp=2", "--device", "cuda", "--out", str(out)]) == 2
+    assert "needs 2 CUDA devices, this machine has 1" in capsys.readouterr().err
+    assert not out.exists()
