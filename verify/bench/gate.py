@@ -11,9 +11,8 @@ from verify.bench.options import Options
 
 
 def judged_arms(blocks: dict[str, nn.Module], processor: str) -> dict[str, bench_judge.Arm]:
-    """The merged and lean-unfused arms of `blocks` as the gate judges them, their projection calls counted from now
-    on (before compilation): the merged arm's fused projections, the lean arm's separate ones, each forbidding the
-    other's."""
+    """The merged and lean-unfused arms of `blocks` as the gate judges them, with the projections whose calls prove
+    which path ran: the merged arm's fused ones, the lean arm's separate ones, each forbidding the other's."""
     from verify.implementations.candidate import resolve
 
     if not blocks:

@@ -20,8 +20,8 @@ import torch._inductor.config
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from verify import fast_fused
-from verify.bench import time_calls
+from verify.bench.timing import time_calls
+from verify.implementations import fast_fused
 
 DIM, HEADS, HEAD_DIM, TEXT = 3072, 24, 128, 256
 
