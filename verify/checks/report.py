@@ -22,7 +22,7 @@ from verify.checks.cases import CASES
 from verify.checks.compare import Record, compare, compare_exact
 from verify.checks.equivalence import run_case
 from verify.checks.fixtures import FIXTURES
-from verify.checks.sharding import check_tensor_parallel, parse_parallel
+from verify.checks.sharding import check_parallel, parse_parallel
 from verify.checks.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.checks.tolerance import OUTPUTS, dtype_name
 from verify.errors import VerifyError
@@ -56,7 +56,7 @@ class Options:
     candidate: str | None = None  # a SPEC (implementations.candidate); None: fuse_model's default processor here
     reference: str | None = None  # a SPEC; None: diffusers
     fused_modules: str | None = None  # override of the candidate's fused module names ("none": unfused)
-    parallel: str | None = None  # "tp=N": the merged model also judged sharded over N CPU ranks (checks.sharding)
+    parallel: str | None = None  # "tp=N", "ulysses=N": the merged model also judged parallel on N CPU ranks
 
 
 @dataclass
@@ -220,9 +220,10 @@ def run_report(opts: Options) -> dict:
     if opts.parallel:
         kind, ranks = parse_parallel(opts.parallel, opts.device, opts.candidate or default_processor(opts.device))
         processor = opts.candidate or default_processor(opts.device)
-        records += check_tensor_parallel(opts.layout, "merged", ranks, processor, opts.seed, opts.config)
+        records += check_parallel(kind, opts.layout, "merged", ranks, processor, opts.seed, opts.config)
         parallel = {"kind": kind, "degree": ranks, "device": "cpu", "backend": "gloo", "processor": processor,
-                    "plan": "the merged model's _tp_plan", "weights": f"seeded {opts.config} config (seed {opts.seed})"}
+                    "plan": f"the merged model's {'_tp_plan' if kind == 'tp' else '_cp_plan'}",
+                    "weights": f"seeded {opts.config} config (seed {opts.seed})"}
     summary = {
         "verdict": "pass" if all(r.passed for r in records if r.provided) else "fail",
         "compared": "",

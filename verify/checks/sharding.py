@@ -1,12 +1,15 @@
-"""Tensor parallelism of the merged model, checked by running it: the tiny seeded model, standard and merged, each
-sharded by its own `_tp_plan` through diffusers' own styles (its `_resolve_tp_plan` and `_styles`, applied by torch's
-`parallelize_module`) over a process group of CPU ranks (gloo), and the sharded merged outputs judged against the
-unsharded standard model in fp64 by the relative-to-base rule (base: the standard model sharded the same way).
+"""Tensor and context parallelism of the merged model, checked by running it on a process group of CPU ranks (gloo):
+the seeded model, standard and merged, each made parallel as diffusers makes it, and the parallel merged outputs
+judged against the unsharded standard model in fp64 by the relative-to-base rule (base: the standard model made
+parallel the same way).
 
-diffusers' `enable_parallelism` refuses a CPU mesh; the styles and DTensor sharding it would apply are the same
-code, which is what a fused projection's sharding depends on: each rank must hold the q, k and v rows of the same
-heads. A plan that cuts them apart (a naive "colwise" on a blocked to_qkv; a blocked cut of an interleaved one)
-gives wrong outputs with no error, which this check catches.
+diffusers' `enable_parallelism` refuses a CPU mesh, so its steps are taken here with its own parts: tensor parallel,
+its TP styles (`_resolve_tp_plan`, `_styles`) applied by torch's `parallelize_module` to the model's `_tp_plan`;
+Ulysses context parallel, its `ContextParallelConfig` set up on a CPU mesh, handed to every attention processor, and
+its split/gather hooks applied by the model's `_cp_plan`. (Ring attention needs an attention backend that returns the
+log-sum-exp, which the CPU's native one does not.) Planted, and caught: a naive "colwise" on a blocked to_qkv and a
+blocked cut of an interleaved one (each rank's shard mixes the q, k and v of different heads), and a processor that
+drops the parallel config (each rank attends to its own sequence shard only); each gives wrong outputs, no error.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from verify.checks.fixtures import FIXTURES, build_model, model_config, model_in
 from verify.checks.tolerance import OUTPUTS
 from verify.errors import VerifyError
 
-PLANS = ("merged", "naive-colwise", "blocked-cut")  # the merged model's own plan, and two planted wrong ones
+# kind -> the merged model's own plan, then the planted wrong ones
+PLANS = {"tp": ("merged", "naive-colwise", "blocked-cut"), "ulysses": ("merged", "drops-parallel-config")}
 KINDS = ("tp", "ulysses", "ring")  # `report --parallel KIND=N`: tensor parallel; context parallel, two ways
 
 
@@ -38,9 +42,12 @@ def parse_parallel(text: str, device: str, processor: str) -> tuple[str, int]:
     if device == "cuda" and torch.cuda.device_count() < ranks:
         raise VerifyError(f"--parallel {text}: needs {ranks} CUDA devices, this machine has "
                           f"{torch.cuda.device_count()}")
-    if kind != "tp" or device == "cuda":
-        raise VerifyError(f"--parallel {text} --device {device}: not run by this version; it runs tensor parallelism "
-                          "on CPU ranks (--parallel tp=N --device cpu)")
+    if device == "cuda":
+        raise VerifyError(f"--parallel {text} --device cuda: not run by this version (it was never tested on GPUs); "
+                          "tp=N and ulysses=N run on CPU ranks (--device cpu)")
+    if kind not in PLANS:
+        raise VerifyError(f"--parallel {text}: ring attention needs an attention backend that returns the "
+                          "log-sum-exp, which the CPU's native one does not; tp=N and ulysses=N run on CPU ranks")
     if processor not in ("reference", "fast"):
         raise VerifyError(f"--parallel {text}: shards the product's processors reference or fast (pass one as "
                           f"--candidate), not {processor}")
@@ -72,24 +79,25 @@ def shard(model: torch.nn.Module, plan: dict, mesh) -> torch.nn.Module:
     return model
 
 
-def check_tensor_parallel(layout: str = "blocked", plan: str = "merged", ranks: int = 2, processor: str = "reference",
-                          seed: int = 0, config: str = "tiny") -> list[Record]:
-    """One record per fixture: the merged model sharded over `ranks` CPU ranks by `plan` vs the unsharded standard
-    model (fp64), relative to the standard model sharded by its own plan, with the fused calls of every rank
-    counted; every rank's outputs must agree. (Spawns the ranks: a script calling it needs a __main__ guard.)"""
+def check_parallel(kind: str = "tp", layout: str = "blocked", plan: str = "merged", ranks: int = 2,
+                   processor: str = "reference", seed: int = 0, config: str = "tiny") -> list[Record]:
+    """One record per fixture: the merged model made parallel (`kind`: tp or ulysses) over `ranks` CPU ranks by
+    `plan` vs the unsharded standard model (fp64), relative to the standard model made parallel by its own plan, with
+    the fused calls of every rank counted; every rank's outputs must agree. (Spawns the ranks: a script calling it
+    needs a __main__ guard.)"""
     import torch.multiprocessing as mp
 
-    if plan not in PLANS:
-        raise VerifyError(f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}")
+    if plan not in PLANS.get(kind, ()):
+        raise VerifyError(f"unknown {kind} plan {plan!r}; expected one of {', '.join(PLANS.get(kind, ()))}")
     with tempfile.TemporaryDirectory() as folder:
         init = Path(folder) / "init"
-        mp.spawn(_rank, args=(ranks, str(init), folder, layout, plan, processor, seed, config), nprocs=ranks,
+        mp.spawn(_rank, args=(ranks, str(init), folder, kind, layout, plan, processor, seed, config), nprocs=ranks,
                  join=True)
         results = [torch.load(Path(folder) / f"rank{r}.pt") for r in range(ranks)]
     records = []
     for name in results[0]:
         ref, base, cand = (results[0][name][k] for k in ("ref", "base", "cand"))
-        record = compare(f"tp{ranks}/{plan}/{layout}/{name}", "model", {"sample": ref}, {"sample": cand}, OUTPUTS,
+        record = compare(f"{kind}{ranks}/{plan}/{layout}/{name}", "model", {"sample": ref}, {"sample": cand}, OUTPUTS,
                          torch.float64, "cpu", base={"sample": base},
                          fused_calls=sum(r[name]["fused_calls"] for r in results))
         disagree = [r for r in range(1, ranks) if not torch.equal(results[r][name]["cand"], cand)]
@@ -99,8 +107,26 @@ def check_tensor_parallel(layout: str = "blocked", plan: str = "merged", ranks: 
     return records
 
 
-def _rank(rank: int, ranks: int, init: str, folder: str, layout: str, plan: str, processor: str, seed: int,
-          config_name: str) -> None:
+def context_parallel(model: torch.nn.Module, ranks: int, rank: int, hand_to_processors: bool = True) -> None:
+    """`model` made Ulysses context parallel over `ranks` CPU ranks in place, as enable_parallelism does on an
+    accelerator; `hand_to_processors` False plants the bug of a processor that drops the parallel config."""
+    from diffusers.hooks.context_parallel import apply_context_parallel
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cp = ContextParallelConfig(ulysses_degree=ranks)
+    config = ParallelConfig(context_parallel_config=cp)
+    config.setup(rank, ranks, torch.device("cpu"), mesh=init_device_mesh("cpu", (1, ranks),
+                                                                          mesh_dim_names=("ring", "ulysses")))
+    model._parallel_config = config
+    for module in model.modules():
+        if hand_to_processors and hasattr(getattr(module, "processor", None), "_parallel_config"):
+            module.processor._parallel_config = config
+    apply_context_parallel(model, cp, model._cp_plan)
+
+
+def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str, plan: str, processor: str,
+          seed: int, config_name: str) -> None:
     """One rank: the unsharded standard model, then the standard and merged models sharded, on every fixture."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -113,14 +139,17 @@ def _rank(rank: int, ranks: int, init: str, folder: str, layout: str, plan: str,
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=ranks)
     try:
-        mesh = init_device_mesh("cpu", (ranks,))
         config = model_config(config_name)
         std = build_model(config, seed)
         merged = fuse_model(copy.deepcopy(std), layout=layout, processor=processor)
-        wrong = tp_plan(merged, plan, layout)
         unsharded = copy.deepcopy(std)
-        shard(std, std._tp_plan, mesh)
-        shard(merged, wrong, mesh)
+        if kind == "tp":
+            mesh = init_device_mesh("cpu", (ranks,))
+            shard(std, std._tp_plan, mesh)
+            shard(merged, tp_plan(merged, plan, layout), mesh)
+        else:
+            context_parallel(std, ranks, rank)
+            context_parallel(merged, ranks, rank, hand_to_processors=plan != "drops-parallel-config")
         out = {}
         with torch.no_grad():
             for name, spec in FIXTURES.items():
