@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import pytest
 
+# The candidate's options: `--qkv-NAME` here, `--NAME` of `qkv-verify test` (which passes them on as these).
+OPTIONS: tuple[tuple[str, dict], ...] = (
+    ("reference", dict(metavar="SPEC", help="what the candidate must match (default: diffusers)")),
+    ("fused-modules", dict(metavar="NAMES", help="module names whose calls prove the fused path ran (default "
+                                                 "to_qkv,add_qkv_proj,to_added_qkv), or none for an unfused one")),
+    ("layout", dict(choices=("blocked", "interleaved"), default="blocked",
+                    help="layout of the candidate's fused parameters, to map its weight gradients (default blocked)")),
+    ("device", dict(choices=("cpu", "cuda"), default="cpu", help="device of the checks (default cpu)")),
+)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qkv-verify", "merged-QKV candidate under test (qkv-verify)")
     group.addoption("--qkv-candidate", metavar="SPEC",
                     help="implementation to judge: package.module:attr, path/to/file.py:attr or a built-in name")
-    group.addoption("--qkv-reference", metavar="SPEC", help="what it must match (default: diffusers)")
-    group.addoption("--qkv-fused-modules", metavar="NAMES",
-                    help="module names whose calls prove the fused path ran (default to_qkv,add_qkv_proj,"
-                         "to_added_qkv), or none")
-    group.addoption("--qkv-layout", choices=("blocked", "interleaved"), default="blocked",
-                    help="layout of the candidate's fused parameters, to map its weight gradients (default blocked)")
-    group.addoption("--qkv-device", choices=("cpu", "cuda"), default="cpu", help="device of the checks")
+    for name, kwargs in OPTIONS:
+        group.addoption(f"--qkv-{name}", **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from verify import pytest_plugin
+
 SUITE = Path(__file__).parents[1] / "suite"
 
 
@@ -24,25 +26,19 @@ def register_test(subparsers) -> None:
     )
     p.add_argument("spec", metavar="SPEC", help="package.module:attr, path/to/file.py:attr, or a built-in name "
                                                  "(reference, fast, fast-compiled, diffsynth)")
-    p.add_argument("--reference", metavar="SPEC", help="what SPEC must match (default: diffusers)")
-    p.add_argument("--fused-modules", metavar="NAMES",
-                   help="module names whose calls prove the fused path ran (default to_qkv,add_qkv_proj,"
-                        "to_added_qkv), or none for an unfused candidate")
-    p.add_argument("--layout", choices=("blocked", "interleaved"), default="blocked",
-                   help="layout of SPEC's fused parameters, to map its weight gradients (default blocked)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the suite runs (default cpu)")
+    for name, kwargs in pytest_plugin.OPTIONS:
+        p.add_argument(f"--{name}", **kwargs)
     p.set_defaults(func=_test, pytest_args=[])  # verify.cli passes what follows `--` (pytest's own arguments)
 
 
 def _test(args) -> int:
     import pytest
 
-    from verify import pytest_plugin
-
     _validate(args)
-    options = ["--qkv-candidate", args.spec, "--qkv-layout", args.layout, "--qkv-device", args.device]
-    options += ["--qkv-reference", args.reference] if args.reference else []
-    options += ["--qkv-fused-modules", args.fused_modules] if args.fused_modules else []
+    options = ["--qkv-candidate", args.spec]
+    for name, _ in pytest_plugin.OPTIONS:
+        value = getattr(args, name.replace("-", "_"))
+        options += [f"--qkv-{name}", value] if value else []
     plugins = [] if _installed_plugin(pytest_plugin.__name__) else [pytest_plugin]
     code = pytest.main(["-c", str(SUITE / "pytest.ini"), "--rootdir", str(SUITE), str(SUITE), *options,
                         *args.pytest_args], plugins=plugins)
