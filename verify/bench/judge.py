@@ -49,14 +49,15 @@ def grad_leaves(inputs: dict) -> dict[str, torch.Tensor]:
     return leaves
 
 
-def train_step(run: nn.Module, module: nn.Module, inputs: dict, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+def train_step(run: nn.Module, module: nn.Module, inputs: dict, seed: int,
+               ct: list[torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """One forward + backward of `run` (`module`, compiled or not): its outputs, the gradients of both input
-    streams and of `module`'s parameters ("input.*", "weight.*"), for the seeded cotangents."""
+    streams and of `module`'s parameters ("input.*", "weight.*"), for the seeded cotangents (or `ct`)."""
     leaves = grad_leaves(inputs)
     module.zero_grad(set_to_none=True)
     txt, img = run(**{**inputs, **leaves})
-    ct = [c.to(t.dtype) for c, t in zip(cotangents(inputs, seed), (txt, img))]
-    torch.autograd.backward((txt, img), ct)
+    ct = cotangents(inputs, seed) if ct is None else ct
+    torch.autograd.backward((txt, img), [c.to(t.dtype) for c, t in zip(ct, (txt, img))])
     grads = {f"input.{k}": t.grad for k, t in leaves.items()}
     grads.update({f"weight.{n}": p.grad for n, p in module.named_parameters() if p.grad is not None})
     module.zero_grad(set_to_none=True)
@@ -67,16 +68,9 @@ def oracle(std: nn.Module, inputs: dict, seed: int) -> dict[str, dict[str, torch
     """`std`'s training step in fp64 (its weights upcast, the same inputs and cotangents), attention a head at a
     time (heads_in_chunks): the ground truth of every arm's outputs and gradients."""
     ref = nn.Module.to(copy.deepcopy(std), dtype=torch.float64)  # a LoRA block keeps its base frozen
-    device = inputs["hidden_states"].device
-    wide = cast_inputs(inputs, torch.float64, device)
-    ct = [c.double() for c in cotangents(inputs, seed)]
-    with heads_in_chunks(ORACLE_HEADS):
-        leaves = {k: wide[k].detach().requires_grad_() for k in GRAD_INPUTS}
-        txt, img = ref(**{**wide, **leaves})
-        torch.autograd.backward((txt, img), ct)
-    grads = {f"input.{k}": t.grad for k, t in leaves.items()}
-    grads.update({f"weight.{n}": p.grad for n, p in ref.named_parameters() if p.grad is not None})
-    return {"outputs": {"image": img.detach(), "text": txt.detach()}, "gradients": grads}
+    wide = cast_inputs(inputs, torch.float64, inputs["hidden_states"].device)
+    with heads_in_chunks(ORACLE_HEADS):  # the arms' own cotangents, upcast
+        return train_step(ref, ref, wide, seed, ct=[c.double() for c in cotangents(inputs, seed)])
 
 
 @contextlib.contextmanager
