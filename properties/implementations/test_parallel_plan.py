@@ -22,8 +22,6 @@ HEAD_DIM = CONFIG["attention_head_dim"]
 
 @pytest.mark.parametrize("processor", ["reference", "fast"])
 def test_set_attention_backend_and_the_parallel_config_reach_dispatch(monkeypatch, processor):
-    import verify.implementations.fast_fused
-
     model = fuse_model(fixtures.build_model(CONFIG, 0), processor=processor)
     model.set_attention_backend("native")
     assert {a.processor._attention_backend for a in joint_attentions(model)} == {AttentionBackendName.NATIVE}
@@ -38,8 +36,7 @@ def test_set_attention_backend_and_the_parallel_config_reach_dispatch(monkeypatc
         kwargs["parallel_config"] = None  # no process group on this machine: the call itself runs unsharded
         return dispatch(*args, **kwargs)
 
-    monkeypatch.setattr(fused, "dispatch_attention_fn", spy)
-    monkeypatch.setattr(verify.implementations.fast_fused, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(fused, "dispatch_attention_fn", spy)  # the one call, FusedQwenAttnProcessor.attend
     with torch.no_grad():
         model(**fixtures.model_inputs(CONFIG, fixtures.FIXTURES["text-to-image"], 0))
     assert len(seen) == CONFIG["num_layers"]

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
@@ -76,10 +75,7 @@ class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):
             raise ValueError("pass encoder_hidden_states_mask; the processor builds the joint mask")
         img, txt = self.projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = self.joint_qkv(attn, txt, img, image_rotary_emb)  # (B, S_txt + S_img, H, D) each
-        joint = dispatch_attention_fn(
-            q, k, v, attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states), dropout_p=0.0,
-            is_causal=False, backend=self._attention_backend, parallel_config=self._parallel_config,
-        )  # (B, S_txt + S_img, H, D)
+        joint = self.attend(q, k, v, encoder_hidden_states_mask, hidden_states)  # (B, S_txt + S_img, H, D)
         return self.outputs(attn, joint.to(q.dtype), encoder_hidden_states.shape[1])
 
     def projections(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple:

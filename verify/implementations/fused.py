@@ -62,17 +62,16 @@ class FusedQwenAttnProcessor:
             img_freqs, txt_freqs = image_rotary_emb
             img_q, img_k = (apply_rotary_emb_qwen(t, img_freqs, use_real=False) for t in (img_q, img_k))
             txt_q, txt_k = (apply_rotary_emb_qwen(t, txt_freqs, use_real=False) for t in (txt_q, txt_k))
-        joint = dispatch_attention_fn(
-            torch.cat([txt_q, img_q], dim=1),
-            torch.cat([txt_k, img_k], dim=1),
-            torch.cat([txt_v, img_v], dim=1),
-            attn_mask=self.joint_mask(encoder_hidden_states_mask, hidden_states),
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )  # (B, S_txt + S_img, H, D)
+        joint = self.attend(torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1),
+                            torch.cat([txt_v, img_v], dim=1), encoder_hidden_states_mask, hidden_states)
         return self.outputs(attn, joint.to(img_q.dtype), encoder_hidden_states.shape[1])
+
+    def attend(self, q, k, v, text_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Joint attention over [text, image] (B, S_txt + S_img, H, D), through diffusers' dispatcher with the
+        backend and parallel config diffusers set on this processor."""
+        return dispatch_attention_fn(q, k, v, attn_mask=self.joint_mask(text_mask, hidden_states), dropout_p=0.0,
+                                     is_causal=False, backend=self._attention_backend,
+                                     parallel_config=self._parallel_config)
 
     def project(self, attn: Attention, stream: Stream, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
         """One fused matmul, then the (q, k, v) views, each unflattened to heads."""
