@@ -128,9 +128,8 @@ class RegionCompiledFusedQwenAttnProcessor(FastFusedQwenAttnProcessor):
         txt_cs, img_cs = torch.view_as_real(txt_freqs), torch.view_as_real(img_freqs)
         for t, sequence_dim in ((txt, 1), (img, 1), (txt_cs, 0), (img_cs, 0)):
             torch._dynamo.maybe_mark_dynamic(t, sequence_dim)
-        region = _compiled_region(self.backend)
-        return region(txt, img, *(n.weight for n in norms), txt_cs, img_cs, tuple(float(n.eps) for n in norms),
-                      attn.inner_dim // attn.heads, self.layout)
+        return call_region(_compiled_region(self.backend), txt, img, *(n.weight for n in norms), txt_cs, img_cs,
+                           tuple(float(n.eps) for n in norms), attn.inner_dim // attn.heads, self.layout)
 
 
 def split_heads(fused: torch.Tensor, head_dim: int, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,6 +166,23 @@ def _compiled_region(backend: str):
         options = {"coordinate_descent_tuning": True} if backend == "inductor" else None
         _REGIONS[backend] = torch.compile(_joint_qkv_region, backend=backend, fullgraph=True, options=options)
     return _REGIONS[backend]
+
+
+# Graphs a compiled region may keep. Each dtype, layout, grad mode, width, and batch or sequence length of 1 (which
+# dynamo specialises) is a graph of its own; dynamo's default budget is 8 per function, and with fullgraph=True the 9th
+# was a hard failure (FailOnRecompileLimitHit) that the packaged property suite hit on its first property with a
+# compiled region (fp32 attention, on the CPU and on an H200: reports/gpu/test-fast-compiled-h200.log). The region
+# keeps dynamo's ceiling for all functions together (its accumulated_recompile_limit) instead.
+REGION_RECOMPILE_LIMIT = 256
+
+
+def call_region(region, *args):
+    """Call a compiled region with its own recompile budget (REGION_RECOMPILE_LIMIT), entered at every call, since any
+    call may compile. (Not specialising sizes of 1 as well, torch's backed_size_oblivious, would make 2 graphs of 16,
+    but inductor then rejected a later call's strides: torch 2.13, CPU.)"""
+    limit = max(torch._dynamo.config.recompile_limit, REGION_RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return region(*args)
 
 
 # --- QK-norm + RoPE + joint layout --------------------------------------------------------------------------------

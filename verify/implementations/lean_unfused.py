@@ -27,10 +27,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
-from verify.implementations.fast_fused import (
-    FastFusedQwenAttnProcessor,
-    _rms_rope,
-)
+from verify.implementations.fast_fused import FastFusedQwenAttnProcessor, _rms_rope, call_region
 from verify.implementations.fused import FusedQwenAttnProcessor, joint_attentions
 from verify.maths.naming import DEFAULT_NAMING, Stream
 
@@ -79,9 +76,8 @@ class LeanUnfusedRegionQwenAttnProcessor(LeanUnfusedQwenAttnProcessor):
             torch._dynamo.maybe_mark_dynamic(t, 1)
         for t in (txt_cs, img_cs):
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        region = _compiled_region(self.backend)
-        return region(*txt, *img, *(n.weight for n in norms), txt_cs, img_cs, tuple(float(n.eps) for n in norms),
-                      attn.inner_dim // attn.heads)
+        return call_region(_compiled_region(self.backend), *txt, *img, *(n.weight for n in norms), txt_cs, img_cs,
+                           tuple(float(n.eps) for n in norms), attn.inner_dim // attn.heads)
 
 
 def _joint_qkv_region(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_wq, txt_wk, img_wq, img_wk, txt_cs, img_cs, eps,
