@@ -27,7 +27,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
-from verify.implementations.fast_fused import FastFusedQwenAttnProcessor, _rms_rope, call_region
+from verify.implementations.fast_fused import FastFusedQwenAttnProcessor, _rms_rope, call_region, compile_region
 from verify.implementations.fused import FusedQwenAttnProcessor, joint_attentions
 from verify.maths.naming import DEFAULT_NAMING, Stream
 
@@ -83,8 +83,7 @@ class LeanUnfusedRegionQwenAttnProcessor(LeanUnfusedQwenAttnProcessor):
 def _joint_qkv_region(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_wq, txt_wk, img_wq, img_wk, txt_cs, img_cs, eps,
                       head_dim: int):
     """verify.implementations.fast_fused's region from separate projections (B, S, H * D): heads, RMSNorm + RoPE in
-    fp32 (the same
-    `_rms_rope`), and the joint [text, image] concatenation."""
+    fp32 (the same `_rms_rope`), and the joint [text, image] concatenation."""
 
     def heads(t):
         return t.unflatten(-1, (-1, head_dim))
@@ -100,12 +99,10 @@ _REGIONS: dict[str, object] = {}
 
 
 def _compiled_region(backend: str):
-    """_joint_qkv_region compiled as verify.implementations.fast_fused compiles its own: fullgraph, coordinate-descent
-    tuning under
-    inductor, once per process and backend (the caller marks the sequence lengths dynamic)."""
+    """_joint_qkv_region compiled as verify.implementations.fast_fused compiles its own (compile_region), once per
+    process and backend (the caller marks the sequence lengths dynamic)."""
     if backend not in _REGIONS:
-        options = {"coordinate_descent_tuning": True} if backend == "inductor" else None
-        _REGIONS[backend] = torch.compile(_joint_qkv_region, backend=backend, fullgraph=True, options=options)
+        _REGIONS[backend] = compile_region(_joint_qkv_region, backend)
     return _REGIONS[backend]
 
 
