@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from properties.checkpoint_files import standard_checkpoint
 from verify.cli import main
-from verify.commands.convert import INDEX, convert
+from verify.files.convert import INDEX, convert
 
 FAST = ["--dtypes", "fp64,fp32"]
 DIM = 64  # the tiny model's inner dim

@@ -21,11 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from properties.checkpoint_files import standard_checkpoint
 from verify.cli import main
-from verify.commands import convert as conv
+from verify.files import convert as conv
 from verify.files import destination, scan
 from verify.files import manifest as mf
 from verify.files.checkpoint import DTYPES, Checkpoint
-from verify.implementations.loading import build_merged, model_config
+from verify.files.model_config import model_config
+from verify.implementations.loading import build_merged
 from verify.maths import qkv
 
 HEAD_DIM = 16  # the tiny config's
@@ -422,7 +423,7 @@ def test_killed_run_leaves_no_destination(tmp_path, std):
 
     before = snapshot(std)
     dst = tmp_path / "m"
-    script = ("import sys, time; from pathlib import Path; import verify.commands.convert as c\n"
+    script = ("import sys, time; from pathlib import Path; import verify.files.convert as c\n"
               "real = c._kernel_copy\n"
               "c._kernel_copy = lambda *a: (time.sleep(0.05), real(*a))\n"
               "c.convert(Path(sys.argv[1]), Path(sys.argv[2]), 'merged')\n")

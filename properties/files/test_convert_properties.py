@@ -17,9 +17,10 @@ from verify.checks import fixtures
 from verify.checks.cases import Case, model_outputs
 from verify.checks.compare import assert_passed
 from verify.checks.equivalence import run_case
-from verify.commands.convert import check, convert
 from verify.files.checkpoint import Checkpoint
-from verify.implementations.loading import build_merged, load_standard, model_config
+from verify.files.convert import check, convert
+from verify.files.model_config import model_config
+from verify.implementations.loading import build_merged, load_standard
 
 STORED = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 SHARDS = st.sampled_from(["8KB", "40KB", "10GB"])  # many small shards, a few, one file

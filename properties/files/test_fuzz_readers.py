@@ -28,10 +28,10 @@ from safetensors.torch import save
 
 from properties.strategies import float_dtypes, layouts, namings, random_tensor, seeds
 from verify.checks.compare import assert_passed, compare_exact
-from verify.commands.convert import Plan, plan
 from verify.errors import VerifyError
 from verify.files import lora_formats as formats
 from verify.files.checkpoint import DTYPES, Checkpoint, read_header
+from verify.files.convert import Plan, plan
 from verify.maths.naming import DEFAULT_NAMING, NAMINGS, detect_naming
 from verify.maths.state_dict import merge_state_dict, split_state_dict
 

@@ -94,7 +94,7 @@ def child(args: list[str]) -> None:
         return
     base = 0
     if what == "convert":
-        from verify.commands.convert import convert
+        from verify.files.convert import convert
         base = _status("VmRSS")  # the interpreter and its libraries: 0.39 GB with CPU torch, 0.84 GB with CUDA torch
         cpu0 = _cpu()
         start = time.perf_counter()

@@ -4,7 +4,7 @@
     python reports/mutation/mutation.py report [--out reports/mutation/judging-core.txt]
     python reports/mutation/mutation.py sample                                      # the sample, one a line
 
-Scope: SCOPE below (verify/commands/convert.py: only the --check functions). mutmut's [tool.mutmut] section in
+Scope: SCOPE below (verify/files/convert.py: only the --check functions). mutmut's [tool.mutmut] section in
 pyproject.toml
 names the files to mutate and the tests it may run (the test files that exercise them); mutmut runs, for each
 mutant, only the tests that called the mutated function, cheapest first (properties/_mutation_order.py).
@@ -44,7 +44,7 @@ SCOPE: dict[str, tuple[str, ...] | None] = {
     "verify/files/lora_mapping.py": None,
     "verify/checks/claims.py": None,
     "verify/checks/regress.py": None,
-    "verify/commands/convert.py": ("x_check", "x__compare_all", "x__same"),  # `convert --check`
+    "verify/files/convert.py": ("x_check", "x__compare_all", "x__same"),  # `convert --check`
 }
 # sampled share of each module's mutants (1.0: all)
 RATE: dict[str, float] = {
@@ -56,7 +56,7 @@ RATE: dict[str, float] = {
     "verify/files/lora_mapping.py": 0.12,
     "verify/checks/claims.py": 0.025,
     "verify/checks/regress.py": 0.025,
-    "verify/commands/convert.py": 0.15,
+    "verify/files/convert.py": 0.15,
 }
 SURVIVORS_MD = ROOT / "reports" / "mutation" / "survivors.md"
 NAME = re.compile(r"`(verify\.[\w.ǁ]+__mutmut_\d+)`")

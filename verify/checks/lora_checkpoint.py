@@ -67,7 +67,7 @@ def spec_from_checkpoint(folder: str | Path, layout: str = "blocked") -> ModelSp
     ckpt = Checkpoint(folder)  # validated headers, shards and index; no tensor is read
     if ckpt.config is None:
         raise VerifyError(f"{folder}: no config.json (expected a diffusers checkpoint folder)")
-    from verify.implementations.loading import merge_recorded
+    from verify.files.model_config import merge_recorded
 
     recorded = merge_recorded(ckpt)
     if recorded and recorded["layout"] != layout:  # a LoRA mapped in the other layout lands on the wrong rows

@@ -26,8 +26,9 @@ from verify.checks.fixtures import cast_inputs
 from verify.checks.probes import count_calls
 from verify.errors import VerifyError
 from verify.files.checkpoint import Checkpoint
+from verify.files.model_config import is_merged
 from verify.implementations.candidate import Implementation
-from verify.implementations.loading import check_fits, empty_model, is_merged, merged_naming
+from verify.implementations.loading import check_fits, empty_model, merged_naming
 from verify.maths.state_dict import split_state_dict
 
 BLOCKS = "transformer_blocks."

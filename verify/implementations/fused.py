@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from verify.errors import VerifyError
+from verify.files.model_config import MERGE_KEY
 from verify.implementations import adapters
 from verify.maths import qkv
 from verify.maths.naming import DEFAULT_NAMING, Stream, streams
@@ -194,9 +195,6 @@ def processor_class(name: str) -> type[FusedQwenAttnProcessor]:
         raise VerifyError(f"unknown fused processor {name!r}; expected one of {', '.join(PROCESSORS)}")
     module, _, cls = PROCESSORS[name].partition(":")
     return getattr(importlib.import_module(module), cls)
-
-
-MERGE_KEY = "qkv_merge"  # config.json of a merged model: {"naming": ..., "layout": ...}
 
 
 def default_processor(device: str | torch.device) -> str:
