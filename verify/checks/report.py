@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import platform
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from verify import __version__
@@ -26,10 +24,12 @@ from verify.checks.sharding import check_parallel, parse_parallel
 from verify.checks.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.checks.tolerance import OUTPUTS, dtype_name
 from verify.errors import VerifyError
+from verify.files import lora_formats as formats
 from verify.files.checkpoint import Checkpoint
+from verify.files.model_config import is_merged, merge_recorded, model_config
 from verify.implementations.candidate import Implementation, resolve
 from verify.implementations.fused import default_processor, fuse_model
-from verify.implementations.loading import empty_model, is_merged, merge_recorded, model_config
+from verify.implementations.loading import empty_model
 from verify.maths.naming import NAMINGS
 from verify.maths.qkv import LAYOUTS
 from verify.maths.state_dict import layout_hint, matching_layout, merge_state_dict, split_state_dict
@@ -61,22 +61,33 @@ class Options:
 
 @dataclass
 class Subject:
-    """Where the standard weights come from, the user's merged weights if any, and the implementations judged."""
+    """What one report judges, opened and validated: the standard weights, the user's merged weights if any, the
+    implementations, the LoRA planned onto both models, and the parallel layout."""
 
     std: StateDictSource
     cand: StateDictSource | None
     weight_checks: list[Record]
     candidate: Implementation = None
     reference: Implementation = None
+    lora: _Lora | None = None
+    parallel: tuple[str, int] | None = None  # (kind, ranks)
 
 
 def load_subject(opts: Options) -> Subject:
-    """Validate and open every input before anything runs or is written."""
+    """Validate and open every input before anything runs or is written. The embedded default (seeded tiny or small
+    weights, no --lora) gets a seeded LoRA of the write-up's kind, made in memory."""
     subject = _weights(opts)
     subject.candidate = resolve(opts.candidate or default_processor(opts.device), opts.fused_modules)
     subject.reference = resolve(opts.reference or "diffusers")
+    if opts.lora:
+        subject.lora = _Lora(formats.read(opts.lora, opts.adapter_config), str(opts.lora), subject)
+    elif embedded_lora(opts):
+        seeded = formats.parse(fixtures.seeded_lora(fixtures.model_config(opts.config), opts.seed), "seeded LoRA")
+        subject.lora = _Lora(seeded, f"embedded: seeded rank-{fixtures.LORA_RANK} LoRA on "
+                                     f"{', '.join(fixtures.LORA_TARGETS)}, alpha {fixtures.LORA_ALPHA:g} "
+                                     f"(seed {opts.seed})", subject)
     if opts.parallel:
-        parse_parallel(opts.parallel, opts.device, opts.candidate or default_processor(opts.device))
+        subject.parallel = parse_parallel(opts.parallel, opts.device, subject.candidate.spec)
         if opts.checkpoint or opts.config == "full":
             raise VerifyError(f"--parallel {opts.parallel}: shards seeded weights of --config tiny or small on CPU "
                               "ranks, not a checkpoint or the full config")
@@ -176,54 +187,17 @@ def component_checks(subject: Subject, dtypes: list[torch.dtype], device: str, s
                               candidate=subject.candidate, reference=subject.reference, layout=layout)]
 
 
-def run_report(opts: Options) -> dict:
-    """Load, run every fixture in every dtype (and the LoRA sections), and return the summary. The embedded default
-    (seeded tiny or small weights, no --lora) runs a seeded LoRA of the write-up's kind too."""
-    if embedded_lora(opts):
-        with tempfile.TemporaryDirectory(prefix="qkv-verify-lora-") as tmp:
-            path = Path(tmp) / "seeded-lora.safetensors"
-            save_file(fixtures.seeded_lora(fixtures.model_config(opts.config), opts.seed), str(path))
-            summary = run_report(replace(opts, lora=path))
-        summary["lora"]["file"] = (f"embedded: seeded rank-{fixtures.LORA_RANK} LoRA on "
-                                   f"{', '.join(fixtures.LORA_TARGETS)}, alpha {fixtures.LORA_ALPHA:g} "
-                                   f"(seed {opts.seed})")
-        summary["inputs"]["lora"] = summary["lora"]["file"]
-        return summary
-    subject = load_subject(opts)
-    lora = _Lora(opts, subject) if opts.lora else None
+def run_report(subject: Subject, opts: Options) -> dict:
+    """Judge the subject: its weights, the attention and block cases, every fixture through the streamed model (with
+    the LoRA, and its sweep), the parallel model; and return the summary."""
     dtypes = list(dict.fromkeys([*REQUIRED_DTYPES, *opts.dtypes]))
+    records = subject.weight_checks + ([subject.lora.unmatched_check(opts.allow_unmatched)] if subject.lora else [])
+    records += round_trip_checks(subject.std) + component_checks(subject, dtypes, opts.device, opts.seed, opts.layout)
+    model_records, stats, samples = model_checks(subject, dtypes, opts)
+    records += model_records + parallel_checks(subject, opts)
     notes = [f"{dtype_name(d)} added: a verdict needs fp64 and fp32 runs (bugs hide in bf16 noise)"
              for d in REQUIRED_DTYPES if d not in opts.dtypes]
-    records = list(subject.weight_checks) + ([lora.unmatched_check(opts.allow_unmatched)] if lora else [])
-    records += round_trip_checks(subject.std) + component_checks(subject, dtypes, opts.device, opts.seed, opts.layout)
-    notes += _implementation_notes(subject, records)
-    stats, samples = [], []
-    progress = tqdm(total=len(FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),
-                    desc="qkv-verify report", unit="run", leave=False, disable=not sys.stderr.isatty())
-    for fixture, spec in FIXTURES.items():
-        inputs = fixtures.model_inputs(subject.std.config, spec, opts.seed)
-        run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate, subject.reference,
-                            subject.cand)
-        progress.update()
-        records += _records(f"model/{fixture}", run, opts.device)
-        stats += _stats(fixture, run)
-        samples += _samples(fixture, run)
-        if lora:
-            lora_run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate,
-                                     subject.reference, subject.cand, *lora.updates(1.0))
-            progress.update()
-            records += _records(f"lora/{fixture}", lora_run, opts.device)
-    if lora:
-        lora.summary["sweep"] = _sweep(subject, lora, opts, progress)
-    progress.close()
-    parallel = None
-    if opts.parallel:
-        kind, ranks = parse_parallel(opts.parallel, opts.device, opts.candidate or default_processor(opts.device))
-        processor = opts.candidate or default_processor(opts.device)
-        records += check_parallel(kind, opts.layout, "merged", ranks, processor, opts.seed, opts.config)
-        parallel = {"kind": kind, "degree": ranks, "device": "cpu", "backend": "gloo", "processor": processor,
-                    "plan": f"the merged model's {'_tp_plan' if kind == 'tp' else '_cp_plan'}",
-                    "weights": f"seeded {opts.config} config (seed {opts.seed})"}
+    notes += _implementation_notes(subject, records) + _bf16_notes(records)
     summary = {
         "verdict": "pass" if all(r.passed for r in records if r.provided) else "fail",
         "compared": "",
@@ -232,15 +206,54 @@ def run_report(opts: Options) -> dict:
         "checks": [r.to_dict() for r in records],
         "output_stats": stats,
         "output_samples": samples,
-        "lora": lora.summary if lora else None,
+        "lora": subject.lora.summary if subject.lora else None,
         "environment": environment(opts.device),
         "inputs": inputs_section(opts, subject, dtypes),
         "notes": notes,
-        "parallel": parallel,
+        "parallel": _parallel_section(subject, opts),
     }
     summary["compared"] = compared_line(summary)
-    summary["notes"] += _bf16_notes(records)
     return summary
+
+
+def model_checks(subject: Subject, dtypes: list[torch.dtype], opts: Options) -> tuple[list[Record], list, list]:
+    """Every fixture through the whole model, streamed block by block (verify.checks.streaming), without and with
+    the LoRA, then the LoRA's sweep: (records, output stats, output samples)."""
+    lora = subject.lora
+    records, stats, samples = [], [], []
+    progress = tqdm(total=len(FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),
+                    desc="qkv-verify report", unit="run", leave=False, disable=not sys.stderr.isatty())
+    for fixture, spec in FIXTURES.items():
+        inputs = fixtures.model_inputs(subject.std.config, spec, opts.seed)
+        for section, updates in [("model", ()), *([("lora", lora.updates(1.0))] if lora else [])]:
+            run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate, subject.reference,
+                                subject.cand, *updates)
+            progress.update()
+            records += _records(f"{section}/{fixture}", run, opts.device)
+            if section == "model":
+                stats += _stats(fixture, run)
+                samples += _samples(fixture, run)
+    if lora:
+        lora.summary["sweep"] = _sweep(subject, lora, opts, progress)
+    progress.close()
+    return records, stats, samples
+
+
+def parallel_checks(subject: Subject, opts: Options) -> list[Record]:
+    """The merged model made parallel on CPU ranks (verify.checks.sharding), when --parallel asks."""
+    if not subject.parallel:
+        return []
+    kind, ranks = subject.parallel
+    return check_parallel(kind, opts.layout, "merged", ranks, subject.candidate.spec, opts.seed, opts.config)
+
+
+def _parallel_section(subject: Subject, opts: Options) -> dict | None:
+    if not subject.parallel:
+        return None
+    kind, ranks = subject.parallel
+    return {"kind": kind, "degree": ranks, "device": "cpu", "backend": "gloo", "processor": subject.candidate.spec,
+            "plan": f"the merged model's {'_tp_plan' if kind == 'tp' else '_cp_plan'}",
+            "weights": f"seeded {opts.config} config (seed {opts.seed})"}
 
 
 def _bf16_notes(records: list[Record]) -> list[str]:
@@ -358,19 +371,18 @@ def _finite_or_none(v: float) -> float | None:
 class _Lora:
     """A LoRA file planned onto both models: its load report and audit, and per-block updates at a factor."""
 
-    def __init__(self, opts: Options, subject: Subject):
+    def __init__(self, file: formats.LoraFile, name: str, subject: Subject):
         from verify.checks import lora_audit as audit
-        from verify.files import lora_formats as formats
         from verify.files import lora_mapping as mapping
 
-        self.file = formats.read(opts.lora, opts.adapter_config)
+        self.file = file
         config = subject.std.config
         naming, layout = subject.cand.fused if subject.cand else ("seed", "blocked")
         self.std_plan = mapping.plan(self.file, mapping.spec_of(empty_model(config)))
         self.cand_plan = mapping.plan(self.file, mapping.spec_of(fuse_model(empty_model(config), naming, layout)))
         record = audit.audit(self.file, self.std_plan)
         self.scale = record["scale"]["value"]
-        self.summary = {"file": str(opts.lora), **{k: record[k] for k in (
+        self.summary = {"file": name, **{k: record[k] for k in (
             "format", "layout", "modules_matched", "tensors", "weights_changed", "unmatched_keys", "ranks",
             "scale", "capacity", "warnings")}}
         self.summary["modules"] = [{"target": u.target, "sources": list(u.sources), "rank": u.factors.rank,
@@ -453,7 +465,7 @@ def inputs_section(opts: Options, subject: Subject, dtypes: list[torch.dtype]) -
     return {
         "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
         "merged_checkpoint": str(opts.merged_checkpoint) if opts.merged_checkpoint else None,
-        "lora": str(opts.lora) if opts.lora else None,
+        "lora": subject.lora.summary["file"] if subject.lora else None,
         "config": None if opts.checkpoint else opts.config,
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in subject.std.config.items()},
         "layout": opts.layout if opts.merged_checkpoint else "blocked",

@@ -72,7 +72,7 @@ def _report(args) -> int:
 
     from verify.checks.claims import check_claims, ledger, load_bench, load_claims, refuted_user_claims
     from verify.checks.regress import load_summary, regress
-    from verify.checks.report import Options, run_report, run_values
+    from verify.checks.report import Options, load_subject, run_report, run_values
     from verify.commands.regress import thresholds_from
     from verify.errors import VerifyError
     from verify.present.render import write_report
@@ -94,7 +94,7 @@ def _report(args) -> int:
                    layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed, lora=args.lora,
                    adapter_config=args.adapter_config, candidate=args.candidate, reference=args.reference,
                    fused_modules=args.fused_modules, allow_unmatched=args.allow_unmatched, parallel=args.parallel)
-    summary = run_report(opts)
+    summary = run_report(load_subject(opts), opts)
     summary["claims"] = ledger(summary, args.claims, bench, properties)
     summary["speed"] = bench
     if baseline is not None:

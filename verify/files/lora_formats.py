@@ -84,7 +84,13 @@ def read(path: str | Path, adapter_config: str | Path | None = None) -> LoraFile
     VerifyError for anything not a supported LoRA (never a partial load)."""
     path = lora_file(path)
     tensors, metadata = read_safetensors(path)
-    config, source = _config(path, metadata, adapter_config)
+    return parse(tensors, path, *_config(path, metadata, adapter_config))
+
+
+def parse(tensors: dict[str, torch.Tensor], path: str | Path, config: dict | None = None,
+          source: str | None = None) -> LoraFile:
+    """LoRA tensors by key (a file's, or made in memory) -> LoraFile; `path` names them in errors, `config` is the
+    PEFT LoraConfig that applies (from `source`)."""
     modules: dict[tuple[str, bool], dict[str, tuple[str, torch.Tensor]]] = {}  # (name, flat) -> role -> key, tensor
     module_format: dict[tuple[str, bool], str] = {}
     for key, tensor in tensors.items():
