@@ -130,8 +130,7 @@ class RegionCompiledFusedQwenAttnProcessor(FastFusedQwenAttnProcessor):
         self.region_calls += 1
         img_freqs, txt_freqs = image_rotary_emb
         txt_cs, img_cs = torch.view_as_real(txt_freqs), torch.view_as_real(img_freqs)
-        for t, sequence_dim in ((txt, 1), (img, 1), (txt_cs, 0), (img_cs, 0)):
-            torch._dynamo.maybe_mark_dynamic(t, sequence_dim)
+        mark_varying((txt, img), (txt_cs, img_cs))
         return call_region(_compiled_region(self.backend), txt, img, *(n.weight for n in norms), txt_cs, img_cs,
                            tuple(float(n.eps) for n in norms), attn.inner_dim // attn.heads, self.layout)
 
@@ -162,10 +161,8 @@ _REGIONS: dict[str, object] = {}
 
 
 def _compiled_region(backend: str):
-    """_joint_qkv_region compiled with `backend`, once per process; the caller marks the sequence lengths dynamic, so
-    the first graph already serves every length. (Compiled for a static first length, inductor's kernel that
-    assembles the fused projection's gradient ran 5x slower on an H200, and a model trained at one resolution keeps
-    its first graph: reports/gpu/NOTES.md, change 14.) Inductor tunes each kernel's launch configuration once."""
+    """_joint_qkv_region compiled with `backend`, once per process (the caller marks what varies: `mark_varying`);
+    inductor tunes each kernel's launch configuration once."""
     if backend not in _REGIONS:
         _REGIONS[backend] = compile_region(_joint_qkv_region, backend)
     return _REGIONS[backend]
@@ -186,12 +183,28 @@ def compile_region(fn, backend: str):
 REGION_RECOMPILE_LIMIT = 256
 
 
+def mark_varying(projections: tuple[torch.Tensor, ...], tables: tuple[torch.Tensor, ...]) -> None:
+    """Mark the sizes that vary from call to call as unbacked, the projections' batch and sequence lengths and the
+    RoPE tables' length: the region's first graph serves every value, 1 included. (Marked dynamic but backed, each
+    pattern of them being 1 or not was a graph of its own: the packaged suite's fp32 attention property compiled 8,
+    unbacked 4. Compiled static in the first length, inductor's kernel that assembles the fused projection's gradient
+    ran 5x slower on an H200, and a model trained at one resolution kept its first graph: reports/gpu/NOTES.md,
+    change 14.)"""
+    for t in projections:
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+        torch._dynamo.decorators.mark_unbacked(t, 1)
+    for t in tables:
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+
+
 def call_region(region, *args):
-    """Call a compiled region with its own recompile budget (REGION_RECOMPILE_LIMIT), entered at every call, since any
-    call may compile. (Not specialising sizes of 1 as well, torch's backed_size_oblivious, would make 2 graphs of 16,
-    but inductor then rejected a later call's strides: torch 2.13, CPU.)"""
+    """Call a compiled region with its own recompile budget (REGION_RECOMPILE_LIMIT), entered at every call since any
+    call may compile, and with the norm weights' length not static: a model's head_dim never changes, and where it
+    does (the packaged suite draws it) the second value makes it dynamic instead of a graph per value (parameters are
+    static by default: 18 graphs of one fp32 property, against 8). (Not specialising sizes of 1 through torch's
+    backed_size_oblivious instead of `mark_varying` made inductor reject a later call's strides: torch 2.13, CPU.)"""
     limit = max(torch._dynamo.config.recompile_limit, REGION_RECOMPILE_LIMIT)
-    with torch._dynamo.config.patch(recompile_limit=limit):
+    with torch._dynamo.config.patch(recompile_limit=limit, force_parameter_static_shapes=False):
         return region(*args)
 
 

@@ -27,7 +27,13 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
-from verify.implementations.fast_fused import FastFusedQwenAttnProcessor, _rms_rope, call_region, compile_region
+from verify.implementations.fast_fused import (
+    FastFusedQwenAttnProcessor,
+    _rms_rope,
+    call_region,
+    compile_region,
+    mark_varying,
+)
 from verify.implementations.fused import FusedQwenAttnProcessor, joint_attentions
 from verify.maths.naming import DEFAULT_NAMING, Stream
 
@@ -72,10 +78,7 @@ class LeanUnfusedRegionQwenAttnProcessor(LeanUnfusedQwenAttnProcessor):
         self.region_calls += 1
         img_freqs, txt_freqs = image_rotary_emb
         txt_cs, img_cs = torch.view_as_real(txt_freqs), torch.view_as_real(img_freqs)
-        for t in (*txt, *img):
-            torch._dynamo.maybe_mark_dynamic(t, 1)
-        for t in (txt_cs, img_cs):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+        mark_varying((*txt, *img), (txt_cs, img_cs))
         return call_region(_compiled_region(self.backend), *txt, *img, *(n.weight for n in norms), txt_cs, img_cs,
                            tuple(float(n.eps) for n in norms), attn.inner_dim // attn.heads)
 
@@ -100,7 +103,7 @@ _REGIONS: dict[str, object] = {}
 
 def _compiled_region(backend: str):
     """_joint_qkv_region compiled as verify.implementations.fast_fused compiles its own (compile_region), once per
-    process and backend (the caller marks the sequence lengths dynamic)."""
+    process and backend (the caller marks what varies: mark_varying)."""
     if backend not in _REGIONS:
         _REGIONS[backend] = compile_region(_joint_qkv_region, backend)
     return _REGIONS[backend]
