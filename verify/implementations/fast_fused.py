@@ -131,7 +131,7 @@ class RegionCompiledFusedQwenAttnProcessor(FastFusedQwenAttnProcessor):
         img_freqs, txt_freqs = image_rotary_emb
         txt_cs, img_cs = torch.view_as_real(txt_freqs), torch.view_as_real(img_freqs)
         mark_varying((txt, img), (txt_cs, img_cs))
-        return call_region(_compiled_region(self.backend), txt, img, *(n.weight for n in norms), txt_cs, img_cs,
+        return call_region(_compiled_region(self.backend), txt, img, *norm_weights(norms), txt_cs, img_cs,
                            tuple(float(n.eps) for n in norms), attn.inner_dim // attn.heads, self.layout)
 
 
@@ -184,28 +184,34 @@ REGION_RECOMPILE_LIMIT = 256
 
 
 def mark_varying(projections: tuple[torch.Tensor, ...], tables: tuple[torch.Tensor, ...]) -> None:
-    """Mark the sizes that vary from call to call as unbacked, the projections' batch and sequence lengths and the
-    RoPE tables' length: the region's first graph serves every value, 1 included. (Marked dynamic but backed, each
-    pattern of them being 1 or not was a graph of its own: the packaged suite's fp32 attention property compiled 8,
-    unbacked 4. Compiled static in the first length, inductor's kernel that assembles the fused projection's gradient
-    ran 5x slower on an H200, and a model trained at one resolution kept its first graph: reports/gpu/NOTES.md,
-    change 14.)"""
+    """Mark the sequence lengths, of the projections and of the RoPE tables, dynamic: the region's first graph serves
+    every length. (Compiled static in the first length, inductor's kernel that assembles the fused projection's
+    gradient ran 5x slower on an H200, and a model trained at one resolution kept its first graph: reports/gpu/NOTES.md,
+    change 14. Marked unbacked as well, so that a length or batch of 1 would reuse it too, inductor raised a false
+    runtime assertion once the head dim had become dynamic; and not specialising sizes of 1 through torch's
+    backed_size_oblivious, it rejected a later call's strides: torch 2.13, CPU.)"""
     for t in projections:
-        torch._dynamo.decorators.mark_unbacked(t, 0)
-        torch._dynamo.decorators.mark_unbacked(t, 1)
+        torch._dynamo.maybe_mark_dynamic(t, 1)
     for t in tables:
-        torch._dynamo.decorators.mark_unbacked(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def call_region(region, *args):
-    """Call a compiled region with its own recompile budget (REGION_RECOMPILE_LIMIT), entered at every call since any
-    call may compile, and with the norm weights' length not static: a model's head_dim never changes, and where it
-    does (the packaged suite draws it) the second value makes it dynamic instead of a graph per value (parameters are
-    static by default: 18 graphs of one fp32 property, against 8). (Not specialising sizes of 1 through torch's
-    backed_size_oblivious instead of `mark_varying` made inductor reject a later call's strides: torch 2.13, CPU.)"""
-    limit = max(torch._dynamo.config.recompile_limit, REGION_RECOMPILE_LIMIT)
-    with torch._dynamo.config.patch(recompile_limit=limit, force_parameter_static_shapes=False):
+    """Call a compiled region; where dynamo refuses a graph past its default budget, again with the region's own
+    (REGION_RECOMPILE_LIMIT). Only that call pays for the patch: entered at every call, it cost 30 us of CPU time."""
+    try:
         return region(*args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        limit = max(torch._dynamo.config.recompile_limit, REGION_RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return region(*args)
+
+
+def norm_weights(norms) -> list[torch.Tensor]:
+    """The QK-norms' weights as the region takes them: views, not Parameters, whose sizes dynamo holds static, so that
+    a second head dim (a model's never changes; the packaged suite draws it) makes the region's graph dynamic in it
+    instead of compiling a graph per value (18 graphs of the suite's fp32 attention property, against 8)."""
+    return [n.weight.view_as(n.weight) for n in norms]
 
 
 # --- QK-norm + RoPE + joint layout --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from verify.implementations.fast_fused import (
     call_region,
     compile_region,
     mark_varying,
+    norm_weights,
 )
 from verify.implementations.fused import FusedQwenAttnProcessor, joint_attentions
 from verify.maths.naming import DEFAULT_NAMING, Stream
@@ -79,7 +80,7 @@ class LeanUnfusedRegionQwenAttnProcessor(LeanUnfusedQwenAttnProcessor):
         img_freqs, txt_freqs = image_rotary_emb
         txt_cs, img_cs = torch.view_as_real(txt_freqs), torch.view_as_real(img_freqs)
         mark_varying((*txt, *img), (txt_cs, img_cs))
-        return call_region(_compiled_region(self.backend), *txt, *img, *(n.weight for n in norms), txt_cs, img_cs,
+        return call_region(_compiled_region(self.backend), *txt, *img, *norm_weights(norms), txt_cs, img_cs,
                            tuple(float(n.eps) for n in norms), attn.inner_dim // attn.heads)
 
 

@@ -3,8 +3,8 @@
 - "before": the region as benchmarked (bench-h200.json): norm and RoPE in fp32 throughout, coordinate-descent tuning,
   the sequence lengths marked dynamic (backed).
 - "roundings": the half-precision norm rounded where diffusers rounds, kept by inductor's emulate_precision_casts.
-- "now": that, with batch and sequence lengths unbacked (no graph per length of 1) and the norm weights' length not
-  static, called as the processor calls it (`call_region`, `mark_varying`).
+- "now": that, called as the processor calls it: its own recompile budget and the norm weights' length not static
+  (`call_region`), the sequence lengths marked dynamic (`mark_varying`).
 
 Each is a step of forward + backward of the region alone (bf16, 24 heads of 128, 256 text tokens), timed interleaved
 call by call (verify.bench.timing.interleaved_times), and its CUDA kernels summed under the profiler, which is the
