@@ -121,10 +121,10 @@ def test_lora_rows(result):
 
 def _tiny_lora_arms(rank: int = RANK) -> tuple[dict, dict]:
     opts = bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16, text_tokens=8, lora_rank=rank,
-                         phases=("lora-train",))
+                                 phases=("lora-train",))
     std = bench_blocks.build_block(opts)
     arms = bench_lora.lora_blocks(std, bench_blocks.merged_block(std, "fast"), bench_blocks.lean_block(std, "fast"),
-    rank, seed=1)
+                                  rank, seed=1)
     return arms, bench_blocks.block_inputs(opts, 16)
 
 
@@ -146,13 +146,13 @@ def test_lora_arms_train_only_their_adapters():
     arms, inputs = _tiny_lora_arms()
     for arm, module in arms.items():
         assert_trains_only_lora(module, inputs)
-        assert sorted(n.split("attn.", 1)[1] for n, m in module.named_modules()
-                      if n.endswith(tuple(MERGED_TARGETS + STANDARD_TARGETS)) and hasattr(m, "lora_A")) == sorted(
-            MERGED_TARGETS if arm == "merged" else STANDARD_TARGETS)
+        adapted = sorted(n.split("attn.", 1)[1] for n, m in module.named_modules()
+                         if n.endswith(tuple(MERGED_TARGETS + STANDARD_TARGETS)) and hasattr(m, "lora_A"))
+        assert adapted == sorted(MERGED_TARGETS if arm == "merged" else STANDARD_TARGETS)
     with torch.no_grad():
         out = {arm: torch.cat([t.flatten() for t in m(**inputs)]).double() for arm, m in arms.items()}
         base = bench_blocks.build_block(bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16,
-        text_tokens=8))
+                                                              text_tokens=8))
         plain = torch.cat([t.flatten() for t in base(**inputs)]).double()
     moved = (out["standard"] - plain).norm() / plain.norm()  # through the residual stream: a few percent
     assert moved > 0.02
@@ -169,8 +169,8 @@ def test_a_lora_arm_that_trains_base_weights_is_caught(monkeypatch):
         with pytest.raises(AssertionError, match="base weight received a gradient"):
             assert_trains_only_lora(module, inputs)
     opts = bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16, image_tokens=(16,), text_tokens=8,
-                         modes=("eager",), phases=("lora-train",), lora_rank=RANK, repeats=1, warmup=1,
-                         log=lambda line: None)
+                                 modes=("eager",), phases=("lora-train",), lora_rank=RANK, repeats=1, warmup=1,
+                                 log=lambda line: None)
     with pytest.raises(bench_run.BenchCheckFailed) as failed:
         bench_run.run_bench(opts)
     bad = [c for c in failed.value.result["checks"] if not c["passed"] and c["rule"].startswith("lora")]
@@ -216,8 +216,8 @@ def test_checks_before_timing(result):
         if name.endswith("/gradients"):
             assert c["weight_gradients"] == "compared"
     # the gradients judged: both input streams and every weight (LoRA arms: every adapter) of a 64-wide block
-    block_weights = sum(p.numel() for p in bench_blocks.build_block(bench_options.Options(device="cpu", dim=64, heads=4,
-                                                                           head_dim=16)).parameters())
+    block = bench_blocks.build_block(bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16))
+    block_weights = sum(p.numel() for p in block.parameters())
     assert judged["bench/eager/16+8/merged/gradients"]["numel"] == block_weights + (16 + 8) * 64
     assert not [c for c in checks if c["rule"].startswith("sanity")]
     lora = {c["name"]: c for c in checks if c["rule"].startswith("lora")}
@@ -234,9 +234,9 @@ def test_checks_before_timing(result):
 def _gate(**kwargs) -> list[dict]:
     """The bench's checks on a tiny block, stopped at the first failing size: the failing records (nothing of their
     mode was timed)."""
-    opts = bench_options.Options(**{**dict(device="cpu", dim=64, heads=4, head_dim=16, image_tokens=(16,),
-    text_tokens=8,
-                                   phases=("forward",), repeats=1, warmup=1, log=lambda line: None), **kwargs})
+    tiny = dict(device="cpu", dim=64, heads=4, head_dim=16, image_tokens=(16,), text_tokens=8, phases=("forward",),
+                repeats=1, warmup=1, log=lambda line: None)
+    opts = bench_options.Options(**{**tiny, **kwargs})
     with pytest.raises(bench_run.BenchCheckFailed) as failed:
         bench_run.run_bench(opts)
     bad = [c for c in failed.value.result["checks"] if not c["passed"]]
@@ -552,7 +552,7 @@ def test_goal_never_slower_covers_lora_rows(result):
     exactly passes, one whose CI ends just below 1.0 fails."""
     result = _all_goals_met(result)
     assert set(bench_table.goals(result)) == {bench_table.GOAL_NEVER_SLOWER, bench_table.GOAL_FUSION_SHARE,
-    bench_table.GOAL_FLOOR}
+                                               bench_table.GOAL_FLOOR}
     assert all(bench_table.goals(result).values())
     lora = _row(result, "compiled", "lora-train")
     lora.update(speedup=0.981, speedup_ci=[0.97, 1.0])
@@ -649,8 +649,7 @@ def test_three_arms_interleave_in_every_order():
     assert [len(t) for t in times] == [6, 6, 6]
     calls.clear()
     bench_timing.interleaved_times([lambda: calls.append("a"), lambda: calls.append("b")],
-    bench_options.Options(device="cpu",
-                                                                                                  repeats=4, warmup=1))
+                                   bench_options.Options(device="cpu", repeats=4, warmup=1))
     assert "".join(calls) == "ab" + "abbaabba"  # two arms: exactly paired_times
 
 

@@ -54,7 +54,7 @@ def parse_parallel(text: str, device: str, processor: str) -> tuple[str, int]:
     return kind, ranks
 
 
-def tp_plan(model: torch.nn.Module, plan: str, layout: str) -> dict:
+def tp_plan(model: torch.nn.Module, plan: str) -> dict:
     """The merged `model`'s `_tp_plan` ("merged"), or a planted wrong one: every fused projection plain "colwise"
     ("naive-colwise"), or cut in three packed blocks as if blocked ("blocked-cut")."""
     from diffusers.hooks.tensor_parallel import PackedColwiseParallel
@@ -146,7 +146,7 @@ def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str,
         if kind == "tp":
             mesh = init_device_mesh("cpu", (ranks,))
             shard(std, std._tp_plan, mesh)
-            shard(merged, tp_plan(merged, plan, layout), mesh)
+            shard(merged, tp_plan(merged, plan), mesh)
         else:
             context_parallel(std, ranks, rank)
             context_parallel(merged, ranks, rank, hand_to_processors=plan != "drops-parallel-config")
