@@ -10,7 +10,7 @@ Each is a step of forward + backward of the region alone (bf16, 24 heads of 128,
 call by call (verify.bench.timing.interleaved_times), and its CUDA kernels summed under the profiler, which is the
 measure where the CPU side of so short a call does not stay behind the GPU (region_variants.py).
 
-Usage (GPU machine, repository root): python3 reports/gpu/experiments/region_changes.py OUT.json
+Usage (GPU machine, repository root, on PYTHONPATH): python3 reports/gpu/experiments/region_changes.py OUT.json
 """
 
 from __future__ import annotations
@@ -21,23 +21,14 @@ import sys
 import types
 
 import torch
+from region_variants import HEAD_DIM, HEADS, TEXT, inputs  # the region's inputs at real width (sibling script)
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from properties.implementations.test_fast_fused import _rms_rope_fp32_throughout
 from verify.bench.options import Options
 from verify.bench.timing import interleaved_times
 from verify.implementations import fast_fused
-
-DIM, HEADS, HEAD_DIM, TEXT = 3072, 24, 128, 256
-
-
-def _rms_rope_fp32_throughout(x, weight, eps, cos_sin):
-    """The region's arithmetic as benchmarked: the norm's weight applied in fp32, one rounding at the end."""
-    y = x.float()
-    if weight is not None:
-        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps) * weight.float()
-    cos, sin = fast_fused.pair_coefficients(cos_sin.float())
-    return (y * cos + fast_fused._swap_pairs(y) * sin).to(x.dtype)
 
 
 def _region_copy(rms_rope):
@@ -70,21 +61,6 @@ def variants() -> dict:
     }
 
 
-def inputs(tokens: int) -> tuple:
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-
-    def randn(*shape):
-        return torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-
-    def freqs(s):
-        angles = torch.rand(s, HEAD_DIM // 2, generator=g, device="cuda") * 6.28
-        return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
-
-    weights = [(1 + 0.1 * randn(HEAD_DIM).detach()).requires_grad_(True) for _ in range(4)]
-    return (randn(1, TEXT, 3 * DIM), randn(1, tokens, 3 * DIM), *weights, freqs(TEXT), freqs(tokens),
-            (1e-6,) * 4, HEAD_DIM, "blocked")
-
-
 def step(fn, args):
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     cotangents = []
@@ -109,7 +85,7 @@ def kernel_us(run) -> float:
 def main(out: str) -> None:
     results = []
     for tokens in (4096, 16384):
-        args = inputs(tokens)
+        args = inputs(tokens, grad=True)
         runs = {name: step(fn, args) for name, fn in variants().items()}
         for run in runs.values():
             run()  # compile
