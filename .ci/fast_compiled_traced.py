@@ -5,7 +5,8 @@ the defects the suite found lived: reports/gpu/NOTES.md, sixth session), and run
 inductor keeps it under emulate_precision_casts. Not exercised: AOTAutograd (the repository's region tests run it,
 aot_eager: properties/implementations/test_fast_fused.py) and inductor's code generation, which on 2 CPU cores took
 856 s for the 8 graphs of one of the suite's 8 properties (reports/suite/fast-compiled-inductor-cpu-fp32-attention.log);
-with aot_eager the whole suite took 787 s here (reports/suite/fast-compiled-aot-eager-cpu.log). Inductor's own kernels are judged on the GPU.
+with aot_eager the whole suite took 787 s here (reports/suite/fast-compiled-aot-eager-cpu.log). Inductor's own kernels
+are judged on the GPU.
 """
 
 from verify.implementations.fast_fused import RegionCompiledFusedQwenAttnProcessor
