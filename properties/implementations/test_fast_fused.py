@@ -241,7 +241,7 @@ def test_region_compiled_equals_standard(device, layout):
 def test_the_region_compiles_past_dynamos_default_of_8_graphs(monkeypatch, budget):
     """Each dtype, layout, and batch of 1 or more is a graph of the region: 12 here. With dynamo's default budget of 8
     graphs per function, fullgraph=True made the 9th a hard failure (FailOnRecompileLimitHit), which the packaged
-    suite hit on its first fp32 property on the CPU and on an H200. Planted: without the region's own budget."""
+    suite hit on its fp32 attention property on the CPU. Planted: without the region's own budget."""
     if budget != "the region's":
         monkeypatch.setattr(fast_fused, "REGION_RECOMPILE_LIMIT", 0)
     graphs = []

@@ -178,7 +178,8 @@ def compile_region(fn, backend: str):
 # Graphs a compiled region may keep. Each dtype, layout, grad mode, width, and batch or sequence length of 1 (which
 # dynamo specialises) is a graph of its own; dynamo's default budget is 8 per function, and with fullgraph=True the 9th
 # was a hard failure (FailOnRecompileLimitHit) that the packaged property suite hit on its first property with a
-# compiled region (fp32 attention, on the CPU and on an H200: reports/gpu/test-fast-compiled-h200.log). The region
+# compiled region (fp32 attention, on the CPU; on an H200 that property failed without saying why, and passes with
+# this: reports/gpu/test-fast-compiled-h200.log, test-fast-compiled-find-h200.log). The region
 # keeps dynamo's ceiling for all functions together (its accumulated_recompile_limit) instead.
 REGION_RECOMPILE_LIMIT = 256
 
