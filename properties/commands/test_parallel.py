@@ -1,5 +1,6 @@
-"""`qkv-verify report --parallel`: tp=N shards the merged model over N CPU ranks (verify.checks.sharding) and records
-its checks and layout in summary.json; every other use is refused with one line, exit 2, nothing written."""
+"""`qkv-verify report --parallel`: tp=N and ulysses=N make the merged model parallel over N CPU ranks
+(verify.checks.sharding) and record its checks and layout in summary.json; every use that cannot run here (ring off
+cuda, more ranks than GPUs) is refused with one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def test_report_parallel_judges_the_parallel_merged_model(kind, plan, tmp_path, 
     out = tmp_path / "out"
     assert main(["report", "--parallel", f"{kind}=2", "--dtypes", "fp64,fp32", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["parallel"] == {"kind": kind, "degree": 2, "device": "cpu", "backend": "gloo",
+    assert summary["parallel"] == {"kind": kind, "degree": 2, "device": "cpu", "backend": "gloo", "dtype": "fp64",
                                    "processor": "reference", "plan": f"the merged model's {plan}",
                                    "weights": "seeded tiny config (seed 0)"}
     sharded = [c for c in summary["checks"] if c["name"].startswith(f"{kind}2/")]
@@ -30,6 +31,7 @@ def test_report_parallel_judges_the_parallel_merged_model(kind, plan, tmp_path, 
     (["--parallel", "pp=2"], "expected tp=N, ulysses=N or ring=N with N >= 2"),
     (["--parallel", "tp"], "expected tp=N, ulysses=N or ring=N with N >= 2"),
     (["--parallel", "ring=2"], "ring attention needs an attention backend that returns the log-sum-exp"),
+    (["--parallel", "ring=2", "--device", "cpu"], "ring=N runs with --device cuda"),
     (["--parallel", "tp=2", "--candidate", "fast-compiled"], "shards the product's processors reference or fast"),
     (["--parallel", "tp=2", "--config", "full"], "not a checkpoint or the full config"),
 ])
@@ -41,12 +43,13 @@ def test_a_parallel_run_that_cannot_run_here_exits_2_with_one_line(args, message
     assert not out.exists()
 
 
-def test_parallel_on_cuda_needs_that_many_gpus(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("kind", ["tp", "ulysses", "ring"])
+def test_parallel_on_cuda_needs_that_many_gpus(kind, tmp_path, capsys, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     out = tmp_path / "out"
-    assert main(["report", "--parallel", "tp=2", "--device", "cuda", "--out", str(out)]) == 2
+    assert main(["report", "--parallel", f"{kind}=2", "--device", "cuda", "--out", str(out)]) == 2
     assert "needs 2 CUDA devices, this machine has 1" in capsys.readouterr().err
     assert not out.exists()

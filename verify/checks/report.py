@@ -20,7 +20,7 @@ from verify.checks.cases import CASES
 from verify.checks.compare import Record, compare, compare_exact
 from verify.checks.equivalence import run_case
 from verify.checks.fixtures import FIXTURES
-from verify.checks.sharding import check_parallel, parse_parallel
+from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel
 from verify.checks.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.checks.tolerance import OUTPUTS, dtype_name
 from verify.errors import VerifyError
@@ -89,8 +89,8 @@ def load_subject(opts: Options) -> Subject:
     if opts.parallel:
         subject.parallel = parse_parallel(opts.parallel, opts.device, subject.candidate.spec)
         if opts.checkpoint or opts.config == "full":
-            raise VerifyError(f"--parallel {opts.parallel}: shards seeded weights of --config tiny or small on CPU "
-                              "ranks, not a checkpoint or the full config")
+            raise VerifyError(f"--parallel {opts.parallel}: shards seeded weights of --config tiny or small, not a "
+                              "checkpoint or the full config")
     return subject
 
 
@@ -240,18 +240,21 @@ def model_checks(subject: Subject, dtypes: list[torch.dtype], opts: Options) -> 
 
 
 def parallel_checks(subject: Subject, opts: Options) -> list[Record]:
-    """The merged model made parallel on CPU ranks (verify.checks.sharding), when --parallel asks."""
+    """The merged model made parallel on ranks of --device (verify.checks.sharding), when --parallel asks."""
     if not subject.parallel:
         return []
     kind, ranks = subject.parallel
-    return check_parallel(kind, opts.layout, "merged", ranks, subject.candidate.spec, opts.seed, opts.config)
+    return check_parallel(kind, opts.layout, "merged", ranks, subject.candidate.spec, opts.seed, opts.config,
+                          opts.device)
 
 
 def _parallel_section(subject: Subject, opts: Options) -> dict | None:
     if not subject.parallel:
         return None
     kind, ranks = subject.parallel
-    return {"kind": kind, "degree": ranks, "device": "cpu", "backend": "gloo", "processor": subject.candidate.spec,
+    return {"kind": kind, "degree": ranks, "device": opts.device,
+            "backend": "nccl" if opts.device == "cuda" else "gloo",
+            "dtype": dtype_name(parallel_dtype(kind)), "processor": subject.candidate.spec,
             "plan": f"the merged model's {'_tp_plan' if kind == 'tp' else '_cp_plan'}",
             "weights": f"seeded {opts.config} config (seed {opts.seed})"}
 

@@ -1,15 +1,17 @@
-"""Tensor and context parallelism of the merged model, checked by running it on a process group of CPU ranks (gloo):
-the seeded model, standard and merged, each made parallel as diffusers makes it, and the parallel merged outputs
-judged against the unsharded standard model in fp64 by the relative-to-base rule (base: the standard model made
-parallel the same way).
+"""Tensor and context parallelism of the merged model, checked by running it on a process group of ranks the check
+launches itself (gloo on CPU ranks, NCCL on one GPU a rank): the seeded model, standard and merged, each made parallel
+as diffusers makes it, and the parallel merged outputs judged against the unsharded standard model in fp64 by the
+relative-to-base rule (base: the standard model made parallel the same way, in the same dtype).
 
-diffusers' `enable_parallelism` refuses a CPU mesh, so its steps are taken here with its own parts: tensor parallel,
-its TP styles (`_resolve_tp_plan`, `_styles`) applied by torch's `parallelize_module` to the model's `_tp_plan`;
-Ulysses context parallel, its `ContextParallelConfig` set up on a CPU mesh, handed to every attention processor, and
-its split/gather hooks applied by the model's `_cp_plan`. (Ring attention needs an attention backend that returns the
-log-sum-exp, which the CPU's native one does not.) Planted, and caught: a naive "colwise" on a blocked to_qkv and a
-blocked cut of an interleaved one (each rank's shard mixes the q, k and v of different heads), and a processor that
-drops the parallel config (each rank attends to its own sequence shard only); each gives wrong outputs, no error.
+On cuda, diffusers' own `enable_parallelism` makes both models parallel (`TensorParallelConfig` by the model's
+`_tp_plan`; `ContextParallelConfig` with Ulysses or ring by its `_cp_plan`). It refuses a CPU mesh, so on the CPU its
+steps are taken with its own parts: its TP styles (`_resolve_tp_plan`, `_styles`) applied by torch's
+`parallelize_module`; its `ContextParallelConfig` set up on a CPU mesh, handed to every attention processor, and its
+split/gather hooks applied by the `_cp_plan`. Ring attention merges its steps by the log-sum-exp, which only GPU
+backends return (cuDNN's, in bf16 or fp16), so ring runs on cuda only, in bf16; the other kinds run in fp64.
+Planted, and caught: a naive "colwise" on a blocked to_qkv and a blocked cut of an interleaved one (each rank's shard
+mixes the q, k and v of different heads), and a processor that drops the parallel config (each rank attends to its
+own sequence shard only); each gives wrong outputs, no error.
 """
 
 from __future__ import annotations
@@ -27,27 +29,30 @@ from verify.checks.tolerance import OUTPUTS
 from verify.errors import VerifyError
 
 # kind -> the merged model's own plan, then the planted wrong ones
-PLANS = {"tp": ("merged", "naive-colwise", "blocked-cut"), "ulysses": ("merged", "drops-parallel-config")}
-KINDS = ("tp", "ulysses", "ring")  # `report --parallel KIND=N`: tensor parallel; context parallel, two ways
+PLANS = {"tp": ("merged", "naive-colwise", "blocked-cut"), "ulysses": ("merged", "drops-parallel-config"),
+         "ring": ("merged", "drops-parallel-config")}
+KINDS = tuple(PLANS)  # `report --parallel KIND=N`: tensor parallel; context parallel, two ways
+RING_BACKEND = "_native_cudnn"  # torch's cuDNN attention, which returns the log-sum-exp ring attention merges by
+
+
+def parallel_dtype(kind: str) -> torch.dtype:
+    """The dtype the parallel models run in: fp64, but bf16 for ring (its backends run half precision only)."""
+    return torch.bfloat16 if kind == "ring" else torch.float64
 
 
 def parse_parallel(text: str, device: str, processor: str) -> tuple[str, int]:
     """`report --parallel KIND=N` -> (kind, N), or a VerifyError saying why it cannot run here."""
-    import torch
-
     kind, _, degree = text.partition("=")
     if kind not in KINDS or not degree.isdigit() or int(degree) < 2:
         raise VerifyError(f"--parallel {text}: expected tp=N, ulysses=N or ring=N with N >= 2")
     ranks = int(degree)
+    if kind == "ring" and device != "cuda":
+        raise VerifyError(f"--parallel {text}: ring attention needs an attention backend that returns the "
+                          "log-sum-exp, which the CPU's native one does not; ring=N runs with --device cuda, tp=N and "
+                          "ulysses=N on CPU ranks too")
     if device == "cuda" and torch.cuda.device_count() < ranks:
         raise VerifyError(f"--parallel {text}: needs {ranks} CUDA devices, this machine has "
                           f"{torch.cuda.device_count()}")
-    if device == "cuda":
-        raise VerifyError(f"--parallel {text} --device cuda: not run by this version (it was never tested on GPUs); "
-                          "tp=N and ulysses=N run on CPU ranks (--device cpu)")
-    if kind not in PLANS:
-        raise VerifyError(f"--parallel {text}: ring attention needs an attention backend that returns the "
-                          "log-sum-exp, which the CPU's native one does not; tp=N and ulysses=N run on CPU ranks")
     if processor not in ("reference", "fast"):
         raise VerifyError(f"--parallel {text}: shards the product's processors reference or fast (pass one as "
                           f"--candidate), not {processor}")
@@ -80,25 +85,27 @@ def shard(model: torch.nn.Module, plan: dict, mesh) -> torch.nn.Module:
 
 
 def check_parallel(kind: str = "tp", layout: str = "blocked", plan: str = "merged", ranks: int = 2,
-                   processor: str = "reference", seed: int = 0, config: str = "tiny") -> list[Record]:
-    """One record per fixture: the merged model made parallel (`kind`: tp or ulysses) over `ranks` CPU ranks by
-    `plan` vs the unsharded standard model (fp64), relative to the standard model made parallel by its own plan, with
-    the fused calls of every rank counted; every rank's outputs must agree. (Spawns the ranks: a script calling it
-    needs a __main__ guard.)"""
+                   processor: str = "reference", seed: int = 0, config: str = "tiny", device: str = "cpu",
+                   backend: str | None = None) -> list[Record]:
+    """One record per fixture: the merged model made parallel (`kind`) over `ranks` ranks by `plan` vs the unsharded
+    standard model (fp64), relative to the standard model made parallel by its own plan, with the fused calls of
+    every rank counted; every rank's outputs must agree. Ranks talk over `backend`: gloo on the CPU, NCCL on cuda (one
+    GPU a rank; gloo puts several ranks on one GPU). (Spawns the ranks: a script calling it needs a __main__ guard.)"""
     import torch.multiprocessing as mp
 
     if plan not in PLANS.get(kind, ()):
         raise VerifyError(f"unknown {kind} plan {plan!r}; expected one of {', '.join(PLANS.get(kind, ()))}")
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
     with tempfile.TemporaryDirectory() as folder:
         init = Path(folder) / "init"
-        mp.spawn(_rank, args=(ranks, str(init), folder, kind, layout, plan, processor, seed, config), nprocs=ranks,
-                 join=True)
+        mp.spawn(_rank, args=(ranks, str(init), folder, kind, layout, plan, processor, seed, config, device, backend),
+                 nprocs=ranks, join=True)
         results = [torch.load(Path(folder) / f"rank{r}.pt") for r in range(ranks)]
     records = []
     for name in results[0]:
         ref, base, cand = (results[0][name][k] for k in ("ref", "base", "cand"))
         record = compare(f"{kind}{ranks}/{plan}/{layout}/{name}", "model", {"sample": ref}, {"sample": cand}, OUTPUTS,
-                         torch.float64, "cpu", base={"sample": base},
+                         parallel_dtype(kind), device, base={"sample": base},
                          fused_calls=sum(r[name]["fused_calls"] for r in results))
         disagree = [r for r in range(1, ranks) if not torch.equal(results[r][name]["cand"], cand)]
         if disagree:
@@ -125,9 +132,25 @@ def context_parallel(model: torch.nn.Module, ranks: int, rank: int, hand_to_proc
     apply_context_parallel(model, cp, model._cp_plan)
 
 
+def diffusers_parallel(model: torch.nn.Module, kind: str, ranks: int, hand_to_processors: bool = True) -> None:
+    """`model` made parallel in place by diffusers' own `enable_parallelism` (an accelerator's ranks); ring first
+    takes an attention backend that returns the log-sum-exp. `hand_to_processors` False plants the bug of a
+    processor that drops the parallel config."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig, TensorParallelConfig
+
+    if kind == "ring":
+        model.set_attention_backend(RING_BACKEND)
+    model.enable_parallelism(config=TensorParallelConfig(tp_degree=ranks) if kind == "tp"
+                             else ContextParallelConfig(**{f"{kind}_degree": ranks}))
+    if not hand_to_processors:
+        for module in model.modules():
+            if getattr(getattr(module, "processor", None), "_parallel_config", None) is not None:
+                module.processor._parallel_config = None
+
+
 def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str, plan: str, processor: str,
-          seed: int, config_name: str) -> None:
-    """One rank: the unsharded standard model, then the standard and merged models sharded, on every fixture."""
+          seed: int, config_name: str, device: str, backend: str) -> None:
+    """One rank: the unsharded standard model, then the standard and merged models made parallel, on every fixture."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -137,27 +160,44 @@ def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str,
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=ranks)
+    where = torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        torch.cuda.set_device(where)
+    dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=ranks)
     try:
         config = model_config(config_name)
-        std = build_model(config, seed)
+        dtype = parallel_dtype(kind)
+        unsharded = build_model(config, seed).to(where)
+        std = copy.deepcopy(unsharded).to(dtype)
         merged = fuse_model(copy.deepcopy(std), layout=layout, processor=processor)
-        unsharded = copy.deepcopy(std)
-        if kind == "tp":
+        keeps_config = plan != "drops-parallel-config"
+        if device == "cuda":
+            if kind == "tp":
+                merged._tp_plan = tp_plan(merged, plan)
+            diffusers_parallel(std, kind, ranks)
+            diffusers_parallel(merged, kind, ranks, hand_to_processors=keeps_config)
+        elif kind == "tp":
             mesh = init_device_mesh("cpu", (ranks,))
             shard(std, std._tp_plan, mesh)
             shard(merged, tp_plan(merged, plan), mesh)
         else:
             context_parallel(std, ranks, rank)
-            context_parallel(merged, ranks, rank, hand_to_processors=plan != "drops-parallel-config")
+            context_parallel(merged, ranks, rank, hand_to_processors=keeps_config)
         out = {}
         with torch.no_grad():
             for name, spec in FIXTURES.items():
-                inputs = model_inputs(config, spec, seed)
+                inputs = _on(model_inputs(config, spec, seed), where)
+                cast = _on(inputs, where, dtype)
                 with count_calls(merged, DEFAULT_FUSED_MODULES) as calls:
-                    cand = merged(**inputs).sample
-                out[name] = {"ref": unsharded(**inputs).sample, "base": std(**inputs).sample, "cand": cand,
-                             "fused_calls": sum(calls.values())}
+                    cand = merged(**cast).sample
+                out[name] = {"ref": unsharded(**inputs).sample.cpu(), "base": std(**cast).sample.cpu(),
+                             "cand": cand.cpu(), "fused_calls": sum(calls.values())}
         torch.save(out, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _on(inputs: dict, where: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """The model's inputs moved to `where`, their floating tensors cast to `dtype` (kept where None)."""
+    return {k: v.to(where, dtype if dtype and v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+            for k, v in inputs.items()}

@@ -54,9 +54,10 @@ def register_report(subparsers) -> None:
                    help="comma list of the module names whose calls prove the candidate's fused path ran (default "
                         "to_qkv,add_qkv_proj,to_added_qkv), or none for an unfused candidate")
     p.add_argument("--parallel", metavar="KIND=N",
-                   help="also judge the merged model made parallel on N CPU ranks (gloo) as diffusers makes it: "
-                        "tp=N (tensor parallel, the model's _tp_plan) or ulysses=N (context parallel, its _cp_plan); "
-                        "ring=N and --device cuda are refused by this version")
+                   help="also judge the merged model made parallel on N ranks it launches itself, as diffusers makes "
+                        "it: tp=N (tensor parallel, the model's _tp_plan), ulysses=N or ring=N (context parallel, its "
+                        "_cp_plan); CPU ranks over gloo, or with --device cuda one GPU a rank over NCCL (ring: cuda "
+                        "only, bf16)")
     p.add_argument("--baseline", type=Path, help="a stored summary.json: report what moved (as `qkv-verify regress`)")
     add_threshold_arguments(p)
     p.add_argument("--allow-unmatched", action="store_true",
