@@ -24,6 +24,9 @@ def _probe(rank: int, init: str, name: str) -> None:
     if name == "all_gather":
         out = [torch.empty_like(x) for _ in range(2)]
         dist.all_gather(out, x)
+    elif name == "all_gather(bool)":
+        out = [torch.empty_like(x > 3) for _ in range(2)]
+        dist.all_gather(out, x > 3)
     elif name == "funcol.all_gather_tensor":
         funcol.all_gather_tensor(x, gather_dim=0, group=dist.group.WORLD).wait()
     elif name == "funcol.all_to_all_single":
@@ -41,8 +44,9 @@ def _probe(rank: int, init: str, name: str) -> None:
 
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or ["all_gather", "funcol.all_gather_tensor", "funcol.all_to_all_single",
-                                 "mesh(1,2).all_to_all_single", "mesh(2,1).all_gather_tensor"]:
+    for name in sys.argv[1:] or ["all_gather", "all_gather(bool)", "funcol.all_gather_tensor",
+                                 "funcol.all_to_all_single", "mesh(1,2).all_to_all_single",
+                                 "mesh(2,1).all_gather_tensor"]:
         try:
             mp.spawn(_probe, args=(tempfile.mktemp(), name), nprocs=2)
         except Exception as error:  # an experiment: say which probe died and go on
