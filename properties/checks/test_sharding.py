@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from verify.checks.fixtures import FIXTURES, model_config
-from verify.checks.sharding import check_parallel
+from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel
 
 
 @pytest.mark.parametrize("kind,layout,processor", [("tp", "blocked", "reference"), ("tp", "interleaved", "fast"),
@@ -29,3 +29,13 @@ def test_a_wrong_plan_is_caught(kind, layout, plan):
     for record in check_parallel(kind, layout, plan):
         assert not record.passed
         assert record.mismatched > record.numel // 2  # most output elements wrong, and no error was raised
+
+
+@pytest.mark.parametrize("kind", ["tp", "ulysses", "ring"])
+def test_every_kind_is_accepted_on_cuda_with_a_gpu_a_rank(kind, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_parallel(f"{kind}=2", "cuda", "fast") == (kind, 2)
+    # ring needs cuDNN's attention, which runs half precision only; the others are judged in fp64
+    assert parallel_dtype(kind) == (torch.bfloat16 if kind == "ring" else torch.float64)
