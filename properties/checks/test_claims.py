@@ -26,6 +26,7 @@ from verify.checks.claims import (
     speed,
 )
 from verify.checks.selector import SelectError, parse, path_of, resolve
+from verify.checks.summary_schema import SCHEMA
 from verify.cli import main
 from verify.errors import VerifyError
 from verify.maths import qkv
@@ -409,6 +410,17 @@ def test_comparing_a_string_with_a_number_is_an_error(runs):
 
 
 # --- selector ----------------------------------------------------------------------------------------------------
+
+
+def test_every_key_the_report_writes_is_in_the_schema(runs):
+    # a key missing from the schema makes every claim on it an error before the run (the parallel section once was)
+    for summary in runs.values():
+        assert set(summary) <= set(SCHEMA)
+        for key, value in summary.items():
+            fixed = SCHEMA[key][0] if isinstance(SCHEMA[key], list) else SCHEMA[key]
+            rows = value if isinstance(value, list) else [value]
+            if isinstance(fixed, dict):
+                assert all(set(row) <= set(fixed) for row in rows if isinstance(row, dict)), key
 
 
 def test_every_record_field_is_reachable_by_its_path(runs):

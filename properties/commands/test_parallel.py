@@ -9,6 +9,7 @@ import json
 import pytest
 
 from verify.checks.fixtures import FIXTURES
+from verify.checks.summary_schema import check_path
 from verify.cli import main
 
 
@@ -24,6 +25,9 @@ def test_report_parallel_judges_the_parallel_merged_model(kind, plan, tmp_path, 
     assert [c["name"] for c in sharded] == [f"{kind}2/merged/blocked/{name}" for name in FIXTURES]
     assert all(c["passed"] and c["fused_calls"] > 0 and c["dtype"] == "fp64" for c in sharded)
     assert summary["verdict"] == "pass"
+    # and a claims file can name them: the parallel section and its checks are in summary.json's schema
+    check_path("parallel.dtype", {})
+    check_path(f"checks[name={sharded[0]['name']}].ratio", {})
 
 
 @pytest.mark.parametrize("args,message", [

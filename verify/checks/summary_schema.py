@@ -7,6 +7,7 @@ import dataclasses
 
 from verify.checks.compare import Record
 from verify.checks.selector import SelectError, Step, parse
+from verify.checks.sharding import KINDS
 
 ANY = "any"  # a section whose inside is not fixed here (environment details, speed rows, the regression)
 
@@ -23,9 +24,11 @@ SCHEMA: dict = {
                               "unmatched_keys", "ranks", "capacity", "warnings", "modules", "sweep",
                               "applied_to_candidate"]),
              "scale": dict.fromkeys(["value", "min", "max", "source"])},
+    "parallel": dict.fromkeys(["kind", "degree", "device", "backend", "dtype", "processor", "plan", "weights"]),
     "environment": ANY, "inputs": ANY, "claims": ANY, "speed": ANY, "regression": ANY,
 }
-CHECK_PREFIXES = ("weights/", "inputs/", "attention/", "block/", "block-edit-zero-cond/", "model/", "lora/")
+CHECK_PREFIXES = ("weights/", "inputs/", "attention/", "block/", "block-edit-zero-cond/", "model/", "lora/",
+                  *KINDS)  # a parallel check is named <kind><degree>/...
 
 
 def check_path(path: str, values: dict[str, set[str]]) -> None:
