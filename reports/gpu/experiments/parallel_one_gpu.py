@@ -4,6 +4,8 @@ cuda:0; what `report --parallel KIND=2 --device cuda` adds on two GPUs is only N
 plan (must pass) and every planted one (must fail), each case's records or its error.
 
 Usage (GPU machine, repository root on PYTHONPATH): python3 reports/gpu/experiments/parallel_one_gpu.py OUT.json
+[KIND ...] (the cases of those kinds only). Context parallel crashes gloo with CUDA tensors in torch's functional
+all_gather_tensor; with gloo_gather/ on PYTHONPATH too, that one collective is dist.all_gather instead.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ CASES = [  # kind, layout, plan, processor, whether it must pass
 ]
 
 
-def main(path: str) -> None:
+def main(path: str, kinds: list[str]) -> None:
     rows = []
     for kind, layout, plan, processor, must_pass in CASES:
+        if kinds and kind not in kinds:
+            continue
         row = {"kind": kind, "layout": layout, "plan": plan, "processor": processor, "must_pass": must_pass}
         try:
             records = check_parallel(kind, layout, plan, 2, processor, device="cuda", backend="gloo")
@@ -45,4 +49,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])
