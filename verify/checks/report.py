@@ -20,7 +20,7 @@ from verify.checks.cases import CASES
 from verify.checks.compare import Record, compare, compare_exact
 from verify.checks.equivalence import run_case
 from verify.checks.fixtures import FIXTURES
-from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel
+from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel, rank_backend
 from verify.checks.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.checks.tolerance import OUTPUTS, dtype_name
 from verify.errors import VerifyError
@@ -252,8 +252,7 @@ def _parallel_section(subject: Subject, opts: Options) -> dict | None:
     if not subject.parallel:
         return None
     kind, ranks = subject.parallel
-    return {"kind": kind, "degree": ranks, "device": opts.device,
-            "backend": "nccl" if opts.device == "cuda" else "gloo",
+    return {"kind": kind, "degree": ranks, "device": opts.device, "backend": rank_backend(opts.device),
             "dtype": dtype_name(parallel_dtype(kind)), "processor": subject.candidate.spec,
             "plan": f"the merged model's {'_tp_plan' if kind == 'tp' else '_cp_plan'}",
             "weights": f"seeded {opts.config} config (seed {opts.seed})"}

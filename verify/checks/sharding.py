@@ -35,6 +35,11 @@ KINDS = tuple(PLANS)  # `report --parallel KIND=N`: tensor parallel; context par
 RING_BACKEND = "_native_cudnn"  # torch's cuDNN attention, which returns the log-sum-exp ring attention merges by
 
 
+def rank_backend(device: str) -> str:
+    """How the ranks talk: NCCL between GPUs (one a rank), gloo between CPU ranks."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
 def parallel_dtype(kind: str) -> torch.dtype:
     """The dtype the parallel models run in: fp64, but bf16 for ring (its backends run half precision only)."""
     return torch.bfloat16 if kind == "ring" else torch.float64
@@ -95,7 +100,7 @@ def check_parallel(kind: str = "tp", layout: str = "blocked", plan: str = "merge
 
     if plan not in PLANS.get(kind, ()):
         raise VerifyError(f"unknown {kind} plan {plan!r}; expected one of {', '.join(PLANS.get(kind, ()))}")
-    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    backend = backend or rank_backend(device)
     with tempfile.TemporaryDirectory() as folder:
         init = Path(folder) / "init"
         mp.spawn(_rank, args=(ranks, str(init), folder, kind, layout, plan, processor, seed, config, device, backend),
