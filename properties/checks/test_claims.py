@@ -20,7 +20,6 @@ from verify.checks.claims import (
     UNMEASURED,
     judge,
     ledger,
-    load_bench,
     load_claims,
     refuted_user_claims,
     speed,
@@ -29,6 +28,7 @@ from verify.checks.selector import SelectError, parse, path_of, resolve
 from verify.checks.summary_schema import SCHEMA
 from verify.cli import main
 from verify.errors import VerifyError
+from verify.files.bench_file import load_bench
 from verify.maths import qkv
 
 WRITE_UP = ["merge-split-exact", "attention-block-match", "attention-block-within-tolerance", "lossless-conversion",

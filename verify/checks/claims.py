@@ -369,31 +369,18 @@ def _fewer(rows: list[dict], lora: list[dict], where: str) -> dict:
     cut = [1 - r["kernels_merged"] / r[against] for r in counted]
     arms = "standard / lean-unfused -> merged (fusion's own saving, against lean-unfused)" \
         if against != "kernels_standard" else "standard -> merged"
-    lean = (lambda r: f" / lean {r[against]:g}") if against != "kernels_standard" else (lambda r: "")
-    each = ", ".join(f"{_label(r)} {r['kernels_standard']:g}{lean(r)} -> {r['kernels_merged']:g} ({100 * c:.1f}% "
-                     "fewer)" for r, c in zip(counted, cut))
+    each = ", ".join(f"{_label(r)} {_kernels(r, against)} -> {r['kernels_merged']:g} ({100 * c:.1f}% fewer)"
+                     for r, c in zip(counted, cut))
     fewer.update(verdict=CONFIRMED if min(cut) >= 0.665 else REFUTED, measured=min(cut),
                  detail=f"kernels per call{where}, {'LoRA-training rows, ' if lora else ''}{arms}: {each}; "
                         "confirmed when every row has at least 66.5% fewer; measured = the smallest fraction saved")
     return fewer
 
 
-def load_bench(path: Path) -> dict | None:
-    """A benchmark JSON, or the one bench-*.json in a folder (None when the folder has none; several: an error, since
-    which of them speaks for the merged path is the user's choice)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("bench-*.json"))
-        if not files:
-            return None
-        if len(files) > 1:
-            raise VerifyError(f"{path}: several benchmark JSONs ({', '.join(f.name for f in files)}); pass one")
-        path = files[0]
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise VerifyError(f"{path}: cannot read benchmark JSON: {e}") from None
-    return {"rows": data} if isinstance(data, list) else data
+def _kernels(r: dict, against: str) -> str:
+    """The row's kernel count of the arm judged against, after the standard arm's where that is another."""
+    standard = f"{r['kernels_standard']:g}" if _number_field(r, "kernels_standard") else "?"
+    return standard if against == "kernels_standard" else f"{standard} / lean {r[against]:g}"
 
 
 # --- user claims ------------------------------------------------------------------------------------------------

@@ -69,28 +69,21 @@ def register_report(subparsers) -> None:
 
 
 def _report(args) -> int:
-    import json
-
-    from verify.checks.claims import check_claims, ledger, load_bench, load_claims, refuted_user_claims
+    from verify.checks.claims import check_claims, ledger, load_claims, refuted_user_claims
     from verify.checks.regress import load_summary, regress
     from verify.checks.report import Options, load_subject, run_report, run_values
     from verify.commands.regress import thresholds_from
-    from verify.errors import VerifyError
+    from verify.files.bench_file import load_bench
+    from verify.files.property_results import load_property_results
     from verify.present.render import write_report
 
+    _refuse_writing_into_inputs(args.out, _inputs(args))
     _refuse_foreign_out(args.out, args.force)
-    _refuse_writing_into_inputs(args.out, [args.checkpoint, args.merged_checkpoint, args.lora, args.adapter_config,
-                                           args.claims, args.bench, args.properties, args.baseline])
     if args.claims:  # bad claims are bad input: refuse before running anything, paths checked against this run
         check_claims(load_claims(args.claims), run_values(args.dtypes))
     baseline = load_summary(args.baseline) if args.baseline else None
     bench = load_bench(args.bench) if args.bench else None
-    properties = None
-    if args.properties:
-        try:
-            properties = json.loads(args.properties.read_text())
-        except (OSError, ValueError) as e:
-            raise VerifyError(f"{args.properties}: cannot read property results: {e}") from None
+    properties = load_property_results(args.properties) if args.properties else None
     opts = Options(checkpoint=args.checkpoint, merged_checkpoint=args.merged_checkpoint, config=args.config,
                    layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed, lora=args.lora,
                    adapter_config=args.adapter_config, candidate=args.candidate, reference=args.reference,
@@ -150,12 +143,29 @@ def _is_report(path: Path) -> bool:
     return isinstance(summary, dict) and {"verdict", "checks", "environment"} <= set(summary)
 
 
-def _refuse_writing_into_inputs(out: Path, inputs: list[Path | None]) -> None:
-    """--out must not be, or lie inside, an input: a report never writes next to or over what it was given."""
+INPUT_FLAGS = ("checkpoint", "merged_checkpoint", "lora", "adapter_config", "claims", "bench", "properties",
+               "baseline")
+
+
+def _inputs(args) -> dict[str, Path]:
+    """Every path the report reads, by flag: the input files and folders, and the files of file.py SPECs."""
+    given = {f"--{flag.replace('_', '-')}": getattr(args, flag) for flag in INPUT_FLAGS}
+    for flag in ("candidate", "reference"):
+        where = (getattr(args, flag) or "").rpartition(":")[0]
+        given[f"--{flag}"] = Path(where) if where.endswith(".py") else None
+    return {flag: path for flag, path in given.items() if path is not None}
+
+
+def _refuse_writing_into_inputs(out: Path, inputs: dict[str, Path]) -> None:
+    """--out must neither be nor lie inside an input, nor hold one: the report replaces files in --out, so an input
+    there (a --baseline OUT/summary.json) would be overwritten by the run that reads it."""
     from verify.errors import VerifyError
 
     target = out.resolve()
-    for given in filter(None, inputs):
+    for flag, given in inputs.items():
         source = given.resolve()
-        if target == source or source in target.parents:
-            raise VerifyError(f"--out {out}: would write into the input {given}; choose another folder")
+        if target == source or target.is_relative_to(source):
+            raise VerifyError(f"--out {out}: would write into the input {flag} {given}; choose another folder")
+        if source.is_relative_to(target):
+            raise VerifyError(f"--out {out}: holds the input {flag} {given}, which the report would overwrite; "
+                              "choose another --out")
