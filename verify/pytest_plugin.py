@@ -16,6 +16,9 @@ OPTIONS: tuple[tuple[str, dict], ...] = (
     ("reference", dict(metavar="SPEC", help="what the candidate must match (default: diffusers)")),
     ("fused-modules", dict(metavar="NAMES", help="module names whose calls prove the fused path ran (default "
                                                  "to_qkv,add_qkv_proj,to_added_qkv), or none for an unfused one")),
+    ("candidate-precision", dict(choices=("fp64", "fp32"),
+                                 help="the finest arithmetic the candidate computes at: fp32 for one that computes "
+                                      "in fp32 at best, as GPU kernels do (fp64 runs judged at fp32's floor)")),
     ("layout", dict(choices=("blocked", "interleaved"), default="blocked",
                     help="layout of the candidate's fused parameters, to map its weight gradients (default blocked)")),
     ("device", dict(choices=("cpu", "cuda"), default="cpu", help="device of the checks (default cpu)")),
@@ -38,7 +41,8 @@ def qkv_candidate(request: pytest.FixtureRequest):
     spec = request.config.getoption("--qkv-candidate")
     if not spec:
         pytest.skip("no --qkv-candidate SPEC given")
-    return resolve(spec, request.config.getoption("--qkv-fused-modules"))
+    return resolve(spec, request.config.getoption("--qkv-fused-modules"),
+                   request.config.getoption("--qkv-candidate-precision"))
 
 
 @pytest.fixture(scope="session")

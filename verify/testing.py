@@ -22,11 +22,12 @@ from verify.implementations.candidate import Build, Implementation, resolve
 def check_candidate(candidate: str | Build | Implementation, reference: str | Build | Implementation | None = None,
                     *, components: Iterable[str] = ("attention", "block", "model"),
                     dtypes: Iterable[torch.dtype] | None = None, device: str = "cpu", seed: int = 0,
-                    fused_modules: str | None = None, layout: str = "blocked") -> list[Record]:
+                    fused_modules: str | None = None, layout: str = "blocked",
+                    precision: str | None = None) -> list[Record]:
     """Every registry case of `components` (tiny seeded configs; outputs, and gradients where the case has them),
-    the candidate against the reference (diffusers by default) in each dtype."""
-    if not isinstance(candidate, Implementation):
-        candidate = resolve(candidate, fused_modules)
+    the candidate against the reference (diffusers by default) in each dtype. `precision="fp32"` declares that the
+    candidate computes in fp32 at best (its fp64 runs are judged at fp32's floor)."""
+    candidate = resolve(candidate, fused_modules, precision)
     reference = reference if isinstance(reference, Implementation) else resolve(reference or "diffusers")
     components = tuple(components)
     return [r for case in CASES.values() if case.component in components

@@ -129,7 +129,8 @@ def test_record_to_dict_adds_the_mismatched_fraction_and_nulls_non_finite_number
 
 def test_a_relative_comparison_records_its_worst_element_and_the_standard_models_error():
     """Every field of one record worked out by hand: cand is off by 3e-3 at a[1, 0] where the standard model's error
-    is 1e-3 (at a[0, 0]), so the bound there is 2 * 1e-3 + atol + rtol * 3 (fp32: 1e-5, 1.3e-6)."""
+    is 1e-3 (at a[0, 0]), so the bound there is 2 * 1e-3 + atol + rtol * 3 (fp32: 1e-5, 1.3e-6). fp16's floor
+    (1e-5, 1e-3) would allow 2 * 1e-3 + 1e-5 + 3e-3 there, and b's 2e-6 is within fp32's: fp16 explains the error."""
     f64 = torch.float64
     ref = {"a": torch.tensor([[1.0, -2.0], [3.0, 0.5]], dtype=f64), "b": torch.tensor([4.0, 0.0], dtype=f64)}
     base = {"a": ref["a"] + torch.tensor([[1e-3, 0.0], [0.0, 0.0]], dtype=f64), "b": ref["b"].clone()}
@@ -151,10 +152,12 @@ def test_a_relative_comparison_records_its_worst_element_and_the_standard_models
     assert d == {
         "name": "m/x", "component": "model", "dtype": "fp32", "device": "cpu", "rule": "relative_to_base(k=2)",
         "passed": False,
-        "message": "Mismatched elements: 1 / 6 (17%); greatest absolute difference 0.003; worst element a[1, 0] off "
+        "message": "computes at fp16 precision: Mismatched elements: 1 / 6 (17%); greatest absolute difference "
+                   "0.003; worst element a[1, 0] off "
                    "by 0.003 where 0.00201 is allowed by relative_to_base(k=2) (base error 0.001)",
         "mismatched": 1, "numel": 6, "worst_index": "a[1, 0]", "bit_identical": False, "nonfinite": 0,
-        "fused_calls": 4, "first_divergence": None, "weight_gradients": None, "provided": True}
+        "fused_calls": 4, "first_divergence": None, "weight_gradients": None, "provided": True,
+        "effective_precision": "fp16"}
 
 
 def test_an_infinite_oracle_value_is_bounded_by_the_absolute_floor_alone():

@@ -17,7 +17,17 @@ from torch.testing._comparison import default_tolerances
 
 from properties.strategies import float_dtypes
 from verify.checks.compare import compare
-from verify.checks.tolerance import ALLCLOSE, DTYPES, EXACT, FLOORS, GRADIENTS, OUTPUTS, Rule, parse_dtypes
+from verify.checks.tolerance import (
+    ALLCLOSE,
+    DTYPES,
+    EXACT,
+    FLOORS,
+    FP64_FLOOR,
+    GRADIENTS,
+    OUTPUTS,
+    Rule,
+    parse_dtypes,
+)
 
 INSIDE, OUTSIDE = 1 - 1e-3, 1 + 1e-3  # the candidate's error as a multiple of the allowed error
 # (rule, k): DESIGN.md section 5's factors; allclose is the floor alone, whatever the standard model's error
@@ -26,11 +36,12 @@ BASE_AT, CAND_AT = (0, 3), (2, 5)  # where the standard model's error and the ca
 
 
 def _floor_probe(dtype: torch.dtype, value: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cand in `dtype`, fp64 ref) with |cand - ref| = scale * (atol + rtol * |ref|) at torch's default tolerances.
+    """(cand in `dtype`, fp64 ref) with |cand - ref| = scale * (atol + rtol * |ref|) at the dtype's floor (torch's
+    default tolerances; fp64's measured floor).
 
     ref lies beyond cand, away from zero, so |ref| = |cand| + e and e = scale * (atol + rtol * (|cand| + e)).
     """
-    rtol, atol = default_tolerances(dtype)  # torch returns (rtol, atol)
+    atol, rtol = FLOORS[dtype]
     cand = torch.tensor([value], dtype=dtype)
     c = float(cand)
     e = scale * (atol + rtol * abs(c)) / (1 - scale * rtol)
@@ -39,9 +50,10 @@ def _floor_probe(dtype: torch.dtype, value: float, scale: float) -> tuple[torch.
 
 
 def _torch_accepts(cand: torch.Tensor, ref: torch.Tensor) -> bool:
-    """Whether torch.testing.assert_close, at its defaults for cand's dtype, takes cand for ref."""
+    """Whether torch.testing.assert_close, at FLOORS of cand's dtype, takes cand for ref."""
+    atol, rtol = FLOORS[cand.dtype]
     try:
-        torch.testing.assert_close(cand, ref, check_dtype=False)  # tolerances: the looser dtype's, i.e. cand's
+        torch.testing.assert_close(cand, ref, check_dtype=False, atol=atol, rtol=rtol)
     except AssertionError:
         return False
     return True
@@ -69,7 +81,7 @@ def test_bf16_floors_are_atol_1e_5_and_rtol_0_016():
 def _rule_case(dtype: torch.dtype, k: float, scale: float) -> tuple[dict, float]:
     """(ref, base, cand) where base is off by b at BASE_AT and cand by scale x its allowed error at CAND_AT, and that
     allowed error k * b + atol + rtol * |ref| (b: ten times the floor at |ref| = 1, so that k's share dominates)."""
-    rtol, atol = default_tolerances(dtype)
+    atol, rtol = FLOORS[dtype]
     ref = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     base, cand = ref.clone(), ref.clone()
     base[BASE_AT] += 10 * (atol + rtol)
@@ -116,7 +128,8 @@ def test_floor_reads_torch_testing_and_swaps_it_into_atol_rtol(dtype):
     from verify.checks.tolerance import _floor
 
     rtol, atol = default_tolerances(dtype)
-    assert _floor(dtype) == (atol, rtol) == FLOORS[dtype]
+    assert _floor(dtype) == (atol, rtol)
+    assert FLOORS[dtype] == ((atol, rtol) if dtype != torch.float64 else (FP64_FLOOR, FP64_FLOOR))
 
 
 def test_rules_describe_themselves_with_their_factor():

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from verify.checks.tolerance import EXACT, FLOORS, Rule, dtype_name
+from verify.checks.tolerance import COARSER, DTYPES, EXACT, FLOORS, PRECISIONS, Rule, dtype_name, floor_dtype
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Record:
     first_divergence: str | None = None  # where a failing cand first leaves the bound (block, submodule); else None
     weight_gradients: str | None = None  # gradient records: "compared" or "not compared: <why>"
     provided: bool = True  # False: the implementation does not provide this component (never a pass)
+    effective_precision: str | None = None  # the finest arithmetic (fp64, fp32, fp16, bf16) whose floor explains
+    # |cand - ref| everywhere, or "coarser than bf16"; None where nothing was compared
 
     @property
     def mismatched_fraction(self) -> float:
@@ -66,6 +68,7 @@ class _TensorResult:
     worst: str
     nonfinite: int
     identical: bool
+    finest: int  # index into PRECISIONS of the finest arithmetic whose floor covers every element (len: none does)
 
     @property
     def badness(self) -> float:
@@ -84,28 +87,36 @@ def compare(
     device: str,
     base: Mapping[str, torch.Tensor] | None = None,
     fused_calls: int | None = None,
+    precision: str | None = None,
 ) -> Record:
-    """Judge `cand` against `ref` under `rule`; `base` (the standard model in `dtype`) sets the relative bound."""
+    """Judge `cand` against `ref` under `rule`; `base` (the standard model in `dtype`) sets the relative bound.
+    `precision`, the finest arithmetic the candidate declares it computes at ('fp32'), sets the floor of runs in
+    finer dtypes."""
+    judged_at = floor_dtype(dtype, precision)
+    described = rule.describe() + (f" at {dtype_name(judged_at)}'s floor (declared)" if judged_at != dtype else "")
     missing = sorted(set(ref) ^ set(cand) | (set(ref) ^ set(base) if base is not None else set()))
     if missing:
-        return Record(name, component, dtype_name(dtype), str(device), rule.describe(), False,
+        return Record(name, component, dtype_name(dtype), str(device), described, False,
                       f"tensors present on one side only: {missing[:5]}", fused_calls=fused_calls)
-    results = [
-        _judge(key, ref[key], cand[key], None if base is None else base[key], rule, dtype) for key in sorted(ref)
-    ]
+    results = [_judge(key, ref[key], cand[key], None if base is None else base[key], rule, dtype, judged_at)
+               for key in sorted(ref)]
     worst = max(results, key=lambda r: r.badness)
     mismatched = sum(r.mismatched for r in results)
     nonfinite = sum(r.nonfinite for r in results)
     passed = mismatched == 0 and nonfinite == 0
+    effective = None if rule is EXACT else (PRECISIONS + (COARSER,))[max((r.finest for r in results), default=0)]
     message = _message(worst, mismatched, sum(r.numel for r in results), nonfinite, rule)
+    if not passed and effective in PRECISIONS and effective != dtype_name(dtype):
+        message = f"computes at {effective} precision: {message}"
     if fused_calls == 0:
         passed, message = False, "the fused projections never ran: this comparison exercised nothing"
     return Record(
-        name=name, component=component, dtype=dtype_name(dtype), device=str(device), rule=rule.describe(),
+        name=name, component=component, dtype=dtype_name(dtype), device=str(device), rule=described,
         passed=passed, message=message, max_abs_err=worst.err, base_max_abs_err=worst.base_err, rel_l2_err=worst.rel_l2,
         cosine=worst.cosine, mismatched=mismatched, numel=sum(r.numel for r in results), worst_index=worst.worst,
         ratio=(worst.err / worst.base_err) if worst.base_err else None, tolerance=worst.bound,
         bit_identical=all(r.identical for r in results), nonfinite=nonfinite, fused_calls=fused_calls,
+        effective_precision=effective,
     )
 
 
@@ -144,7 +155,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _judge(key: str, ref: torch.Tensor, cand: torch.Tensor, base: torch.Tensor | None, rule: Rule,
-           dtype: torch.dtype) -> _TensorResult:
+           dtype: torch.dtype, judged_at: torch.dtype) -> _TensorResult:
     r, c = ref.detach().double().cpu(), cand.detach().double().cpu()
     nonfinite = int((~torch.isfinite(c)).sum()) + int((~torch.isfinite(r)).sum())
     diff = (c - r).abs()
@@ -153,7 +164,8 @@ def _judge(key: str, ref: torch.Tensor, cand: torch.Tensor, base: torch.Tensor |
         b = base.detach().double().cpu()
         nonfinite += int((~torch.isfinite(b)).sum())
         base_err = float((b - r).abs().max()) if b.numel() else 0.0
-    allowed = rule.bound(dtype, base_err or 0.0, r.nan_to_num(0.0, 0.0, 0.0))
+    r0 = r.nan_to_num(0.0, 0.0, 0.0)
+    allowed = rule.bound(judged_at, base_err or 0.0, r0)
     excess = (diff - allowed).nan_to_num(math.inf)
     flat = int(excess.argmax()) if diff.numel() else 0  # the element furthest beyond (or nearest to) its bound
     worst = f"{key}[{', '.join(map(str, _unravel(flat, tuple(r.shape))))}]"
@@ -166,7 +178,18 @@ def _judge(key: str, ref: torch.Tensor, cand: torch.Tensor, base: torch.Tensor |
         cosine=float(torch.nn.functional.cosine_similarity(c.flatten(), r.flatten(), dim=0)) if c.numel() else 1.0,
         mismatched=int((excess > 0).sum()), numel=r.numel(), worst=worst,
         nonfinite=nonfinite, identical=base is not None and torch.equal(cand, base),
+        finest=_finest(diff, rule, dtype, base_err or 0.0, r0) if not nonfinite else len(PRECISIONS),
     )
+
+
+def _finest(diff: torch.Tensor, rule: Rule, dtype: torch.dtype, base_err: float, ref: torch.Tensor) -> int:
+    """Index of the finest arithmetic, no finer than the run's dtype, whose floor under `rule` covers every element
+    of `diff` (len(PRECISIONS): none does)."""
+    start = PRECISIONS.index(dtype_name(dtype))
+    for i, name in enumerate(PRECISIONS[start:], start):
+        if bool((diff <= rule.bound(DTYPES[name], base_err, ref)).all()):
+            return i
+    return len(PRECISIONS)
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:

@@ -13,8 +13,8 @@ from verify.checks.tolerance import OUTPUTS
 
 
 def leaves_bound(ref: torch.Tensor, base: torch.Tensor, cand: torch.Tensor, dtype: torch.dtype) -> bool:
-    """cand beyond OUTPUTS' bound anywhere (relative to base's own error against ref), or non-finite where ref is
-    finite; computed where the tensors live."""
+    """cand beyond OUTPUTS' bound at `dtype`'s floor anywhere (relative to base's own error against ref), or
+    non-finite where ref is finite; computed where the tensors live."""
     if ref.shape != cand.shape or ref.shape != base.shape:
         return True
     r, b, c = (t.detach().double() for t in (ref, base.to(ref.device), cand.to(ref.device)))
@@ -27,16 +27,17 @@ def leaves_bound(ref: torch.Tensor, base: torch.Tensor, cand: torch.Tensor, dtyp
 
 
 def first_divergence(ref: nn.Module, base: nn.Module, cand: nn.Module, run: Callable[[nn.Module, torch.dtype], None],
-                     dtype: torch.dtype, shared: set[str]) -> str | None:
+                     dtype: torch.dtype, shared: set[str], floor: torch.dtype | None = None) -> str | None:
     """The first submodule named in `shared` (the standard component's module names; wrapper prefixes ignored)
-    whose output, in the reference's execution order, leaves the bound; `run(module, dtype)` runs one forward."""
+    whose output, in the reference's execution order, leaves the bound at `floor`'s floor (default: `dtype`'s, the
+    run's; a candidate declaring fp32 precision is located at fp32's); `run(module, dtype)` runs one forward."""
     ref_out = _named_outputs(ref, run, torch.float64, shared)
     base_out, cand_out = (_named_outputs(m, run, dtype, shared) for m in (base, cand))
     for name, r in ref_out.items():
         b, c = base_out.get(name), cand_out.get(name)
         if b is None or c is None or not [t.shape for t in r] == [t.shape for t in b] == [t.shape for t in c]:
             continue  # absent, or laid out differently (DiffSynth's norm_q sees (B, H, S, D)): not comparable here
-        if any(leaves_bound(*t, dtype) for t in zip(r, b, c) if t[0].is_floating_point()):
+        if any(leaves_bound(*t, floor or dtype) for t in zip(r, b, c) if t[0].is_floating_point()):
             return name
     return None
 

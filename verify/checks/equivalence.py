@@ -15,7 +15,7 @@ from verify.checks.compare import Record, compare
 from verify.checks.divergence import first_divergence
 from verify.checks.fixtures import InputSpec, cast_inputs
 from verify.checks.probes import count_calls, standard_parameters
-from verify.checks.tolerance import GRADIENTS, OUTPUTS, dtype_name
+from verify.checks.tolerance import GRADIENTS, OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
 from verify.implementations.candidate import Build, Implementation, resolve
 from verify.implementations.fused import default_processor
@@ -61,7 +61,8 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
         for kind in judge.kinds:
             record = judge.compare(kind, ref, base, cand, dtype, fused_calls, (ref_impl, cand_impl), ref_module)
             if not record.passed and (record.mismatched or record.nonfinite):
-                record.first_divergence = judge.locate(ref_module, base_module, cand_module, dtype)
+                record.first_divergence = judge.locate(ref_module, base_module, cand_module, dtype,
+                                                       floor_dtype(dtype, cand_impl.precision))
             records.append(record)
     return records
 
@@ -115,7 +116,7 @@ class _Judge:
         name = f"{self.case.name}/{kind}"
         if kind == "outputs":
             return compare(name, self.case.component, ref[kind], cand[kind], OUTPUTS, dtype, self.device,
-                           base=base[kind], fused_calls=fused_calls)
+                           base=base[kind], fused_calls=fused_calls, precision=impls[1].precision)
         sides, why = {}, ""
         for role, grads, impl in (("ref", ref, impls[0]), ("base", base, impls[0]), ("cand", cand, impls[1])):
             mapped, problem = self.weight_gradients(grads[kind], impl)
@@ -125,7 +126,7 @@ class _Judge:
             sides = {role: {k: v for k, v in g.items() if k.startswith("input.")} for role, g in
                      (("ref", ref[kind]), ("base", base[kind]), ("cand", cand[kind]))}
         record = compare(name, self.case.component, sides["ref"], sides["cand"], GRADIENTS, dtype, self.device,
-                         base=sides["base"], fused_calls=fused_calls)
+                         base=sides["base"], fused_calls=fused_calls, precision=impls[1].precision)
         record.weight_gradients = f"not compared: {why}" if why else "compared"
         return record
 
@@ -143,11 +144,12 @@ class _Judge:
                       (OUTPUTS if kind == "outputs" else GRADIENTS).describe(), False,
                       f"not provided: {role} {impl.spec} returns None for {self.case.component!r}", provided=False)
 
-    def locate(self, ref: nn.Module, base: nn.Module, cand: nn.Module, dtype: torch.dtype) -> str | None:
+    def locate(self, ref: nn.Module, base: nn.Module, cand: nn.Module, dtype: torch.dtype,
+               floor: torch.dtype) -> str | None:
         def forward(module: nn.Module, d: torch.dtype) -> None:
             self.case.outputs(module, cast_inputs(self.inputs, d, _device(module)))
 
-        return first_divergence(ref, base, cand, forward, dtype, self.modules)
+        return first_divergence(ref, base, cand, forward, dtype, self.modules, floor)
 
 
 def _device(module: nn.Module) -> str:

@@ -54,6 +54,7 @@ class Options:
     adapter_config: Path | None = None
     allow_unmatched: bool = False  # LoRA keys that match no module are a failed check unless allowed
     candidate: str | None = None  # a SPEC (implementations.candidate); None: fuse_model's default processor here
+    candidate_precision: str | None = None  # override of the candidate's declared precision ("fp32")
     reference: str | None = None  # a SPEC; None: diffusers
     fused_modules: str | None = None  # override of the candidate's fused module names ("none": unfused)
     parallel: str | None = None  # "tp=N", "ulysses=N": the merged model also judged parallel on N CPU ranks
@@ -77,7 +78,8 @@ def load_subject(opts: Options) -> Subject:
     """Validate and open every input before anything runs or is written. The embedded default (seeded tiny or small
     weights, no --lora) gets a seeded LoRA of the write-up's kind, made in memory."""
     subject = _weights(opts)
-    subject.candidate = resolve(opts.candidate or default_processor(opts.device), opts.fused_modules)
+    subject.candidate = resolve(opts.candidate or default_processor(opts.device), opts.fused_modules,
+                                opts.candidate_precision)
     subject.reference = resolve(opts.reference or "diffusers")
     if opts.lora:
         subject.lora = _Lora(formats.read(opts.lora, opts.adapter_config), str(opts.lora), subject)
@@ -229,7 +231,7 @@ def model_checks(subject: Subject, dtypes: list[torch.dtype], opts: Options) -> 
             run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate, subject.reference,
                                 subject.cand, *updates)
             progress.update()
-            records += _records(f"{section}/{fixture}", run, opts.device)
+            records += _records(f"{section}/{fixture}", run, opts.device, subject.candidate.precision)
             if section == "model":
                 stats += _stats(fixture, run)
                 samples += _samples(fixture, run)
@@ -298,6 +300,8 @@ def compared_line(summary: dict) -> str:
     if inputs["merged_checkpoint"]:
         weights += f" with merged weights {inputs['merged_checkpoint']} ({inputs['layout']})"
     unfused = "" if cand["fused_modules"] else ", declared unfused"
+    if cand.get("precision"):
+        unfused += f", declared {cand['precision']} precision (its fp64 runs judged at {cand['precision']}'s floor)"
     line = (f"candidate {cand['spec']}{' (' + cand['default'] + ')' if cand['default'] else ''}{unfused} vs "
             f"reference {ref['spec']}; weights: {weights}; dtypes {','.join(inputs['dtypes'])}; "
             f"device {inputs['device']}")
@@ -318,11 +322,11 @@ def _implementation_notes(subject: Subject, records: list[Record]) -> list[str]:
     return notes
 
 
-def _records(name: str, run: StreamRun, device: str) -> list[Record]:
+def _records(name: str, run: StreamRun, device: str, precision: str | None) -> list[Record]:
     records = []
     for d in run.cand:
         record = compare(f"{name}/outputs", "model", run.ref, run.cand[d], OUTPUTS, d, device, base=run.base[d],
-                         fused_calls=run.fused_calls[d])
+                         fused_calls=run.fused_calls[d], precision=precision)
         if not record.passed:
             record.first_divergence = run.first_divergence[d]
         records.append(record)

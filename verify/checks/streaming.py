@@ -24,6 +24,7 @@ from torch import nn
 from verify.checks.divergence import first_divergence, leaves_bound
 from verify.checks.fixtures import cast_inputs
 from verify.checks.probes import count_calls
+from verify.checks.tolerance import floor_dtype
 from verify.errors import VerifyError
 from verify.files.checkpoint import Checkpoint
 from verify.files.model_config import is_merged
@@ -155,7 +156,7 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
             with torch.no_grad(), count_calls(impl.block, candidate.fused_modules) as calls:
                 impl.state = step(impl.block, impl.state)
             impl.fused_calls += sum(calls.values())
-        _locate(run, impls, i, shared)
+        _locate(run, impls, i, shared, candidate.precision)
         del w_std, w_cand
     for impl in impls:
         out = {"sample": epilogue(impl.top, config, impl.state)}
@@ -196,7 +197,7 @@ def _implementation_block(config: dict, impl: _Impl, weights: Weights, implement
     return built
 
 
-def _locate(run: StreamRun, impls: list[_Impl], i: int, shared: set[str]) -> None:
+def _locate(run: StreamRun, impls: list[_Impl], i: int, shared: set[str], precision: str | None) -> None:
     """After block i: for each dtype whose candidate has not diverged yet, check both streams against the bound
     and, where they leave it, name block i and its first diverging submodule (among the names in `shared`)."""
     ref = impls[0]
@@ -204,14 +205,15 @@ def _locate(run: StreamRun, impls: list[_Impl], i: int, shared: set[str]) -> Non
         if run.first_divergence[cand.dtype] is not None:
             continue
         keys = ("hidden_states", "encoder_hidden_states")
-        if not any(leaves_bound(ref.state[k], base.state[k], cand.state[k], cand.dtype) for k in keys):
+        floor = floor_dtype(cand.dtype, precision)
+        if not any(leaves_bound(ref.state[k], base.state[k], cand.state[k], floor) for k in keys):
             continue
         before = {id(x.block): x.before for x in (ref, base, cand)}
 
         def forward(module: nn.Module, _dtype: torch.dtype, before: dict = before) -> None:
             step(module, before[id(module)])
 
-        inner = first_divergence(ref.block, base.block, cand.block, forward, cand.dtype, shared)
+        inner = first_divergence(ref.block, base.block, cand.block, forward, cand.dtype, shared, floor)
         run.first_divergence[cand.dtype] = f"{BLOCKS}{i}" + (f".{inner}" if inner else "")
 
 

@@ -12,7 +12,7 @@ from verify.checks.sharding import KINDS
 ANY = "any"  # a section whose inside is not fixed here (environment details, speed rows, the regression)
 
 _RECORD = [f.name for f in dataclasses.fields(Record)]
-_IMPLEMENTATION = ["spec", "resolved", "source", "version", "fused_modules", "layout", "default"]
+_IMPLEMENTATION = ["spec", "resolved", "source", "version", "fused_modules", "layout", "precision", "default"]
 SCHEMA: dict = {
     "verdict": None, "verdict_reasons": [None], "compared": None, "notes": [None],
     "candidate": dict.fromkeys(_IMPLEMENTATION), "reference": dict.fromkeys(_IMPLEMENTATION),

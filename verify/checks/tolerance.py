@@ -21,8 +21,20 @@ def _floor(dtype: torch.dtype) -> tuple[float, float]:
     return atol, rtol
 
 
-# (atol, rtol) per dtype, as torch.testing.assert_close uses them by default: read from torch, never re-typed.
+# fp64's floor (atol = rtol), from measurement (reports/precision/fp64-floor-cpu.json, `summary`): correct reorderings
+# of fp64 arithmetic (SDPA or an explicit softmax, one fused GEMM or three, blocked or interleaved, DiffSynth's
+# attention) land within 1e-14 of the oracle, tiny to full width; fp32 arithmetic lands at 1e-8 and beyond. torch's
+# default, 1e-7, sat exactly where fp32 arithmetic lands, so the verdict on an fp32-computing candidate depended on the
+# seed; 1e-10 sits inside the gap, by 4 orders of magnitude on the fp64 side and 2 on the fp32 side.
+FP64_FLOOR = 1e-10
+
+# (atol, rtol) per dtype: torch.testing.assert_close's defaults, read from torch, never re-typed; fp64's measured.
 FLOORS: dict[torch.dtype, tuple[float, float]] = {dtype: _floor(dtype) for dtype in DTYPES.values()}
+FLOORS[torch.float64] = (FP64_FLOOR, FP64_FLOOR)
+
+# Arithmetic precisions, finest first: the order in which `effective_precision` names the one that explains an error.
+PRECISIONS = ("fp64", "fp32", "fp16", "bf16")
+COARSER = "coarser than bf16"  # an error no dtype's arithmetic explains: a bug, not a precision
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,7 @@ class Rule:
     factor: float = 0.0
 
     def bound(self, dtype: torch.dtype, base_err: float, ref: torch.Tensor) -> torch.Tensor:
-        """Largest allowed |cand - ref| per element: k * max|base - ref| + atol + rtol * |ref|."""
+        """Largest allowed |cand - ref| per element: k * max|base - ref| + atol + rtol * |ref|, with `dtype`'s floor."""
         if self.name == "exact":
             return torch.zeros_like(ref)
         atol, rtol = FLOORS[dtype]
@@ -56,6 +68,14 @@ EXACT = Rule("exact")
 
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def floor_dtype(dtype: torch.dtype, precision: str | None) -> torch.dtype:
+    """Whose floor judges a run in `dtype` of an implementation declaring `precision`: the coarser of the two (an
+    fp32-declared candidate's fp64 runs at fp32's floor; its fp32, bf16 and fp16 runs as anyone's)."""
+    if precision is None:
+        return dtype
+    return max(dtype, DTYPES[precision], key=lambda d: PRECISIONS.index(dtype_name(d)))
 
 
 def parse_dtypes(text: str) -> list[torch.dtype]:

@@ -53,6 +53,10 @@ def register_report(subparsers) -> None:
     p.add_argument("--fused-modules", metavar="NAMES",
                    help="comma list of the module names whose calls prove the candidate's fused path ran (default "
                         "to_qkv,add_qkv_proj,to_added_qkv), or none for an unfused candidate")
+    p.add_argument("--candidate-precision", choices=("fp64", "fp32"),
+                   help="the finest arithmetic the candidate computes at: fp32 for one that computes in fp32 at best, "
+                        "as GPU kernels do (its fp64 runs are then judged at fp32's floor; default: its build's "
+                        "`precision` attribute, else fp64)")
     p.add_argument("--parallel", metavar="KIND=N",
                    help="also judge the merged model made parallel on N ranks it launches itself, as diffusers makes "
                         "it: tp=N (tensor parallel, the model's _tp_plan), ulysses=N or ring=N (context parallel, its "
@@ -87,7 +91,8 @@ def _report(args) -> int:
     opts = Options(checkpoint=args.checkpoint, merged_checkpoint=args.merged_checkpoint, config=args.config,
                    layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed, lora=args.lora,
                    adapter_config=args.adapter_config, candidate=args.candidate, reference=args.reference,
-                   fused_modules=args.fused_modules, allow_unmatched=args.allow_unmatched, parallel=args.parallel)
+                   fused_modules=args.fused_modules, candidate_precision=args.candidate_precision,
+                   allow_unmatched=args.allow_unmatched, parallel=args.parallel)
     summary = run_report(load_subject(opts), opts)
     summary["claims"] = ledger(summary, args.claims, bench, properties)
     summary["speed"] = bench

@@ -15,7 +15,8 @@ SUITE = Path(__file__).parents[1] / "suite"
 def register_test(subparsers) -> None:
     p = subparsers.add_parser(
         "test", help="run the packaged property suite against your implementation (SPEC)",
-        usage="qkv-verify test SPEC [--reference SPEC] [--fused-modules NAMES] [--layout blocked|interleaved] "
+        usage="qkv-verify test SPEC [--reference SPEC] [--fused-modules NAMES] [--candidate-precision fp64|fp32] "
+              "[--layout blocked|interleaved] "
               "[--device cpu|cuda] [-- PYTEST_ARGS]",
         description="Runs the Hypothesis property suite that ships with qkv-verify against SPEC: random head counts, "
                     "head dims, sequence lengths, batch sizes, padded text masks and zero_cond_t; attention and "
@@ -68,7 +69,7 @@ def _validate(args) -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise VerifyError("--device cuda: no CUDA device is available")
-    candidate = resolve(args.spec, args.fused_modules)
+    candidate = resolve(args.spec, args.fused_modules, args.candidate_precision)
     reference = resolve(args.reference or "diffusers")
     records = [r for name in ("attention", "block") for r in run_case(
         CASES[name], [torch.float64], args.device, candidate=candidate, reference=reference, layout=args.layout)]

@@ -4,8 +4,9 @@ A SPEC is `package.module:attr`, `path/to/file.py:attr`, or a built-in name (BUI
 `build(standard, component)`: `standard` is a fresh copy of diffusers' standard component (in the dtype and on the
 device of the check; the callable may change it in place and return it), `component` one of COMPONENTS. It returns
 a module called like `standard` that returns what `standard` returns, or None for a component it does not provide.
-The callable may carry `fused_modules` (names whose calls prove its fused path ran; () for an unfused one) and
-`layout` (of its fused parameters) as attributes.
+The callable may carry `fused_modules` (names whose calls prove its fused path ran; () for an unfused one),
+`layout` (of its fused parameters) and `precision` ("fp32": it computes in fp32 at best, as GPU kernels do, so its
+fp64 runs are judged at fp32's floor) as attributes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib.util
 import inspect
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
@@ -25,6 +26,9 @@ from verify.errors import VerifyError
 
 COMPONENTS = ("attention", "block", "model")
 DEFAULT_FUSED_MODULES = ("to_qkv", "add_qkv_proj", "to_added_qkv")
+# What an implementation may declare it computes at, at best: "fp32" (fp64 runs judged at fp32's floor), or "fp64"
+# (the same as declaring nothing).
+DECLARABLE_PRECISIONS = ("fp64", "fp32")
 
 # Built-in SPECs: the product's processors, diffusers itself and DiffSynth-Studio's DiT, each a registered callable.
 BUILTINS = {
@@ -50,6 +54,7 @@ class Implementation:
     version: str | None
     fused_modules: tuple[str, ...]
     layout: str | None = None  # the layout its fused parameters use, when it declares one (else --layout says)
+    precision: str | None = None  # the finest arithmetic it declares it computes at ("fp32"); None: fp64 as asked
 
     @property
     def fused(self) -> bool:
@@ -71,21 +76,27 @@ class Implementation:
     def describe(self) -> dict:
         """The summary.json object: what was asked for, what it resolved to, its file and package version."""
         return {"spec": self.spec, "resolved": self.resolved, "source": self.source, "version": self.version,
-                "fused_modules": list(self.fused_modules) or None, "layout": self.layout}
+                "fused_modules": list(self.fused_modules) or None, "layout": self.layout,
+                "precision": self.precision}
 
 
-def resolve(spec: str | Build, fused_modules: str | tuple[str, ...] | None = None) -> Implementation:
-    """The Implementation a SPEC (or a callable) names; `fused_modules` overrides its default ('none': unfused)."""
-    if callable(spec):
+def resolve(spec: str | Build | Implementation, fused_modules: str | tuple[str, ...] | None = None,
+            precision: str | None = None) -> Implementation:
+    """The Implementation a SPEC (or a callable, or an Implementation) names; `fused_modules` overrides its default
+    ('none': unfused), `precision` its declared precision ('fp64': none declared)."""
+    if isinstance(spec, Implementation):
+        impl = spec
+    elif callable(spec):
         impl = _from_callable(getattr(spec, "__qualname__", repr(spec)), spec)
     else:
         if not isinstance(spec, str) or not spec.strip():
             raise VerifyError(f"candidate {spec!r}: expected a SPEC (module:attr, file.py:attr or a built-in name)")
         impl = _from_target(spec, BUILTINS.get(spec, spec))
-    if fused_modules is None:
-        return impl
-    return Implementation(impl.spec, impl.build, impl.resolved, impl.source, impl.version,
-                          parse_fused_modules(fused_modules), impl.layout)
+    if fused_modules is not None:
+        impl = replace(impl, fused_modules=parse_fused_modules(fused_modules))
+    if precision is not None:
+        impl = replace(impl, precision=_precision(impl.spec, precision, "--candidate-precision"))
+    return impl
 
 
 def parse_fused_modules(text: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -113,8 +124,7 @@ def _from_target(spec: str, target: str) -> Implementation:
         raise VerifyError(f"candidate {spec}: {where}:{attr} is a {type(obj).__name__}, not a callable "
                           "build(standard, component)")
     impl = _from_callable(spec, obj)
-    return Implementation(spec, obj, f"{where}:{attr}", getattr(module, "__file__", None), impl.version,
-                          impl.fused_modules, impl.layout)
+    return replace(impl, resolved=f"{where}:{attr}", source=getattr(module, "__file__", None))
 
 
 def _from_callable(spec: str, build: Build) -> Implementation:
@@ -127,7 +137,16 @@ def _from_callable(spec: str, build: Build) -> Implementation:
     package = getattr(build, "package", None)  # an adapter names the distribution whose code it runs
     version = _distribution_version(package) if package else _version(module)
     return Implementation(spec, build, f"{getattr(build, '__module__', '?')}:{getattr(build, '__qualname__', '?')}",
-                          getattr(module, "__file__", None), version, tuple(fused), getattr(build, "layout", None))
+                          getattr(module, "__file__", None), version, tuple(fused), getattr(build, "layout", None),
+                          _precision(spec, getattr(build, "precision", None), "its precision attribute"))
+
+
+def _precision(spec: str, value, where: str) -> str | None:
+    """A declared precision, checked: 'fp32', or None ('fp64' and no declaration alike)."""
+    if value not in (None, *DECLARABLE_PRECISIONS):
+        raise VerifyError(f"candidate {spec}: {where} is {value!r}; expected one of "
+                          f"{', '.join(DECLARABLE_PRECISIONS)}")
+    return None if value in (None, "fp64") else value
 
 
 def _import(spec: str, name: str):
