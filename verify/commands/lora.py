@@ -137,7 +137,7 @@ def convert_command(args) -> int:
         raise VerifyError(f"{args.dst.parent}: no such folder")
     if args.dst.is_dir():
         raise VerifyError(f"{args.dst}: is a folder; DST is the .safetensors file to write")
-    if args.dst.exists() and not args.force:
+    if (args.dst.exists() or args.dst.is_symlink()) and not args.force:  # a dangling link too: it is the user's
         raise VerifyError(f"{args.dst}: exists; pass --force to replace it")
     lora = formats.read(args.src, args.adapter_config)
     spec = _spec(args, [lora])
