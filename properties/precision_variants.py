@@ -71,3 +71,17 @@ def build_with(processor: type[FusedQwenAttnProcessor], layout: str = "blocked",
     if precision:
         build.precision = precision
     return build
+
+
+class Bf16Attention(FusedQwenAttnProcessor):
+    """Scores, softmax and the product with V in bf16 whatever the input dtype."""
+
+    def attend(self, q, k, v, text_mask, hidden_states):
+        return explicit_attention(q, k, v, self.joint_mask(text_mask, hidden_states), torch.bfloat16)
+
+
+# SPECs: properties.precision_variants:NAME
+explicit_softmax = build_with(ExplicitSoftmax)
+fp32_attention = build_with(Fp32Attention)
+fp32_attention_declared = build_with(Fp32Attention, precision="fp32")
+bf16_attention = build_with(Bf16Attention)

@@ -40,8 +40,8 @@ class Record:
     first_divergence: str | None = None  # where a failing cand first leaves the bound (block, submodule); else None
     weight_gradients: str | None = None  # gradient records: "compared" or "not compared: <why>"
     provided: bool = True  # False: the implementation does not provide this component (never a pass)
-    effective_precision: str | None = None  # the finest arithmetic (fp64, fp32, fp16, bf16) whose floor explains
-    # |cand - ref| everywhere, or "coarser than bf16"; None where nothing was compared
+    effective_precision: str | None = None  # the finest arithmetic (fp64, fp32, fp16, bf16) whose floor (relative
+    # to the tensor's largest |ref|) explains |cand - ref| everywhere, or "coarser than bf16"; None: nothing compared
 
     @property
     def mismatched_fraction(self) -> float:
@@ -184,10 +184,12 @@ def _judge(key: str, ref: torch.Tensor, cand: torch.Tensor, base: torch.Tensor |
 
 def _finest(diff: torch.Tensor, rule: Rule, dtype: torch.dtype, base_err: float, ref: torch.Tensor) -> int:
     """Index of the finest arithmetic, no finer than the run's dtype, whose floor under `rule` covers every element
-    of `diff` (len(PRECISIONS): none does)."""
+    of `diff` (len(PRECISIONS): none does). The floor's relative part is taken of the tensor's largest |ref|: an
+    arithmetic's rounding errors scale with the values summed, not with the one result (an element near zero)."""
+    scale = ref.abs().max() if ref.numel() else ref.new_zeros(())
     start = PRECISIONS.index(dtype_name(dtype))
     for i, name in enumerate(PRECISIONS[start:], start):
-        if bool((diff <= rule.bound(DTYPES[name], base_err, ref)).all()):
+        if bool((diff <= rule.bound(DTYPES[name], base_err, scale)).all()):
             return i
     return len(PRECISIONS)
 
