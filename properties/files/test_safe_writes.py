@@ -137,10 +137,6 @@ def test_report_refuses_an_out_inside_an_input_folder(tmp_path, std, capsys, nev
         assert not (given[flag] / inside.split("/")[0]).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="real defect in verify/commands/report.py (_refuse_foreign_out): a dangling "
-                                       "symlink --out passes as new (Path.exists() follows the link), the whole "
-                                       "run goes ahead, then write_report's out.mkdir raises FileExistsError: a "
-                                       "traceback after the run instead of exit 2 before it")
 def test_report_refuses_a_dangling_symlink_out_before_running(tmp_path, capsys, never_run):
     link, target = _dangling(tmp_path / "w")
     capsys.readouterr()

@@ -131,6 +131,8 @@ def _refuse_foreign_out(out: Path, force: bool) -> None:
 
     if out.exists() and not out.is_dir():
         raise VerifyError(f"--out {out}: is a file, not a folder")
+    if out.is_symlink() and not out.exists():
+        raise VerifyError(f"--out {out}: a symbolic link to nothing; choose another folder")
     if force or not out.exists() or not any(out.iterdir()):
         return
     if not _is_report(out / "summary.json"):
