@@ -5,7 +5,15 @@ For each implementation, case, width and seed it records the smallest floor f th
 form of bound, |cand - ref| <= f + f * |ref| (atol = rtol = f), over every output and gradient tensor. Writes JSON
 (`--out`) with every row and, per implementation, the largest and smallest f over the draws.
 
-    PYTHONPATH=. python reports/precision/fp64_floor.py --out reports/precision/fp64-floor-cpu.json
+    PYTHONPATH=. python reports/precision/fp64_floor.py --out reports/precision/fp64-floor-cpu.json \
+        --widths "tiny 4x16,8x64"                                      # this 2-core CPU, about 3 minutes
+    PYTHONPATH=. python reports/precision/fp64_floor.py --device cuda --out fp64-floor-h100.json   # every width
+    PYTHONPATH=. python reports/precision/fp64_floor.py --device cuda --widths "full 24x128" --cases block \
+        --seeds 3 --out reports/precision/fp64-floor-full-width-block-h100.json
+
+The H100 run of every width was cut at the device's 540 s limit after the full-width attention draws: its rows, as
+printed, are reports/precision/fp64-floor-h100.log, gathered by `write` into fp64-floor-h100.json; the full-width
+blocks ran separately.
 """
 
 from __future__ import annotations
@@ -58,16 +66,16 @@ def needed_floor(ref: dict, cand: dict) -> tuple[float, str]:
     return worst, where
 
 
-def measure(name: str, spec, case_name: str, width: str, seed: int) -> dict | None:
+def measure(name: str, spec, case_name: str, width: str, seed: int, device: str) -> dict | None:
     case = CASES[case_name]
     overrides, inputs_spec = WIDTHS[width]
     config = model_config("tiny", **overrides)
-    standard = case.build(config, seed)
-    inputs = cast_inputs(case.inputs(config, inputs_spec, seed), torch.float64, "cpu")
+    standard = case.build(config, seed).to(device)
+    inputs = cast_inputs(case.inputs(config, inputs_spec, seed), torch.float64, device)
     impl = implementation(spec)
     diffusers = implementation("diffusers")
     ref_module = build_component(diffusers, standard, case.component)
-    cand_module = build_component(impl, case.build(config, seed), case.component)
+    cand_module = build_component(impl, case.build(config, seed).to(device), case.component)
     if cand_module is None:
         return None
     ref = _run(case, ref_module, inputs, True, seed)
@@ -75,7 +83,7 @@ def measure(name: str, spec, case_name: str, width: str, seed: int) -> dict | No
     ref["gradients"] = {k: v for k, v in ref["gradients"].items() if k.startswith("input.")}
     f, where = needed_floor(ref, cand)
     return {"implementation": name, "case": case_name, "width": width, "seed": seed, "floor_needed": f,
-            "where": where}
+            "where": where, "device": device}
 
 
 def main() -> None:
@@ -83,26 +91,33 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--widths", default=",".join(WIDTHS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cases", default="attention,block")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for width in args.widths.split(","):
-        for case_name in ("attention", "block"):
+        for case_name in args.cases.split(","):
             for name, (kind, spec) in IMPLEMENTATIONS.items():
                 if name.startswith("diffsynth") and case_name != "attention":
                     continue  # DiffSynth's block has another MLP activation: not a reordering
                 for seed in range(args.seeds):
-                    row = measure(name, spec, case_name, width, seed)
+                    row = measure(name, spec, case_name, width, seed, args.device)
                     if row:
                         rows.append({**row, "kind": kind})
                         print(json.dumps(rows[-1]), flush=True)
+                        write(args, rows)  # after every draw: a run cut short leaves what it measured
+
+
+def write(args, rows: list[dict]) -> None:
     summary = {}
     for name, (kind, _) in IMPLEMENTATIONS.items():
         values = [r["floor_needed"] for r in rows if r["implementation"] == name]
         if values:
             summary[name] = {"kind": kind, "max": max(values), "min": min(values), "draws": len(values)}
     with open(args.out, "w") as f:
-        json.dump({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        card = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+        json.dump({"machine": card, "device": args.device, "torch": torch.__version__,
                    "form": "floor_needed = max |cand - ref| / (1 + |ref|) over outputs and input gradients (fp64)",
                    "summary": summary, "rows": rows}, f, indent=1)
 

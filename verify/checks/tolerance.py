@@ -21,12 +21,12 @@ def _floor(dtype: torch.dtype) -> tuple[float, float]:
     return atol, rtol
 
 
-# fp64's floor (atol = rtol), from measurement (reports/precision/fp64-floor-cpu.json, `summary`): correct reorderings
-# of fp64 arithmetic (SDPA or an explicit softmax, one fused GEMM or three, blocked or interleaved, DiffSynth's
-# attention) land within 2e-15 of the oracle (4 x 16 and 8 x 64 heads, CPU); fp32 arithmetic at 2.4e-8 and beyond.
-# torch's default, 1e-7, sat where fp32 arithmetic lands, so the verdict on an fp32-computing candidate depended on
-# the seed; 1e-10 sits inside the gap, by 4 orders of magnitude on the fp64 side and 2 on the fp32 side. Rotating q
-# and k in fp64 lands on fp32's side: diffusers' RoPE rounds them to fp32 even in fp64 runs.
+# fp64's floor (atol = rtol), from measurement (reports/precision/fp64-floor*.json, `summary`): correct reorderings of
+# fp64 arithmetic (SDPA or an explicit softmax, one fused GEMM or three, blocked or interleaved, DiffSynth's attention)
+# land within 1.7e-15 of the oracle, 4 x 16 heads to the full 24 x 128, on the CPU and an H100; fp32 arithmetic at
+# 2.4e-8 and beyond. torch's default, 1e-7, sat where fp32 arithmetic lands, so the verdict on an fp32-computing
+# candidate depended on the seed; 1e-10 sits inside the gap, by 4 orders of magnitude on the fp64 side and 2 on the
+# fp32 side. Rotating q and k in fp64 lands on fp32's side: diffusers' RoPE rounds them to fp32 even in fp64 runs.
 FP64_FLOOR = 1e-10
 
 # (atol, rtol) per dtype: torch.testing.assert_close's defaults, read from torch, never re-typed; fp64's measured.
