@@ -231,3 +231,24 @@ def test_plugin_layout_and_device_reach_their_fixtures(pytester):
         "    assert (qkv_layout, qkv_device, qkv_reference.spec) == ('interleaved', 'cuda', 'fast')\n"))
     pytester.runpytest("-p", "no:cacheprovider", "--qkv-layout", "interleaved", "--qkv-reference", "fast",
                        "--qkv-device", "cuda").assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("option, expected", [(None, None), ("fp64", None), ("fp32", "fp32")])
+def test_plugin_candidate_precision_reaches_the_candidate_fixture(pytester, option, expected):
+    pytester.makepyfile(test_precision=(
+        "def test_precision(qkv_candidate):\n"
+        f"    assert qkv_candidate.precision == {expected!r}\n"))
+    args = ["-p", "no:cacheprovider", "--qkv-candidate", "reference"]
+    args += ["--qkv-candidate-precision", option] if option else []
+    pytester.runpytest(*args).assert_outcomes(passed=1)
+
+
+def test_test_passes_candidate_precision_to_the_suite(capsys, monkeypatch):
+    """`qkv-verify test --candidate-precision fp32` reaches the suite's records: an fp32-computing attention fails
+    the fp64 attention property without it and passes with it (the suite's fp64 attention property only; the find
+    profile, without shrinking)."""
+    monkeypatch.setenv("HYPOTHESIS_PROFILE", "find")
+    spec = "properties.precision_variants:fp32_attention"
+    select = ["--", "-q", "-x", "-k", "attention and fp64", "-p", "no:cacheprovider"]
+    assert main(["test", spec, *select]) == 1
+    assert main(["test", spec, "--candidate-precision", "fp32", *select]) == 0
