@@ -105,7 +105,8 @@ def test_report_judges_a_declared_fp32_candidate_at_fp32s_floor_and_says_so(tmp_
 
 
 def test_an_undeclarable_precision_is_bad_input(tmp_path, capsys):
-    (tmp_path / "cand.py").write_text("from properties.precision_variants import fp32_attention as build\n"
+    (tmp_path / "cand.py").write_text("from properties.precision_variants import Fp32Attention, build_with\n"
+                                      "build = build_with(Fp32Attention)\n"
                                       "build.precision = 'fp16'\n")
     code, printed, _ = _report(tmp_path, capsys, "--candidate", f"{tmp_path / 'cand.py'}:build")
     assert code == 2 and "precision" in printed and "'fp16'" in printed
