@@ -7,6 +7,10 @@ the pytest plugin's `--qkv-fused-modules` reaches the candidate fixture."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,12 +247,16 @@ def test_plugin_candidate_precision_reaches_the_candidate_fixture(pytester, opti
     pytester.runpytest(*args).assert_outcomes(passed=1)
 
 
-def test_test_passes_candidate_precision_to_the_suite(capsys, monkeypatch):
-    """`qkv-verify test --candidate-precision fp32` reaches the suite's records: an fp32-computing attention fails
-    the fp64 attention property without it and passes with it (the suite's fp64 attention property only; the find
-    profile, without shrinking)."""
-    monkeypatch.setenv("HYPOTHESIS_PROFILE", "find")
-    spec = "properties.precision_variants:fp32_attention"
+def test_test_passes_candidate_precision_to_the_suite():
+    """`qkv-verify test --candidate-precision fp32`, run as a user runs it, reaches the suite's records: an
+    fp32-computing attention fails the fp64 attention property without it and passes with it (that property only;
+    the find profile, without shrinking)."""
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "HYPOTHESIS_PROFILE": "find"}
+    argv = [sys.executable, "-m", "verify.cli", "test", "properties.precision_variants:fp32_attention"]
     select = ["--", "-q", "-x", "-k", "attention and fp64", "-p", "no:cacheprovider"]
-    assert main(["test", spec, *select]) == 1
-    assert main(["test", spec, "--candidate-precision", "fp32", *select]) == 0
+    without = subprocess.run([*argv, *select], env=env, capture_output=True, text=True, cwd=root)
+    assert without.returncode == 1, without.stdout[-2000:] + without.stderr[-2000:]
+    declared = subprocess.run([*argv, "--candidate-precision", "fp32", *select], env=env, capture_output=True,
+                              text=True, cwd=root)
+    assert declared.returncode == 0, declared.stdout[-2000:] + declared.stderr[-2000:]
