@@ -30,6 +30,7 @@ import torch
 from verify.checks.selector import path_of
 from verify.checks.tolerance import DTYPES
 from verify.errors import VerifyError
+from verify.files.json_file import read_json
 
 EPS = {name: torch.finfo(dtype).eps for name, dtype in DTYPES.items()}
 # The precision each dtype's outputs reach: an fp64 model's RoPE still runs in complex64 (diffusers' x.float()).
@@ -57,14 +58,7 @@ def load_summary(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "summary.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise VerifyError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise VerifyError(f"{path}: cannot read: {e}") from None
-    except json.JSONDecodeError as e:
-        raise VerifyError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path)
     problem = _summary_problem(data)
     if problem:
         raise VerifyError(f"{path}: not a qkv-verify summary: {problem}")

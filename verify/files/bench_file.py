@@ -3,11 +3,11 @@ file the report cannot use is one line and exit 2, not a traceback after the run
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from verify.errors import VerifyError
+from verify.files.json_file import read_json
 
 # What the report reads of every block row (the speed chart and table), and the fields that, where present, must
 # be numbers: times, ratios, counts and sizes.
@@ -29,10 +29,7 @@ def load_bench(path: Path) -> dict | None:
         if len(files) > 1:
             raise VerifyError(f"{path}: several benchmark JSONs ({', '.join(f.name for f in files)}); pass one")
         path = files[0]
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VerifyError(f"{path}: cannot read benchmark JSON: {e}") from None
+    data = read_json(path)
     bench = {"rows": data} if isinstance(data, list) else data
     problem = bench_problem(bench)
     if problem:

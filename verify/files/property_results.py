@@ -3,19 +3,16 @@ reads it: parsed and validated before any run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from verify.errors import VerifyError
+from verify.files.json_file import read_json
 
 
 def load_property_results(path: Path) -> dict:
     """{"tests": [{"test": nodeid, "outcome": ...}, ...], ...}; VerifyError names the first entry the ledger cannot
     read."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise VerifyError(f"{path}: cannot read property results: {e}") from None
+    data = read_json(path)
     tests = data.get("tests") if isinstance(data, dict) else None
     if not isinstance(tests, list):
         raise VerifyError(f"{path}: not property-suite results: expected an object with a list of tests")
