@@ -90,9 +90,7 @@ def _report(tmp_path: Path, capsys, *argv: str) -> tuple[int, str, dict | None]:
 
 
 def test_report_judges_a_declared_fp32_candidate_at_fp32s_floor_and_says_so(tmp_path, capsys):
-    spec = "properties.precision_variants:fp32_attention"
-    code, printed, summary = _report(tmp_path / "undeclared", capsys, "--candidate", spec)
-    assert code == 1 and "computes at fp32 precision" in printed
+    spec = "properties.precision_variants:fp32_attention"  # undeclared, it fails: test_the_fp64_verdict_is_...
     for where, argv in (("flag", ["--candidate", spec, "--candidate-precision", "fp32"]),
                         ("attribute", ["--candidate", f"{spec}_declared"])):
         code, printed, summary = _report(tmp_path / where, capsys, *argv)

@@ -183,7 +183,7 @@ def test_the_committed_benches_are_valid():
 OPTIONAL = sorted({k for r in _bench()["rows"] for k in r} - set(ROW_FIELDS))
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dropped=st.lists(st.sampled_from(OPTIONAL), unique=True), row=st.integers(0, 17),
        wrong=st.sampled_from([None, *NUMBER_FIELDS]))
 def test_a_bench_the_loader_accepts_is_one_the_report_renders(tmp_path, runs_summary, dropped, row, wrong):
