@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from verify.checks import fixtures
 from verify.maths.state_dict import merge_state_dict
+from verify.models import qwen_image
 
 
 def standard_checkpoint(path: Path, seed: int = 0, shard_size: str = "40KB", **overrides) -> Path:
     """A tiny seeded model saved by diffusers itself (sharded with an index when shard_size is small)."""
-    config = fixtures.model_config("tiny", **overrides)
-    model = fixtures.build_model(config, seed, dtype=torch.float32)
+    config = qwen_image.model_config("tiny", **overrides)
+    model = qwen_image.build_model(config, seed, dtype=torch.float32)
     model.save_pretrained(path, max_shard_size=shard_size)
     return path
 

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 
 import torch
 
-from verify.checks.cases import CASES
 from verify.checks.compare import Record
 from verify.checks.equivalence import run_case
 from verify.implementations.candidate import Build, Implementation, resolve
+from verify.models.qwen_image import CASES
 
 
 def check_candidate(candidate: str | Build | Implementation, reference: str | Build | Implementation | None = None,

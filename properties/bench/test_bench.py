@@ -24,13 +24,13 @@ from verify.bench import options as bench_options
 from verify.bench import run as bench_run
 from verify.bench import table as bench_table
 from verify.bench import timing as bench_timing
-from verify.checks.cases import CASES
 from verify.checks.compare import assert_passed
 from verify.checks.equivalence import run_case
 from verify.checks.tolerance import DTYPES
 from verify.cli import main
 from verify.implementations import fast_fused
 from verify.implementations.candidate import resolve
+from verify.models.qwen_image import CASES
 
 ROW_FIELDS = {"mode", "phase", "image_tokens", "text_tokens", "standard_ms", "merged_ms", "speedup",
               "kernels_standard", "kernels_merged", "floor_ms", "merged_tflops"}

@@ -13,7 +13,6 @@ import torch
 import yaml
 
 from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
-from verify.checks import fixtures
 from verify.checks.claims import (
     CONFIRMED,
     REFUTED,
@@ -30,6 +29,7 @@ from verify.cli import main
 from verify.errors import VerifyError
 from verify.files.bench_file import load_bench
 from verify.maths import qkv
+from verify.models import qwen_image
 
 WRITE_UP = ["merge-split-exact", "attention-block-match", "attention-block-within-tolerance", "lossless-conversion",
             "base-output-same", "lora-480-tensors", "alpha-1", "faster-10-15pct", "kernels-67pct-fewer"]
@@ -87,7 +87,7 @@ def test_every_write_up_claim_has_a_row_with_a_verdict(runs):
     # the embedded default's seeded LoRA: 4 merged targets, to_qkv and add_qkv_proj 3 standard weights each -> 8
     # weight matrices per block, at alpha / rank
     assert rows["lora-480-tensors"]["measured"] == 8 * summary["inputs"]["model_config"]["num_layers"]
-    assert rows["alpha-1"]["measured"] == fixtures.LORA_ALPHA / fixtures.LORA_RANK
+    assert rows["alpha-1"]["measured"] == qwen_image.LORA_ALPHA / qwen_image.LORA_RANK
 
 
 def _without(summary: dict, *components: str) -> dict:

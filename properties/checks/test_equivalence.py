@@ -13,11 +13,10 @@ from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from properties.strategies import expensive, input_specs, layouts, model_configs, namings, seeds
-from verify.checks.cases import CASES
 from verify.checks.compare import assert_passed
 from verify.checks.equivalence import run_case
-from verify.checks.fixtures import CONFIGS
 from verify.implementations.fused import fuse_model
+from verify.models.qwen_image import CASES, CONFIGS
 
 HIGH = (torch.float64, torch.float32)  # every example; a bf16- or fp16-only pass is not an equivalence
 LOW = st.sampled_from([None, torch.bfloat16, torch.float16])

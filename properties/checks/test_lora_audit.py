@@ -133,8 +133,8 @@ def test_alpha_ignored_by_a_convention_warns(tmp_path):
 
 @pytest.mark.parametrize("naming", ["seed", "diffusers"])
 def test_load_report(tmp_path, naming):
-    from verify.checks.fixtures import CONFIGS, build_model
     from verify.implementations.fused import fuse_model
+    from verify.models.qwen_image import CONFIGS, build_model
 
     model = fuse_model(build_model(CONFIGS["tiny"], 0), naming)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -155,9 +155,9 @@ def test_load_report(tmp_path, naming):
 
 
 def test_spec_takes_the_layout_of_the_fused_model():
-    from verify.checks.fixtures import CONFIGS, build_model
     from verify.errors import VerifyError
     from verify.implementations.fused import fuse_model
+    from verify.models.qwen_image import CONFIGS, build_model
 
     model = fuse_model(build_model(CONFIGS["tiny"], 0), layout="interleaved")
     assert mapping.spec_of(model).layout == "interleaved"

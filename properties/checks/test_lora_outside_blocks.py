@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from properties.files.test_lora_files import STANDARD, write_lora
-from verify.checks import fixtures
 from verify.cli import main
+from verify.models import qwen_image
 
 TOP = ("img_in", "txt_in", "norm_out.linear", "proj_out")
 RANK, ALPHA = 4, 2.0  # multiplier alpha / rank = 0.5
@@ -23,7 +23,7 @@ SEED = 0  # the report's default seed: its weights and inputs
 
 
 def _modules() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """target -> (A, B), scaled as verify.checks.fixtures.seeded_lora scales its factors."""
+    """target -> (A, B), scaled as verify.checks.qwen_image.seeded_lora scales its factors."""
     g = torch.Generator().manual_seed(11)
     out = {}
     for target in TOP:
@@ -36,9 +36,9 @@ def _modules() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def _diffusers_deviation(fixture: str) -> float:
     """||out(W + m B A) - out(W)|| / ||out(W)|| of diffusers' model in fp64 on the report's seeded tiny weights and
     the fixture's inputs, the LoRA added to the weights by hand."""
-    config = fixtures.model_config("tiny")
-    model = fixtures.build_model(config, SEED)
-    inputs = fixtures.model_inputs(config, fixtures.FIXTURES[fixture], SEED)
+    config = qwen_image.model_config("tiny")
+    model = qwen_image.build_model(config, SEED)
+    inputs = qwen_image.model_inputs(config, qwen_image.FIXTURES[fixture], SEED)
     with torch.no_grad():
         base = model(**inputs).sample
         for target, (A, B) in _modules().items():
@@ -67,7 +67,7 @@ def test_the_lora_lands_on_the_modules_outside_the_blocks(run):
 def test_standard_and_merged_with_the_lora_agree(run):
     code, summary = run
     checks = [c for c in summary["checks"] if c["name"].startswith("lora/") and c["name"].endswith("/outputs")]
-    assert {c["name"] for c in checks} == {f"lora/{f}/outputs" for f in fixtures.FIXTURES}
+    assert {c["name"] for c in checks} == {f"lora/{f}/outputs" for f in qwen_image.FIXTURES}
     assert {c["dtype"] for c in checks} == {"fp64", "fp32"}
     assert all(c["passed"] for c in checks), [(c["name"], c["dtype"], c["message"]) for c in checks if not c["passed"]]
     assert code == 0, summary["verdict_reasons"]

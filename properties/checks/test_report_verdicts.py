@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from verify.checks import fixtures
 from verify.cli import main
+from verify.models import qwen_image
 
 FAST = ("--dtypes", "fp64,fp32")
 
@@ -63,8 +63,8 @@ def test_an_unmoved_baseline_passes(default, tmp_path):
 
 def _lora_with_a_block_the_model_lacks(path: Path) -> Path:
     """The seeded LoRA plus one module on block 9 of a 2-block model."""
-    config = fixtures.model_config("tiny")
-    tensors = fixtures.seeded_lora(config, 0)
+    config = qwen_image.model_config("tiny")
+    tensors = qwen_image.seeded_lora(config, 0)
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     tensors["transformer_blocks.9.attn.to_out.0.lora_down.weight"] = torch.ones(4, dim)
     tensors["transformer_blocks.9.attn.to_out.0.lora_up.weight"] = torch.ones(dim, 4)

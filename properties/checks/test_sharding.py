@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from verify.checks.fixtures import FIXTURES, model_config
 from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel
+from verify.models.qwen_image import FIXTURES, model_config
 
 
 @pytest.mark.parametrize("kind,layout,processor", [("tp", "blocked", "reference"), ("tp", "interleaved", "fast"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verify.checks import fixtures
 from verify.checks.compare import compare, compare_exact
+from verify.checks.inputs import cast_inputs
 from verify.checks.report import _updater
 from verify.checks.streaming import StateDictSource, run_streaming
 from verify.checks.tolerance import OUTPUTS
@@ -15,23 +15,24 @@ from verify.files import lora_mapping as mapping
 from verify.implementations.candidate import resolve
 from verify.implementations.fused import fuse_model
 from verify.implementations.loading import empty_model
+from verify.models import qwen_image
 
 REFERENCE, DIFFUSERS = resolve("reference"), resolve("diffusers")
 FLAGS = [{}, {"zero_cond_t": True}, {"use_layer3d_rope": True, "use_additional_t_cond": True}]
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=["plain", "zero_cond_t", "layered"])
-@pytest.mark.parametrize("fixture", list(fixtures.FIXTURES))
+@pytest.mark.parametrize("fixture", list(qwen_image.FIXTURES))
 def test_streaming_equals_the_whole_model_forward_bit_for_bit(flags, fixture, device):
-    config = fixtures.model_config("tiny", **flags)
-    model = fixtures.build_model(config, seed=3)
-    inputs = fixtures.model_inputs(config, fixtures.FIXTURES[fixture], seed=3)
+    config = qwen_image.model_config("tiny", **flags)
+    model = qwen_image.build_model(config, seed=3)
+    inputs = qwen_image.model_inputs(config, qwen_image.FIXTURES[fixture], seed=3)
     run = run_streaming(StateDictSource(model.state_dict(), config), inputs, [torch.float32], device, REFERENCE,
                         DIFFUSERS)
     with torch.no_grad():
-        ref = torch.nn.Module.to(model, device=device)(**fixtures.cast_inputs(inputs, torch.float64, device)).sample
+        ref = torch.nn.Module.to(model, device=device)(**cast_inputs(inputs, torch.float64, device)).sample
         base = torch.nn.Module.to(model, dtype=torch.float32)(
-            **fixtures.cast_inputs(inputs, torch.float32, device)).sample
+            **cast_inputs(inputs, torch.float32, device)).sample
     assert torch.equal(run.ref["sample"], ref)
     assert torch.equal(run.base[torch.float32]["sample"], base)
     assert run.fused_calls[torch.float32] == 2 * config["num_layers"]
@@ -53,11 +54,11 @@ def _lora_file(tmp_path, config, seed=0):
 
 
 def test_lora_streamed_equals_lora_applied_to_the_whole_model_and_sources_stay_untouched(tmp_path):
-    config = fixtures.model_config("tiny")
-    model = fixtures.build_model(config, seed=0)
+    config = qwen_image.model_config("tiny")
+    model = qwen_image.build_model(config, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     lora = _lora_file(tmp_path, config)
-    inputs = fixtures.model_inputs(config, fixtures.FIXTURES["edit"], 0)
+    inputs = qwen_image.model_inputs(config, qwen_image.FIXTURES["edit"], 0)
     std_plan = mapping.plan(lora, mapping.spec_of(model))
     cand_plan = mapping.plan(lora, mapping.spec_of(fuse_model(empty_model(config))))
     source = StateDictSource(model.state_dict(), config)
@@ -72,12 +73,12 @@ def test_lora_streamed_equals_lora_applied_to_the_whole_model_and_sources_stay_u
 
 def test_lora_on_the_merged_model_at_the_wrong_multiplier_is_caught(tmp_path):
     """Planted bug: the merged model loads the LoRA at twice its scale; the report's comparison must fail."""
-    config = fixtures.model_config("tiny")
-    model = fixtures.build_model(config, seed=0)
+    config = qwen_image.model_config("tiny")
+    model = qwen_image.build_model(config, seed=0)
     lora = _lora_file(tmp_path, config)
     std_plan = mapping.plan(lora, mapping.spec_of(empty_model(config)))
     cand_plan = mapping.plan(lora, mapping.spec_of(fuse_model(empty_model(config))))
-    inputs = fixtures.model_inputs(config, fixtures.FIXTURES["text-to-image"], 0)
+    inputs = qwen_image.model_inputs(config, qwen_image.FIXTURES["text-to-image"], 0)
     source = StateDictSource(model.state_dict(), config)
     for factor, should_pass in ((1.0, True), (2.0, False)):
         run = run_streaming(source, inputs, [torch.float64, torch.float32], "cpu", REFERENCE, DIFFUSERS, None,

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from properties.checkpoint_files import merged_checkpoint, standard_checkpoint
-from verify.checks.cases import CASES
 from verify.checks.equivalence import run_case
 from verify.cli import main
 from verify.implementations.candidate import resolve
 from verify.maths import qkv
+from verify.models.qwen_image import CASES
 from verify.planted import PLANTED
 from verify.testing import assert_candidate, check_candidate
 

@@ -20,11 +20,11 @@ from properties.files.test_lora_files import (
     write_lora,
 )
 from verify.checks import lora_checkpoint as checkpoint
-from verify.checks.fixtures import CONFIGS, build_model
 from verify.cli import main
 from verify.files import lora_formats as formats
 from verify.files import lora_mapping as mapping
 from verify.implementations.fused import fuse_model
+from verify.models.qwen_image import CONFIGS, build_model
 
 BOTH_STREAMS = [f"transformer_blocks.{b}.attn.{n}" for b in (0, 1)
                 for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")]

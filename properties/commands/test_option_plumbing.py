@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from verify.checks.cases import CASES
 from verify.checks.equivalence import run_case
 from verify.cli import main
 from verify.implementations.candidate import DEFAULT_FUSED_MODULES, resolve
 from verify.implementations.fused import fuse_attention, joint_attentions
 from verify.maths import qkv
 from verify.maths.naming import DEFAULT_NAMING, streams
+from verify.models.qwen_image import CASES
 from verify.testing import assert_candidate, check_candidate
 
 pytest_plugins = ["pytester"]

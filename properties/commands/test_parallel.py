@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from verify.checks.fixtures import FIXTURES
 from verify.checks.summary_schema import check_path
 from verify.cli import main
+from verify.models.qwen_image import FIXTURES
 
 
 @pytest.mark.parametrize("kind,plan", [("tp", "_tp_plan"), ("ulysses", "_cp_plan")])

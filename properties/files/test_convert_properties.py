@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from properties.strategies import expensive, input_specs, layouts, model_configs, namings, seeds
-from verify.checks import fixtures
 from verify.checks.cases import Case, model_outputs
 from verify.checks.compare import assert_passed
 from verify.checks.equivalence import run_case
@@ -21,6 +20,7 @@ from verify.files.checkpoint import Checkpoint
 from verify.files.convert import check, convert
 from verify.files.model_config import model_config
 from verify.implementations.loading import build_merged, load_standard
+from verify.models import qwen_image
 
 STORED = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 SHARDS = st.sampled_from(["8KB", "40KB", "10GB"])  # many small shards, a few, one file
@@ -35,7 +35,7 @@ def _tensors(folder: Path) -> dict[str, bytes]:
 
 
 def _save(config: dict, seed: int, dtype: torch.dtype, shard_size: str, path: Path) -> Path:
-    fixtures.build_model(config, seed, dtype).save_pretrained(path, max_shard_size=shard_size)
+    qwen_image.build_model(config, seed, dtype).save_pretrained(path, max_shard_size=shard_size)
     return path
 
 
@@ -70,7 +70,7 @@ def test_converted_merged_checkpoint_computes_the_standard_function(config, spec
         return torch.nn.Module.to(copy.deepcopy(merged), dtype=next(module.parameters()).dtype)
 
     case = Case(name="model/converted-checkpoint", component="model", build=lambda config, seed: standard,
-                inputs=fixtures.model_inputs, outputs=model_outputs, config=config, spec=spec)
+                inputs=qwen_image.model_inputs, outputs=model_outputs, config=config, spec=spec)
     dtypes = (torch.float64, torch.float32) + ((low,) if low else ())
     records = run_case(case, dtypes=dtypes, seed=seed, candidate=user_merged, layout=layout)
     assert len(records) == len(dtypes)

@@ -19,10 +19,8 @@ from diffusers.models.normalization import RMSNorm
 from hypothesis import event, given, settings
 
 from properties.strategies import input_specs, layouts, model_configs, namings, seeds
-from verify.checks.cases import CASES
 from verify.checks.compare import assert_failed, assert_passed
 from verify.checks.equivalence import run_case
-from verify.checks.fixtures import InputSpec, model_config
 from verify.checks.tolerance import DTYPES
 from verify.errors import VerifyError
 from verify.implementations import fast_fused
@@ -34,6 +32,7 @@ from verify.implementations.fused import (
     joint_attentions,
     unfuse_model,
 )
+from verify.models.qwen_image import CASES, InputSpec, model_config
 
 ALL = tuple(DTYPES.values())  # fp64, fp32, bf16, fp16 in every example
 PATHS = pytest.mark.parametrize("functional", [False, True], ids=["kernels", "compile-expression"])

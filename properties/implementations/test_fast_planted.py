@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verify.checks.cases import CASES
 from verify.checks.equivalence import run_case
 from verify.implementations import fast_fused
 from verify.implementations.fused import fuse_attention, joint_attentions
+from verify.models.qwen_image import CASES
 
 HIGH = (torch.float64, torch.float32)
 

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from properties.maths.test_lora_algebra import fuse_into_k_third, fuse_sharing_first_A, split_in_kqv_order
 from verify.checks.compare import Record, assert_failed, assert_passed, compare, compare_exact
-from verify.checks.fixtures import CONFIGS, FIXTURES, build_model, model_inputs
 from verify.checks.lora_audit import audit
 from verify.checks.probes import count_calls
 from verify.checks.tolerance import ALLCLOSE
@@ -31,6 +30,7 @@ from verify.implementations.fused import fuse_model
 from verify.maths import lora as algebra
 from verify.maths.naming import streams
 from verify.maths.state_dict import merge_state_dict
+from verify.models.qwen_image import CONFIGS, FIXTURES, build_model, model_inputs
 
 CONFIG = CONFIGS["tiny"]
 HEAD_DIM = CONFIG["attention_head_dim"]

@@ -13,22 +13,23 @@ import torch
 from peft import LoraConfig
 
 from verify import VerifyError, fuse_model, load_lora, load_merged, unfuse_model
-from verify.checks import fixtures
+from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls
 from verify.implementations import adapters
 from verify.implementations.candidate import DEFAULT_FUSED_MODULES
+from verify.models import qwen_image
 
-CONFIG = fixtures.model_config("tiny")
+CONFIG = qwen_image.model_config("tiny")
 SEPARATE = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0"]
 TIGHT = dict(rtol=0, atol=1e-12)  # fp64: the same function up to rounding (planted bugs move outputs by > 1e-3)
 
 
 def _model():
-    return fixtures.build_model(CONFIG, 0)
+    return qwen_image.build_model(CONFIG, 0)
 
 
 def _inputs():
-    return fixtures.model_inputs(CONFIG, fixtures.FIXTURES["text-to-image"], 0)
+    return qwen_image.model_inputs(CONFIG, qwen_image.FIXTURES["text-to-image"], 0)
 
 
 def _out(model) -> torch.Tensor:
@@ -188,7 +189,7 @@ def test_gradient_checkpointing_dtype_and_requires_grad_keep_working():
     half = torch.nn.Module.to(copy.deepcopy(model).eval(), torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     with torch.no_grad():
-        out = half(**fixtures.cast_inputs(inputs, torch.bfloat16, "cpu")).sample
+        out = half(**cast_inputs(inputs, torch.bfloat16, "cpu")).sample
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     model.requires_grad_(False)
     assert not any(p.requires_grad for p in model.parameters())

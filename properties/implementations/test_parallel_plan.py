@@ -10,19 +10,19 @@ import torch
 from diffusers.hooks.tensor_parallel import PackedColwiseParallel, resolve_tp_shard_specs
 from diffusers.models.attention_dispatch import AttentionBackendName
 
-from verify.checks import fixtures
 from verify.implementations import fused
 from verify.implementations.fused import fuse_model, joint_attentions, tensor_parallel_plan, unfuse_model
 from verify.maths import qkv
 from verify.maths.naming import streams
+from verify.models import qwen_image
 
-CONFIG = fixtures.model_config("tiny")
+CONFIG = qwen_image.model_config("tiny")
 HEAD_DIM = CONFIG["attention_head_dim"]
 
 
 @pytest.mark.parametrize("processor", ["reference", "fast"])
 def test_set_attention_backend_and_the_parallel_config_reach_dispatch(monkeypatch, processor):
-    model = fuse_model(fixtures.build_model(CONFIG, 0), processor=processor)
+    model = fuse_model(qwen_image.build_model(CONFIG, 0), processor=processor)
     model.set_attention_backend("native")
     assert {a.processor._attention_backend for a in joint_attentions(model)} == {AttentionBackendName.NATIVE}
     marker = object()
@@ -38,7 +38,7 @@ def test_set_attention_backend_and_the_parallel_config_reach_dispatch(monkeypatc
 
     monkeypatch.setattr(fused, "dispatch_attention_fn", spy)  # the one call, FusedQwenAttnProcessor.attend
     with torch.no_grad():
-        model(**fixtures.model_inputs(CONFIG, fixtures.FIXTURES["text-to-image"], 0))
+        model(**qwen_image.model_inputs(CONFIG, qwen_image.FIXTURES["text-to-image"], 0))
     assert len(seen) == CONFIG["num_layers"]
     assert all(b == AttentionBackendName.NATIVE and c is marker for b, c in seen)
 
@@ -67,7 +67,7 @@ def _expected_rows(layout: str, rank: int, degree: int, heads: int) -> torch.Ten
 @pytest.mark.parametrize("layout", ["blocked", "interleaved"])
 @pytest.mark.parametrize("naming", ["seed", "diffusers"])
 def test_every_rank_holds_matching_q_k_v_rows(naming, layout, degree):
-    model = fuse_model(fixtures.build_model(CONFIG, 0), naming=naming, layout=layout)
+    model = fuse_model(qwen_image.build_model(CONFIG, 0), naming=naming, layout=layout)
     specs = resolve_tp_shard_specs(model, model._tp_plan, degree)
     fused_names = [s.fused for s in streams(naming)]
     covered = [n for n in specs if n.rsplit(".", 2)[-2] in fused_names]
@@ -82,7 +82,7 @@ def test_every_rank_holds_matching_q_k_v_rows(naming, layout, degree):
 @pytest.mark.parametrize("layout, wrong", [("blocked", "colwise"), ("interleaved", PackedColwiseParallel([1, 1, 1]))],
                          ids=["naive-colwise-on-blocked", "blocked-cut-on-interleaved"])
 def test_a_wrong_plan_gives_a_rank_mismatched_rows(layout, wrong):
-    model = fuse_model(fixtures.build_model(CONFIG, 0), layout=layout)
+    model = fuse_model(qwen_image.build_model(CONFIG, 0), layout=layout)
     plan = {k: (wrong if k.endswith(("to_qkv", "add_qkv_proj")) else v) for k, v in model._tp_plan.items()}
     specs = resolve_tp_shard_specs(model, plan, 2)
     name = "transformer_blocks.0.attn.to_qkv.weight"
@@ -90,7 +90,7 @@ def test_a_wrong_plan_gives_a_rank_mismatched_rows(layout, wrong):
 
 
 def test_unfuse_restores_the_standard_plan_and_the_plan_maps_only_what_exists():
-    model = fixtures.build_model(CONFIG, 0)
+    model = qwen_image.build_model(CONFIG, 0)
     standard = dict(type(model)._tp_plan)
     fuse_model(model)
 

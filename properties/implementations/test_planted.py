@@ -14,11 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from properties.strategies import expensive, input_specs, model_configs, seeds
-from verify.checks.cases import CASES
 from verify.checks.compare import Record, assert_failed, assert_passed
 from verify.checks.equivalence import run_case
-from verify.checks.fixtures import CONFIGS
 from verify.implementations.fused import joint_attentions
+from verify.models.qwen_image import CASES, CONFIGS
 from verify.planted import PLANTED
 
 HIGH = (torch.float64, torch.float32)

@@ -20,12 +20,12 @@ from properties.strategies import (
     seeds,
 )
 from verify.checks.compare import assert_failed, assert_passed, compare_exact
-from verify.checks.fixtures import build_model
 from verify.errors import VerifyError
 from verify.implementations.fused import FusedQwenAttnProcessor, fuse_model, joint_attentions, unfuse_model
 from verify.maths import qkv
 from verify.maths.naming import NAMINGS, streams
 from verify.maths.state_dict import merge_state_dict, split_state_dict
+from verify.models.qwen_image import build_model
 
 KEY = re.compile(r"^(?P<prefix>.*\.)?(?P<leaf>\w+)\.(?P<param>weight|bias)$")
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 import pytest
 
 from properties.checks.test_streaming import _lora_file
-from verify.checks import fixtures
 from verify.cli import main
+from verify.models import qwen_image
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -78,7 +78,7 @@ def test_an_installed_chromium_is_used_in_and_outside_ci(monkeypatch, ci):
 
 def test_every_chart_loads_in_headless_chromium(tmp_path):
     browser = chromium()
-    _lora_file(tmp_path, fixtures.model_config("tiny"))
+    _lora_file(tmp_path, qwen_image.model_config("tiny"))
     out = tmp_path / "report"
     assert main(["report", "--lora", str(tmp_path / "lora.safetensors"), "--dtypes", "fp64,fp32,bf16",
                  "--out", str(out)]) == 0

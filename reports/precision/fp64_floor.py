@@ -25,10 +25,10 @@ import platform
 import torch
 
 from properties.precision_variants import ExplicitSoftmax, Fp32Attention, RopeInInputDtype, build_with
-from verify.checks.cases import CASES
 from verify.checks.equivalence import _run, build_component, implementation
-from verify.checks.fixtures import InputSpec, cast_inputs, model_config
+from verify.checks.inputs import cast_inputs
 from verify.implementations.fused import FusedQwenAttnProcessor
+from verify.models.qwen_image import CASES, InputSpec, model_config
 
 WIDTHS = {  # (heads, head dim, rope axes), image grid and text length
     "tiny 4x16": (dict(num_attention_heads=4, attention_head_dim=16, axes_dims_rope=(8, 4, 4)), InputSpec()),

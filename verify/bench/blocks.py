@@ -30,9 +30,7 @@ def image_grid(tokens: int) -> tuple[int, int]:
 
 def build_block(opts: Options) -> nn.Module:
     """A standard diffusers block with seeded weights, built on the device and cast to bf16 (never fp64)."""
-    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
-
-    from verify.checks.fixtures import randomise_norms
+    from verify.models.qwen_image import QwenImageTransformerBlock, randomise_norms
 
     torch.manual_seed(opts.seed)
     with torch.device(opts.device):
@@ -58,7 +56,7 @@ def lean_block(std: nn.Module, processor: str) -> nn.Module:
 
 def block_inputs(opts: Options, image_tokens: int) -> dict:
     """Seeded bf16 inputs of one block (standard normal, never all zeros); no text padding (pipelines pass None)."""
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+    from verify.models.qwen_image import QwenEmbedRope
 
     g = torch.Generator(device=opts.device).manual_seed(opts.seed + image_tokens)
     B, dim = opts.batch, opts.dim

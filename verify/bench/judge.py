@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from verify.checks.compare import compare
-from verify.checks.fixtures import cast_inputs
+from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls, graph_calls, standard_parameters
 from verify.checks.tolerance import GRADIENTS, OUTPUTS
 from verify.maths.naming import DEFAULT_NAMING, streams

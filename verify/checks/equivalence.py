@@ -13,12 +13,13 @@ from torch import nn
 from verify.checks.cases import Case, Outputs
 from verify.checks.compare import Record, compare
 from verify.checks.divergence import first_divergence
-from verify.checks.fixtures import InputSpec, cast_inputs
+from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls, standard_parameters
 from verify.checks.tolerance import GRADIENTS, OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
 from verify.implementations.candidate import Build, Implementation, resolve
 from verify.implementations.fused import default_processor
+from verify.models.qwen_image import InputSpec
 
 GRAD_INPUTS = ("hidden_states", "encoder_hidden_states")
 Spec = str | Build | Implementation

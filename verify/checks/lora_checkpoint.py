@@ -8,13 +8,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import QwenImageTransformer2DModel
 
-from verify.checks.fixtures import CONFIGS
 from verify.errors import VerifyError
 from verify.files import lora_formats as formats
 from verify.files.checkpoint import Checkpoint
 from verify.files.lora_mapping import ModelSpec, other_layout, spec_of
+from verify.models.qwen_image import CONFIGS, QwenImageTransformer2DModel
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

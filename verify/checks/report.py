@@ -15,11 +15,8 @@ import torch
 from tqdm import tqdm
 
 from verify import __version__
-from verify.checks import fixtures
-from verify.checks.cases import CASES
 from verify.checks.compare import Record, compare, compare_exact
 from verify.checks.equivalence import run_case
-from verify.checks.fixtures import FIXTURES
 from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel, rank_backend
 from verify.checks.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.checks.tolerance import OUTPUTS, dtype_name
@@ -33,6 +30,8 @@ from verify.implementations.loading import empty_model
 from verify.maths.naming import NAMINGS
 from verify.maths.qkv import LAYOUTS
 from verify.maths.state_dict import layout_hint, matching_layout, merge_state_dict, split_state_dict
+from verify.models import qwen_image
+from verify.models.qwen_image import CASES, FIXTURES
 
 REQUIRED_DTYPES = (torch.float64, torch.float32)  # bugs hide in bf16 noise: no verdict without these
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 32.0)  # times the audited LoRA scale
@@ -84,9 +83,9 @@ def load_subject(opts: Options) -> Subject:
     if opts.lora:
         subject.lora = _Lora(formats.read(opts.lora, opts.adapter_config), str(opts.lora), subject)
     elif embedded_lora(opts):
-        seeded = formats.parse(fixtures.seeded_lora(fixtures.model_config(opts.config), opts.seed), "seeded LoRA")
-        subject.lora = _Lora(seeded, f"embedded: seeded rank-{fixtures.LORA_RANK} LoRA on "
-                                     f"{', '.join(fixtures.LORA_TARGETS)}, alpha {fixtures.LORA_ALPHA:g} "
+        seeded = formats.parse(qwen_image.seeded_lora(qwen_image.model_config(opts.config), opts.seed), "seeded LoRA")
+        subject.lora = _Lora(seeded, f"embedded: seeded rank-{qwen_image.LORA_RANK} LoRA on "
+                                     f"{', '.join(qwen_image.LORA_TARGETS)}, alpha {qwen_image.LORA_ALPHA:g} "
                                      f"(seed {opts.seed})", subject)
     if opts.parallel:
         subject.parallel = parse_parallel(opts.parallel, opts.device, subject.candidate.spec)
@@ -103,10 +102,10 @@ def _weights(opts: Options) -> Subject:
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise VerifyError("--device cuda: no CUDA device is available")
     if not opts.checkpoint:
-        config = fixtures.model_config(opts.config)
+        config = qwen_image.model_config(opts.config)
         if opts.config == "full":
             return Subject(SeededSource(config, opts.seed, opts.device), None, [])
-        return Subject(StateDictSource(fixtures.build_model(config, opts.seed).state_dict(), config), None, [])
+        return Subject(StateDictSource(qwen_image.build_model(config, opts.seed).state_dict(), config), None, [])
     std_ckpt = Checkpoint(opts.checkpoint)
     if is_merged(std_ckpt):
         raise VerifyError(f"{opts.checkpoint}: holds fused to_qkv weights; pass it as --merged-checkpoint")
@@ -226,7 +225,7 @@ def model_checks(subject: Subject, dtypes: list[torch.dtype], opts: Options) -> 
     progress = tqdm(total=len(FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),
                     desc="qkv-verify report", unit="run", leave=False, disable=not sys.stderr.isatty())
     for fixture, spec in FIXTURES.items():
-        inputs = fixtures.model_inputs(subject.std.config, spec, opts.seed)
+        inputs = qwen_image.model_inputs(subject.std.config, spec, opts.seed)
         for section, updates in [("model", ()), *([("lora", lora.updates(1.0))] if lora else [])]:
             run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate, subject.reference,
                                 subject.cand, *updates)
@@ -433,7 +432,7 @@ def _updater(updates, factor: float):
 def _sweep(subject: Subject, lora: _Lora, opts: Options, progress) -> list[dict]:
     """Output deviation from the base model as the LoRA multiplier grows, standard and merged, in fp32."""
     fixture, spec = next(iter(FIXTURES.items()))
-    inputs = fixtures.model_inputs(subject.std.config, spec, opts.seed)
+    inputs = qwen_image.model_inputs(subject.std.config, spec, opts.seed)
     rows, base = [], None
     for factor in SWEEP_FACTORS:
         run = run_streaming(subject.std, inputs, [torch.float32], opts.device, subject.candidate, subject.reference,

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from verify.checks.compare import Record, compare
-from verify.checks.fixtures import FIXTURES, build_model, model_config, model_inputs
 from verify.checks.tolerance import OUTPUTS
 from verify.errors import VerifyError
+from verify.models.qwen_image import FIXTURES, build_model, model_config, model_inputs
 
 # kind -> the merged model's own plan, then the planted wrong ones
 PLANS = {"tp": ("merged", "naive-colwise", "blocked-cut"), "ulysses": ("merged", "drops-parallel-config"),

@@ -8,8 +8,8 @@ from __future__ import annotations
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from verify.checks import fixtures
-from verify.checks.fixtures import InputSpec
+from verify.models import qwen_image
+from verify.models.qwen_image import InputSpec
 
 
 def _positive(**sizes: int) -> None:
@@ -56,7 +56,7 @@ def model_configs(
     axes = draw(rope_axes(max_head_dim=max_head_dim))
     zero_cond_t = draw(st.booleans()) if zero_cond_t is None else zero_cond_t
     layered = (not zero_cond_t and draw(st.booleans())) if layered is None else layered
-    return fixtures.model_config(
+    return qwen_image.model_config(
         "tiny",
         num_attention_heads=draw(st.integers(min_heads, max_heads)),
         attention_head_dim=sum(axes),

@@ -15,14 +15,10 @@ from math import prod
 
 import torch
 from diffusers.models.normalization import RMSNorm
-from diffusers.models.transformers.transformer_qwenimage import (
-    QwenImageTransformerBlock,
-    compute_text_seq_len_from_mask,
-)
 from torch import nn
 
 from verify.checks.divergence import first_divergence, leaves_bound
-from verify.checks.fixtures import cast_inputs
+from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls
 from verify.checks.tolerance import floor_dtype
 from verify.errors import VerifyError
@@ -31,6 +27,10 @@ from verify.files.model_config import is_merged
 from verify.implementations.candidate import Implementation
 from verify.implementations.loading import check_fits, empty_model, merged_naming
 from verify.maths.state_dict import split_state_dict
+from verify.models.qwen_image import (
+    QwenImageTransformerBlock,
+    compute_text_seq_len_from_mask,
+)
 
 BLOCKS = "transformer_blocks."
 Weights = dict[str, torch.Tensor]

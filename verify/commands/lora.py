@@ -14,7 +14,7 @@ from verify.maths.naming import LAYOUTS, NAMINGS
 
 OUTPUT_PREFIX = "diffusion_model."  # ComfyUI / ai-toolkit keys with per-module .alpha: widely loadable, scale explicit
 SCALE_NOTE = "per-module .alpha keys: multiplier = alpha / rank reproduces the source's trained scale"
-CONFIG_NAMES = ("tiny", "small", "full")  # verify.checks.fixtures.CONFIGS
+CONFIG_NAMES = ("tiny", "small", "full")  # verify.models.qwen_image.CONFIGS
 LORA_HELP = "LoRA .safetensors file (any format lora-audit reads), or a PEFT save_pretrained folder"
 
 

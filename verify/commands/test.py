@@ -62,10 +62,10 @@ def _validate(args) -> None:
     suite runs: one small attention and block, each run once."""
     import torch
 
-    from verify.checks.cases import CASES
     from verify.checks.equivalence import run_case
     from verify.errors import VerifyError
     from verify.implementations.candidate import resolve
+    from verify.models.qwen_image import CASES
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise VerifyError("--device cuda: no CUDA device is available")

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 
 from verify.errors import VerifyError
@@ -40,6 +39,7 @@ from verify.maths import qkv
 from verify.maths.naming import DEFAULT_NAMING, NAMINGS, detect_naming, streams
 from verify.maths.qkv import LAYOUTS, QKVShape
 from verify.maths.state_dict import merge_state_dict, split_state_dict
+from verify.models.qwen_image import QwenImageTransformer2DModel
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"

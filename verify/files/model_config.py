@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import inspect
 
-from diffusers import QwenImageTransformer2DModel
-
 from verify.errors import VerifyError
 from verify.files.checkpoint import Checkpoint
 from verify.maths.naming import NAMINGS
 from verify.maths.qkv import LAYOUTS
+from verify.models.qwen_image import QwenImageTransformer2DModel
 
 MERGE_KEY = "qkv_merge"  # config.json of a merged model: {"naming": ..., "layout": ...}
 

@@ -49,10 +49,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.normalization import RMSNorm
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from verify.implementations.fused import FusedQwenAttnProcessor
 from verify.maths.naming import DEFAULT_NAMING
+from verify.models.qwen_image import apply_rotary_emb_qwen
 
 
 class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):

@@ -12,10 +12,6 @@ import importlib
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
-from diffusers.models.transformers.transformer_qwenimage import (
-    QwenDoubleStreamAttnProcessor2_0,
-    apply_rotary_emb_qwen,
-)
 from torch import nn
 from torch.nn.utils import skip_init
 
@@ -24,6 +20,10 @@ from verify.files.model_config import MERGE_KEY
 from verify.implementations import adapters
 from verify.maths import qkv
 from verify.maths.naming import DEFAULT_NAMING, Stream, streams
+from verify.models.qwen_image import (
+    QwenDoubleStreamAttnProcessor2_0,
+    apply_rotary_emb_qwen,
+)
 
 
 class FusedQwenAttnProcessor:

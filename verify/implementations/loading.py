@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import QwenImageTransformer2DModel
-from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope
 from torch import nn
 
 from verify.errors import VerifyError
@@ -14,6 +12,7 @@ from verify.files.checkpoint import Checkpoint
 from verify.files.model_config import differing_fields, is_merged, merge_recorded, model_config
 from verify.implementations.fused import fuse_model
 from verify.maths.naming import NAMINGS
+from verify.models.qwen_image import QwenEmbedLayer3DRope, QwenEmbedRope, QwenImageTransformer2DModel
 
 
 def empty_model(config: dict) -> QwenImageTransformer2DModel:

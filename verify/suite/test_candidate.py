@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from verify.checks.cases import CASES
 from verify.checks.equivalence import run_case
 from verify.checks.strategies import input_specs, model_configs, seeds
 from verify.checks.tolerance import DTYPES
+from verify.models.qwen_image import CASES
 from verify.testing import describe
 
 

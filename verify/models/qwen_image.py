@@ -1,13 +1,37 @@
-"""Model configs, seeded models and deterministic fixture inputs: everything depends only on (seed, dtype, device)."""
+"""Qwen-Image (diffusers' QwenImageTransformer2DModel, and Qwen-Image-Edit through its configs): the configs, seeded
+models and components, the fixtures and their inputs, and the equivalence cases. Everything depends only on (seed,
+dtype, device)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from diffusers import QwenImageTransformer2DModel
+from diffusers import QwenImageTransformer2DModel as QwenImageTransformer2DModel
 from diffusers.models.normalization import RMSNorm
-from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+from diffusers.models.transformers.transformer_qwenimage import (  # the seam: no module outside verify.models
+    QwenDoubleStreamAttnProcessor2_0 as QwenDoubleStreamAttnProcessor2_0,  # imports diffusers' Qwen-Image classes
+)
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenEmbedLayer3DRope as QwenEmbedLayer3DRope,
+)
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenEmbedRope as QwenEmbedRope,
+)
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenImageTransformerBlock as QwenImageTransformerBlock,
+)
+from diffusers.models.transformers.transformer_qwenimage import (
+    apply_rotary_emb_qwen as apply_rotary_emb_qwen,
+)
+from diffusers.models.transformers.transformer_qwenimage import (
+    compute_text_seq_len_from_mask as compute_text_seq_len_from_mask,
+)
+from torch import nn
+
+from verify.checks.cases import Case, Outputs, model_outputs
+
+CLASS_NAME = "QwenImageTransformer2DModel"  # the `_class_name` of its config.json
 
 # diffusers' own test config; "small" is wide enough for several heads per block; "full" is the real model.
 CONFIGS: dict[str, dict] = {
@@ -140,20 +164,6 @@ def attention_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
                                    "image_rotary_emb")}
 
 
-def cast_inputs(inputs: dict, dtype: torch.dtype, device: torch.device | str) -> dict:
-    """Floating tensors cast to `dtype` and everything moved to `device`; complex RoPE and masks keep their dtype."""
-
-    def cast(x):
-        if isinstance(x, torch.Tensor):
-            keep = x.is_complex() or not x.is_floating_point() or x.dtype == torch.bool
-            return x.to(device=device) if keep else x.to(device=device, dtype=dtype)
-        if isinstance(x, tuple):
-            return tuple(cast(t) for t in x)
-        return x
-
-    return {k: cast(v) for k, v in inputs.items()}
-
-
 
 # The write-up's LoRA: rank 32 on the merged target list, with an alpha (lora_alpha = r: multiplier 1).
 LORA_TARGETS = ("attn.to_qkv", "attn.add_qkv_proj", "attn.to_out.0", "attn.to_add_out")
@@ -174,3 +184,56 @@ def seeded_lora(config: dict, seed: int) -> dict[str, torch.Tensor]:
             tensors[f"{key}.lora_up.weight"] = torch.randn(out, LORA_RANK, generator=g) * 0.1 / LORA_RANK**0.5
             tensors[f"{key}.alpha"] = torch.tensor(LORA_ALPHA)
     return tensors
+
+
+def build_block(config: dict, seed: int) -> QwenImageTransformerBlock:
+    """One seeded standard transformer block at the config's width, in fp64."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = QwenImageTransformerBlock(
+            dim=config["num_attention_heads"] * config["attention_head_dim"],
+            num_attention_heads=config["num_attention_heads"],
+            attention_head_dim=config["attention_head_dim"],
+            zero_cond_t=config.get("zero_cond_t", False),
+        )
+    randomise_norms(block, seed)
+    return block.double().eval()
+
+
+def build_attention(config: dict, seed: int) -> nn.Module:
+    """The joint attention of build_block's block."""
+    return build_block(config, seed).attn
+
+
+def attention_outputs(attn: nn.Module, inputs: dict) -> Outputs:
+    img, txt = attn(**inputs)
+    return {"image": img, "text": txt}
+
+
+def block_outputs(block: nn.Module, inputs: dict) -> Outputs:
+    txt, img = block(**inputs)
+    return {"image": img, "text": txt}
+
+
+def _model_case(name: str, spec: InputSpec, grads: bool = False, **overrides) -> Case:
+    return Case(
+        name=name, component="model", build=build_model, inputs=model_inputs,
+        outputs=model_outputs, config=model_config("tiny", **overrides), spec=spec, grads=grads,
+    )
+
+
+CASES: dict[str, Case] = {
+    case.name: case
+    for case in [
+        Case("attention", "attention", build_attention, attention_inputs, attention_outputs, model_config("tiny"),
+             InputSpec(), grads=True),
+        Case("block", "block", build_block, block_inputs, block_outputs, model_config("tiny"), InputSpec(),
+             grads=True),
+        Case("block-edit-zero-cond", "block", build_block, block_inputs, block_outputs,
+             config=model_config("tiny", zero_cond_t=True), spec=InputSpec(edit=True), grads=True),
+        _model_case("model-text-to-image", FIXTURES["text-to-image"], grads=True),
+        _model_case("model-edit", FIXTURES["edit"]),
+        _model_case("model-edit-zero-cond", FIXTURES["edit"], zero_cond_t=True),  # Qwen-Image-Edit-2511
+        _model_case("model-layered", FIXTURES["edit"], use_layer3d_rope=True, use_additional_t_cond=True),
+    ]
+}

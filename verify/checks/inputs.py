@@ -1,0 +1,19 @@
+"""Inputs moved to a check's dtype and device, the same way for every model."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cast_inputs(inputs: dict, dtype: torch.dtype, device: torch.device | str) -> dict:
+    """Floating tensors cast to `dtype` and everything moved to `device`; complex RoPE and masks keep their dtype."""
+
+    def cast(x):
+        if isinstance(x, torch.Tensor):
+            keep = x.is_complex() or not x.is_floating_point() or x.dtype == torch.bool
+            return x.to(device=device) if keep else x.to(device=device, dtype=dtype)
+        if isinstance(x, tuple):
+            return tuple(cast(t) for t in x)
+        return x
+
+    return {k: cast(v) for k, v in inputs.items()}
