@@ -11,7 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from verify.implementations import fused_21
 from verify.implementations.fused import FusedQwenAttnProcessor, fuse_attention, joint_attentions
+from verify.implementations.fused_21 import FusedQwenImage21AttnProcessor
 from verify.maths import qkv
 from verify.maths.naming import DEFAULT_NAMING
 
@@ -95,4 +97,89 @@ PLANTED: dict[str, tuple[str, Callable[[nn.Module, str], nn.Module]]] = {
     "norm_q_swapped": ("image q normalised with norm_added_q and text q with norm_q", norm_q_swapped),
     "split_off_by_one": ("the image part of the joint sequence starts a token early", split_off_by_one),
     "mask_ignored": ("the text padding mask is ignored", mask_ignored),
+}
+
+
+# Qwen-Image 2.1: bugs of the cache, the block-causal mask and the fused projection. Several show on one path only
+# (the cached decode or the prefill): a check of 2.1 must run both.
+class _CacheBeforeRope(FusedQwenImage21AttnProcessor):
+    def project(self, attn, x):
+        q, k, v = super().project(attn, x)
+        self.raw_key = k  # K as projected, before QK-norm and RoPE
+        return q, k, v
+
+    def cache(self, layer_cache, mode, write_slice, key, value):
+        if layer_cache is not None and mode == "extract" and write_slice is not None:
+            layer_cache.store(self.raw_key[:, write_slice].clone(), value[:, write_slice].clone())
+            return key, value
+        return super().cache(layer_cache, mode, write_slice, key, value)
+
+
+class _CacheKVSwapped(FusedQwenImage21AttnProcessor):
+    def cache(self, layer_cache, mode, write_slice, key, value):
+        if layer_cache is not None and mode == "extract" and write_slice is not None:
+            layer_cache.store(value[:, write_slice].clone(), key[:, write_slice].clone())
+            return key, value
+        return super().cache(layer_cache, mode, write_slice, key, value)
+
+
+class _FullAttention(FusedQwenImage21AttnProcessor):
+    def prefill(self, query, key, value, segments, key_valid):
+        return self.sdpa(query, key, value, None if key_valid is None else key_valid[:, None, None, :])
+
+
+class _AdjacentImagesOneBlock(FusedQwenImage21AttnProcessor):
+    def prefill(self, query, key, value, segments, key_valid):
+        merged = []
+        for start, end, is_text in segments:
+            if merged and not is_text and not merged[-1][2]:
+                merged[-1] = (merged[-1][0], end, False)  # an image block running on into the next one
+            else:
+                merged.append((start, end, is_text))
+        return super().prefill(query, key, value, merged, key_valid)
+
+
+class _PaddedKeysAttended(FusedQwenImage21AttnProcessor):
+    def prefill(self, query, key, value, segments, key_valid):
+        return super().prefill(query, key, value, segments, None)
+
+
+def _with_processor_21(processor_type: type[FusedQwenImage21AttnProcessor]) -> Callable:
+    def build(module: nn.Module, component: str) -> nn.Module:
+        return fused_21.fuse_model(module, "blocked", processor_type)
+
+    build.layout = "blocked"
+    return build
+
+
+@torch.no_grad()
+def fused_bias_21(module: nn.Module, component: str) -> nn.Module:
+    """Fused correctly, then given a bias (2.1 has none), as a converter written for Qwen-Image would."""
+    fused_21.fuse_model(module)
+    g = torch.Generator().manual_seed(7)
+    for attn in fused_21.attentions(module):
+        linear = attn.to_qkv
+        biased = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                           dtype=linear.weight.dtype)
+        biased.weight.copy_(linear.weight)
+        biased.bias.copy_(torch.randn(linear.out_features, generator=g, dtype=torch.float64) * 0.1)
+        attn.to_qkv = biased
+    return module
+
+
+fused_bias_21.layout = "blocked"
+cache_before_rope_21 = _with_processor_21(_CacheBeforeRope)
+cache_k_v_swapped_21 = _with_processor_21(_CacheKVSwapped)
+full_attention_21 = _with_processor_21(_FullAttention)
+adjacent_images_one_block_21 = _with_processor_21(_AdjacentImagesOneBlock)
+padded_keys_attended_21 = _with_processor_21(_PaddedKeysAttended)
+
+PLANTED_21: dict[str, tuple[str, Callable[[nn.Module, str], nn.Module]]] = {
+    "cache_before_rope_21": ("the cache stores K before QK-norm and RoPE", cache_before_rope_21),
+    "cache_k_v_swapped_21": ("the cache stores K where V goes and V where K goes", cache_k_v_swapped_21),
+    "full_attention_21": ("the block-causal mask replaced by full attention", full_attention_21),
+    "adjacent_images_one_block_21": ("two adjacent condition images attended as one block",
+                                     adjacent_images_one_block_21),
+    "padded_keys_attended_21": ("padded text keys attended in the prefill", padded_keys_attended_21),
+    "fused_bias_21": ("a bias added to the fused projection", fused_bias_21),
 }

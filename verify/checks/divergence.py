@@ -43,12 +43,13 @@ def first_divergence(ref: nn.Module, base: nn.Module, cand: nn.Module, run: Call
 
 
 def _named_outputs(module: nn.Module, run, dtype: torch.dtype, shared: set[str]) -> dict[str, tuple]:
-    """Standard name -> a submodule's first output, in the order the submodules finished."""
+    """Standard name -> a submodule's output, in the order the calls finished; a module's later calls are named
+    "name (call N)"."""
     with torch.no_grad(), submodule_outputs(module) as seen:
         run(module, dtype)
-    named = strip_wrapper(seen, shared)
+    named = strip_wrapper({name for name, _ in seen}, shared)
     out: dict[str, tuple] = {}
-    for key, tensors in seen.items():
-        if key in named and named[key] not in out:
-            out[named[key]] = tensors
+    for (key, call), tensors in seen.items():
+        if key in named:
+            out.setdefault(named[key] if call == 1 else f"{named[key]} (call {call})", tensors)
     return out

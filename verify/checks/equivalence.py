@@ -60,6 +60,10 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
         judge.check_shapes(cand_impl, base["outputs"], cand["outputs"])
         fused_calls = sum(calls.values()) if cand_impl.fused else None
         for kind in judge.kinds:
+            unsupported = next((run["unsupported"] for run in (ref, base, cand) if run.get("unsupported")), None)
+            if kind == "gradients" and unsupported:
+                records.append(judge.not_compared(kind, dtype, unsupported))
+                continue
             record = judge.compare(kind, ref, base, cand, dtype, fused_calls, (ref_impl, cand_impl), ref_module)
             if not record.passed and (record.mismatched or record.nonfinite):
                 record.first_divergence = judge.locate(ref_module, base_module, cand_module, dtype,
@@ -145,6 +149,10 @@ class _Judge:
                       (OUTPUTS if kind == "outputs" else GRADIENTS).describe(), False,
                       f"not provided: {role} {impl.spec} returns None for {self.case.component!r}", provided=False)
 
+    def not_compared(self, kind: str, dtype: torch.dtype, why: str) -> Record:
+        return Record(f"{self.case.name}/{kind}", self.case.component, dtype_name(dtype), str(self.device),
+                      GRADIENTS.describe(), False, f"not compared: {why}", provided=False)
+
     def locate(self, ref: nn.Module, base: nn.Module, cand: nn.Module, dtype: torch.dtype,
                floor: torch.dtype) -> str | None:
         def forward(module: nn.Module, d: torch.dtype) -> None:
@@ -171,11 +179,17 @@ def _run(case: Case, module: nn.Module, inputs: dict, grads: bool, seed: int) ->
     leaves = {k: inputs[k].detach().clone().requires_grad_() for k in GRAD_INPUTS if k in inputs}
     inputs = {**inputs, **leaves}
     module.zero_grad(set_to_none=True)
-    outputs = case.outputs(module, inputs)
-    g = torch.Generator().manual_seed(seed + 2)
-    cotangents = {k: torch.randn(o.shape, generator=g, dtype=torch.float64) for k, o in sorted(outputs.items())}
-    loss = sum((o * cotangents[k].to(o.device, o.dtype)).sum() for k, o in outputs.items())
-    loss.backward()
+    try:
+        outputs = case.outputs(module, inputs)
+        g = torch.Generator().manual_seed(seed + 2)
+        cotangents = {k: torch.randn(o.shape, generator=g, dtype=torch.float64) for k, o in sorted(outputs.items())}
+        loss = sum((o * cotangents[k].to(o.device, o.dtype)).sum() for k, o in outputs.items())
+        loss.backward()
+    except NotImplementedError as e:  # flex_attention on the CPU: no backward here, judged on a GPU run
+        if "does not support backward" not in str(e):
+            raise
+        outputs = _run(case, module, {k: v.detach() if k in leaves else v for k, v in inputs.items()}, False, seed)
+        return outputs | {"unsupported": f"{str(e).split('. ')[0]} (judged where it runs: a GPU)"}
     gradients = {f"input.{k}": t.grad for k, t in leaves.items()}
     gradients.update({f"weight.{n}": p.grad for n, p in module.named_parameters() if p.grad is not None})
     return {"outputs": {k: o.detach() for k, o in outputs.items()}, "gradients": gradients}

@@ -44,14 +44,16 @@ def graph_calls(graph: torch.fx.GraphModule, names: tuple[str, ...]) -> int:
 
 
 @contextlib.contextmanager
-def submodule_outputs(module: nn.Module) -> Iterator[dict[str, tuple[torch.Tensor, ...]]]:
-    """Each named submodule's first output (its tensors), keyed by name in the order the submodules finished."""
-    seen: dict[str, tuple[torch.Tensor, ...]] = {}
+def submodule_outputs(module: nn.Module) -> Iterator[dict[tuple[str, int], tuple[torch.Tensor, ...]]]:
+    """Every output (its tensors) of each named submodule, keyed by (name, call number from 1) in the order the
+    calls finished: a module called on several steps (a KV cache's prefill, then its decode) is seen on each."""
+    seen: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
+    calls: dict[str, int] = {}
 
     def keep(name):
         def hook(_module, _args, output):
-            if name not in seen:
-                seen[name] = tuple(t.detach() for t in _tensors(output))
+            calls[name] = calls.get(name, 0) + 1
+            seen[(name, calls[name])] = tuple(t.detach() for t in _tensors(output))
         return hook
 
     hooks = [m.register_forward_hook(keep(n)) for n, m in module.named_modules() if n]

@@ -36,6 +36,7 @@ BUILTINS = {
     "fast": "verify.implementations.builtins:fast",
     "fast-compiled": "verify.implementations.builtins:fast_compiled",
     "diffusers": "verify.implementations.builtins:diffusers",
+    "diffusers-flex": "verify.implementations.builtins:diffusers_flex",
     "diffsynth": "verify.implementations.diffsynth:diffsynth",
 }
 

@@ -12,9 +12,11 @@ from verify.errors import VerifyError
 # --model name -> the module that holds the model, and the diffusers class a checkpoint's config.json names
 MODELS: dict[str, str] = {
     "qwen-image": "verify.models.qwen_image",
+    "qwen-image-2.1": "verify.models.qwen_image_21",
 }
 CLASS_NAMES: dict[str, str] = {
     "QwenImageTransformer2DModel": "qwen-image",
+    "QwenImage21Transformer2DModel": "qwen-image-2.1",
 }
 DEFAULT_MODEL = "qwen-image"
 

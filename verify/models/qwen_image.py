@@ -7,25 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import QwenImageTransformer2DModel as QwenImageTransformer2DModel
+
+# the seam: only verify.models imports diffusers' model classes (this module, Qwen-Image's)
+from diffusers import QwenImageTransformer2DModel
 from diffusers.models.normalization import RMSNorm
-from diffusers.models.transformers.transformer_qwenimage import (  # the seam: no module outside verify.models
-    QwenDoubleStreamAttnProcessor2_0 as QwenDoubleStreamAttnProcessor2_0,  # imports diffusers' Qwen-Image classes
-)
 from diffusers.models.transformers.transformer_qwenimage import (
-    QwenEmbedLayer3DRope as QwenEmbedLayer3DRope,
-)
-from diffusers.models.transformers.transformer_qwenimage import (
-    QwenEmbedRope as QwenEmbedRope,
-)
-from diffusers.models.transformers.transformer_qwenimage import (
-    QwenImageTransformerBlock as QwenImageTransformerBlock,
-)
-from diffusers.models.transformers.transformer_qwenimage import (
-    apply_rotary_emb_qwen as apply_rotary_emb_qwen,
-)
-from diffusers.models.transformers.transformer_qwenimage import (
-    compute_text_seq_len_from_mask as compute_text_seq_len_from_mask,
+    QwenDoubleStreamAttnProcessor2_0,
+    QwenEmbedLayer3DRope,
+    QwenEmbedRope,
+    QwenImageTransformerBlock,
+    apply_rotary_emb_qwen,
+    compute_text_seq_len_from_mask,
 )
 from torch import nn
 

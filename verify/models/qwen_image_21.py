@@ -1,0 +1,300 @@
+"""Qwen-Image 2.1 (diffusers' QwenImage21Transformer2DModel): one joint stream of text and image tokens, a
+block-causal mask, one shared modulation and a prefix KV cache. The configs, seeded models and components, the
+fixtures and their inputs, and the equivalence cases, including the cached path judged beside the full prefill.
+Everything depends only on (seed, dtype, device)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# the seam: only verify.models imports diffusers' model classes (this module, Qwen-Image 2.1's)
+from diffusers.models.normalization import RMSNorm
+from diffusers.models.transformers.transformer_qwenimage21 import (
+    QwenImage21Attention,
+    QwenImage21AttnProcessor,
+    QwenImage21FlexAttnProcessor,
+    QwenImage21KVCache,
+    QwenImage21KVLayerCache,
+    QwenImage21Rope,
+    QwenImage21Transformer2DModel,
+    QwenImage21TransformerBlock,
+    _qwenimage21_prefix_segments,
+    apply_rotary_emb_qwen,
+    build_qwenimage21_block_causal_mask,
+)
+from torch import nn
+
+from verify.checks.cases import Case, Outputs, model_outputs
+
+CLASS_NAME = "QwenImage21Transformer2DModel"  # the `_class_name` of its config.json
+TOKENS_PER_SLOT = 4  # each image slot of the vision-language sequence stands for 2 x 2 latent tokens
+
+# "tiny" and "small" for CI (several heads per block, every RoPE axis even); "full" is the real model.
+CONFIGS: dict[str, dict] = {
+    "tiny": dict(
+        patch_size=1, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+        context_in_dim=16, mlp_ratio=3, axes_dims_rope=(4, 6, 6), causal_condition=True,
+    ),
+    "small": dict(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=6,
+        context_in_dim=64, mlp_ratio=3, axes_dims_rope=(8, 12, 12), causal_condition=True,
+    ),
+    "full": dict(
+        patch_size=1, in_channels=64, out_channels=64, num_layers=32, attention_head_dim=128, num_attention_heads=32,
+        context_in_dim=4096, mlp_ratio=3, axes_dims_rope=(16, 56, 56), causal_condition=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Sizes of one fixture: batch, text, the condition images and the target image (each (height, width) in latent
+    tokens, a multiple of 4 in all), text padding and timesteps."""
+
+    batch: int = 2
+    text_len: int = 8  # text positions of the vision-language sequence
+    conditions: tuple[tuple[int, int], ...] = ()  # condition images, in sequence order
+    adjacent: bool = False  # the condition images sit next to each other with no text between them
+    target: tuple[int, int] = (4, 4)
+    pad: tuple[int, ...] = (0, 3)  # padded text positions at the end, per sample (cycled over the batch)
+    timesteps: tuple[float, ...] = (0.25, 0.9)  # per sample (cycled over the batch)
+
+    def img_shapes(self) -> list[list[tuple[int, int, int]]]:
+        return [[(1, h, w) for h, w in (*self.conditions, self.target)]] * self.batch
+
+    @property
+    def condition_tokens(self) -> int:
+        return sum(h * w for h, w in self.conditions)
+
+    @property
+    def target_tokens(self) -> int:
+        return self.target[0] * self.target[1]
+
+    def img_mask(self) -> torch.Tensor:
+        """[B, L + target slots] bool: True at the image slots of the vision-language sequence. Half the text comes
+        first, then the condition images (one text token between two of them unless `adjacent`), then the rest."""
+        slots = [torch.ones(h * w // TOKENS_PER_SLOT, dtype=torch.bool) for h, w in self.conditions]
+        gaps = len(slots) - 1 if slots and not self.adjacent else 0
+        head = self.text_len // 2 - gaps
+        parts = [torch.zeros(head, dtype=torch.bool)]
+        for i, run in enumerate(slots):
+            parts += [run] + ([torch.zeros(1, dtype=torch.bool)] if gaps and i < len(slots) - 1 else [])
+        parts += [torch.zeros(self.text_len - head - gaps, dtype=torch.bool),
+                  torch.ones(self.target_tokens // TOKENS_PER_SLOT, dtype=torch.bool)]
+        return torch.cat(parts).expand(self.batch, -1).clone()
+
+
+# The fixtures: text only; one condition image; two adjacent condition images (two blocks, not one); batch 2 with
+# unequal text padding runs through all of them.
+FIXTURES: dict[str, InputSpec] = {
+    "text-to-image": InputSpec(),
+    "edit": InputSpec(conditions=((4, 4),)),
+    "edit-adjacent": InputSpec(conditions=((2, 4), (4, 2)), adjacent=True),
+}
+
+
+def model_config(name_or_config: str | dict, **overrides) -> dict:
+    """A diffusers config dict from a config name (tiny|small|full) or a dict, with overrides applied."""
+    config = dict(CONFIGS[name_or_config]) if isinstance(name_or_config, str) else dict(name_or_config)
+    config.update(overrides)
+    return config
+
+
+def build_model(config: dict, seed: int, dtype: torch.dtype = torch.float64) -> QwenImage21Transformer2DModel:
+    """The standard diffusers model with seeded weights, on the CPU; norm weights randomised so swaps show."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = QwenImage21Transformer2DModel(**config)
+    randomise_norms(model, seed)
+    return torch.nn.Module.to(model, dtype).eval()
+
+
+def build_block(config: dict, seed: int) -> QwenImage21TransformerBlock:
+    """One seeded standard block at the config's width, in fp64."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = QwenImage21TransformerBlock(
+            dim=config["num_attention_heads"] * config["attention_head_dim"],
+            num_attention_heads=config["num_attention_heads"],
+            attention_head_dim=config["attention_head_dim"], mlp_ratio=config.get("mlp_ratio", 3),
+        )
+    randomise_norms(block, seed)
+    return block.double().eval()
+
+
+def build_attention(config: dict, seed: int) -> nn.Module:
+    """The attention of build_block's block."""
+    return build_block(config, seed).attn
+
+
+def randomise_norms(module: nn.Module, seed: int) -> None:
+    """Draw RMSNorm weights from U(0.5, 1.5): at their initial ones, norm_q and norm_k are interchangeable."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for norm in (m for m in module.modules() if isinstance(m, RMSNorm) and m.weight is not None):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g, dtype=torch.float64) + 0.5)
+
+
+def text_mask(spec: InputSpec, length: int) -> torch.Tensor:
+    """[B, length] bool mask of the vision-language sequence: the last pad[b] positions of sample b are padding."""
+    mask = torch.ones(spec.batch, length, dtype=torch.bool)
+    for b in range(spec.batch):
+        pad = min(spec.pad[b % len(spec.pad)], spec.text_len // 2 - 1)
+        if pad:
+            mask[b, -pad:] = False
+    return mask
+
+
+def model_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
+    """fp64 CPU inputs of the model's forward for `spec`: latents (condition images first), the vision-language
+    embeddings with their image slots, the text mask."""
+    g = torch.Generator().manual_seed(seed)
+    B, img_mask = spec.batch, spec.img_mask()
+    length = img_mask.shape[1] - spec.target_tokens // TOKENS_PER_SLOT
+    latents = spec.condition_tokens + spec.target_tokens
+    return dict(
+        hidden_states=torch.randn(B, latents, config["in_channels"], generator=g, dtype=torch.float64),
+        encoder_hidden_states=torch.randn(B, length, config["context_in_dim"], generator=g, dtype=torch.float64),
+        encoder_hidden_states_mask=text_mask(spec, length),
+        timestep=torch.tensor([spec.timesteps[i % len(spec.timesteps)] for i in range(B)], dtype=torch.float64),
+        img_shapes=spec.img_shapes(),
+        img_mask=img_mask,
+    )
+
+
+@dataclass(frozen=True)
+class Joint:
+    """The joint sequence's metadata, as QwenImage21Transformer2DModel.forward derives it before the first block."""
+
+    image_pad_mask: torch.Tensor  # (S,) True at image tokens
+    image_ids: torch.Tensor  # (S,) -1 at text, one id per image block
+    target_token_mask: torch.Tensor  # (S,) True at the target image's tokens
+    key_valid: torch.Tensor  # (B, S) False at padded text keys
+    prefix_len: int
+
+
+def joint(spec: InputSpec) -> Joint:
+    """The metadata of `spec`'s joint sequence, computed by diffusers' own functions where it has them."""
+    img_mask = spec.img_mask()
+    repeats = torch.where(img_mask, TOKENS_PER_SLOT, 1)[0]
+    pad_mask = torch.repeat_interleave(img_mask[0], repeats)
+    image_ids, target = QwenImage21Transformer2DModel.build_token_metadata(pad_mask, spec.img_shapes()[0])
+    length = img_mask.shape[1] - spec.target_tokens // TOKENS_PER_SLOT
+    key_valid = torch.ones(spec.batch, pad_mask.shape[0], dtype=torch.bool)
+    key_valid[:, (~pad_mask).nonzero(as_tuple=True)[0]] = text_mask(spec, length)[:, ~img_mask[0][:length]]
+    return Joint(pad_mask, image_ids, target, key_valid, int((~target).sum()))
+
+
+def block_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
+    """fp64 CPU inputs of one block's prefill over the joint sequence: both forms of the block-causal structure
+    (diffusers' segments and flex BlockMask, each processor reads its own), RoPE, the modulation rows."""
+    g = torch.Generator().manual_seed(seed)
+    meta = joint(spec)
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    rows = spec.batch + 1 if config.get("causal_condition", True) else spec.batch
+    rope = QwenImage21Rope(theta=10000, axes_dim=list(config["axes_dims_rope"]))
+    return dict(
+        hidden_states=torch.randn(spec.batch, meta.image_pad_mask.shape[0], dim, generator=g, dtype=torch.float64),
+        modulation=torch.randn(rows, 4 * dim, generator=g, dtype=torch.float64),
+        rotary_emb=rope(spec.img_shapes()[0], meta.image_pad_mask, device=torch.device("cpu")),
+        attention_mask=build_qwenimage21_block_causal_mask(meta.image_ids, meta.key_valid, spec.batch,
+                                                           torch.device("cpu")),
+        target_token_mask=meta.target_token_mask if config.get("causal_condition", True) else None,
+        segments=_qwenimage21_prefix_segments(meta.image_ids, meta.prefix_len),
+        key_valid=meta.key_valid,
+    )
+
+
+def attention_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
+    """fp64 CPU inputs of one attention's prefill."""
+    inputs = block_inputs(config, spec, seed)
+    return {k: inputs[k] for k in ("hidden_states", "rotary_emb", "attention_mask", "segments", "key_valid")}
+
+
+def attention_outputs(attn: nn.Module, inputs: dict) -> Outputs:
+    return {"joint": attn(**inputs)}
+
+
+def block_outputs(block: nn.Module, inputs: dict) -> Outputs:
+    return {"joint": block(**inputs)}
+
+
+def cache_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
+    """An attention's prefill inputs and the next denoising step's target tokens, whose cached decode is judged."""
+    inputs = attention_inputs(config, spec, seed)
+    g = torch.Generator().manual_seed(seed + 5)
+    target = spec.target_tokens
+    next_target = torch.randn(spec.batch, target, inputs["hidden_states"].shape[-1], generator=g,
+                              dtype=torch.float64)
+    return inputs | {"next_target": next_target}
+
+
+def cached_attention_outputs(attn: nn.Module, inputs: dict) -> Outputs:
+    """The next step's target tokens twice: by the full prefill of [prefix, next target], and by the decode that
+    attends over the cached prefix (K and V stored by an `extract` prefill of this step)."""
+    inputs = dict(inputs)
+    next_target = inputs.pop("next_target")
+    prefix = inputs["hidden_states"].shape[1] - next_target.shape[1]
+    following = torch.cat([inputs["hidden_states"][:, :prefix], next_target], dim=1)
+    full = attn(**inputs | {"hidden_states": following})[:, prefix:]
+    cache = QwenImage21KVLayerCache()
+    attn(**inputs, layer_cache=cache, kv_cache_mode="extract", cache_write_slice=slice(0, prefix))
+    cached = attn(hidden_states=next_target, rotary_emb=inputs["rotary_emb"][prefix:], layer_cache=cache,
+                  kv_cache_mode="cached", attention_mask=inputs["key_valid"][:, None, None, :])
+    return {"prefill": full, "cached": cached}
+
+
+def cache_model_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
+    """The model's inputs and the next step's target latents and timestep."""
+    inputs = model_inputs(config, spec, seed)
+    g = torch.Generator().manual_seed(seed + 5)
+    next_target = torch.randn(spec.batch, spec.target_tokens, config["in_channels"], generator=g,
+                              dtype=torch.float64)
+    return inputs | {"next_target": next_target, "next_timestep": inputs["timestep"] * 0.5}
+
+
+def cached_model_outputs(model: nn.Module, inputs: dict) -> Outputs:
+    """The next step's prediction twice: by a full prefill, and by the pipeline's way (an `extract` prefill at this
+    step, then a `cached` decode at the next)."""
+    inputs = dict(inputs)
+    next_target, next_timestep = inputs.pop("next_target"), inputs.pop("next_timestep")
+    prefix = inputs["hidden_states"].shape[1] - next_target.shape[1]
+    following = inputs | {"hidden_states": torch.cat([inputs["hidden_states"][:, :prefix], next_target], dim=1),
+                          "timestep": next_timestep}
+    full = model(**following).sample[:, -next_target.shape[1]:]
+    cache = QwenImage21KVCache(len(model.transformer_blocks))
+    model(**inputs, kv_cache=cache, kv_cache_mode="extract")
+    cached = model(**following, kv_cache=cache, kv_cache_mode="cached").sample
+    return {"prefill": full, "cached": cached}
+
+
+def _case(name: str, component: str, spec: InputSpec = InputSpec(), grads: bool = False, **overrides) -> Case:
+    build, inputs, outputs = {
+        "attention": (build_attention, attention_inputs, attention_outputs),
+        "attention-cache": (build_attention, cache_inputs, cached_attention_outputs),
+        "block": (build_block, block_inputs, block_outputs),
+        "model": (build_model, model_inputs, model_outputs),
+        "model-cache": (build_model, cache_model_inputs, cached_model_outputs),
+    }[component]
+    return Case(name, component.removesuffix("-cache"), build, inputs, outputs, model_config("tiny", **overrides),
+                spec, grads=grads)
+
+
+CASES: dict[str, Case] = {
+    case.name: case
+    for case in [
+        _case("attention", "attention", FIXTURES["edit"], grads=True),
+        _case("attention-adjacent", "attention", FIXTURES["edit-adjacent"]),
+        _case("attention-cache", "attention-cache", FIXTURES["edit"]),
+        _case("block", "block", FIXTURES["edit"], grads=True),
+        _case("block-no-causal-condition", "block", FIXTURES["edit"], causal_condition=False),
+        _case("model-text-to-image", "model", FIXTURES["text-to-image"], grads=True),
+        _case("model-edit", "model", FIXTURES["edit"]),
+        _case("model-edit-adjacent", "model", FIXTURES["edit-adjacent"]),
+        _case("model-edit-no-causal-condition", "model", FIXTURES["edit"], causal_condition=False),
+        _case("model-cache", "model-cache", FIXTURES["edit"]),
+    ]
+}
+
