@@ -10,7 +10,7 @@ import torch
 from verify.checks.claims import UNMEASURED, judge, load_claims
 from verify.checks.report import run_values
 from verify.checks.selector import SelectError, parse, resolve
-from verify.checks.summary_schema import check_path
+from verify.checks.summary_schema import CHECK_PREFIXES, check_path
 from verify.errors import VerifyError
 
 # --- selector.parse / resolve --------------------------------------------------------------------------------------
@@ -86,8 +86,9 @@ def test_a_bad_filter_field_names_the_path():
 def test_an_unknown_check_name_lists_the_prefixes_check_names_start_with():
     with pytest.raises(SelectError) as e:
         check_path("checks[name=modle/t2i/outputs].max_abs_err", VALUES)
-    assert "(names start with weights/, inputs/, attention/, block/, block-edit-zero-cond/, model/, lora/," \
-           in str(e.value)
+    listed = str(e.value).partition("(names start with ")[2].removesuffix(")")
+    assert listed.split(", ") == list(CHECK_PREFIXES)
+    assert {"weights/", "inputs/", "attention/", "block/", "model/", "lora/"} <= set(CHECK_PREFIXES)
 
 
 def test_an_index_into_a_list_section_is_accepted_and_into_a_value_refused():
