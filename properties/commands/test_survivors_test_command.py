@@ -62,19 +62,26 @@ def test_every_option_reaches_the_suite_as_the_plugins_option_and_pytests_argume
                  "--candidate-precision", "fp32", "--layout", "interleaved", "--device", "cpu",
                  "--", "-x", "-k", "block"]) == 0
     [args] = suite.calls
-    assert _qkv_options(args) == {"--qkv-candidate": "reference", "--qkv-reference": "reference",
-                                  "--qkv-fused-modules": "none", "--qkv-candidate-precision": "fp32",
-                                  "--qkv-layout": "interleaved", "--qkv-device": "cpu"}
-    assert {f"--qkv-{name}" for name, _ in pytest_plugin.OPTIONS} <= set(_qkv_options(args))
+    handed = _qkv_options(args)
+    given = {"--qkv-candidate": "reference", "--qkv-reference": "reference", "--qkv-fused-modules": "none",
+             "--qkv-candidate-precision": "fp32", "--qkv-layout": "interleaved", "--qkv-device": "cpu"}
+    assert given.items() <= handed.items()
+    assert set(handed) == {"--qkv-candidate", *(f"--qkv-{name}" for name, _ in pytest_plugin.OPTIONS)}, \
+        "every option: given, or its default"
     assert args[-3:] == ["-x", "-k", "block"]
 
 
 def test_without_options_or_separator_the_suite_gets_the_defaults_and_its_own_config(suite):
-    """`qkv-verify test SPEC` alone: the defaults of --layout and --device reach the suite, the options with no
-    default are left out, no pytest argument is added, and pytest reads the suite's own ini file (which exists)."""
+    """`qkv-verify test SPEC` alone: the defaults (--layout blocked, --device cpu) reach the suite, the options
+    with no default are left out, no pytest argument is added, and pytest reads the suite's own ini file (which
+    exists)."""
     assert main(["test", "reference"]) == 0
     [args] = suite.calls
-    assert _qkv_options(args) == {"--qkv-candidate": "reference", "--qkv-layout": "blocked", "--qkv-device": "cpu"}
+    handed = _qkv_options(args)
+    assert (handed["--qkv-layout"], handed["--qkv-device"]) == ("blocked", "cpu")
+    assert handed == {"--qkv-candidate": "reference",
+                      **{f"--qkv-{name}": str(kwargs["default"]) for name, kwargs in pytest_plugin.OPTIONS
+                         if kwargs.get("default")}}
     ini = Path(args[args.index("-c") + 1])
     rootdir = Path(args[args.index("--rootdir") + 1])
     assert ini.is_file() and ini.name == "pytest.ini" and ini.parent == rootdir
