@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import pytest
 
+from verify.models import DEFAULT_MODEL, MODELS
+
 # The candidate's options: `--qkv-NAME` here, `--NAME` of `qkv-verify test` (which passes them on as these).
 OPTIONS: tuple[tuple[str, dict], ...] = (
+    ("model", dict(choices=list(MODELS), default=DEFAULT_MODEL,
+                   help=f"the model whose components are judged: {' or '.join(MODELS)} (default {DEFAULT_MODEL})")),
     ("reference", dict(metavar="SPEC", help="what the candidate must match (default: diffusers)")),
     ("fused-modules", dict(metavar="NAMES", help="module names whose calls prove the fused path ran (default "
                                                  "to_qkv,add_qkv_proj,to_added_qkv), or none for an unfused one")),
@@ -51,6 +55,12 @@ def qkv_reference(request: pytest.FixtureRequest):
     from verify.implementations.candidate import resolve
 
     return resolve(request.config.getoption("--qkv-reference") or "diffusers")
+
+
+@pytest.fixture(scope="session")
+def qkv_model(request: pytest.FixtureRequest) -> str:
+    """The model named by --qkv-model (verify.models), qwen-image by default."""
+    return request.config.getoption("--qkv-model")
 
 
 @pytest.fixture(scope="session")

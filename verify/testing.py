@@ -16,21 +16,22 @@ import torch
 from verify.checks.compare import Record
 from verify.checks.equivalence import run_case
 from verify.implementations.candidate import Build, Implementation, resolve
-from verify.models.qwen_image import CASES
+from verify.models import DEFAULT_MODEL, load
 
 
 def check_candidate(candidate: str | Build | Implementation, reference: str | Build | Implementation | None = None,
                     *, components: Iterable[str] = ("attention", "block", "model"),
                     dtypes: Iterable[torch.dtype] | None = None, device: str = "cpu", seed: int = 0,
                     fused_modules: str | None = None, layout: str = "blocked",
-                    precision: str | None = None) -> list[Record]:
-    """Every registry case of `components` (tiny seeded configs; outputs, and gradients where the case has them),
-    the candidate against the reference (diffusers by default) in each dtype. `precision="fp32"` declares that the
-    candidate computes in fp32 at best (its fp64 runs are judged at fp32's floor)."""
+                    precision: str | None = None, model: str = DEFAULT_MODEL) -> list[Record]:
+    """Every registry case of `model` (verify.models: qwen-image, qwen-image-2.1) and `components` (tiny seeded
+    configs; outputs, and gradients where the case has them), the candidate against the reference (diffusers by
+    default) in each dtype. `precision="fp32"` declares that the candidate computes in fp32 at best (its fp64 runs
+    are judged at fp32's floor)."""
     candidate = resolve(candidate, fused_modules, precision)
     reference = reference if isinstance(reference, Implementation) else resolve(reference or "diffusers")
     components = tuple(components)
-    return [r for case in CASES.values() if case.component in components
+    return [r for case in load(model).CASES.values() if case.component in components
             for r in run_case(case, dtypes, device, seed, candidate=candidate, reference=reference, layout=layout)]
 
 

@@ -58,8 +58,9 @@ def test_readme_processor_example_passes_with_weight_gradients_and_its_own_sourc
     assert grads and all(c["weight_gradients"] == "compared" for c in grads)
     judged = [c for c in summary["checks"] if c["component"] in ("attention", "block", "model")]
     assert judged and all(c["fused_calls"] for c in judged), "every check proves the fused projections ran"
-    assert summary["compared"].startswith(f"candidate {spec} vs reference diffusers")
-    assert (tmp_path / "out" / "report.md").read_text().splitlines()[2].startswith(f"Compared: candidate {spec}")
+    assert summary["compared"].startswith(f"qwen-image, candidate {spec} vs reference diffusers")
+    compared = (tmp_path / "out" / "report.md").read_text().splitlines()[2]
+    assert compared.startswith(f"Compared: qwen-image, candidate {spec}")
 
 
 def test_readme_processor_with_k_and_v_swapped_fails_first_at_norm_k(examples, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 
 def cast_inputs(inputs: dict, dtype: torch.dtype, device: torch.device | str) -> dict:
@@ -14,6 +15,8 @@ def cast_inputs(inputs: dict, dtype: torch.dtype, device: torch.device | str) ->
             return x.to(device=device) if keep else x.to(device=device, dtype=dtype)
         if isinstance(x, tuple):
             return tuple(cast(t) for t in x)
+        if isinstance(x, BlockMask):  # Qwen-Image 2.1's flex mask: moved, its indices keep their dtype
+            return x.to(device)
         return x
 
     return {k: cast(v) for k, v in inputs.items()}

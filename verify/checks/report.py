@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from verify import __version__
+from verify import __version__, models
 from verify.checks.compare import Record, compare, compare_exact
 from verify.checks.equivalence import run_case
 from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel, rank_backend
@@ -31,7 +31,7 @@ from verify.maths.naming import NAMINGS
 from verify.maths.qkv import LAYOUTS
 from verify.maths.state_dict import layout_hint, matching_layout, merge_state_dict, split_state_dict
 from verify.models import qwen_image
-from verify.models.qwen_image import CASES, FIXTURES
+from verify.models.qwen_image import FIXTURES
 
 REQUIRED_DTYPES = (torch.float64, torch.float32)  # bugs hide in bf16 noise: no verdict without these
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 32.0)  # times the audited LoRA scale
@@ -57,6 +57,7 @@ class Options:
     reference: str | None = None  # a SPEC; None: diffusers
     fused_modules: str | None = None  # override of the candidate's fused module names ("none": unfused)
     parallel: str | None = None  # "tp=N", "ulysses=N": the merged model also judged parallel on N CPU ranks
+    model: str | None = None  # --model (verify.models); None: the checkpoint's config.json says, else qwen-image
 
 
 @dataclass
@@ -71,18 +72,25 @@ class Subject:
     reference: Implementation = None
     lora: _Lora | None = None
     parallel: tuple[str, int] | None = None  # (kind, ranks)
+    model: str = models.DEFAULT_MODEL
 
 
 def load_subject(opts: Options) -> Subject:
     """Validate and open every input before anything runs or is written. The embedded default (seeded tiny or small
     weights, no --lora) gets a seeded LoRA of the write-up's kind, made in memory."""
-    subject = _weights(opts)
-    subject.candidate = resolve(opts.candidate or default_processor(opts.device), opts.fused_modules,
+    model = models.choose(opts.model, {f"--{flag.replace('_', '-')} {path}": Checkpoint(path).config
+                                       for flag, path in (("checkpoint", opts.checkpoint),
+                                                          ("merged_checkpoint", opts.merged_checkpoint)) if path})
+    if model != models.DEFAULT_MODEL:
+        _refuse_unsupported(model, opts)
+    subject = _weights(opts) if model == models.DEFAULT_MODEL else _seeded(model, opts)
+    subject.model = model
+    subject.candidate = resolve(opts.candidate or _default_candidate(model, opts.device), opts.fused_modules,
                                 opts.candidate_precision)
     subject.reference = resolve(opts.reference or "diffusers")
     if opts.lora:
         subject.lora = _Lora(formats.read(opts.lora, opts.adapter_config), str(opts.lora), subject)
-    elif embedded_lora(opts):
+    elif embedded_lora(opts) and model == models.DEFAULT_MODEL:
         seeded = formats.parse(qwen_image.seeded_lora(qwen_image.model_config(opts.config), opts.seed), "seeded LoRA")
         subject.lora = _Lora(seeded, f"embedded: seeded rank-{qwen_image.LORA_RANK} LoRA on "
                                      f"{', '.join(qwen_image.LORA_TARGETS)}, alpha {qwen_image.LORA_ALPHA:g} "
@@ -93,6 +101,31 @@ def load_subject(opts: Options) -> Subject:
             raise VerifyError(f"--parallel {opts.parallel}: shards seeded weights of --config tiny or small, not a "
                               "checkpoint or the full config")
     return subject
+
+
+# what the report judges of Qwen-Image only, so far: with another --model each is refused rather than skipped
+QWEN_IMAGE_ONLY = {"checkpoint": "--checkpoint", "merged_checkpoint": "--merged-checkpoint", "lora": "--lora",
+                   "parallel": "--parallel"}
+
+
+def _refuse_unsupported(model: str, opts: Options) -> None:
+    given = [flag for field, flag in QWEN_IMAGE_ONLY.items() if getattr(opts, field)]
+    given += ["--config full"] if opts.config == "full" else []
+    if given:
+        raise VerifyError(f"--model {model}: {', '.join(given)} not supported yet (the report judges {model}'s "
+                          "attention, block and whole-model cases on seeded tiny or small weights)")
+
+
+def _seeded(model: str, opts: Options) -> Subject:
+    """Seeded weights of a model that the report judges case by case (whole, not streamed)."""
+    module = models.load(model)
+    config = module.model_config(opts.config)
+    return Subject(StateDictSource(module.build_model(config, opts.seed).state_dict(), config), None, [])
+
+
+def _default_candidate(model: str, device: str) -> str:
+    """The processor fuse_model installs on `device`; Qwen-Image 2.1 has one fused processor, the reference."""
+    return default_processor(device) if model == models.DEFAULT_MODEL else "reference"
 
 
 def _weights(opts: Options) -> Subject:
@@ -180,12 +213,24 @@ def round_trip_checks(std: StateDictSource) -> list[Record]:
 
 def component_checks(subject: Subject, dtypes: list[torch.dtype], device: str, seed: int,
                      layout: str) -> list[Record]:
-    """The registry's attention and block cases (outputs and gradients), seeded, at the model's width."""
+    """The model's registry cases (outputs and gradients), seeded, at the subject's width: attention and block; the
+    whole-model cases too where the model is not streamed (Qwen-Image's is, by model_checks) or the candidate
+    provides a model of its own (its own RoPE, text projection, modulation or masks are judged only there)."""
     config = subject.std.config
     width = {k: config[k] for k in ("num_attention_heads", "attention_head_dim", "axes_dims_rope")}
-    return [r for case in CASES.values() if case.component in ("attention", "block")
+    components = ["attention", "block"]
+    if subject.model != models.DEFAULT_MODEL or provides_model(subject.candidate, config, seed):
+        components.append("model")
+    return [r for case in models.load(subject.model).CASES.values() if case.component in components
             for r in run_case(case, dtypes, device, seed, config={**case.config, **width},
                               candidate=subject.candidate, reference=subject.reference, layout=layout)]
+
+
+def provides_model(candidate: Implementation, config: dict, seed: int) -> bool:
+    """Whether the candidate's build returns a model of its own for "model" (tried on a tiny seeded copy)."""
+    tiny = {**qwen_image.model_config("tiny"), **{k: config[k] for k in ("num_attention_heads", "attention_head_dim",
+                                                                          "axes_dims_rope")}}
+    return candidate.make(qwen_image.build_model(tiny, seed), "model") is not None
 
 
 def run_report(subject: Subject, opts: Options) -> dict:
@@ -194,7 +239,8 @@ def run_report(subject: Subject, opts: Options) -> dict:
     dtypes = list(dict.fromkeys([*REQUIRED_DTYPES, *opts.dtypes]))
     records = subject.weight_checks + ([subject.lora.unmatched_check(opts.allow_unmatched)] if subject.lora else [])
     records += round_trip_checks(subject.std) + component_checks(subject, dtypes, opts.device, opts.seed, opts.layout)
-    model_records, stats, samples = model_checks(subject, dtypes, opts)
+    model_records, stats, samples = model_checks(subject, dtypes, opts) if subject.model == models.DEFAULT_MODEL \
+        else ([], [], [])
     records += model_records + parallel_checks(subject, opts)
     notes = [f"{dtype_name(d)} added: a verdict needs fp64 and fp32 runs (bugs hide in bf16 noise)"
              for d in REQUIRED_DTYPES if d not in opts.dtypes]
@@ -292,8 +338,8 @@ def _described(impl: Implementation, default: bool, device: str) -> dict:
 
 
 def compared_line(summary: dict) -> str:
-    """One line saying what was compared (candidate, reference, weights, dtypes, device) and where it first
-    diverged when a check failed."""
+    """One line saying what was compared (model, candidate, reference, weights, dtypes, device), whether the
+    candidate's own model was judged whole, and where it first diverged when a check failed."""
     inputs, cand, ref = summary["inputs"], summary["candidate"], summary["reference"]
     weights = inputs["checkpoint"] or f"seeded {inputs['config']} config (seed {inputs['seed']})"
     if inputs["merged_checkpoint"]:
@@ -301,9 +347,14 @@ def compared_line(summary: dict) -> str:
     unfused = "" if cand["fused_modules"] else ", declared unfused"
     if cand.get("precision"):
         unfused += f", declared {cand['precision']} precision (its fp64 runs judged at {cand['precision']}'s floor)"
-    line = (f"candidate {cand['spec']}{' (' + cand['default'] + ')' if cand['default'] else ''}{unfused} vs "
+    model = inputs.get("model", models.DEFAULT_MODEL)
+    line = (f"{model}, candidate {cand['spec']}{' (' + cand['default'] + ')' if cand['default'] else ''}{unfused} vs "
             f"reference {ref['spec']}; weights: {weights}; dtypes {','.join(inputs['dtypes'])}; "
             f"device {inputs['device']}")
+    cases = {name for name, case in models.load(model).CASES.items() if case.component == "model"}
+    whole = sorted({c["name"].split("/")[0] for c in summary["checks"]} & cases)
+    if whole:
+        line += f"; the candidate's model judged whole ({', '.join(whole)})"
     diverged = [c for c in summary["checks"] if not c["passed"] and c.get("first_divergence")]
     if diverged:
         c = diverged[0]
@@ -468,6 +519,7 @@ def environment(device: str) -> dict:
 
 def inputs_section(opts: Options, subject: Subject, dtypes: list[torch.dtype]) -> dict:
     return {
+        "model": subject.model,
         "checkpoint": str(opts.checkpoint) if opts.checkpoint else None,
         "merged_checkpoint": str(opts.merged_checkpoint) if opts.merged_checkpoint else None,
         "lora": subject.lora.summary["file"] if subject.lora else None,
@@ -477,5 +529,5 @@ def inputs_section(opts: Options, subject: Subject, dtypes: list[torch.dtype]) -
         "seed": opts.seed,
         "dtypes": [dtype_name(d) for d in dtypes],
         "device": opts.device,
-        "fixtures": {name: asdict(spec) for name, spec in FIXTURES.items()},
+        "fixtures": {name: asdict(spec) for name, spec in models.load(subject.model).FIXTURES.items()},
     }

@@ -1,6 +1,7 @@
 """Hypothesis strategies for models and their inputs: tiny Qwen-Image configs (heads, head dims, RoPE axes, flags),
-input sizes (batch, image grid, text length, padding, edit) and seeds. They ship with the package because the
-candidate property suite (`qkv-verify test`, verify/suite) draws from them; properties/ uses them too.
+input sizes (batch, image grid, text length, padding, edit) and seeds; the same for Qwen-Image 2.1. They ship with
+the package because the candidate property suite (`qkv-verify test`, verify/suite) draws from them; properties/ uses
+them too.
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from verify.models import qwen_image
+from verify.models import qwen_image, qwen_image_21
 from verify.models.qwen_image import InputSpec
+from verify.models.qwen_image_21 import InputSpec as InputSpec21
 
 
 def _positive(**sizes: int) -> None:
@@ -97,4 +99,40 @@ def input_specs(
     return InputSpec(
         batch=batch, height=height, width=width, edit=draw(st.booleans()) if edit is None else edit,
         text_len=text_len, pad=tuple(pad), timesteps=tuple(timesteps),
+    )
+
+
+# Qwen-Image 2.1 (verify.models.qwen_image_21): one joint stream, condition images in the text, the block-causal mask.
+IMAGE_SIZES_21 = ((2, 2), (1, 4), (4, 1), (2, 4), (4, 2))  # (height, width) in latent tokens: whole 2 x 2 slots
+
+
+@st.composite
+def model_configs_21(draw, *, max_heads: int = 4, max_head_dim: int = 16) -> dict:
+    """A tiny Qwen-Image 2.1 config: 1-4 heads, even head_dim from three even RoPE axes, mlp_ratio 1-3,
+    causal_condition on or off."""
+    _positive(max_heads=max_heads)
+    axes = draw(rope_axes(max_head_dim=max_head_dim))
+    return qwen_image_21.model_config(
+        "tiny", num_attention_heads=draw(st.integers(1, max_heads)), attention_head_dim=sum(axes),
+        axes_dims_rope=axes, num_layers=1, mlp_ratio=draw(st.integers(1, 3)),
+        in_channels=draw(st.integers(1, 8)), out_channels=draw(st.integers(1, 4)),
+        context_in_dim=draw(st.integers(1, 12)), causal_condition=draw(st.booleans()),
+    )
+
+
+@st.composite
+def input_specs_21(draw, *, max_batch: int = 3, max_text: int = 9, max_conditions: int = 2) -> InputSpec21:
+    """Batch, text length and padding per sample, 0 to `max_conditions` condition images of drawn sizes (two of them
+    adjacent or not), the target's size, timesteps."""
+    _positive(max_batch=max_batch)
+    if max_text < 2:
+        raise ValueError(f"max_text must be at least 2 (text on both sides of the images), got {max_text}")
+    batch = draw(st.integers(1, max_batch))
+    text_len = draw(st.integers(2, max_text))
+    conditions = draw(st.lists(st.sampled_from(IMAGE_SIZES_21), max_size=max_conditions))
+    return InputSpec21(
+        batch=batch, text_len=text_len, conditions=tuple(conditions), adjacent=draw(st.booleans()),
+        target=draw(st.sampled_from(IMAGE_SIZES_21)),
+        pad=tuple(draw(st.lists(st.integers(0, text_len // 2), min_size=batch, max_size=batch))),
+        timesteps=tuple(draw(st.lists(st.floats(0.0, 1.0, width=32), min_size=batch, max_size=batch))),
     )

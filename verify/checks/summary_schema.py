@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from verify import models
 from verify.checks.compare import Record
 from verify.checks.selector import SelectError, Step, parse
 from verify.checks.sharding import KINDS
@@ -27,8 +28,10 @@ SCHEMA: dict = {
     "parallel": dict.fromkeys(["kind", "degree", "device", "backend", "dtype", "processor", "plan", "weights"]),
     "environment": ANY, "inputs": ANY, "claims": ANY, "speed": ANY, "regression": ANY,
 }
-CHECK_PREFIXES = ("weights/", "inputs/", "attention/", "block/", "block-edit-zero-cond/", "model/", "lora/",
-                  *KINDS)  # a parallel check is named <kind><degree>/...
+# a check is named after its case (every model's), or weights/, inputs/, the streamed model/, lora/, or a parallel
+# check's <kind><degree>/
+CHECK_PREFIXES = ("weights/", "inputs/", "model/", "lora/",
+                  *sorted({f"{case}/" for name in models.MODELS for case in models.load(name).CASES}), *KINDS)
 
 
 def check_path(path: str, values: dict[str, set[str]]) -> None:

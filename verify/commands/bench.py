@@ -11,6 +11,7 @@ from verify.bench.options import ALL_PHASES, LORA_PHASE, MODES, PHASES, Options
 from verify.bench.run import BenchCheckFailed, run_bench
 from verify.bench.table import format_table
 from verify.errors import VerifyError, run_command
+from verify.models import add_model_argument, require_qwen_image
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -86,10 +87,12 @@ def register_bench(subparsers) -> None:
                    help="write each row's profiler timeline here, standard and merged (Chrome trace JSON)")
     p.add_argument("--append", type=Path,
                    help="an earlier bench JSON of this device: its rows not measured again are kept in --json")
+    add_model_argument(p, "the model benchmarked")
     p.set_defaults(func=_bench)
 
 
 def _bench(args) -> int:
+    require_qwen_image("bench", args.model, {})
     phases = args.phases + ((LORA_PHASE,) if args.lora_rank and LORA_PHASE not in args.phases else ())
     opts = Options(device=args.device, dim=args.dim, heads=args.heads, head_dim=args.head_dim,
                    image_tokens=args.image_tokens, text_tokens=args.text_tokens, batch=args.batch, modes=args.modes,

@@ -12,6 +12,7 @@ from verify.files import manifest as mf
 from verify.files.convert import DIRECTIONS, check, convert, fused_leaves, open_checkpoint
 from verify.maths.naming import NAMINGS, streams
 from verify.maths.qkv import LAYOUTS
+from verify.models import add_model_argument, config_of, require_qwen_image
 
 
 def register(subparsers) -> None:
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
     c.add_argument("--layout", metavar="{" + ",".join(LAYOUTS) + "}",
                    help="fused rows: blocked (all q, all k, all v; default) or interleaved (per head); with --check: "
                         "DST's manifest, else blocked")
+    add_model_argument(c, "the model of SRC")
     c.add_argument("--force", action="store_true", help="replace an existing DST")
     c.add_argument("--check", action="store_true",
                    help="prove that DST holds exactly SRC's tensors, converted (reads both in full; exit 1 if not)")
@@ -42,6 +44,7 @@ def register(subparsers) -> None:
 
 
 def command(args) -> int:
+    require_qwen_image("convert", args.model, {f"SRC {args.src}": config_of(args.src)})
     if args.naming is not None:
         streams(args.naming)
     if args.layout is not None and args.layout not in LAYOUTS:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from verify.errors import VerifyError
 from verify.maths.naming import LAYOUTS, NAMINGS
+from verify.models import add_model_argument, config_of, require_qwen_image
 
 OUTPUT_PREFIX = "diffusion_model."  # ComfyUI / ai-toolkit keys with per-module .alpha: widely loadable, scale explicit
 SCALE_NOTE = "per-module .alpha keys: multiplier = alpha / rank reproduces the source's trained scale"
@@ -65,6 +66,7 @@ def register(subparsers) -> None:
 
 
 def _model_args(p, default: str, adapter_config: bool = True) -> None:
+    add_model_argument(p, "the model the LoRA is for")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", type=Path, metavar="DIR",
                        help="diffusers checkpoint folder, standard or merged; only config.json and the tensor headers "
@@ -84,6 +86,8 @@ def _spec(args, loras=None):
     files `loras` imply."""
     from verify.checks import lora_checkpoint as checkpoint
 
+    require_qwen_image(args.command, args.model,
+                       {f"--checkpoint {args.checkpoint}": config_of(args.checkpoint)} if args.checkpoint else {})
     if args.checkpoint is not None:
         return checkpoint.spec_from_checkpoint(args.checkpoint, args.layout)
     if args.config is not None or loras is None:

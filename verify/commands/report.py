@@ -18,12 +18,14 @@ def _dtypes(text: str):
 def register_report(subparsers) -> None:
     from verify.commands.regress import add_threshold_arguments
     from verify.maths.qkv import LAYOUTS
+    from verify.models import add_model_argument
 
     p = subparsers.add_parser(
         "report", help="full model, standard vs merged, in each dtype -> summary.json, report.md, index.html",
         description="Exit status: 0 every check passed (and no user claim refuted, nothing moved against "
                     "--baseline), 1 otherwise, 2 bad usage or input.",
     )
+    add_model_argument(p)
     p.add_argument("--checkpoint", type=Path, help="diffusers-layout transformer folder (config.json + safetensors)")
     p.add_argument("--merged-checkpoint", type=Path, help="your merged weights, compared against --checkpoint")
     p.add_argument("--layout", choices=LAYOUTS, default="blocked",
@@ -92,7 +94,8 @@ def _report(args) -> int:
                    layout=args.layout, device=args.device, dtypes=args.dtypes, seed=args.seed, lora=args.lora,
                    adapter_config=args.adapter_config, candidate=args.candidate, reference=args.reference,
                    fused_modules=args.fused_modules, candidate_precision=args.candidate_precision,
-                   allow_unmatched=args.allow_unmatched, parallel=args.parallel)
+                   allow_unmatched=args.allow_unmatched, parallel=args.parallel,
+                   model=args.model)
     summary = run_report(load_subject(opts), opts)
     summary["claims"] = ledger(summary, args.claims, bench, properties)
     summary["speed"] = bench

@@ -15,15 +15,16 @@ SUITE = Path(__file__).parents[1] / "suite"
 def register_test(subparsers) -> None:
     p = subparsers.add_parser(
         "test", help="run the packaged property suite against your implementation (SPEC)",
-        usage="qkv-verify test SPEC [--reference SPEC] [--fused-modules NAMES] [--candidate-precision fp64|fp32] "
-              "[--layout blocked|interleaved] "
-              "[--device cpu|cuda] [-- PYTEST_ARGS]",
+        usage="qkv-verify test SPEC [--model qwen-image|qwen-image-2.1] [--reference SPEC] [--fused-modules NAMES] "
+              "[--candidate-precision fp64|fp32] [--layout blocked|interleaved] [--device cpu|cuda] "
+              "[-- PYTEST_ARGS]",
         description="Runs the Hypothesis property suite that ships with qkv-verify against SPEC: random head counts, "
-                    "head dims, sequence lengths, batch sizes, padded text masks and zero_cond_t; attention and "
-                    "block; outputs and gradients; fp64, fp32, bf16, fp16. CI=true selects the derandomised `ci` "
-                    "profile, HYPOTHESIS_PROFILE any other. Exit status: 0 all properties hold, 1 one failed (with "
-                    "the reproducing example), 2 bad SPEC or usage. After --, arguments go to pytest (e.g. -x, -k "
-                    "block, --hypothesis-seed=1).",
+                    "head dims, sequence lengths, batch sizes and padded text masks, with zero_cond_t (Qwen-Image) "
+                    "or condition images, their adjacency, causal_condition and the KV cache (Qwen-Image 2.1, "
+                    "--model qwen-image-2.1); attention and block; outputs and gradients; fp64, fp32, bf16, fp16. "
+                    "CI=true selects the derandomised `ci` profile, HYPOTHESIS_PROFILE any other. Exit status: 0 all "
+                    "properties hold, 1 one failed (with the reproducing example), 2 bad SPEC or usage. After --, "
+                    "arguments go to pytest (e.g. -x, -k block, --hypothesis-seed=1).",
     )
     p.add_argument("spec", metavar="SPEC", help="package.module:attr, path/to/file.py:attr, or a built-in name "
                                                  "(reference, fast, fast-compiled, diffsynth)")
@@ -65,13 +66,14 @@ def _validate(args) -> None:
     from verify.checks.equivalence import run_case
     from verify.errors import VerifyError
     from verify.implementations.candidate import resolve
-    from verify.models.qwen_image import CASES
+    from verify.models import load
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise VerifyError("--device cuda: no CUDA device is available")
     candidate = resolve(args.spec, args.fused_modules, args.candidate_precision)
     reference = resolve(args.reference or "diffusers")
+    cases = load(args.model).CASES
     records = [r for name in ("attention", "block") for r in run_case(
-        CASES[name], [torch.float64], args.device, candidate=candidate, reference=reference, layout=args.layout)]
+        cases[name], [torch.float64], args.device, candidate=candidate, reference=reference, layout=args.layout)]
     if not any(r.provided for r in records):
         raise VerifyError(f"candidate {args.spec}: provides neither 'attention' nor 'block' (build returned None)")

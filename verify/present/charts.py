@@ -17,7 +17,9 @@ COLORS = {"standard": "#4c72b0", "merged": "#dd8452", "oracle": "#55a868"}
 
 def charts(summary: dict) -> dict[str, bytes]:
     """File name -> PNG bytes for every chart the summary has data for."""
-    out = {"errors.png": _png(errors_chart(summary)), "output_stats.png": _png(stats_chart(summary))}
+    out = {"errors.png": _png(errors_chart(summary))}
+    if summary.get("output_stats"):  # from the streamed model's fixtures (Qwen-Image)
+        out["output_stats.png"] = _png(stats_chart(summary))
     if summary.get("lora"):
         out["lora_counts.png"] = _png(lora_counts_chart(summary["lora"]))
         out["alpha_sweep.png"] = _png(sweep_chart(summary["lora"]))
