@@ -9,31 +9,34 @@ from pathlib import Path
 
 import torch
 
+from verify import models
 from verify.errors import VerifyError
 from verify.files import lora_formats as formats
 from verify.files.checkpoint import Checkpoint
 from verify.files.lora_mapping import ModelSpec, other_layout, spec_of
-from verify.models.qwen_image import CONFIGS, QwenImageTransformer2DModel
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def spec_from_config(name: str, layout: str = "blocked") -> ModelSpec:
-    """The standard model of config `name` built on the meta device: names and shapes, no memory for weights."""
-    if name not in CONFIGS:
-        raise VerifyError(f"unknown config {name!r}; expected one of {', '.join(CONFIGS)}")
+def spec_from_config(name: str, layout: str = "blocked", model: str = models.DEFAULT_MODEL) -> ModelSpec:
+    """The standard `model` (verify.models) of config `name` built on the meta device: names and shapes, no memory
+    for weights."""
+    module = models.load(model)
+    if name not in module.CONFIGS:
+        raise VerifyError(f"unknown config {name!r}; expected one of {', '.join(module.CONFIGS)}")
     with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**CONFIGS[name])
+        model = module.MODEL_CLASS(**module.CONFIGS[name])
     return spec_of(model, layout)
 
 
-def spec_from_files(loras: list[formats.LoraFile], layout: str = "blocked") -> ModelSpec:
-    """The standard model the LoRA files imply, when no model is given: the full Qwen-Image model's module names
-    (they do not change with its size) with the files' own shapes. A fused q/k/v splits in three equal parts and the
+def spec_from_files(loras: list[formats.LoraFile], layout: str = "blocked",
+                    model: str = models.DEFAULT_MODEL) -> ModelSpec:
+    """The standard model the LoRA files imply, when no model is given: the full `model`'s module names (they do
+    not change with its size) with the files' own shapes. A fused q/k/v splits in three equal parts and the
     q, k and v of one stream share a shape, as in every Qwen-Image; VerifyError where the files disagree."""
     if layout != "blocked":
         raise VerifyError("--layout interleaved needs the model's head size: pass --checkpoint DIR or --config NAME")
-    full = spec_from_config("full")
+    full = spec_from_config("full", model=model)
     groups = other_layout(full)  # fused path (either naming) -> its q, k, v paths
     separate = {p: alt.separate for alt in groups.values() for p in alt.separate}
     flat = {p.replace(".", "_"): p for p in [*full.targets, *groups]}

@@ -12,7 +12,7 @@ from verify.files import manifest as mf
 from verify.files.convert import DIRECTIONS, check, convert, fused_leaves, open_checkpoint
 from verify.maths.naming import NAMINGS, streams
 from verify.maths.qkv import LAYOUTS
-from verify.models import add_model_argument, config_of, require_qwen_image
+from verify.models import add_model_argument, choose, config_of
 
 
 def register(subparsers) -> None:
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
 
 
 def command(args) -> int:
-    require_qwen_image("convert", args.model, {f"SRC {args.src}": config_of(args.src)})
+    choose(args.model, {f"SRC {args.src}": config_of(args.src)})  # a --model that contradicts SRC is refused
     if args.naming is not None:
         streams(args.naming)
     if args.layout is not None and args.layout not in LAYOUTS:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from verify.errors import VerifyError
 from verify.maths.naming import LAYOUTS, NAMINGS
-from verify.models import add_model_argument, config_of, require_qwen_image
+from verify.models import add_model_argument, choose, config_of
 
 OUTPUT_PREFIX = "diffusion_model."  # ComfyUI / ai-toolkit keys with per-module .alpha: widely loadable, scale explicit
 SCALE_NOTE = "per-module .alpha keys: multiplier = alpha / rank reproduces the source's trained scale"
@@ -86,13 +86,13 @@ def _spec(args, loras=None):
     files `loras` imply."""
     from verify.checks import lora_checkpoint as checkpoint
 
-    require_qwen_image(args.command, args.model,
-                       {f"--checkpoint {args.checkpoint}": config_of(args.checkpoint)} if args.checkpoint else {})
+    model = choose(args.model, {f"--checkpoint {args.checkpoint}": config_of(args.checkpoint)}
+                   if args.checkpoint else {})
     if args.checkpoint is not None:
         return checkpoint.spec_from_checkpoint(args.checkpoint, args.layout)
     if args.config is not None or loras is None:
-        return checkpoint.spec_from_config(args.config or "full", args.layout)
-    return checkpoint.spec_from_files(loras, args.layout)
+        return checkpoint.spec_from_config(args.config or "full", args.layout, model)
+    return checkpoint.spec_from_files(loras, args.layout, model)
 
 
 def _plan(lora, spec, args):

@@ -33,20 +33,20 @@ from verify.errors import VerifyError
 from verify.files import destination
 from verify.files import manifest as mf
 from verify.files.checkpoint import DTYPES, Checkpoint, read_header
-from verify.files.model_config import MERGE_KEY, differing_fields, merge_recorded, model_config
+from verify.files.model_config import MERGE_KEY, differing_fields, merge_recorded, model_class, model_config, parameters
 from verify.files.scan import CHUNK, IN_FLIGHT, Scan, Workers, scan_file, tensor_bytes
 from verify.maths import qkv
 from verify.maths.naming import DEFAULT_NAMING, NAMINGS, detect_naming, streams
 from verify.maths.qkv import LAYOUTS, QKVShape
 from verify.maths.state_dict import merge_state_dict, split_state_dict
-from verify.models.qwen_image import QwenImageTransformer2DModel
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
 WRITE = 2**20  # bytes per write() of a converted tensor
 DIRECTIONS = ("merged", "standard")
 FUSED_LEAVES = {s.fused for pair in NAMINGS.values() for s in pair}
-DIFFUSERS_DEFAULTS = {"num_attention_heads": 24, "attention_head_dim": 128}  # QwenImageTransformer2DModel's
+# sizes a config.json may leave out (its class's defaults fill them); a single file without one: Qwen-Image's
+DIFFUSERS_DEFAULTS = {"num_attention_heads": 24, "attention_head_dim": 128}
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,8 @@ def _dims(ckpt: Checkpoint, src: dict[str, Tensor]) -> tuple[int, QKVShape | Non
     norm = next((t for k, t in src.items() if k.endswith("attn.norm_q.weight") and len(t.shape) == 1), None)
     if config is None:
         return (norm.shape[0] if norm else DIFFUSERS_DEFAULTS["attention_head_dim"]), None
-    dims = {k: config.get(k, v) for k, v in DIFFUSERS_DEFAULTS.items()}
+    args = parameters(model_class(ckpt))
+    dims = {k: config.get(k, args[k].default) for k in DIFFUSERS_DEFAULTS}
     for k, v in dims.items():
         if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
             raise VerifyError(f"{ckpt.path}/config.json: {k} must be a positive integer, got {v!r}")
@@ -227,7 +228,7 @@ def _check_fit(ckpt: Checkpoint, standard: dict[str, torch.Tensor]) -> None:
     config = model_config(ckpt)
     try:
         with torch.device("meta"):
-            model = QwenImageTransformer2DModel(**config)
+            model = config.model_class(**config)
     except Exception as e:  # a config diffusers cannot build a model from
         raise VerifyError(f"{ckpt.path}/config.json: no model can be built from it ({type(e).__name__}: {e})") from None
     want = {k: tuple(p.shape) for k, p in model.named_parameters()}

@@ -47,8 +47,13 @@ def streams(naming: str) -> tuple[Stream, Stream]:
 
 
 def detect_naming(module_names: set[str]) -> str:
-    """The naming whose fused text projection appears among `module_names` (leaf names such as 'to_added_qkv')."""
+    """The naming whose fused text projection appears among `module_names` (leaf names such as 'to_added_qkv'); for
+    a model of one stream (a fused to_qkv and no text-stream projection at all: Qwen-Image 2.1) the namings agree, and
+    the default one is returned."""
     found = [n for n, (_, text) in NAMINGS.items() if text.fused in module_names]
+    text_names = {name for _, text in NAMINGS.values() for name in (*text.separate, text.fused)}
+    if not found and NAMINGS[DEFAULT_NAMING][0].fused in module_names and not module_names & text_names:
+        return DEFAULT_NAMING
     if len(found) != 1:
         raise VerifyError(
             "cannot tell the fused naming: expected exactly one of "

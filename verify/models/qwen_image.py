@@ -23,6 +23,7 @@ from torch import nn
 
 from verify.checks.cases import Case, Outputs, model_outputs
 
+MODEL_CLASS = QwenImageTransformer2DModel  # diffusers' class of the whole model
 CLASS_NAME = "QwenImageTransformer2DModel"  # the `_class_name` of its config.json
 
 # diffusers' own test config; "small" is wide enough for several heads per block; "full" is the real model.

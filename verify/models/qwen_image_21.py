@@ -28,6 +28,7 @@ from torch import nn
 
 from verify.checks.cases import Case, Outputs, model_outputs
 
+MODEL_CLASS = QwenImage21Transformer2DModel  # diffusers' class of the whole model
 CLASS_NAME = "QwenImage21Transformer2DModel"  # the `_class_name` of its config.json
 TOKENS_PER_SLOT = 4  # each image slot of the vision-language sequence stands for 2 x 2 latent tokens
 
