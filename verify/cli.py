@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "compare two summary.json files: which outputs, samples and check metrics moved"),
     "convert": ("verify.commands.convert", "register",
                 "stream a checkpoint between standard and merged QKV; --check proves a conversion"),
+    "sample": ("verify.commands.sample", "register_sample",
+               "judge a sampling run step by step against an fp64 oracle: latents per step, the final image"),
     "bench": ("verify.commands.bench", "register_bench",
               "standard vs merged block speed: forward and training step, eager and torch.compile"),
 }

@@ -53,3 +53,29 @@ def describe(record: Record) -> str:
     """One failing record as a line: case [dtype, device, rule]: message; first divergence."""
     where = f"; first divergence: {record.first_divergence}" if record.first_divergence else ""
     return f"{record.name} [{record.dtype}, {record.device}, {record.rule}]: {record.message}{where}"
+
+
+def check_trajectory(candidate: str | Build | Implementation, reference: str | Build | Implementation | None = None,
+                     *, steps: int = 20, true_cfg_scale: float | None = None,
+                     dtypes: Iterable[torch.dtype] = (torch.float64, torch.float32), device: str = "cpu",
+                     seed: int = 0, fused_modules: str | None = None, precision: str | None = None,
+                     model: str = DEFAULT_MODEL) -> list[dict]:
+    """`qkv-verify sample`'s per-step records (summary.json's `trajectory`): the candidate's latents after each step
+    of diffusers' pipeline against the fp64 oracle's, relative to the reference's, in each dtype."""
+    from verify.checks.sampling import SampleOptions, run_sampling
+
+    opts = SampleOptions(model=model, steps=steps, true_cfg_scale=true_cfg_scale, dtypes=tuple(dtypes),
+                         device=device, seed=seed)
+    result, _ = run_sampling(resolve(candidate, fused_modules, precision), resolve(reference or "diffusers"), opts)
+    return result["trajectory"]
+
+
+def assert_trajectory(candidate: str | Build | Implementation, reference=None, **options) -> list[dict]:
+    """check_trajectory, then AssertionError naming the first failing step of each dtype and where it diverged."""
+    records = check_trajectory(candidate, reference, **options)
+    failed = [r for r in records if not r["passed"]]
+    if failed:
+        first = [r for r in failed if r["first_divergence"]]
+        raise AssertionError(f"{len(failed)} of {len(records)} steps failed:\n" + "\n".join(
+            f"{r['name']} [{r['dtype']}]: {r['message']}; first divergence: {r['first_divergence']}" for r in first))
+    return records

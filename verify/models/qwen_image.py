@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 # the seam: only verify.models imports diffusers' model classes (this module, Qwen-Image's)
-from diffusers import QwenImageTransformer2DModel
+from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
@@ -230,3 +230,38 @@ CASES: dict[str, Case] = {
         _model_case("model-layered", FIXTURES["edit"], use_layer3d_rope=True, use_additional_t_cond=True),
     ]
 }
+
+
+# Sampling (verify.checks.sampling): diffusers' own pipeline, a seeded tiny VAE (diffusers' pipeline tests' config)
+# and prompt embeddings given in place of a text encoder.
+PIPELINE_CLASS = QwenImagePipeline
+TRUE_CFG_SCALE = 4.0  # QwenImagePipeline's default
+SAMPLE_SIZE = (32, 32)  # pixels: 8 x 8 latents, 4 x 4 image tokens
+VAE_CONFIG = dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
+def build_vae(seed: int) -> AutoencoderKLQwenImage:
+    """The seeded tiny VAE, in fp64: every run's latents decode through the same exact decoder."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 4)
+        vae = AutoencoderKLQwenImage(**VAE_CONFIG)
+    return torch.nn.Module.to(vae, torch.float64).eval()
+
+
+def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler) -> QwenImagePipeline:
+    """diffusers' QwenImagePipeline without a text encoder (prompt embeddings are given)."""
+    return PIPELINE_CLASS(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+
+
+def prompt_embeddings(config: dict, seed: int, text_len: int = 8) -> dict:
+    """Seeded prompt and negative-prompt embeddings of one length with different padding (as a batch of prompts is
+    padded), as the pipeline's keyword arguments."""
+    g = torch.Generator().manual_seed(seed + 6)
+    width = config["joint_attention_dim"]
+    mask, negative_mask = (torch.ones(1, text_len, dtype=torch.long) for _ in range(2))
+    mask[0, -2:], negative_mask[0, -(text_len // 2 + 1):] = 0, 0
+    return dict(prompt_embeds=torch.randn(1, text_len, width, generator=g, dtype=torch.float64),
+                prompt_embeds_mask=mask,
+                negative_prompt_embeds=torch.randn(1, text_len, width, generator=g, dtype=torch.float64),
+                negative_prompt_embeds_mask=negative_mask)

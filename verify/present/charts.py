@@ -17,14 +17,14 @@ COLORS = {"standard": "#4c72b0", "merged": "#dd8452", "oracle": "#55a868"}
 
 def charts(summary: dict) -> dict[str, bytes]:
     """File name -> PNG bytes for every chart the summary has data for."""
-    out = {"errors.png": _png(errors_chart(summary))}
+    out = {"errors.png": png(errors_chart(summary))}
     if summary.get("output_stats"):  # from the streamed model's fixtures (Qwen-Image)
-        out["output_stats.png"] = _png(stats_chart(summary))
+        out["output_stats.png"] = png(stats_chart(summary))
     if summary.get("lora"):
-        out["lora_counts.png"] = _png(lora_counts_chart(summary["lora"]))
-        out["alpha_sweep.png"] = _png(sweep_chart(summary["lora"]))
+        out["lora_counts.png"] = png(lora_counts_chart(summary["lora"]))
+        out["alpha_sweep.png"] = png(sweep_chart(summary["lora"]))
     if summary.get("speed") and summary["speed"].get("rows"):
-        out["speed.png"] = _png(speed_chart(summary["speed"]))
+        out["speed.png"] = png(speed_chart(summary["speed"]))
     return out
 
 
@@ -157,7 +157,7 @@ def _interval_bars(rows: list[dict | None]) -> list[list[float]]:
     return [below, above]
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)

@@ -109,19 +109,22 @@ def html(summary: dict, pngs: dict[str, bytes]) -> str:
 
 
 def write_report(summary: dict, out: Path) -> None:
-    """Write all files into a temporary folder beside `out`, then move them in: no half-written report."""
+    """summary.json, report.md, index.html, the charts and the CSV tables into `out`, none half-written."""
+    pngs = charts(summary)
+    files = {"summary.json": json.dumps(summary, indent=2, allow_nan=False) + "\n", "report.md": markdown(summary),
+             "index.html": html(summary, pngs), **pngs}
+    files |= {f"{name}.csv": frame.to_csv(index=False) for name, frame in tables(summary).items()}
+    write_folder(out, files)
+
+
+def write_folder(out: Path, files: dict[str, str | bytes]) -> None:
+    """Write every file into a temporary folder beside `out`, then move them in: no half-written output."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        pngs = charts(summary)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        (tmp / "report.md").write_text(markdown(summary))
-        (tmp / "index.html").write_text(html(summary, pngs))
-        for name, data in pngs.items():
-            (tmp / name).write_bytes(data)
-        for name, frame in tables(summary).items():
-            frame.to_csv(tmp / f"{name}.csv", index=False)
+        for name, data in files.items():
+            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
         out.mkdir(exist_ok=True)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)

@@ -1,0 +1,187 @@
+"""A sampling run judged step by step against an fp64 oracle.
+
+diffusers' own pipeline runs three times from the same noise, prompt embeddings and scheduler: the oracle (the
+reference in fp64, its scheduler step in fp64 too), base (the reference in each tested dtype) and cand (the candidate
+in each tested dtype). The latents after every step are judged by the relative-to-base rule (verify.checks.compare),
+the first step where cand leaves the bound is located inside that step's model calls (verify.checks.divergence), and
+every run's final latents are decoded by one fp64 VAE, so that the images differ only where the latents do.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+from torch import nn
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from verify import models
+from verify.checks.compare import Record, compare
+from verify.checks.divergence import first_divergence
+from verify.checks.equivalence import build_component
+from verify.checks.inputs import cast_inputs
+from verify.checks.probes import count_calls
+from verify.checks.tolerance import OUTPUTS, dtype_name, floor_dtype
+from verify.errors import VerifyError
+from verify.implementations.candidate import Implementation
+
+
+class Fp64FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
+    """diffusers' flow-matching Euler step, kept in fp64 for fp64 latents (diffusers' own step rounds the sample to
+    fp32 first, which would make the oracle an fp32 run); other dtypes and options step as diffusers does."""
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+        if sample.dtype != torch.float64 or self.config.stochastic_sampling or args or kwargs:
+            return super().step(model_output, timestep, sample, *args, return_dict=return_dict, **kwargs)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = (self.sigmas[self.step_index + k].double() for k in (0, 1))
+        prev = sample + (sigma_next - sigma) * model_output.double()  # x + (sigma_next - sigma) * v
+        self._step_index += 1
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+@dataclass
+class Run:
+    """One pipeline run: the latents after each step, the transformer's calls (keyword arguments, on the CPU) and
+    the decoded image."""
+
+    latents: list[torch.Tensor] = field(default_factory=list)
+    calls: list[dict] = field(default_factory=list)
+    image: np.ndarray | None = None
+    fused_calls: int | None = None
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """What `qkv-verify sample` was asked to run."""
+
+    model: str = models.DEFAULT_MODEL
+    config: str = "tiny"
+    steps: int = 20
+    true_cfg_scale: float | None = None  # None: the pipeline's default for the model
+    size: tuple[int, int] | None = None  # (height, width) in pixels; None: the model's tiny sample size
+    dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    device: str = "cpu"
+    seed: int = 0
+
+
+def run_sampling(candidate: Implementation, reference: Implementation,
+                 opts: SampleOptions) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """The oracle, then base and cand in each dtype: (per-step records, final records, image metrics and the run's
+    setup; the final images per dtype and role)."""
+    module = models.load(opts.model)
+    config = module.model_config(opts.config)
+    standard, vae = module.build_model(config, opts.seed), module.build_vae(opts.seed)
+    size = opts.size or module.SAMPLE_SIZE
+    cfg = module.TRUE_CFG_SCALE if opts.true_cfg_scale is None else opts.true_cfg_scale
+    inputs = _inputs(module, config, size, cfg, opts.seed)
+    ref_model = _built(reference, standard, torch.float64, "cpu")
+    oracle = _run(module, ref_model, vae, inputs, opts, torch.float64, "cpu", None)
+    trajectory, final, images, pictures = [], [], [], {}
+    for dtype in opts.dtypes:
+        base_model = _built(reference, standard, dtype, opts.device)
+        cand_model = _built(candidate, standard, dtype, opts.device)
+        base = _run(module, base_model, vae, inputs, opts, dtype, opts.device, None)
+        cand = _run(module, cand_model, vae, inputs, opts, dtype, opts.device, candidate)
+        records = [compare(f"step-{i + 1:02d}/latents", "sampling", {"latents": r}, {"latents": c}, OUTPUTS, dtype,
+                           opts.device, base={"latents": b}, fused_calls=cand.fused_calls,
+                           precision=candidate.precision)
+                   for i, (r, b, c) in enumerate(zip(oracle.latents, base.latents, cand.latents))]
+        first = next((i for i, r in enumerate(records) if not r.passed), None)
+        if first is not None:
+            records[first].first_divergence = _locate(oracle, ref_model, base_model, cand_model, first, dtype,
+                                                      opts.device, floor_dtype(dtype, candidate.precision),
+                                                      standard, cfg > 1)
+        trajectory += records
+        last = records[-1]
+        final.append(Record(**{**last.__dict__, "name": "final/latents"}))
+        pictures[dtype_name(dtype)] = {"oracle": oracle.image, "standard": base.image, "merged": cand.image}
+        images += [_image_metrics(oracle.image, run.image, role, dtype) for role, run in (("standard", base),
+                                                                                           ("merged", cand))]
+    setup = {"model": opts.model, "pipeline": module.PIPELINE_CLASS.__name__, "steps": opts.steps,
+             "true_cfg_scale": cfg, "size": list(size), "seed": opts.seed, "config": opts.config,
+             "scheduler": "FlowMatchEulerDiscreteScheduler (fp64 runs step in fp64)",
+             "vae": "seeded tiny AutoencoderKLQwenImage in fp64, shared by every run"}
+    return {"trajectory": [r.to_dict() for r in trajectory], "final": [r.to_dict() for r in final],
+            "images": [_image_metrics(oracle.image, oracle.image, "oracle", torch.float64), *images],
+            "sampling": setup}, pictures
+
+
+def _inputs(module, config: dict, size: tuple[int, int], cfg: float, seed: int) -> dict:
+    """The pipeline's keyword arguments shared by every run: embeddings, the initial noise (packed latents)."""
+    embeddings = module.prompt_embeddings(config, seed)
+    if cfg <= 1:
+        embeddings = {k: v for k, v in embeddings.items() if not k.startswith("negative")}
+    height, width = size
+    scale = 2 ** len(module.VAE_CONFIG["temperal_downsample"])
+    if height % (2 * scale) or width % (2 * scale):
+        raise VerifyError(f"--size {height}x{width}: each side must be a multiple of {2 * scale} (the VAE's "
+                          f"{scale}x downsampling, then 2 x 2 patches)")
+    tokens = (height // scale // 2) * (width // scale // 2)
+    g = torch.Generator().manual_seed(seed + 7)
+    noise = torch.randn(1, tokens, config["in_channels"], generator=g, dtype=torch.float64)
+    return embeddings | {"latents": noise, "height": height, "width": width, "true_cfg_scale": cfg}
+
+
+def _built(impl: Implementation, standard: nn.Module, dtype: torch.dtype, device: str) -> nn.Module:
+    model = build_component(impl, nn.Module.to(copy.deepcopy(standard), device=device, dtype=dtype), "model")
+    if model is None:
+        raise VerifyError(f"{impl.spec}: provides no model (nor its blocks): a sampling run needs one")
+    return model
+
+
+def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: SampleOptions, dtype: torch.dtype,
+         device: str, impl: Implementation | None) -> Run:
+    """One pipeline run in `dtype` on `device`, its latents after every step and its calls kept on the CPU; fp64
+    runs step in fp64 (Fp64FlowMatchEulerScheduler), the others as diffusers does."""
+    run = Run()
+    pipe = module.sampling_pipeline(transformer, vae, Fp64FlowMatchEulerScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    hook = transformer.register_forward_pre_hook(
+        lambda _m, _a, kwargs: run.calls.append(cast_inputs(kwargs, torch.float64, "cpu")), with_kwargs=True)
+
+    def keep(_pipe, _i, _t, tensors):
+        run.latents.append(tensors["latents"].detach().to("cpu", torch.float64))
+        return {}
+
+    args = cast_inputs({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}, dtype, device)
+    fused = impl.fused_modules if impl is not None and impl.fused else ()
+    try:
+        with torch.no_grad(), count_calls(transformer, fused) as calls:
+            out = pipe(**(inputs | args), num_inference_steps=opts.steps, output_type="np",
+                       callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
+    finally:
+        hook.remove()
+    run.image, run.fused_calls = out.images[0], (sum(calls.values()) if fused else None)
+    return run
+
+
+def _locate(oracle: Run, ref: nn.Module, base: nn.Module, cand: nn.Module, step: int, dtype: torch.dtype,
+            device: str, floor: torch.dtype, standard: nn.Module, cfg: bool) -> str:
+    """Where cand first leaves the bound inside step `step`'s model calls, all three run on the oracle's inputs."""
+    per_step = 2 if cfg else 1
+    calls = oracle.calls[step * per_step:(step + 1) * per_step]
+
+    def forward(module: nn.Module, d: torch.dtype) -> None:
+        where = "cpu" if d == torch.float64 and module is ref else device
+        for kwargs in calls:
+            module(**cast_inputs(kwargs, d, where))
+
+    shared = {n for n, _ in standard.named_modules() if n}
+    where = first_divergence(ref, base, cand, forward, dtype, shared, floor)
+    return f"step {step + 1}: {where}" if where else f"step {step + 1} (no submodule named by the standard model)"
+
+
+def _image_metrics(reference: np.ndarray, image: np.ndarray, role: str, dtype: torch.dtype) -> dict:
+    """PSNR and SSIM of `image` against the oracle's image (pixels in [0, 1]), and its pixel mean on 0-255."""
+    ref, img = (torch.from_numpy(np.ascontiguousarray(x)).double().permute(2, 0, 1)[None] for x in (reference, image))
+    exact = bool(torch.equal(ref, img))
+    return {"dtype": dtype_name(dtype), "implementation": role,
+            "psnr_db": None if exact else float(peak_signal_noise_ratio(img, ref, data_range=1.0)),
+            "ssim": float(structural_similarity_index_measure(img, ref, data_range=1.0)),
+            "pixel_mean": float(image.mean() * 255), "max_abs_pixel_err": float((img - ref).abs().max() * 255)}

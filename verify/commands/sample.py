@@ -1,0 +1,135 @@
+"""`qkv-verify sample`: a sampling run of diffusers' pipeline judged step by step against an fp64 oracle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from verify.commands.report import _dtypes
+from verify.models import DEFAULT_MODEL, add_model_argument
+
+FIXTURES = ("text-to-image",)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW in pixels, e.g. 32x32") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be positive")
+    return height, width
+
+
+def _steps(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of steps")
+    return int(text)
+
+
+def register_sample(subparsers) -> None:
+    from verify.maths.qkv import LAYOUTS
+
+    p = subparsers.add_parser(
+        "sample", description="Runs diffusers' own pipeline three times from the same seeded noise, prompt "
+                              "embeddings (a padded negative prompt for true CFG) and scheduler: the oracle "
+                              "(the reference in fp64, its scheduler step in fp64), base (the reference in each "
+                              "dtype) and cand (the candidate in each dtype), and judges the latents after every "
+                              "step by the relative-to-base rule; the final latents are decoded by one fp64 VAE "
+                              "(PSNR, SSIM and the pixel mean against the oracle's image). Exit status: 0 every "
+                              "step passed, 1 otherwise, 2 bad usage or input.")
+    add_model_argument(p)
+    p.add_argument("--candidate", metavar="SPEC", help="the implementation judged (as report's; default: the "
+                                                       "processor fuse_model installs on --device)")
+    p.add_argument("--reference", metavar="SPEC", help="what it must match (default: diffusers' standard model)")
+    p.add_argument("--fused-modules", metavar="NAMES", help="as report's: names whose calls prove the fused path ran, "
+                                                            "or none")
+    p.add_argument("--candidate-precision", choices=("fp64", "fp32"), help="as report's")
+    p.add_argument("--layout", choices=LAYOUTS, default="blocked",
+                   help="layout of --merged-checkpoint's fused tensors (not supported yet)")
+    p.add_argument("--checkpoint", type=Path, help="a diffusers transformer folder (not supported yet)")
+    p.add_argument("--merged-checkpoint", type=Path, help="your merged weights (not supported yet)")
+    p.add_argument("--lora", type=Path, help="a LoRA file (not supported yet)")
+    p.add_argument("--vae", type=Path, help="a diffusers VAE folder (not supported yet: a seeded tiny VAE decodes)")
+    p.add_argument("--config", choices=("tiny", "small"), default="tiny", help="seeded-weights config (default tiny)")
+    p.add_argument("--fixture", choices=FIXTURES, default=FIXTURES[0], help="what is sampled (default text-to-image)")
+    p.add_argument("--size", type=_size, help="HxW in pixels, each a multiple of 8 (default 32x32)")
+    p.add_argument("--steps", type=_steps, default=20, help="sampling steps (default 20)")
+    p.add_argument("--true-cfg-scale", type=float, help="true CFG scale (default 4.0 for Qwen-Image, as its "
+                                                        "pipeline); above 1 runs the negative prompt too")
+    p.add_argument("--dtypes", type=_dtypes, default=_dtypes("fp64,fp32,bf16,fp16"),
+                   help="comma list of fp64,fp32,bf16,fp16 (fp64 and fp32 are always run)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where base and cand run (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, noise and embeddings (default 0)")
+    p.add_argument("--out", type=Path, default=Path("qkv-verify-sample"),
+                   help="output folder: new, empty, or an earlier qkv-verify output (default qkv-verify-sample)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out that is not an earlier output")
+    p.set_defaults(func=_sample)
+
+
+NOT_YET = {"checkpoint": "--checkpoint", "merged_checkpoint": "--merged-checkpoint", "lora": "--lora", "vae": "--vae"}
+
+
+def _sample(args) -> int:
+    import torch
+
+    from verify.checks.report import REQUIRED_DTYPES, environment
+    from verify.checks.sampling import SampleOptions, run_sampling
+    from verify.commands.report import _refuse_foreign_out, _refuse_writing_into_inputs
+    from verify.errors import VerifyError
+    from verify.implementations.candidate import resolve
+    from verify.implementations.fused import default_processor
+    from verify.present.sample import write_sample
+
+    given = [flag for field, flag in NOT_YET.items() if getattr(args, field)]
+    if given:
+        raise VerifyError(f"sample: {', '.join(given)} not supported yet (it samples seeded tiny or small weights)")
+    model = args.model or DEFAULT_MODEL
+    if model != DEFAULT_MODEL:
+        raise VerifyError(f"sample --model {model}: not supported yet (sample handles {DEFAULT_MODEL} only)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise VerifyError("--device cuda: no CUDA device is available")
+    spec = args.candidate.rpartition(":")[0] if args.candidate else ""
+    _refuse_writing_into_inputs(args.out, {"--candidate": Path(spec)} if spec.endswith(".py") else {})
+    _refuse_foreign_out(args.out, args.force)
+    candidate = resolve(args.candidate or default_processor(args.device), args.fused_modules,
+                        args.candidate_precision)
+    reference = resolve(args.reference or "diffusers")
+    dtypes = tuple(dict.fromkeys([*REQUIRED_DTYPES, *args.dtypes]))
+    opts = SampleOptions(model=model, config=args.config, steps=args.steps, true_cfg_scale=args.true_cfg_scale,
+                         size=args.size, dtypes=dtypes, device=args.device, seed=args.seed)
+    result, pictures = run_sampling(candidate, reference, opts)
+    failed = [r for r in result["trajectory"] if not r["passed"]]
+    summary = {"verdict": "fail" if failed else "pass", "compared": "", "notes": _notes(result, candidate),
+               "candidate": candidate.describe(), "reference": reference.describe(), **result,
+               "environment": environment(args.device)}
+    summary["compared"] = compared_line(summary)
+    write_sample(summary, pictures, args.out)
+    print(summary["compared"])
+    print(f"verdict: {summary['verdict']} ({len(result['trajectory']) - len(failed)}/{len(result['trajectory'])} "
+          f"steps passed); report in {args.out}/index.html")
+    for r in (r for r in failed if r["first_divergence"]):
+        print(f"  FAILED from {r['name']} [{r['dtype']}]: {r['message']}; first divergence: {r['first_divergence']}")
+    return 0 if summary["verdict"] == "pass" else 1
+
+
+def compared_line(summary: dict) -> str:
+    """What was sampled, with what, and where cand first left the bound."""
+    s, cand = summary["sampling"], summary["candidate"]
+    line = (f"{s['model']}, {s['pipeline']} {s['steps']} steps at {s['size'][0]}x{s['size'][1]}, true CFG "
+            f"{s['true_cfg_scale']:g}: candidate {cand['spec']} vs reference {summary['reference']['spec']}; "
+            f"seeded {s['config']} config (seed {s['seed']}); dtypes "
+            f"{','.join(dict.fromkeys(r['dtype'] for r in summary['trajectory']))}")
+    first = next((r for r in summary["trajectory"] if r["first_divergence"]), None)
+    return line + (f"; first divergence [{first['dtype']}]: {first['first_divergence']}" if first else "")
+
+
+def _notes(result: dict, candidate) -> list[str]:
+    """What the images show beside the verdict: the pixel means side by side (an equal mean is no evidence)."""
+    by = {(i["dtype"], i["implementation"]): i for i in result["images"]}
+    notes = [f"pixel mean: oracle {by[('fp64', 'oracle')]['pixel_mean']:.2f}, "
+             + ", ".join(f"{d} standard {by[(d, 'standard')]['pixel_mean']:.2f} / merged "
+                         f"{by[(d, 'merged')]['pixel_mean']:.2f}" for d, role in by if role == "merged")]
+    if not candidate.fused:
+        notes.append(f"candidate {candidate.spec} is declared unfused: no fused-call proof")
+    return notes
