@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "stream a checkpoint between standard and merged QKV; --check proves a conversion"),
     "sample": ("verify.commands.sample", "register_sample",
                "judge a sampling run step by step against an fp64 oracle: latents per step, the final image"),
+    "inputs": ("verify.commands.engines", "register",
+               "write the inputs, weights and manifest an engine you cannot import runs (then: judge)"),
+    "judge": ("verify.commands.engines", "register",
+              "judge the outputs an engine wrote for an inputs folder, against an fp64 oracle computed here"),
     "bench": ("verify.commands.bench", "register_bench",
               "standard vs merged block speed: forward and training step, eager and torch.compile"),
 }

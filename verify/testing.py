@@ -79,3 +79,22 @@ def assert_trajectory(candidate: str | Build | Implementation, reference=None, *
         raise AssertionError(f"{len(failed)} of {len(records)} steps failed:\n" + "\n".join(
             f"{r['name']} [{r['dtype']}]: {r['message']}; first divergence: {r['first_divergence']}" for r in first))
     return records
+
+
+def save_inputs(out, model: str = DEFAULT_MODEL, config: str = "tiny", seed: int = 0,
+                components: Iterable[str] = ("attention", "block", "model"),
+                dtypes: Iterable[torch.dtype] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)) -> None:
+    """Write the inputs folder an engine that cannot be imported runs (`qkv-verify inputs`): inputs, weights,
+    manifest.json and README.txt, into `out` (written whole, then moved in)."""
+    from verify.checks.engines import inputs_files
+    from verify.present.render import write_folder
+
+    write_folder(out, inputs_files(model, config, seed, tuple(components), tuple(dtypes)))
+
+
+def judge_outputs(outputs, inputs, reference: str | Build | Implementation | None = None) -> dict:
+    """`qkv-verify judge`'s summary (summary.json's content) of the outputs an engine wrote for the inputs folder
+    `inputs`: the oracle and base computed here, each output judged by the relative-to-base rule."""
+    from verify.checks.engines import judge_folder
+
+    return judge_folder(outputs, inputs, reference)

@@ -5,6 +5,7 @@ reference."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -69,6 +70,34 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
                 record.first_divergence = judge.locate(ref_module, base_module, cand_module, dtype,
                                                        floor_dtype(dtype, cand_impl.precision))
             records.append(record)
+    return records
+
+
+def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Implementation, seed: int = 0,
+                reference: Spec | None = None) -> list[Record]:
+    """Records for `case` of outputs an engine saved per dtype (None: not provided), judged as run_case judges a
+    candidate's: against the oracle (the reference in fp64), relative to the reference in that dtype, on the CPU.
+    Gradients, which an engine does not save, are recorded as not compared."""
+    ref_impl = implementation(reference or "diffusers")
+    standard, inputs = case.build(case.config, seed), case.inputs(case.config, case.spec, seed)
+    judge = _Judge(dataclasses.replace(case, grads=False), standard, inputs, "cpu", seed, "blocked",
+                   case.config["attention_head_dim"])
+    ref_module = build_component(ref_impl, _to(copy.deepcopy(standard), torch.float64, "cpu"), case.component)
+    ref = judge.run(ref_impl, ref_module, torch.float64)
+    records = []
+    for dtype, outputs in saved.items():
+        if outputs is None:
+            record = judge.not_provided("outputs", dtype, engine, "the engine")
+            records.append(dataclasses.replace(record, message=f"not provided: {engine.spec} holds no outputs of "
+                                                               f"{case.name} in {dtype_name(dtype)}"))
+        else:
+            base = judge.run(ref_impl, build_component(ref_impl, _to(copy.deepcopy(standard), dtype, "cpu"),
+                                                      case.component), dtype)
+            judge.check_shapes(engine, base["outputs"], outputs)
+            records.append(judge.compare("outputs", ref, base, {"outputs": outputs}, dtype, None,
+                                         (ref_impl, engine), ref_module))
+        if case.grads:
+            records.append(judge.not_compared("gradients", dtype, "the engine saved no input gradients"))
     return records
 
 

@@ -29,8 +29,14 @@ def charts(summary: dict) -> dict[str, bytes]:
 
 
 def errors_chart(summary: dict):
-    """Max |output - fp64 oracle| per dtype, standard and merged side by side, one panel per check group."""
-    groups = sorted({c["name"] for c in summary["checks"] if c["component"] == "model"})
+    """Max |output - fp64 oracle| per dtype, standard and merged side by side, one panel per check group: the
+    model's, else (a judge of an engine's attention or block outputs) every judged one."""
+    judged = [c for c in summary["checks"] if c.get("provided", True) and c["max_abs_err"] is not None]
+    groups = sorted({c["name"] for c in judged if c["component"] == "model"}) or sorted({c["name"] for c in judged})
+    if not groups:
+        fig = plt.figure(figsize=(4.5, 1))
+        fig.text(0.5, 0.5, "no output was judged", ha="center", va="center")
+        return fig
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
     for ax, name in zip(axes[0], groups):
         rows = sorted((c for c in summary["checks"] if c["name"] == name), key=lambda c: DTYPE_ORDER.index(c["dtype"]))
