@@ -92,9 +92,11 @@ def save_inputs(out, model: str = DEFAULT_MODEL, config: str = "tiny", seed: int
     write_folder(out, inputs_files(model, config, seed, tuple(components), tuple(dtypes)))
 
 
-def judge_outputs(outputs, inputs, reference: str | Build | Implementation | None = None) -> dict:
+def judge_outputs(outputs, inputs, reference: str | Build | Implementation | None = None,
+                  precision: str | None = None) -> dict:
     """`qkv-verify judge`'s summary (summary.json's content) of the outputs an engine wrote for the inputs folder
-    `inputs`: the oracle and base computed here, each output judged by the relative-to-base rule."""
+    `inputs`: the oracle and base computed here, each output judged by the relative-to-base rule (`precision="fp32"`:
+    the engine computes in fp32 at best, its fp64 outputs judged at fp32's floor)."""
     from verify.checks.engines import judge_folder
 
-    return judge_folder(outputs, inputs, reference)
+    return judge_folder(outputs, inputs, reference, precision)

@@ -141,3 +141,23 @@ def test_inputs_never_writes_into_a_non_empty_folder_without_force(tmp_path, cap
     assert main(["inputs", "--out", str(tmp_path / "mine"), "--component", "attention", "--dtypes", "fp32"]) == 2
     assert "not empty" in capsys.readouterr().err and sorted(p.name for p in (tmp_path / "mine").iterdir()) == [
         "notes.txt"]
+
+
+def test_an_onnx_runtime_engine_passes_in_fp32_and_its_fp64_is_fp32_precision_until_declared(inputs, tmp_path):
+    run_engine(readme_engine("onnx_engine.py", tmp_path), inputs, tmp_path / "onnx.safetensors")
+    code, summary = judge(tmp_path, tmp_path / "onnx.safetensors", inputs)
+    judged = {c["dtype"]: c for c in summary["checks"] if c["provided"]}
+    assert code == 1 and judged["fp32"]["passed"] and not judged["fp64"]["passed"]
+    assert judged["fp64"]["message"].startswith("computes at fp32 precision")
+    code, summary = judge(tmp_path / "declared", tmp_path / "onnx.safetensors", inputs, "--candidate-precision", "fp32")
+    assert code == 0 and "declared fp32 precision" in summary["compared"]
+
+
+def test_an_onnx_graph_exported_with_k_and_v_swapped_fails_even_declared_fp32(inputs, tmp_path):
+    engine = readme_engine("onnx_engine.py", tmp_path)
+    text = engine.read_text()
+    assert "q, k, v = (torch.cat(pair" in text
+    engine.write_text(text.replace("q, k, v = (torch.cat(pair", "q, v, k = (torch.cat(pair"))
+    run_engine(engine, inputs, tmp_path / "onnx.safetensors")
+    code, summary = judge(tmp_path, tmp_path / "onnx.safetensors", inputs, "--candidate-precision", "fp32")
+    assert code == 1 and all(not c["passed"] for c in summary["checks"] if c["provided"])

@@ -54,15 +54,16 @@ def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...]
     return files | {saved.MANIFEST: json.dumps(manifest, indent=2) + "\n", "README.txt": saved.README}
 
 
-def judge_folder(outputs: Path, inputs: Path, reference: str | None = None) -> dict:
-    """summary.json's content for the outputs an engine wrote for the inputs folder `inputs`."""
+def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, precision: str | None = None) -> dict:
+    """summary.json's content for the outputs an engine wrote for the inputs folder `inputs`; `precision="fp32"`
+    declares that the engine computes in fp32 at best (its fp64 outputs judged at fp32's floor)."""
     manifest = saved.read_manifest(inputs)
     tensors, digest = saved.read_outputs(outputs)
     expected = {f"{e['case']}/{e['dtype']}/{o}": e["outputs"][o] for e in manifest["entries"] for o in e["outputs"]}
     _check_keys(tensors, expected, outputs)
     module = models.load(manifest["model"])
-    engine = Implementation(f"outputs:{outputs}", lambda standard, component: None, f"outputs:{outputs}",
-                            str(outputs), None, ())
+    engine = resolve(Implementation(f"outputs:{outputs}", lambda standard, component: None, f"outputs:{outputs}",
+                                    str(outputs), None, ()), precision=precision)
     ref = resolve(reference or "diffusers")
     records = []
     for name in dict.fromkeys(e["case"] for e in manifest["entries"]):
@@ -76,8 +77,11 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None) -> d
     absent = sorted({c["name"] for c in checks if not c.get("provided", True)})
     return {
         "verdict": "fail" if failed else "pass", "verdict_reasons": [],
-        "compared": (f"{manifest['model']}, outputs {outputs} (sha256 {digest[:16]}) vs reference {ref.spec}; "
-                     f"inputs {inputs} (seeded {manifest['config']} config, seed {manifest['seed']})"),
+        "compared": (f"{manifest['model']}, outputs {outputs} (sha256 {digest[:16]})"
+                     + (f", declared {precision} precision (its fp64 outputs judged at {precision}'s floor)"
+                        if engine.precision else "")
+                     + f" vs reference {ref.spec}; inputs {inputs} (seeded {manifest['config']} config, seed "
+                     f"{manifest['seed']})"),
         "candidate": engine.describe() | {"default": None, "sha256": digest},
         "reference": ref.describe() | {"default": None},
         "checks": checks, "output_stats": [], "output_samples": [], "lora": None, "claims": [], "speed": None,

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                                                                   "<case>/<dtype>/<output>")
     j.add_argument("--inputs", type=Path, required=True, metavar="DIR", help="the folder qkv-verify inputs wrote")
     j.add_argument("--reference", metavar="SPEC", help="what the outputs must match (default: diffusers)")
+    j.add_argument("--candidate-precision", choices=("fp64", "fp32"),
+                   help="the finest arithmetic the engine computes at: fp32 for one that computes in fp32 at best "
+                        "(its fp64 outputs are then judged at fp32's floor; default fp64)")
     j.add_argument("--out", type=Path, default=Path("qkv-verify-judge"),
                    help="output folder: new, empty, or an earlier qkv-verify output (default qkv-verify-judge)")
     j.add_argument("--force", action="store_true", help="write into a non-empty --out that is not an earlier report")
@@ -67,7 +70,7 @@ def judge_command(args) -> int:
 
     _refuse_writing_into_inputs(args.out, {"OUTPUTS": args.outputs, "--inputs": args.inputs})
     _refuse_foreign_out(args.out, args.force)
-    summary = judge_outputs(args.outputs, args.inputs, reference=args.reference)
+    summary = judge_outputs(args.outputs, args.inputs, reference=args.reference, precision=args.candidate_precision)
     failed = [c for c in summary["checks"] if not c["passed"] and c.get("provided", True)]
     summary["verdict_reasons"] = verdict_reasons(failed, [], [])
     write_report(summary, args.out)
