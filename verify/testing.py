@@ -87,7 +87,7 @@ def save_inputs(out, model: str = DEFAULT_MODEL, config: str = "tiny", seed: int
     """Write the inputs folder an engine that cannot be imported runs (`qkv-verify inputs`): inputs, weights,
     manifest.json and README.txt, into `out` (written whole, then moved in)."""
     from verify.checks.engines import inputs_files
-    from verify.present.render import write_folder
+    from verify.files.folder import write_folder
 
     write_folder(out, inputs_files(model, config, seed, tuple(components), tuple(dtypes)))
 

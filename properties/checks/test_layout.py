@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2] / "verify"
 # Layers from the bottom; a module may import from its own layer and any below.
-LAYERS = ["errors", "maths", "files", "implementations", "checks", "bench", "present", "commands"]
+LAYERS = ["errors", "models", "maths", "files", "implementations", "checks", "bench", "present", "commands"]
 PUBLIC = {"planted": "implementations", "testing": "checks", "pytest_plugin": "checks", "suite": "checks",
           "cli": "commands", "__init__": "errors"}
 

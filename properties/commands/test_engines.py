@@ -1,11 +1,11 @@
-"""`qkv-verify inputs` and `qkv-verify judge`: engines that cannot be imported, judged through saved files. The README's
-two engines run as subprocesses: a merged attention in plain torch (nothing of qkv-verify or diffusers in its
-process), and the built-in reference processor, whose round trip gives report's records bit for bit."""
+"""`qkv-verify inputs` and `qkv-verify judge`: engines that cannot be imported, judged through saved files. The engines
+README.md points to (properties/engines/) run as subprocesses: a merged attention in plain torch (nothing of
+qkv-verify or diffusers in its process), the same exported to ONNX and run by ONNX Runtime, and the built-in reference
+processor, whose round trip gives report's records bit for bit."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +19,14 @@ from verify.cli import main
 from verify.models.qwen_image import CASES
 from verify.testing import judge_outputs
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ENGINES = Path(__file__).resolve().parents[1] / "engines"  # the engines README.md points to
 DTYPES = "fp64,fp32"
 
 
 def readme_engine(name: str, folder: Path) -> Path:
-    body = dict(re.findall(r"```python\n# file: (\S+)\n(.*?)```", README.read_text(), re.S))[name]
+    """A copy, in `folder`, of an engine README points to (properties/engines/NAME), that a test may change."""
     path = folder / name
-    path.write_text(body)
+    path.write_text((ENGINES / name).read_text())
     return path
 
 

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from properties.strategies import expensive, input_specs, layouts, model_configs, namings, seeds
-from verify.checks.cases import Case, model_outputs
 from verify.checks.compare import assert_passed
 from verify.checks.equivalence import run_case
 from verify.files.checkpoint import Checkpoint
@@ -21,6 +20,7 @@ from verify.files.convert import check, convert
 from verify.files.model_config import model_config
 from verify.implementations.loading import build_merged, load_standard
 from verify.models import qwen_image
+from verify.models.cases import Case, model_outputs
 
 STORED = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 SHARDS = st.sampled_from(["8KB", "40KB", "10GB"])  # many small shards, a few, one file

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from verify.checks.cases import Case, Outputs
 from verify.checks.compare import Record, compare
 from verify.checks.divergence import first_divergence
 from verify.checks.inputs import cast_inputs
@@ -20,6 +19,7 @@ from verify.checks.tolerance import GRADIENTS, OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
 from verify.implementations.candidate import Build, Implementation, resolve
 from verify.implementations.fused import default_processor
+from verify.models.cases import Case, Outputs
 from verify.models.qwen_image import InputSpec
 
 GRAD_INPUTS = ("hidden_states", "encoder_hidden_states")

@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from torch import nn
 
-from verify.checks.cases import Case, Outputs, model_outputs
+from verify.models.cases import Case, Outputs, model_outputs
 
 MODEL_CLASS = QwenImageTransformer2DModel  # diffusers' class of the whole model
 CLASS_NAME = "QwenImageTransformer2DModel"  # the `_class_name` of its config.json

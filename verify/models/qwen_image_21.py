@@ -26,7 +26,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 )
 from torch import nn
 
-from verify.checks.cases import Case, Outputs, model_outputs
+from verify.models.cases import Case, Outputs, model_outputs
 
 MODEL_CLASS = QwenImage21Transformer2DModel  # diffusers' class of the whole model
 CLASS_NAME = "QwenImage21Transformer2DModel"  # the `_class_name` of its config.json

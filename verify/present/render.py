@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from verify.bench.table import goals
+from verify.files.folder import write_folder
 from verify.present.charts import charts
 
 CHECK_COLUMNS = ["name", "component", "dtype", "device", "passed", "max_abs_err", "base_max_abs_err", "ratio",
@@ -115,20 +113,3 @@ def write_report(summary: dict, out: Path) -> None:
              "index.html": html(summary, pngs), **pngs}
     files |= {f"{name}.csv": frame.to_csv(index=False) for name, frame in tables(summary).items()}
     write_folder(out, files)
-
-
-def write_folder(out: Path, files: dict[str, str | bytes]) -> None:
-    """Write every file into a temporary folder beside `out`, then move them in: no half-written output."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        for name, data in files.items():  # a name may hold a subfolder ("weights/x.safetensors")
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
-        out.mkdir(exist_ok=True)
-        for name in files:
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from verify.files.folder import write_folder
 from verify.present.charts import COLORS, png
-from verify.present.render import write_folder
 
 TRAJECTORY_COLUMNS = ["name", "dtype", "passed", "max_abs_err", "base_max_abs_err", "ratio", "tolerance",
                       "fused_calls", "first_divergence"]

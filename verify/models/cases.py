@@ -1,5 +1,5 @@
-"""What an equivalence case is: a component, how to build it and its inputs, what it outputs. Each model module under
-verify.models declares its cases (its CASES), iterated by the property tests and by the report."""
+"""What an equivalence case is: a component, how to build it and its inputs, what it outputs. Each model module of
+verify.models declares its cases (its CASES), iterated by the runners, the property tests and the report."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from verify.checks.tolerance import DTYPES
 
 Outputs = dict[str, torch.Tensor]
 
@@ -25,7 +23,7 @@ class Case:
     outputs: Callable[[nn.Module, dict], Outputs]  # run the module -> named outputs
     config: dict  # the model's diffusers config
     spec: object  # the model's input spec (sizes of the fixture)
-    dtypes: tuple[torch.dtype, ...] = tuple(DTYPES.values())
+    dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     grads: bool = False  # also compare gradients w.r.t. inputs and weights
     grad_inputs: tuple[str, ...] = ("hidden_states", "encoder_hidden_states")  # inputs whose gradients are compared
 

@@ -1,0 +1,26 @@
+"""Writing a folder of output files whole: into a temporary folder beside it, then moved in, so that no reader ever
+sees a half-written output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def write_folder(out: Path, files: dict[str, str | bytes]) -> None:
+    """Write every file into a temporary folder beside `out`, then move them in: no half-written output."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, data in files.items():  # a name may hold a subfolder ("weights/x.safetensors")
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+        out.mkdir(exist_ok=True)
+        for name in files:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
