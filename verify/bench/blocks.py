@@ -30,7 +30,8 @@ def image_grid(tokens: int) -> tuple[int, int]:
 
 def build_block(opts: Options) -> nn.Module:
     """A standard diffusers block with seeded weights, built on the device and cast to bf16 (never fp64)."""
-    from verify.models.qwen_image import QwenImageTransformerBlock, randomise_norms
+    from verify.models.qwen_image import QwenImageTransformerBlock
+    from verify.models.seeded import randomise_norms
 
     torch.manual_seed(opts.seed)
     with torch.device(opts.device):

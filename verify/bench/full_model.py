@@ -78,7 +78,8 @@ def full_model_rows(opts: Options, peaks: tuple[float, float], t0: float, rows: 
 def build_full_model(opts: Options) -> nn.Module:
     """The whole QwenImageTransformer2DModel at --dim/--heads/--head-dim with opts.layers blocks, seeded, built in
     bf16 directly on the device (about 41 GB at the real size; never fp32 or fp64 on the way)."""
-    from verify.models.qwen_image import QwenImageTransformer2DModel, model_config, randomise_norms
+    from verify.models.qwen_image import QwenImageTransformer2DModel, model_config
+    from verify.models.seeded import randomise_norms
 
     config = model_config("full", num_layers=opts.layers, num_attention_heads=opts.heads,
                           attention_head_dim=opts.head_dim, axes_dims_rope=rope_axes(opts.head_dim))

@@ -10,7 +10,6 @@ import torch
 
 # the seam: only verify.models imports diffusers' model classes (this module, Qwen-Image's)
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
-from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     QwenEmbedLayer3DRope,
@@ -22,6 +21,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from torch import nn
 
 from verify.models.cases import Case, Outputs, model_outputs
+from verify.models.seeded import named_config, seeded
 
 MODEL_CLASS = QwenImageTransformer2DModel  # diffusers' class of the whole model
 CLASS_NAME = "QwenImageTransformer2DModel"  # the `_class_name` of its config.json
@@ -76,26 +76,12 @@ FIXTURES: dict[str, InputSpec] = {
 
 def model_config(name_or_config: str | dict, **overrides) -> dict:
     """A diffusers config dict from a config name (tiny|small|full) or a dict, with overrides applied."""
-    config = dict(CONFIGS[name_or_config]) if isinstance(name_or_config, str) else dict(name_or_config)
-    config.update(overrides)
-    return config
+    return named_config(CONFIGS, name_or_config, **overrides)
 
 
 def build_model(config: dict, seed: int, dtype: torch.dtype = torch.float64) -> QwenImageTransformer2DModel:
     """The standard diffusers model with seeded weights, on the CPU; RMSNorm weights randomised so swaps show."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = QwenImageTransformer2DModel(**config)
-    randomise_norms(model, seed)
-    return torch.nn.Module.to(model, dtype).eval()  # ModelMixin.to warns about fp32 modules this model lacks
-
-
-def randomise_norms(module: torch.nn.Module, seed: int) -> None:
-    """Draw RMSNorm weights from U(0.5, 1.5): at their initial ones, norm_q and norm_added_q are interchangeable."""
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for norm in (m for m in module.modules() if isinstance(m, RMSNorm) and m.weight is not None):
-            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g, dtype=torch.float64) + 0.5)
+    return seeded(lambda: QwenImageTransformer2DModel(**config), seed, dtype)
 
 
 def model_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
@@ -181,16 +167,10 @@ def seeded_lora(config: dict, seed: int) -> dict[str, torch.Tensor]:
 
 def build_block(config: dict, seed: int) -> QwenImageTransformerBlock:
     """One seeded standard transformer block at the config's width, in fp64."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        block = QwenImageTransformerBlock(
-            dim=config["num_attention_heads"] * config["attention_head_dim"],
-            num_attention_heads=config["num_attention_heads"],
-            attention_head_dim=config["attention_head_dim"],
-            zero_cond_t=config.get("zero_cond_t", False),
-        )
-    randomise_norms(block, seed)
-    return block.double().eval()
+    return seeded(lambda: QwenImageTransformerBlock(
+        dim=config["num_attention_heads"] * config["attention_head_dim"],
+        num_attention_heads=config["num_attention_heads"], attention_head_dim=config["attention_head_dim"],
+        zero_cond_t=config.get("zero_cond_t", False)), seed)
 
 
 def build_attention(config: dict, seed: int) -> nn.Module:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 
 # the seam: only verify.models imports diffusers' model classes (this module, Qwen-Image 2.1's)
-from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_qwenimage21 import (
     QwenImage21Attention,
     QwenImage21AttnProcessor,
@@ -27,6 +26,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 from torch import nn
 
 from verify.models.cases import Case, Outputs, model_outputs
+from verify.models.seeded import named_config, seeded
 
 MODEL_CLASS = QwenImage21Transformer2DModel  # diffusers' class of the whole model
 CLASS_NAME = "QwenImage21Transformer2DModel"  # the `_class_name` of its config.json
@@ -98,44 +98,25 @@ FIXTURES: dict[str, InputSpec] = {
 
 def model_config(name_or_config: str | dict, **overrides) -> dict:
     """A diffusers config dict from a config name (tiny|small|full) or a dict, with overrides applied."""
-    config = dict(CONFIGS[name_or_config]) if isinstance(name_or_config, str) else dict(name_or_config)
-    config.update(overrides)
-    return config
+    return named_config(CONFIGS, name_or_config, **overrides)
 
 
 def build_model(config: dict, seed: int, dtype: torch.dtype = torch.float64) -> QwenImage21Transformer2DModel:
     """The standard diffusers model with seeded weights, on the CPU; norm weights randomised so swaps show."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = QwenImage21Transformer2DModel(**config)
-    randomise_norms(model, seed)
-    return torch.nn.Module.to(model, dtype).eval()
+    return seeded(lambda: QwenImage21Transformer2DModel(**config), seed, dtype)
 
 
 def build_block(config: dict, seed: int) -> QwenImage21TransformerBlock:
     """One seeded standard block at the config's width, in fp64."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        block = QwenImage21TransformerBlock(
-            dim=config["num_attention_heads"] * config["attention_head_dim"],
-            num_attention_heads=config["num_attention_heads"],
-            attention_head_dim=config["attention_head_dim"], mlp_ratio=config.get("mlp_ratio", 3),
-        )
-    randomise_norms(block, seed)
-    return block.double().eval()
+    return seeded(lambda: QwenImage21TransformerBlock(
+        dim=config["num_attention_heads"] * config["attention_head_dim"],
+        num_attention_heads=config["num_attention_heads"], attention_head_dim=config["attention_head_dim"],
+        mlp_ratio=config.get("mlp_ratio", 3)), seed)
 
 
 def build_attention(config: dict, seed: int) -> nn.Module:
     """The attention of build_block's block."""
     return build_block(config, seed).attn
-
-
-def randomise_norms(module: nn.Module, seed: int) -> None:
-    """Draw RMSNorm weights from U(0.5, 1.5): at their initial ones, norm_q and norm_k are interchangeable."""
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for norm in (m for m in module.modules() if isinstance(m, RMSNorm) and m.weight is not None):
-            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g, dtype=torch.float64) + 0.5)
 
 
 def text_mask(spec: InputSpec, length: int) -> torch.Tensor:
