@@ -93,10 +93,11 @@ def save_inputs(out, model: str = DEFAULT_MODEL, config: str = "tiny", seed: int
 
 
 def judge_outputs(outputs, inputs, reference: str | Build | Implementation | None = None,
-                  precision: str | None = None) -> dict:
+                  precision: str | None = None, reference_outputs=None) -> dict:
     """`qkv-verify judge`'s summary (summary.json's content) of the outputs an engine wrote for the inputs folder
     `inputs`: the oracle and base computed here, each output judged by the relative-to-base rule (`precision="fp32"`:
-    the engine computes in fp32 at best, its fp64 outputs judged at fp32's floor)."""
+    the engine computes in fp32 at best, its fp64 outputs judged at fp32's floor; `reference_outputs`: saved outputs,
+    e.g. another machine's, in place of the reference run here as base)."""
     from verify.checks.engines import judge_folder
 
-    return judge_folder(outputs, inputs, reference, precision)
+    return judge_folder(outputs, inputs, reference, precision, reference_outputs)

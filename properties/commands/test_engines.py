@@ -161,3 +161,35 @@ def test_an_onnx_graph_exported_with_k_and_v_swapped_fails_even_declared_fp32(in
     run_engine(engine, inputs, tmp_path / "onnx.safetensors")
     code, summary = judge(tmp_path, tmp_path / "onnx.safetensors", inputs, "--candidate-precision", "fp32")
     assert code == 1 and all(not c["passed"] for c in summary["checks"] if c["provided"])
+
+
+def test_two_runs_are_judged_against_each_other_through_saved_outputs(inputs, torch_outputs, tmp_path, capsys):
+    """report --save-outputs on "machine A" (the built-in reference), then the plain-torch engine judged with A's
+    outputs as base: the oracle is computed here, base is A's file, and the summary cites both hashes."""
+    saved = tmp_path / "a.safetensors"
+    assert main(["report", "--candidate", "reference", "--dtypes", DTYPES, "--save-outputs", str(saved),
+                 "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert report["inputs"]["saved_outputs"]["file"] == str(saved)
+    a = load_file(saved)
+    assert {"attention/fp64/image", "attention/fp32/text", "block/fp32/image"} <= set(a)
+    expected = {k: v for k, v in a.items() if k.split("/")[0] in {"attention", "block", "block-edit-zero-cond"}}
+    save_file(expected, tmp_path / "base.safetensors")
+    code, summary = judge(tmp_path, torch_outputs, inputs, "--reference-outputs", str(tmp_path / "base.safetensors"))
+    assert code == 0 and summary["reference"]["base_outputs"] == str(tmp_path / "base.safetensors")
+    judged = [c for c in summary["checks"] if c["provided"]]
+    assert judged and all(c["passed"] for c in judged) and "base: outputs" in summary["compared"]
+    # a base 0.1% off the engine's outputs: its error against the oracle exceeds the engine's, so every ratio falls
+    # below 1 (the reference run here matches the engine: ratio 1 in fp32, exact in fp64), and the wider bound passes
+    wide = {k: v * 1.001 for k, v in load_file(torch_outputs).items()}
+    save_file(wide, tmp_path / "wide.safetensors")
+    code, summary = judge(tmp_path / "wide", torch_outputs, inputs, "--reference-outputs",
+                          str(tmp_path / "wide.safetensors"))
+    ratios = [c["ratio"] for c in summary["checks"] if c["provided"]]
+    assert code == 0 and ratios and all(r is not None and r < 1 for r in ratios)
+
+
+def test_save_outputs_never_replaces_a_file_without_force(tmp_path, capsys):
+    (tmp_path / "mine.safetensors").write_bytes(b"keep")
+    assert main(["report", "--save-outputs", str(tmp_path / "mine.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "exists" in capsys.readouterr().err and (tmp_path / "mine.safetensors").read_bytes() == b"keep"

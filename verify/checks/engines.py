@@ -54,13 +54,18 @@ def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...]
     return files | {saved.MANIFEST: json.dumps(manifest, indent=2) + "\n", "README.txt": saved.README}
 
 
-def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, precision: str | None = None) -> dict:
+def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, precision: str | None = None,
+                 reference_outputs: Path | None = None) -> dict:
     """summary.json's content for the outputs an engine wrote for the inputs folder `inputs`; `precision="fp32"`
-    declares that the engine computes in fp32 at best (its fp64 outputs judged at fp32's floor)."""
+    declares that the engine computes in fp32 at best (its fp64 outputs judged at fp32's floor); `reference_outputs`
+    (outputs saved in the same format, e.g. by `report --save-outputs` on another machine) replace the reference run
+    here as base; the oracle is still computed here."""
     manifest = saved.read_manifest(inputs)
     tensors, digest = saved.read_outputs(outputs)
     expected = {f"{e['case']}/{e['dtype']}/{o}": e["outputs"][o] for e in manifest["entries"] for o in e["outputs"]}
     _check_keys(tensors, expected, outputs)
+    base_tensors, base_digest = saved.read_outputs(reference_outputs) if reference_outputs else ({}, None)
+    _check_keys(base_tensors, expected, reference_outputs)
     module = models.load(manifest["model"])
     engine = resolve(Implementation(f"outputs:{outputs}", lambda standard, component: None, f"outputs:{outputs}",
                                     str(outputs), None, ()), precision=precision)
@@ -71,7 +76,8 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
         case = copy.copy(module.CASES[name])
         case = type(case)(**{**case.__dict__, "config": entries[0]["config"]})
         per_dtype = {DTYPES[e["dtype"]]: _outputs_of(e, tensors) for e in entries}
-        records += judge_saved(case, per_dtype, engine, manifest["seed"], ref)
+        bases = {DTYPES[e["dtype"]]: _outputs_of(e, base_tensors) for e in entries} if reference_outputs else None
+        records += judge_saved(case, per_dtype, engine, manifest["seed"], ref, bases)
     checks = [r.to_dict() for r in records]
     failed = [c for c in checks if not c["passed"] and c.get("provided", True)]
     absent = sorted({c["name"] for c in checks if not c.get("provided", True)})
@@ -80,10 +86,12 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
         "compared": (f"{manifest['model']}, outputs {outputs} (sha256 {digest[:16]})"
                      + (f", declared {precision} precision (its fp64 outputs judged at {precision}'s floor)"
                         if engine.precision else "")
-                     + f" vs reference {ref.spec}; inputs {inputs} (seeded {manifest['config']} config, seed "
-                     f"{manifest['seed']})"),
+                     + f" vs reference {ref.spec}"
+                     + (f" (base: outputs {reference_outputs}, sha256 {base_digest[:16]})" if reference_outputs else "")
+                     + f"; inputs {inputs} (seeded {manifest['config']} config, seed {manifest['seed']})"),
         "candidate": engine.describe() | {"default": None, "sha256": digest},
-        "reference": ref.describe() | {"default": None},
+        "reference": ref.describe() | {"default": None, "base_outputs": str(reference_outputs) if reference_outputs
+                                       else None, "base_sha256": base_digest},
         "checks": checks, "output_stats": [], "output_samples": [], "lora": None, "claims": [], "speed": None,
         "parallel": None, "environment": environment("cpu"),
         "inputs": {"model": manifest["model"], "inputs": str(inputs), "outputs": str(outputs), "sha256": digest,

@@ -20,7 +20,6 @@ from verify.errors import VerifyError
 from verify.implementations.candidate import Build, Implementation, resolve
 from verify.implementations.fused import default_processor
 from verify.models.cases import Case, Outputs
-from verify.models.qwen_image import InputSpec
 
 GRAD_INPUTS = ("hidden_states", "encoder_hidden_states")
 Spec = str | Build | Implementation
@@ -35,10 +34,12 @@ def implementation(spec: Spec | None, device: str = "cpu") -> Implementation:
 
 
 def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: str = "cpu", seed: int = 0,
-             config: dict | None = None, spec: InputSpec | None = None, candidate: Spec | None = None,
-             reference: Spec | None = None, layout: str = "blocked") -> list[Record]:
+             config: dict | None = None, spec: object | None = None, candidate: Spec | None = None,
+             reference: Spec | None = None, layout: str = "blocked",
+             saved: dict[str, torch.Tensor] | None = None) -> list[Record]:
     """Records for `case` in each dtype: outputs (and gradients when the case asks) of the candidate vs the
-    reference; `layout` splits the candidate's fused parameters when its weight gradients are mapped."""
+    reference; `layout` splits the candidate's fused parameters when its weight gradients are mapped. `saved`, when
+    given, receives the candidate's outputs keyed <case>/<dtype>/<output> (verify.files.saved's format)."""
     cand_impl, ref_impl = implementation(candidate, device), implementation(reference or "diffusers")
     layout = cand_impl.layout or layout
     config, spec = config or case.config, spec or case.spec
@@ -59,6 +60,8 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
         with count_calls(cand_module, cand_impl.fused_modules) as calls:
             cand = judge.run(cand_impl, cand_module, dtype)
         judge.check_shapes(cand_impl, base["outputs"], cand["outputs"])
+        if saved is not None:
+            saved.update({f"{case.name}/{dtype_name(dtype)}/{k}": v.detach().cpu() for k, v in cand["outputs"].items()})
         fused_calls = sum(calls.values()) if cand_impl.fused else None
         for kind in judge.kinds:
             unsupported = next((run["unsupported"] for run in (ref, base, cand) if run.get("unsupported")), None)
@@ -74,9 +77,11 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
 
 
 def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Implementation, seed: int = 0,
-                reference: Spec | None = None) -> list[Record]:
+                reference: Spec | None = None,
+                bases: dict[torch.dtype, Outputs | None] | None = None) -> list[Record]:
     """Records for `case` of outputs an engine saved per dtype (None: not provided), judged as run_case judges a
-    candidate's: against the oracle (the reference in fp64), relative to the reference in that dtype, on the CPU.
+    candidate's: against the oracle (the reference in fp64), relative to the reference in that dtype, on the CPU;
+    `bases`, when given, are saved outputs that replace that reference run (another machine's, another torch's).
     Gradients, which an engine does not save, are recorded as not compared."""
     ref_impl = implementation(reference or "diffusers")
     standard, inputs = case.build(case.config, seed), case.inputs(case.config, case.spec, seed)
@@ -86,13 +91,14 @@ def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Im
     ref = judge.run(ref_impl, ref_module, torch.float64)
     records = []
     for dtype, outputs in saved.items():
-        if outputs is None:
-            record = judge.not_provided("outputs", dtype, engine, "the engine")
-            records.append(dataclasses.replace(record, message=f"not provided: {engine.spec} holds no outputs of "
+        missing = engine if outputs is None else None if bases is None or bases[dtype] is not None else ref_impl
+        if missing is not None:
+            record = judge.not_provided("outputs", dtype, missing, "the engine")
+            records.append(dataclasses.replace(record, message=f"not provided: {missing.spec} holds no outputs of "
                                                                f"{case.name} in {dtype_name(dtype)}"))
         else:
-            base = judge.run(ref_impl, build_component(ref_impl, _to(copy.deepcopy(standard), dtype, "cpu"),
-                                                      case.component), dtype)
+            base = {"outputs": bases[dtype]} if bases is not None else judge.run(ref_impl, build_component(
+                ref_impl, _to(copy.deepcopy(standard), dtype, "cpu"), case.component), dtype)
             judge.check_shapes(engine, base["outputs"], outputs)
             records.append(judge.compare("outputs", ref, base, {"outputs": outputs}, dtype, None,
                                          (ref_impl, engine), ref_module))

@@ -211,8 +211,8 @@ def round_trip_checks(std: StateDictSource) -> list[Record]:
     return records
 
 
-def component_checks(subject: Subject, dtypes: list[torch.dtype], device: str, seed: int,
-                     layout: str) -> list[Record]:
+def component_checks(subject: Subject, dtypes: list[torch.dtype], device: str, seed: int, layout: str,
+                     saved: dict[str, torch.Tensor] | None = None) -> list[Record]:
     """The model's registry cases (outputs and gradients), seeded, at the subject's width: attention and block; the
     whole-model cases too where the model is not streamed (Qwen-Image's is, by model_checks) or the candidate
     provides a model of its own (its own RoPE, text projection, modulation or masks are judged only there)."""
@@ -223,7 +223,7 @@ def component_checks(subject: Subject, dtypes: list[torch.dtype], device: str, s
         components.append("model")
     return [r for case in models.load(subject.model).CASES.values() if case.component in components
             for r in run_case(case, dtypes, device, seed, config={**case.config, **width},
-                              candidate=subject.candidate, reference=subject.reference, layout=layout)]
+                              candidate=subject.candidate, reference=subject.reference, layout=layout, saved=saved)]
 
 
 def provides_model(candidate: Implementation, config: dict, seed: int) -> bool:
@@ -233,12 +233,13 @@ def provides_model(candidate: Implementation, config: dict, seed: int) -> bool:
     return candidate.make(qwen_image.build_model(tiny, seed), "model") is not None
 
 
-def run_report(subject: Subject, opts: Options) -> dict:
+def run_report(subject: Subject, opts: Options, saved: dict[str, torch.Tensor] | None = None) -> dict:
     """Judge the subject: its weights, the attention and block cases, every fixture through the streamed model (with
     the LoRA, and its sweep), the parallel model; and return the summary."""
     dtypes = list(dict.fromkeys([*REQUIRED_DTYPES, *opts.dtypes]))
     records = subject.weight_checks + ([subject.lora.unmatched_check(opts.allow_unmatched)] if subject.lora else [])
-    records += round_trip_checks(subject.std) + component_checks(subject, dtypes, opts.device, opts.seed, opts.layout)
+    records += round_trip_checks(subject.std) + component_checks(subject, dtypes, opts.device, opts.seed, opts.layout,
+                                                                 saved)
     model_records, stats, samples = model_checks(subject, dtypes, opts) if subject.model == models.DEFAULT_MODEL \
         else ([], [], [])
     records += model_records + parallel_checks(subject, opts)

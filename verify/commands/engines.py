@@ -39,6 +39,10 @@ def register(subparsers) -> None:
                                                                   "<case>/<dtype>/<output>")
     j.add_argument("--inputs", type=Path, required=True, metavar="DIR", help="the folder qkv-verify inputs wrote")
     j.add_argument("--reference", metavar="SPEC", help="what the outputs must match (default: diffusers)")
+    j.add_argument("--reference-outputs", type=Path, metavar="FILE",
+                   help="outputs saved in the same format (report --save-outputs, or another engine's) that replace "
+                        "the reference run here as base: two machines or two torch versions judged against each "
+                        "other; the oracle is still computed here")
     j.add_argument("--candidate-precision", choices=("fp64", "fp32"),
                    help="the finest arithmetic the engine computes at: fp32 for one that computes in fp32 at best "
                         "(its fp64 outputs are then judged at fp32's floor; default fp64)")
@@ -68,9 +72,11 @@ def judge_command(args) -> int:
     from verify.present.render import write_report
     from verify.testing import judge_outputs
 
-    _refuse_writing_into_inputs(args.out, {"OUTPUTS": args.outputs, "--inputs": args.inputs})
+    _refuse_writing_into_inputs(args.out, {"OUTPUTS": args.outputs, "--inputs": args.inputs} | (
+        {"--reference-outputs": args.reference_outputs} if args.reference_outputs else {}))
     _refuse_foreign_out(args.out, args.force)
-    summary = judge_outputs(args.outputs, args.inputs, reference=args.reference, precision=args.candidate_precision)
+    summary = judge_outputs(args.outputs, args.inputs, reference=args.reference, precision=args.candidate_precision,
+                            reference_outputs=args.reference_outputs)
     failed = [c for c in summary["checks"] if not c["passed"] and c.get("provided", True)]
     summary["verdict_reasons"] = verdict_reasons(failed, [], [])
     write_report(summary, args.out)

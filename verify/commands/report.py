@@ -65,6 +65,11 @@ def register_report(subparsers) -> None:
                         "_cp_plan); CPU ranks over gloo, or with --device cuda one GPU a rank over NCCL (ring: cuda "
                         "only, bf16)")
     p.add_argument("--baseline", type=Path, help="a stored summary.json: report what moved (as `qkv-verify regress`)")
+    p.add_argument("--save-outputs", type=Path, metavar="FILE",
+                   help="also write the candidate's outputs of the attention, block and model cases to FILE "
+                        "(safetensors, keyed <case>/<dtype>/<output> as `qkv-verify judge` reads them), so that two "
+                        "machines or torch versions can be judged against each other later (judge "
+                        "--reference-outputs)")
     add_threshold_arguments(p)
     p.add_argument("--allow-unmatched", action="store_true",
                    help="LoRA keys that match no module do not fail the report (the lora/unmatched-keys check)")
@@ -75,16 +80,25 @@ def register_report(subparsers) -> None:
 
 
 def _report(args) -> int:
+    import hashlib
+
     from verify.checks.claims import check_claims, ledger, load_claims, refuted_user_claims
     from verify.checks.regress import load_summary, regress
     from verify.checks.report import Options, load_subject, run_report, run_values
     from verify.commands.regress import thresholds_from
+    from verify.errors import VerifyError
     from verify.files.bench_file import load_bench
+    from verify.files.folder import write_file
     from verify.files.property_results import load_property_results
+    from verify.files.saved import tensor_bytes
     from verify.present.render import write_report
 
     _refuse_writing_into_inputs(args.out, _inputs(args))
     _refuse_foreign_out(args.out, args.force)
+    if args.save_outputs and args.save_outputs.exists() and not args.force:
+        raise VerifyError(f"--save-outputs {args.save_outputs}: exists; choose another file or pass --force")
+    if args.save_outputs and not args.save_outputs.parent.is_dir():
+        raise VerifyError(f"--save-outputs {args.save_outputs}: no such folder {args.save_outputs.parent}")
     if args.claims:  # bad claims are bad input: refuse before running anything, paths checked against this run
         check_claims(load_claims(args.claims), run_values(args.dtypes))
     baseline = load_summary(args.baseline) if args.baseline else None
@@ -96,7 +110,8 @@ def _report(args) -> int:
                    fused_modules=args.fused_modules, candidate_precision=args.candidate_precision,
                    allow_unmatched=args.allow_unmatched, parallel=args.parallel,
                    model=args.model)
-    summary = run_report(load_subject(opts), opts)
+    saved = {} if args.save_outputs else None
+    summary = run_report(load_subject(opts), opts, saved)
     summary["claims"] = ledger(summary, args.claims, bench, properties)
     summary["speed"] = bench
     if baseline is not None:
@@ -106,6 +121,11 @@ def _report(args) -> int:
     moved = summary["regression"]["moved"] if baseline is not None else []
     summary["verdict_reasons"] = verdict_reasons(failed, refuted, moved)
     summary["verdict"] = "fail" if summary["verdict_reasons"] else "pass"
+    if saved is not None:  # first, so that the summary can cite the file by its hash
+        data = tensor_bytes(saved)
+        write_file(args.save_outputs, data)
+        summary["inputs"]["saved_outputs"] = {"file": str(args.save_outputs),
+                                              "sha256": hashlib.sha256(data).hexdigest()}
     write_report(summary, args.out)
     print(summary["compared"])
     why = f": {'; '.join(summary['verdict_reasons'])}" if summary["verdict_reasons"] else ""

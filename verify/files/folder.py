@@ -1,5 +1,5 @@
-"""Writing a folder of output files whole: into a temporary folder beside it, then moved in, so that no reader ever
-sees a half-written output."""
+"""Writing output files whole (a folder, or one file): written beside their place, then moved in, so that no reader
+ever sees a half-written output."""
 
 from __future__ import annotations
 
@@ -24,3 +24,16 @@ def write_folder(out: Path, files: dict[str, str | bytes]) -> None:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write one file whole: a temporary file beside it, then renamed over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
