@@ -187,3 +187,27 @@ def _image_metrics(reference: np.ndarray, image: np.ndarray, role: str, dtype: t
             "psnr_db": None if exact else float(peak_signal_noise_ratio(img, ref, data_range=1.0)),
             "ssim": float(structural_similarity_index_measure(img, ref, data_range=1.0)),
             "pixel_mean": float(image.mean() * 255), "max_abs_pixel_err": float((img - ref).abs().max() * 255)}
+
+
+WRITE_UP_MEAN = "Base model inference: Works perfectly (Mean: 203.98, same as standard)"
+
+
+def mean_claim(result: dict) -> dict:
+    """The write-up's claim judged on the image: the pixel means and PSNR of merged and standard side by side, but
+    confirmed only when the trajectory follows the oracle at every step (two images can share a mean and differ
+    everywhere)."""
+    by = {(i["dtype"], i["implementation"]): i for i in result["images"]}
+    rows = [{"dtype": d, "standard_mean": by[(d, "standard")]["pixel_mean"], "merged_mean": i["pixel_mean"],
+             "standard_psnr_db": by[(d, "standard")]["psnr_db"], "merged_psnr_db": i["psnr_db"]}
+            for (d, role), i in by.items() if role == "merged"]
+    means_agree = all(abs(r["merged_mean"] - r["standard_mean"]) < 0.5 for r in rows)
+    first = next((r for r in result["trajectory"] if not r["passed"]), None)
+    if first is None:
+        verdict = "confirmed"
+        why = "every step of every dtype follows the oracle within the rule (the means agreeing is not the evidence)"
+    else:
+        verdict = "refuted"
+        why = (f"the trajectory leaves the bound at {first['name']} [{first['dtype']}] although the pixel means "
+               f"{'agree within half a grey level' if means_agree else 'differ too'}")
+    return {"id": "mean-same-as-standard", "claim": WRITE_UP_MEAN, "verdict": verdict, "why": why,
+            "oracle_mean": by[("fp64", "oracle")]["pixel_mean"], "measured": rows}

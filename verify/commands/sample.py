@@ -74,7 +74,7 @@ def _sample(args) -> int:
     import torch
 
     from verify.checks.report import REQUIRED_DTYPES, environment
-    from verify.checks.sampling import SampleOptions, run_sampling
+    from verify.checks.sampling import SampleOptions, mean_claim, run_sampling
     from verify.commands.report import _refuse_foreign_out, _refuse_writing_into_inputs
     from verify.errors import VerifyError
     from verify.implementations.candidate import resolve
@@ -102,6 +102,7 @@ def _sample(args) -> int:
     failed = [r for r in result["trajectory"] if not r["passed"]]
     summary = {"verdict": "fail" if failed else "pass", "compared": "", "notes": _notes(result, candidate),
                "candidate": candidate.describe(), "reference": reference.describe(), **result,
+               "claims": [mean_claim(result)],
                "environment": environment(args.device)}
     summary["compared"] = compared_line(summary)
     write_sample(summary, pictures, args.out)

@@ -19,6 +19,7 @@ from verify.present.charts import COLORS, png
 TRAJECTORY_COLUMNS = ["name", "dtype", "passed", "max_abs_err", "base_max_abs_err", "ratio", "tolerance",
                       "fused_calls", "first_divergence"]
 IMAGE_COLUMNS = ["dtype", "implementation", "psnr_db", "ssim", "pixel_mean", "max_abs_pixel_err"]
+CLAIM_COLUMNS = ["dtype", "standard_mean", "merged_mean", "standard_psnr_db", "merged_psnr_db"]
 
 
 def write_sample(summary: dict, pictures: dict[str, dict[str, np.ndarray]], out: Path) -> None:
@@ -74,6 +75,8 @@ def markdown(summary: dict) -> str:
     if failed:
         lines += ["## First failing step per dtype", "", _table([r for r in failed if r["first_divergence"]],
                                                                TRAJECTORY_COLUMNS), ""]
+    lines += ["## Claims", ""] + [f"- {c['claim']}: **{c['verdict']}**: {c['why']}" for c in summary["claims"]]
+    lines += ["", _table([r for c in summary["claims"] for r in c["measured"]], CLAIM_COLUMNS), ""]
     lines += ["## Final images against the oracle's", "", _table(summary["images"], IMAGE_COLUMNS), ""]
     lines += ["## Trajectory", "", _table(summary["trajectory"], TRAJECTORY_COLUMNS), ""]
     lines += ["## Sampling", "", "```json", json.dumps(summary["sampling"], indent=2), "```", ""]
@@ -85,7 +88,8 @@ def html(summary: dict, pngs: dict[str, bytes]) -> str:
     frame = {name: pd.DataFrame(rows).reindex(columns=columns).to_html(
         index=False, float_format=lambda x: f"{x:.4g}", na_rep="", classes="table", border=0)
         for name, rows, columns in (("trajectory", summary["trajectory"], TRAJECTORY_COLUMNS),
-                                    ("images", summary["images"], IMAGE_COLUMNS))}
+                                    ("images", summary["images"], IMAGE_COLUMNS),
+                                    ("claims", [r for c in summary["claims"] for r in c["measured"]], CLAIM_COLUMNS))}
     images = {name: "data:image/png;base64," + base64.b64encode(data).decode() for name, data in pngs.items()}
     return env.get_template("sample.html.j2").render(summary=summary, tables=frame, images=images,
                                                     sampling=json.dumps(summary["sampling"], indent=2))
