@@ -93,3 +93,19 @@ def test_fuse_then_unfuse_gives_back_diffusers_weights_bit_for_bit():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(isinstance(a.processor, m.QwenImage21AttnProcessor) for a in fused_21.attentions(model))
+
+
+@pytest.mark.parametrize("layout, style", [("blocked", "PackedColwiseParallel"), ("interleaved", "colwise")])
+def test_the_merged_models_tensor_parallel_plan_shards_to_qkv_by_head(layout, style):
+    """diffusers' 2.1 plan shards to_q, to_k, to_v colwise; merged, one to_qkv must give every rank the q, k and v
+    rows of the same heads: three packed blocks for [q | k | v], plain colwise for per-head groups."""
+    model = m.build_model(m.model_config("tiny"), 0)
+    plan = fused_21.fuse_model(model, layout)._tp_plan
+    assert not any(k.endswith(("attn.to_q", "attn.to_k", "attn.to_v")) for k in plan)
+    sharded = plan["transformer_blocks.*.attn.to_qkv"]
+    assert (type(sharded).__name__ if style != "colwise" else sharded) == style
+    kept = {k: v for k, v in m.QwenImage21Transformer2DModel._tp_plan.items() if "attn.to_" not in k or "to_out" in k}
+    assert kept.items() <= plan.items()
+    assert model.config["qkv_merge"] == {"naming": "seed", "layout": layout}
+    fused_21.unfuse_model(model)
+    assert model._tp_plan == m.QwenImage21Transformer2DModel._tp_plan and model.config["qkv_merge"] is None

@@ -14,7 +14,10 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from verify.errors import VerifyError
+from verify.files.model_config import MERGE_KEY
+from verify.implementations.fused import tensor_parallel_plan
 from verify.maths import qkv
+from verify.maths.naming import DEFAULT_NAMING
 from verify.models.qwen_image_21 import (
     QwenImage21Attention,
     QwenImage21AttnProcessor,
@@ -127,9 +130,15 @@ def fuse_attention(attn: QwenImage21Attention, layout: str = "blocked", processo
 
 
 def fuse_model(module: nn.Module, layout: str = "blocked", processor_type=FusedQwenImage21AttnProcessor) -> nn.Module:
-    """Every attention of `module` fused in place; returns `module`."""
-    for attn in attentions(module):
+    """Every attention of `module` fused in place; returns `module`. A model's config then records the merge and its
+    `_tp_plan` shards `to_qkv` so that every rank holds the q, k and v rows of the same heads."""
+    found = attentions(module)
+    for attn in found:
         fuse_attention(attn, layout, processor_type(layout))
+    if hasattr(module, "register_to_config") and found:
+        module.register_to_config(**{MERGE_KEY: {"naming": DEFAULT_NAMING, "layout": layout}})
+    if getattr(module, "_tp_plan", None):
+        module._tp_plan = tensor_parallel_plan(type(module)._tp_plan, DEFAULT_NAMING, layout)
     return module
 
 
@@ -149,6 +158,11 @@ def unfuse_attention(attn: QwenImage21Attention) -> QwenImage21Attention:
 
 def unfuse_model(module: nn.Module) -> nn.Module:
     """Inverse of fuse_model, in place; returns `module`."""
-    for attn in attentions(module):
+    found = attentions(module)
+    for attn in found:
         unfuse_attention(attn)
+    if hasattr(module, "register_to_config") and found:
+        module.register_to_config(**{MERGE_KEY: None})
+    if "_tp_plan" in vars(module):
+        del module._tp_plan  # the class's plan, for the separate projections, again
     return module
