@@ -7,21 +7,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from verify import models
 from verify.errors import VerifyError
 from verify.files.checkpoint import Checkpoint
 from verify.files.model_config import differing_fields, is_merged, merge_recorded, model_config
+from verify.implementations import fused_21
 from verify.implementations.fused import fuse_model
 from verify.maths.naming import NAMINGS
-from verify.models.qwen_image import QwenEmbedLayer3DRope, QwenEmbedRope, QwenImageTransformer2DModel
+from verify.models.qwen_image import QwenImageTransformer2DModel
 
 
-def empty_model(config: dict) -> QwenImageTransformer2DModel:
-    """The model's structure without weights (meta device); RoPE tables, which are plain attributes, built for real."""
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**config)
-    rope = QwenEmbedLayer3DRope if config.get("use_layer3d_rope") else QwenEmbedRope
-    model.pos_embed = rope(theta=10000, axes_dim=list(model.pos_embed.axes_dim), scale_rope=True)
-    return model
+def empty_model(config: dict) -> nn.Module:
+    """The model's structure without weights (meta device), of the class its config is for (Qwen-Image's when it
+    says none); RoPE tables, which are plain attributes, built for real."""
+    cls = getattr(config, "model_class", QwenImageTransformer2DModel)
+    return models.load(models.from_class_name(cls.__name__)).empty_model(config)
+
+
+def fuse_any(model: nn.Module, naming: str, layout: str) -> nn.Module:
+    """fuse_model for Qwen-Image (in `naming`); Qwen-Image 2.1's one stream has one naming."""
+    return fused_21.fuse_model(model, layout) if fused_21.attentions(model) else fuse_model(model, naming, layout)
 
 
 def load_standard(ckpt: Checkpoint, dtype: torch.dtype = torch.float64) -> QwenImageTransformer2DModel:
@@ -33,7 +38,7 @@ def load_standard(ckpt: Checkpoint, dtype: torch.dtype = torch.float64) -> QwenI
 
 def build_merged(ckpt: Checkpoint, config: dict, layout: str, dtype: torch.dtype | None = torch.float64) -> nn.Module:
     """A merged model (naming detected from the keys, `layout` as told) with the checkpoint's weights."""
-    model = fuse_model(empty_model(config), merged_naming(ckpt, config), layout)
+    model = fuse_any(empty_model(config), merged_naming(ckpt, config), layout)
     return _fill(model, ckpt, dtype)
 
 
@@ -92,7 +97,7 @@ def merged_naming(ckpt: Checkpoint, config: dict) -> str:
     check_same_model(ckpt, config)
     for naming in NAMINGS:
         try:
-            check_fits(ckpt, fuse_model(empty_model(config), naming), config)
+            check_fits(ckpt, fuse_any(empty_model(config), naming, "blocked"), config)
             return naming
         except VerifyError as e:
             problems[naming] = str(e)

@@ -79,6 +79,15 @@ def model_config(name_or_config: str | dict, **overrides) -> dict:
     return named_config(CONFIGS, name_or_config, **overrides)
 
 
+def empty_model(config: dict) -> QwenImageTransformer2DModel:
+    """The model's structure without weights (meta device); RoPE tables, which are plain attributes, built for real."""
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**config)
+    rope = QwenEmbedLayer3DRope if config.get("use_layer3d_rope") else QwenEmbedRope
+    model.pos_embed = rope(theta=10000, axes_dim=list(model.pos_embed.axes_dim), scale_rope=True)
+    return model
+
+
 def build_model(config: dict, seed: int, dtype: torch.dtype = torch.float64) -> QwenImageTransformer2DModel:
     """The standard diffusers model with seeded weights, on the CPU; RMSNorm weights randomised so swaps show."""
     return seeded(lambda: QwenImageTransformer2DModel(**config), seed, dtype)

@@ -101,6 +101,17 @@ def model_config(name_or_config: str | dict, **overrides) -> dict:
     return named_config(CONFIGS, name_or_config, **overrides)
 
 
+def empty_model(config: dict) -> QwenImage21Transformer2DModel:
+    """The model's structure without weights (meta device); the tables computed at construction, which no checkpoint
+    holds (RoPE's plain attribute, the timestep embedding's non-persistent buffer), built for real."""
+    with torch.device("meta"):
+        model = QwenImage21Transformer2DModel(**config)
+    model.pos_embed = QwenImage21Rope(theta=10000, axes_dim=list(model.pos_embed.axes_dim))
+    time_proj = model.time_text_embed.time_proj
+    model.time_text_embed.time_proj = type(time_proj)(time_proj.timestep_dim, time_factor=time_proj.time_factor)
+    return model
+
+
 def build_model(config: dict, seed: int, dtype: torch.dtype = torch.float64) -> QwenImage21Transformer2DModel:
     """The standard diffusers model with seeded weights, on the CPU; norm weights randomised so swaps show."""
     return seeded(lambda: QwenImage21Transformer2DModel(**config), seed, dtype)
