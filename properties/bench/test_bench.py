@@ -2,9 +2,8 @@
 
 The bench's sizes all come from its arguments, so this smoke test runs the same code as the GPU measurement. The
 merged block it times (bench_blocks.merged_block) and the lean-unfused one (bench_blocks.lean_block) are proven
-equivalent to the
-standard block by the property machinery (run_case: fp64 oracle, relative-to-base rule, fused calls counted where
-fused) in all four dtypes, with gradients; the LoRA arms train their adapters and never a base weight.
+equivalent to the standard block by the property machinery (run_case: fp64 oracle, relative-to-base rule, fused calls
+counted where fused) in all four dtypes, with gradients; the LoRA arms train their adapters and never a base weight.
 """
 
 from __future__ import annotations
@@ -403,8 +402,7 @@ def test_timed_block_is_equivalent(device, processor):
 @pytest.mark.parametrize("processor", ["fast", "reference"])
 def test_lean_unfused_block_is_equivalent(device, processor):
     """The lean-unfused block bench_blocks.lean_block builds (separate projections kept) computes the standard
-    function in
-    fp64, fp32, bf16 and fp16, outputs and gradients (weight gradients onto the standard's own names)."""
+    function in fp64, fp32, bf16 and fp16, outputs and gradients (weight gradients onto the standard's own names)."""
     def build(module, component):
         return bench_blocks.lean_block(module, processor)
 
@@ -482,7 +480,8 @@ def test_bad_sizes_exit_2(capsys):
 
 
 def test_flops_and_grid():
-    """The real block at 8192 + 256 tokens: 2.79 TFLOP forward (DESIGN section 7: 3.53 ms at 790 TFLOP/s)."""
+    """The real block at 8192 + 256 tokens: 2.79 TFLOP forward (3.53 ms at 790 TFLOP/s, the floor reports/gpu/NOTES.md
+    quotes from the design brief)."""
     opts = bench_options.Options(device="cpu")
     assert bench_blocks.block_flops(opts, 8192, "forward") / 1e12 == pytest.approx(2.79, abs=0.01)
     assert bench_blocks.rope_axes(128) == (16, 56, 56) and sum(bench_blocks.rope_axes(16)) == 16

@@ -1,4 +1,4 @@
-"""verify.clocks: what a bench row records about the GPU's clock and power (summaries computed by hand here)."""
+"""verify.bench.clocks: what a bench row records about the GPU's clock and power (summaries computed by hand here)."""
 
 from __future__ import annotations
 

@@ -201,7 +201,8 @@ def _bench_row(mode, phase, speedup, k_std, k_merged):
 
 
 def test_bench_rows_judge_speed_and_kernel_claims(runs, tmp_path):
-    # DESIGN.md section 7, one H200: fused forward 0.945x and training step 0.991x; kernels 97 -> 91 per forward
+    # the design brief's H200 figures (reports/gpu/NOTES.md quotes them): fused forward 0.945x, training step 0.991x,
+    # kernels 97 -> 91 per forward
     measured = {"device": "NVIDIA H200", "rows": [_bench_row("eager", "forward", 0.945, 97, 91),
                                                   _bench_row("eager", "train", 0.991, 300, 282)]}
     rows = _by_id(ledger(runs["default"], None, measured))

@@ -23,7 +23,7 @@ SEED = 0  # the report's default seed: its weights and inputs
 
 
 def _modules() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """target -> (A, B), scaled as verify.checks.qwen_image.seeded_lora scales its factors."""
+    """target -> (A, B), scaled as verify.models.qwen_image.seeded_lora scales its factors."""
     g = torch.Generator().manual_seed(11)
     out = {}
     for target in TOP:

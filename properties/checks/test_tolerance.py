@@ -2,8 +2,8 @@
 
 The per-dtype floors are torch.testing's own: at |cand - ref| just inside and just outside atol + rtol * |ref|, the
 allclose rule accepts and rejects exactly where torch.testing.assert_close does. The relative rules allow
-k * err(base, ref) + floor with k = 2 for outputs and 3 for gradients (DESIGN.md section 5), the exact rule nothing;
-each expected bound is worked out here from that formula and torch's tolerances, never from Rule.bound."""
+k * err(base, ref) + floor with k = 2 for outputs and 3 for gradients (README, "How a result is judged"), the exact rule
+nothing; each expected bound is worked out here from that formula and torch's tolerances, never from Rule.bound."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from verify.checks.tolerance import (
 )
 
 INSIDE, OUTSIDE = 1 - 1e-3, 1 + 1e-3  # the candidate's error as a multiple of the allowed error
-# (rule, k): DESIGN.md section 5's factors; allclose is the floor alone, whatever the standard model's error
+# (rule, k): the rules' factors; allclose is the floor alone, whatever the standard model's error
 RULES = [(OUTPUTS, 2.0), (GRADIENTS, 3.0), (ALLCLOSE, 0.0)]
 BASE_AT, CAND_AT = (0, 3), (2, 5)  # where the standard model's error and the candidate's lie
 
@@ -74,7 +74,7 @@ def test_allclose_accepts_and_rejects_where_torch_testing_does(dtype, value, sca
 
 
 def test_bf16_floors_are_atol_1e_5_and_rtol_0_016():
-    """The design brief's spelled-out bf16 pair (section 5), in the (atol, rtol) order FLOORS stores."""
+    """torch.testing's bf16 pair spelled out, in the (atol, rtol) order FLOORS stores."""
     assert FLOORS[torch.bfloat16] == (1e-5, 0.016)
 
 

@@ -3,9 +3,8 @@ crashes otherwise or hangs (each example runs under a deadline).
 
 Readers: verify.files.checkpoint.read_header and Checkpoint (a single file, and a folder with config.json, every tensor
 read), convert's planning (headers, grouping, shapes), and the LoRA reader verify.files.lora_formats.read. Inputs:
-random
-bytes; valid files (a LoRA file and a small model-like file) with bytes flipped, truncated, a new header length, a
-random JSON header, or one field of one tensor entry replaced by a random JSON value.
+random bytes; valid files (a LoRA file and a small model-like file) with bytes flipped, truncated, a new header length,
+a random JSON header, or one field of one tensor entry replaced by a random JSON value.
 
 "Raises VerifyError" alone would pass a reader that refuses everything, so the positive control draws valid files
 from the strategies the mutations start from (LoRA files in four key formats; standard and merged model-like files

@@ -67,7 +67,7 @@ def write_lora(path: Path, fmt: str, modules: dict, alpha: float | None = None, 
 
 
 def expected_scale(fmt: str, alpha: float | None, rank: int) -> float:
-    """The convention each format documents (DESIGN section 4), restated independently of the code under test."""
+    """The convention each format documents, restated independently of the code under test."""
     return 1.0 if alpha is None or fmt == "diffsynth" else alpha / rank
 
 

@@ -21,7 +21,8 @@ from verify.models.qwen_image import CASES, CONFIGS
 from verify.planted import PLANTED
 
 HIGH = (torch.float64, torch.float32)
-# The bugs DESIGN.md section 5 lists for the merged path; removing one from PLANTED must not go unnoticed.
+# The classic bugs of a merged path (K and V swapped, q/k/v order, layout mix-up, a dropped bias, the two streams'
+# q-norms swapped, an off-by-one split, an ignored mask); removing one from PLANTED must not go unnoticed.
 LISTED = {"k_v_swapped", "kqv_order", "layout_mixup", "dropped_bias", "norm_q_swapped", "split_off_by_one",
           "mask_ignored"}
 COMPONENTS = ("attention", "block", "model")

@@ -2,7 +2,7 @@
 
 Usage: python reports/suite/bench_examples.py [--examples N] [--device cpu|cuda] [-k TEXT]
 
-Every Hypothesis property in properties/test_*.py runs for N examples (derandomized, generate phase only, no
+Every Hypothesis property in properties/**/test_*.py runs for N examples (derandomized, generate phase only, no
 database); pytest parameters (a planted bug, ...) give one row each. Prints property, examples run, seconds and
 examples per second. Fixtures supplied: `device` and a temporary `tmp_path_factory`; a property that needs another
 is listed as skipped. Exit status 1 if any property failed. Not a test: pytest does not collect this file.
@@ -54,7 +54,7 @@ def _parametrizations(test) -> list[dict]:
 
 
 def _properties(pattern: str):
-    """(module name, function name, test) for every Hypothesis test in properties/test_*.py."""
+    """(module name, function name, test) for every Hypothesis test in properties/**/test_*.py."""
     for path in sorted((ROOT / "properties").rglob("test_*.py")):
         module = importlib.import_module(f"properties.{path.stem}")
         for name, test in inspect.getmembers(module, inspect.isfunction):

@@ -27,7 +27,7 @@ def judged_arms(blocks: dict[str, nn.Module], processor: str) -> dict[str, bench
 def judge_arms(name: str, std: nn.Module, arms: dict[str, bench_judge.Arm], run: dict[str, nn.Module], inputs: dict,
                opts: Options, lora: bool = False) -> list[dict]:
     """Each arm's outputs and gradients at this size and mode (its timed module `run[arm]`) against the fp64 oracle
-    of `std`, relative to the standard arm of the same mode (verify.bench_judge)."""
+    of `std`, relative to the standard arm of the same mode (verify.bench.judge)."""
     ref = bench_judge.oracle(std, inputs, opts.seed)
     base = bench_judge.train_step(run["standard"], std, inputs, opts.seed)
     return [record for key, arm in arms.items()

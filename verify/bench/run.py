@@ -1,21 +1,19 @@
 """`qkv-verify bench`: the speed of the merged-QKV block against diffusers' standard one, measured, never assumed.
 
 One seeded Qwen-Image transformer block (or, with --full-model, the whole model) in bf16, standard vs merged
-(`fuse_model` with the chosen processor), forward and training step (forward + backward), eager and torch.compile.
-Every row has a third arm, *lean-unfused* (verify.implementations.lean_unfused): the merged processor's own
-norm/RoPE/joint-layout
-arithmetic on the separate q/k/v projections, so that a row splits its speedup into the lean arithmetic's share
-(`lean_speedup` = standard / lean-unfused) and fusion's own (`fusion_speedup` = lean-unfused / merged). With
---lora-rank R, `lora-train` rows time the write-up's setting: PEFT LoRA adapters of rank R on the write-up's target
-lists, base weights frozen, a training step into the adapters.
-Times are medians of many calls after a warm-up (CUDA events on a GPU, time.perf_counter on the CPU), the arms
-interleaved call by call (every order in turn), with 95% confidence intervals of the paired speedups and the GPU's
-clock and power while they ran (verify.clocks); kernels per call come from torch.profiler (GPU kernels; on the CPU,
-leaf aten ops that compute); achieved TFLOP/s and the matmul floor are against bf16 matmul peaks measured in the
-same run (a short burst and sustained load). Before anything is timed, every arm (merged, lean-unfused, and their LoRA
-counterparts) is judged at every size, eager and compiled, outputs and gradients, against an fp64 oracle by the
-relative-to-base rule, with its projection calls counted in both modes (verify.bench_judge), so the bench never times
-a wrong kernel."""
+(`fuse_model` with the chosen processor), forward and training step (forward + backward), eager and torch.compile. Every
+row has a third arm, *lean-unfused* (verify.implementations.lean_unfused): the merged processor's own
+norm/RoPE/joint-layout arithmetic on the separate q/k/v projections, so that a row splits its speedup into the lean
+arithmetic's share (`lean_speedup` = standard / lean-unfused) and fusion's own (`fusion_speedup` = lean-unfused /
+merged). With --lora-rank R, `lora-train` rows time the write-up's setting: PEFT LoRA adapters of rank R on the
+write-up's target lists, base weights frozen, a training step into the adapters. Times are medians of many calls after a
+warm-up (CUDA events on a GPU, time.perf_counter on the CPU), the arms interleaved call by call (every order in turn),
+with 95% confidence intervals of the paired speedups and the GPU's clock and power while they ran (verify.bench.clocks);
+kernels per call come from torch.profiler (GPU kernels; on the CPU, leaf aten ops that compute); achieved TFLOP/s and
+the matmul floor are against bf16 matmul peaks measured in the same run (a short burst and sustained load). Before
+anything is timed, every arm (merged, lean-unfused, and their LoRA counterparts) is judged at every size, eager and
+compiled, outputs and gradients, against an fp64 oracle by the relative-to-base rule, with its projection calls counted
+in both modes (verify.bench.judge), so the bench never times a wrong kernel."""
 
 from __future__ import annotations
 

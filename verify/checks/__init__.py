@@ -1,2 +1,3 @@
-"""How it is judged: fixtures, cases, tolerance, comparison, the runners (equivalence, streaming, report), claims.
-Imports verify.maths, verify.files and verify.implementations."""
+"""How it is judged: tolerance, comparison, the runners (equivalence, streaming, report), claims; the fixtures and
+cases they run are each model's, in verify.models. Imports verify.models, verify.maths, verify.files and
+verify.implementations."""

@@ -2,14 +2,13 @@
 `qkv-verify convert`, verify.commands.convert).
 
 Planning reads headers only: SRC's tensors on the meta device go through verify.maths.state_dict's merge/split, which
-names
-the output tensors and checks every q/k/v group, and the standard side must fit the model of config.json. Writing
-streams: a tensor outside the q/k/v groups is copied file to file by the kernel while a worker thread hashes and
-scans it where it lies in SRC; a group's tensors are read whole (from whichever shards hold them), merged by the
-same merge (or split into qkv.split's views, not copies), written, hashed by a worker and dropped. Memory never holds
-a shard: a few groups and copy buffers at most. Output shard i holds what source shard i held (a fused tensor goes
-where its q was; q, k, v where their fused tensor was), named as diffusers names shards, written into a temporary
-folder beside DST, fsynced, and renamed to DST at the end.
+names the output tensors and checks every q/k/v group, and the standard side must fit the model of config.json. Writing
+streams: a tensor outside the q/k/v groups is copied file to file by the kernel while a worker thread hashes and scans
+it where it lies in SRC; a group's tensors are read whole (from whichever shards hold them), merged by the same merge
+(or split into qkv.split's views, not copies), written, hashed by a worker and dropped. Memory never holds a shard: a
+few groups and copy buffers at most. Output shard i holds what source shard i held (a fused tensor goes where its q was;
+q, k, v where their fused tensor was), named as diffusers names shards, written into a temporary folder beside DST,
+fsynced, and renamed to DST at the end.
 """
 
 from __future__ import annotations

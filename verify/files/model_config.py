@@ -1,9 +1,9 @@
 """What a checkpoint folder's config.json says: the model's constructor arguments, and the merge it records.
 
 `model_config` reads the arguments the model's diffusers class takes (the class config.json's `_class_name` names,
-verify.models; diffusers' bookkeeping keys dropped),
-`differing_fields` names the ones two configs set differently, `merge_recorded` reads `qkv_merge` (MERGE_KEY),
-which a merged model's config.json holds; `is_merged` tells a merged checkpoint by its tensor names.
+from verify.models; diffusers' bookkeeping keys dropped), `differing_fields` names the ones two configs set
+differently, `merge_recorded` reads `qkv_merge` (MERGE_KEY), which a merged model's config.json holds; `is_merged`
+tells a merged checkpoint by its tensor names.
 """
 
 from __future__ import annotations

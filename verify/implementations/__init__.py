@@ -1,2 +1,2 @@
 """What is judged: diffusers' standard model, the fused processors, candidates and their adapters, loading models.
-Imports verify.maths and verify.files."""
+Imports verify.models, verify.maths and verify.files."""

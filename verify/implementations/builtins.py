@@ -1,8 +1,7 @@
 """Built-in implementations behind the candidate seam: the product's fused processors and diffusers' own model.
 
 Each is a `build(standard, component)` callable (verify.implementations.candidate); the processors fuse whatever
-component they are
-given in place, so one callable serves an attention, a block and a whole model.
+component they are given in place, so one callable serves an attention, a block and a whole model.
 """
 
 from __future__ import annotations

@@ -1,46 +1,19 @@
 """A faster merged-QKV attention processor: fewer elementwise passes over q and k than diffusers' processor.
 
-Where the time goes (DESIGN.md section 7): fusing the three projections saves little; the elementwise work around
-them dominates. diffusers' RMSNorm makes six passes over q and k, most in fp32 (cast, square, mean, scale, cast
-back, weight), and its RoPE three more (cast to fp32, complex multiply, cast back); the joint [text, image]
-concatenation copies q, k and v once more. `FastFusedQwenAttnProcessor` computes the same function with
+Fusing the projections saves little; the elementwise work around them dominates (reports/gpu/NOTES.md, "Why fusing
+alone does not pay"). `FastFusedQwenAttnProcessor` computes diffusers' function with one fused projection per stream
+(called as a module, so LoRA wrappers and `verify.checks.probes.count_calls` see it) and q, k, v as views of its
+output; QK-norm as one `F.rms_norm`, then its weight; RoPE in real arithmetic, cos/sin cached per model forward,
+written straight into the joint [text, image] buffer (no concatenation; backward: the inverse rotation); and, under
+torch.compile, one fp32 expression per tensor that inductor fuses into one kernel.
+`RegionCompiledFusedQwenAttnProcessor` (`fast-compiled`) compiles that expression alone as a region of an eager model.
 
-- one fused projection per stream (the module is called, so LoRA wrappers and `count_fused_calls` see it);
-- q, k, v as views of the projection output (no split copies), in either fused layout;
-- QK-norm as one `F.rms_norm` (one fp32-accumulating pass), then its weight (a second pass in fp16 and bf16);
-- RoPE in real arithmetic with cos/sin taken once from the complex frequencies (cached across the blocks of one
-  model forward), written straight into the joint [text, image] buffer, so q and k need no concatenation; its
-  backward is the inverse rotation (no saved activations);
-- under torch.compile, one fp32 expression (norm, RoPE, concatenation) that inductor fuses into one kernel per tensor.
-
-Per image q or k in eager half precision: 5 elementwise passes (norm, weight, and RoPE's swap, multiply and
-multiply-add) against diffusers' 10 (norm 6, RoPE 3, concatenation 1).
-
-Precision. In eager fp16 and bf16 the kernels round where diffusers rounds, no more and no less: the norm rounds its
-normalised value, then the product with the weight (`_norm`); RoPE computes in fp32 with fp32 coefficients and rounds
-once, forward and backward (`_rope_into`). On the CPU its half-precision outputs are then bit-identical to diffusers'
-(20 of 20 block draws measured); its gradients are not, as no merged path's are: the fused projection's input gradient
-is one product over q, k and v where diffusers sums three rounded ones. Each rounding added or skipped put weight
-gradients beyond the relative-to-base rule (k=3) on small draws, with torch.testing's floors
-(properties/implementations/test_fast_fused.py, ROUNDING_DRAWS; seeds 59600-60299 of one zero_cond_t block, bf16 and
-fp16): RoPE rounded
-after each of its two passes and the weight inside one fused norm failed 7 of the first 300 seeds; RoPE rounded once
-with the fused norm, 2 of 700; the arithmetic here, 0 of 700. Costs of that: the weight's own pass (forward: one
-multiply; backward: two products and the weight's reduction, which the fused norm did inside its kernel) and RoPE's fp32
-intermediate (4 bytes per element more than a half-precision one, no extra pass). Half-precision RoPE coefficients also
-put gradients beyond the rule (fp32 ones are used). The compiled paths (the region and the expression) write the
-same arithmetic as one fp32 expression with the norm's roundings in it (`_rms_rope`). The region is compiled with
-inductor's emulate_precision_casts, which keeps them; computed in fp32 throughout instead, it failed 2 of the
-packaged suite's 4 half-precision properties on the CPU, one draw each (norm-weight gradients, error ratios 4.09 and
-3.29; with the roundings 1.0 and 1.25: test_fast_fused.py, REGION_DRAWS). Under a whole-model torch.compile the
-expression runs with the caller's inductor options, which by default elide intermediate casts: closer to the fp64
-oracle than diffusers, not bit-identical, and on the rounding draws' block it failed the rule on 6 of 700 seeds, 5
-of them in gradients (one element of a 6- or 12-element norm-weight or bias gradient, a sum of a few rounded terms,
-beyond 3x a standard error that happens to be small there).
-
-Every path is judged by the relative-to-base rule against the fp64 oracle like every merged path. In an fp64 model
-it uses diffusers' own norm and RoPE (fp32 variance, complex64 RoPE), because the fp64 oracle is diffusers in fp64
-and computing those steps in true fp64 moves weight gradients beyond the fp64 floor (see `_diffusers_norm_rope`).
+Precision: in fp16 and bf16 every path rounds where diffusers rounds (`_norm`, `_rope_into`, and `_rms_rope` under
+inductor's emulate_precision_casts), since each rounding added or skipped put rare half-precision weight gradients
+beyond the relative-to-base rule (`ROUNDING_DRAWS`, `REGION_DRAWS` in properties/implementations/test_fast_fused.py;
+reports/gpu/NOTES.md, changes 12, 15 and 17). Under a whole-model torch.compile the expression runs with the caller's
+inductor options, which by default elide intermediate casts. In fp64 it runs diffusers' own norm and RoPE, because
+the fp64 oracle is diffusers in fp64 (`_diffusers_norm_rope`).
 """
 
 from __future__ import annotations
@@ -107,7 +80,8 @@ class FastFusedQwenAttnProcessor(FusedQwenAttnProcessor):
 class RegionCompiledFusedQwenAttnProcessor(FastFusedQwenAttnProcessor):
     """The fast processor whose QK-norm + RoPE + joint layout runs as one torch.compile'd region even when the model
     runs eagerly: inductor emits one kernel per q/k that reads the fused projection once and writes the joint tensor
-    (fp32 arithmetic, one rounding), and its backward. Compiled on first use (a few seconds, once per shape set).
+    (fp32 arithmetic, rounded where diffusers rounds), and its backward. Compiled on first use (a few seconds, once per
+    shape set).
 
     Falls back to the fast processor's own paths under a whole-model torch.compile, in fp64 (diffusers' own norm and
     RoPE, see `_diffusers_norm_rope`), without RoPE, and for norms other than a weighted RMSNorm of the input's dtype.
@@ -177,10 +151,9 @@ def compile_region(fn, backend: str):
 
 # Graphs a compiled region may keep. Each dtype, layout, grad mode, width, and batch or sequence length of 1 (which
 # dynamo specialises) is a graph of its own; dynamo's default budget is 8 per function, and with fullgraph=True the 9th
-# was a hard failure (FailOnRecompileLimitHit) that the packaged property suite hit on its first property with a
-# compiled region (fp32 attention, on the CPU; on an H200 that property failed without saying why, and passes with
-# this: reports/gpu/test-fast-compiled-h200.log, test-fast-compiled-find-h200.log). The region
-# keeps dynamo's ceiling for all functions together (its accumulated_recompile_limit) instead.
+# is a hard failure (FailOnRecompileLimitHit), which the packaged property suite reached on its fp32 attention property
+# (reports/gpu/NOTES.md, change 16). The region keeps dynamo's ceiling for all functions together (its
+# accumulated_recompile_limit) instead.
 REGION_RECOMPILE_LIMIT = 256
 
 
@@ -269,7 +242,7 @@ def _diffusers_norm_rope(txt_norm, txt, txt_freqs, img_norm, img, img_freqs) -> 
 
 
 def _norm_rope_expression(norm, x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
-    """RMSNorm then RoPE of x (B, S, H, D) computed in fp32 (fp64 for fp64), rounded once to x's dtype."""
+    """RMSNorm then RoPE of x (B, S, H, D) in fp32 (fp64 for fp64), rounded to x's dtype where diffusers rounds."""
     if isinstance(norm, RMSNorm) and norm.weight is not None and norm.bias is None:
         return _rms_rope(x, norm.weight, norm.eps, None if freqs is None else torch.view_as_real(freqs))
     return _rms_rope(_norm(norm, x), None, 0.0, None if freqs is None else torch.view_as_real(freqs))
@@ -280,7 +253,7 @@ def _rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos_sin:
 
     A half-precision weight rounds where diffusers' RMSNorm rounds: the normalised value to the weight's dtype, then
     its product with the weight (as the eager kernels do, `_norm`); computed in fp32 throughout instead, the norm
-    weight's gradient fell beyond the relative-to-base rule on 2 of 400 draws of the packaged suite (module docstring).
+    weight's gradient fell beyond the relative-to-base rule on 2 of 400 draws of the packaged suite (REGION_DRAWS).
     Compiled, those roundings hold only under inductor's emulate_precision_casts (the region sets it).
     """
     compute = torch.promote_types(x.dtype, torch.float32)
@@ -295,7 +268,7 @@ def _rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos_sin:
         return y.to(x.dtype)
     cos, sin = pair_coefficients(cos_sin.to(compute))
     # As in the eager kernels: every output element reads x and its pair partner, no stack of the output pairs
-    # (inductor's kernel for that form ran 15% slower on an H200; reports/gpu/NOTES.md).
+    # (inductor's kernel for that form ran 15% slower on an H200; reports/gpu/NOTES.md, change 9).
     return (y * cos + _swap_pairs(y) * sin).to(x.dtype)
 
 

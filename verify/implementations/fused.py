@@ -179,8 +179,8 @@ def _separate_projections(attn: Attention, stream: Stream, layout: str) -> list[
 
 
 # Fused processors by name: "reference" mirrors diffusers step by step; "fast" (verify.implementations.fast_fused)
-# makes fewer passes;
-# "fast-compiled" runs the fast processor's norm + RoPE + layout as one torch.compile'd region in an eager model.
+# makes fewer passes; "fast-compiled" runs the fast processor's norm + RoPE + layout as one torch.compile'd region in
+# an eager model.
 PROCESSORS = {
     "reference": "verify.implementations.fused:FusedQwenAttnProcessor",
     "fast": "verify.implementations.fast_fused:FastFusedQwenAttnProcessor",

@@ -2,9 +2,9 @@
 
 The fast processors differ from diffusers' in two ways at once: one fused projection per stream, and leaner
 QK-norm + RoPE + joint-layout arithmetic (verify.implementations.fast_fused). Timing merged against standard mixes the
-two; timing
-merged against this arm, which keeps diffusers' to_q/to_k/to_v and add_q/k/v_proj (three Linear calls per stream)
-and then runs the same lean path on their outputs, leaves fusion's own share (DESIGN section 10).
+two; timing merged against this arm, which keeps diffusers' to_q/to_k/to_v and add_q/k/v_proj (three Linear calls per
+stream) and then runs the same lean path on their outputs, leaves fusion's own share (the bench's `fusion_speedup`;
+reports/gpu/NOTES.md, "Why fusing alone does not pay").
 
 - "reference" -> `UnfusedReferenceQwenAttnProcessor`: FusedQwenAttnProcessor's steps, its projection step made of the
   three separate modules (the same function as diffusers' processor, step for step);
@@ -16,8 +16,7 @@ and then runs the same lean path on their outputs, leaves fusion's own share (DE
   fallbacks (under a whole-block torch.compile, in fp64, without RoPE, for other norms) to the lean eager paths.
 
 Each build callable (`lean_unfused(name)`) is a verify.implementations.candidate build with `fused_modules = ()` (an
-unfused
-implementation), so verify.checks.equivalence.run_case proves it computes the standard function.
+unfused implementation), so verify.checks.equivalence.run_case proves it computes the standard function.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""The candidate property suite that ships with the package: `qkv-verify test SPEC` runs it (verify.test_cli)."""
+"""The candidate property suite that ships with the package: `qkv-verify test SPEC` runs it (verify.commands.test)."""

@@ -1,7 +1,7 @@
 """Experiment: the cuda path of `report --parallel` (diffusers' own enable_parallelism, ring with cuDNN attention) on
-the one GPU this session is lent. NCCL refuses two ranks on one GPU, so the 2 ranks talk over gloo here, both on
-cuda:0; what `report --parallel KIND=2 --device cuda` adds on two GPUs is only NCCL. Every kind, the merged model's
-plan (must pass) and every planted one (must fail), each case's records or its error.
+a machine with one GPU. NCCL refuses two ranks on one GPU, so the 2 ranks talk over gloo here, both on cuda:0; what
+`report --parallel KIND=2 --device cuda` adds on two GPUs is only NCCL. Every kind, the merged model's plan (must
+pass) and every planted one (must fail), each case's records or its error.
 
 Usage (GPU machine, repository root on PYTHONPATH): python3 reports/gpu/experiments/parallel_one_gpu.py OUT.json
 [KIND ...] (the cases of those kinds only). Context parallel crashes gloo with CUDA tensors in torch's functional

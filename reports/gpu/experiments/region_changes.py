@@ -1,4 +1,4 @@
-"""Experiment: what the fast-compiled region's two changes of the sixth session cost at real width, paired in one run.
+"""Experiment: what the fast-compiled region's changes 16-18 (reports/gpu/NOTES.md) cost at real width, in one run.
 
 - "before": the region as benchmarked (bench-h200.json): norm and RoPE in fp32 throughout, coordinate-descent tuning,
   the sequence lengths marked dynamic (backed).
