@@ -56,7 +56,7 @@ def _parametrizations(test) -> list[dict]:
 def _properties(pattern: str):
     """(module name, function name, test) for every Hypothesis test in properties/**/test_*.py."""
     for path in sorted((ROOT / "properties").rglob("test_*.py")):
-        module = importlib.import_module(f"properties.{path.stem}")
+        module = importlib.import_module(".".join(path.relative_to(ROOT).with_suffix("").parts))
         for name, test in inspect.getmembers(module, inspect.isfunction):
             label = f"{path.stem}::{name}"
             if name.startswith("test_") and getattr(test, "is_hypothesis_test", False) and pattern in label:
