@@ -102,7 +102,7 @@ def test_report_keeps_a_declared_interleaved_layout_under_fused_modules_and_the_
     assert summary["candidate"]["layout"] == "interleaved"
     assert summary["candidate"]["fused_modules"] == FUSED_NAMES.split(",")
     grads = [c for c in summary["checks"] if c["name"].endswith("/gradients")]
-    assert {c["component"] for c in grads} == {"attention", "block"}
+    assert {c["component"] for c in grads} == {"attention", "block", "model"}  # it provides a model: judged whole
     assert all(c["passed"] and c["weight_gradients"] == "compared" and c["fused_calls"] for c in grads)
 
 
