@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from verify.errors import VerifyError
@@ -199,11 +197,6 @@ def _strict(value):
 
 def _write_text(path: Path, text: str) -> None:
     """Write `text` atomically: nothing at `path` unless complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from verify.files.folder import write_file
+
+    write_file(path, text.encode())
