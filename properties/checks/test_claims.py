@@ -1,6 +1,8 @@
 """The claims ledger: the write-up's claims confirmed or refuted by real runs (a correct and a planted merged
 checkpoint), a same mean with different outputs refuted, and user claims files: every comparison, malformed files
-and metric paths that select nothing refused with the claim's name."""
+and metric paths that select nothing refused with the claim's name. The write-up rows' wording is pinned by the
+snapshots in test_claims/ beside this file (pytest-regressions' data_regression; `pytest --force-regen` rewrites
+them)."""
 
 from __future__ import annotations
 
@@ -558,189 +560,44 @@ MADE_PROPERTIES = {"tests": [
      "examples": 3}]}
 
 
-# what ledger says of _made_summary(good=True) with MADE_BENCH and MADE_PROPERTIES, and of good=False alone
-MADE_GOOD_ROWS = [{'id': 'merge-split-exact',
-  'claim': 'merge/split difference 0.00',
-  'verdict': 'confirmed',
-  'measured': 0.0,
-  'expected': 0.0,
-  'detail': '2 of 2 weight checks bit-identical; property suite: 2 passed, 0 failed (7 examples)',
-  'source': 'write-up',
-  'measured_on': 'weight round trips of seeded tiny weights (seed 3; not your files); property-suite results of a '
-                 'run'},
- {'id': 'attention-block-match',
-  'claim': 'attention and block: perfect match',
-  'verdict': 'refuted',
-  'measured': 1,
-  'expected': 2,
-  'detail': '2 of 2 checks passed, 1 bit-identical; worst error ratio merged/standard 2.25 (block/t2i bf16); '
-            'measured = how many checks are bit-identical, expected = all of them; property suite: 1 failed (it '
-            'judges within tolerance, so a failure refutes a perfect match)',
-  'source': 'write-up',
-  'measured_on': "the registry's seeded attention and block cases at the model's width, candidate the merged "
-                 'model; property-suite results of a run'},
- {'id': 'attention-block-within-tolerance',
-  'claim': 'attention and block: within tolerance',
-  'verdict': 'refuted',
-  'measured': 2.25,
-  'expected': 'within tolerance',
-  'detail': '2 of 2 checks passed, 1 bit-identical; worst error ratio merged/standard 2.25 (block/t2i bf16); '
-            'property suite: 0 passed, 1 failed; measured = worst error ratio merged/standard',
-  'source': 'write-up',
-  'measured_on': "the registry's seeded attention and block cases at the model's width, candidate the merged "
-                 'model; property-suite results of a run'},
- {'id': 'lossless-conversion',
-  'claim': 'lossless bidirectional weight conversion',
-  'verdict': 'confirmed',
-  'measured': 0.0,
-  'expected': 0.0,
-  'detail': '1 of 1 round-trip checks bit-identical',
-  'source': 'write-up',
-  'measured_on': 'weight round trips of seeded tiny weights (seed 3; not your files); property-suite results of a '
-                 'run'},
- {'id': 'base-output-same',
-  'claim': 'base model: same output (mean 203.98)',
-  'verdict': 'confirmed',
-  'measured': 0.0,
-  'expected': 'same output (every element within tolerance)',
-  'detail': "merged mean in this run t2i fp32: 0 (203.98 was the write-up's real-model mean, not comparable here); "
-            'largest merged-vs-standard mean gap 0; 1 of 1 element-wise output checks passed; judged element by '
-            'element, never by the mean (outputs with equal means can differ); sampled outputs bit-identical in 1 '
-            'of 1 fixture/dtype pairs; measured = largest |merged - standard| over the sampled values',
-  'source': 'write-up',
-  'measured_on': 'the full model over the fixtures, seeded tiny weights (seed 3; not your files), candidate the '
-                 'merged model'},
- {'id': 'lora-480-tensors',
-  'claim': 'LoRA loading: 480 tensors updated',
-  'verdict': 'confirmed',
-  'measured': 16,
-  'expected': 16,
-  'detail': 'weight matrices changed: 16; LoRA file tensors: 48; modules matched: 16; unmatched keys: 3; expected '
-            "16 = 480 / 60 blocks x 2 blocks. DiffSynth's 'N tensors are fused' counts weight matrices changed: "
-            "480 means 8 per block, while the write-up's merged list (to_qkv, add_qkv_proj, to_out.0, to_add_out) "
-            'changes 4 per block (240 on 60 blocks) from 480 A/B tensors',
-  'source': 'write-up',
-  'measured_on': 'LoRA: a.safetensors'},
- {'id': 'alpha-1',
-  'claim': 'alpha = 1.0 is correct (PEFT scales by lora_alpha / r = 32/32)',
-  'verdict': 'confirmed',
-  'measured': 1.0,
-  'expected': 1.0,
-  'detail': 'the file implies a multiplier of 1 (per module 1..1; source: alpha/rank)',
-  'source': 'write-up',
-  'measured_on': 'LoRA: a.safetensors'},
- {'id': 'faster-10-15pct',
-  'claim': '10-15% faster training',
-  'verdict': 'refuted',
-  'measured': 1.05,
-  'expected': 1.1,
-  'detail': 'speedup = standard time / merged time, training rows: block eager train 64+8 tokens 1.200x, training '
-            '1.050x; confirmed when every row is at least 1.10x; measured = the slowest',
-  'source': 'write-up',
-  'measured_on': 'bench rows given'},
- {'id': 'kernels-67pct-fewer',
-  'claim': '67% fewer kernel calls',
-  'verdict': 'confirmed',
-  'measured': 0.6666666666666667,
-  'expected': 0.67,
-  'detail': 'kernels per call, standard -> merged: block eager train 64+8 tokens 30 -> 10 (66.7% fewer), full '
-            'model compiled forward 12 -> 4 (66.7% fewer); confirmed when every row has at least 66.5% fewer; '
-            'measured = the smallest fraction saved',
-  'source': 'write-up',
-  'measured_on': 'bench rows given'}]
+# (verdict, measured, expected) of each write-up row on _made_summary(good) (with MADE_BENCH and MADE_PROPERTIES when
+# good, alone when bad), each worked out from the summary above
+MADE_VERDICTS = {
+    "good": {
+        "merge-split-exact": (CONFIRMED, 0.0, 0.0),  # both weight checks bit-identical, error 0
+        "attention-block-match": (REFUTED, 1, 2),  # block/t2i bit-identical, attention/t2i not
+        "attention-block-within-tolerance": (REFUTED, 2.25, "within tolerance"),  # the suite's block test failed
+        "lossless-conversion": (CONFIRMED, 0.0, 0.0),  # the one round trip bit-identical
+        "base-output-same": (CONFIRMED, 0.0, "same output (every element within tolerance)"),  # samples equal
+        "lora-480-tensors": (CONFIRMED, 16, 16),  # 16 weights changed = 8 per block x 2 blocks
+        "alpha-1": (CONFIRMED, 1.0, 1.0),  # scale 1 in every module
+        "faster-10-15pct": (REFUTED, 1.05, 1.1),  # the slower training row: 1.05x < 1.10x
+        "kernels-67pct-fewer": (CONFIRMED, min(1 - 10 / 30, 1 - 4 / 12), 0.67),  # 2/3 fewer on both rows >= 66.5%
+    },
+    "bad": {
+        "merge-split-exact": (REFUTED, 0.25, 0.0),  # the round trip is off by 0.25
+        "attention-block-match": (REFUTED, 1, 2),
+        "attention-block-within-tolerance": (REFUTED, 2.25, "within tolerance"),  # attention/t2i failed
+        "lossless-conversion": (REFUTED, 0.25, 0.0),
+        "base-output-same": (REFUTED, 0.5, "same output (every element within tolerance)"),  # |-0.5 - (-1)|
+        "lora-480-tensors": (REFUTED, 15, 16),  # one weight matrix short
+        "alpha-1": (REFUTED, 1.0, 1.0),  # scale 1, but 0.5 in some module
+        "faster-10-15pct": (UNMEASURED, None, 1.1),  # no bench
+        "kernels-67pct-fewer": (UNMEASURED, None, 0.67),
+    },
+}
 
 
-MADE_BAD_ROWS = [{'id': 'merge-split-exact',
-  'claim': 'merge/split difference 0.00',
-  'verdict': 'refuted',
-  'measured': 0.25,
-  'expected': 0.0,
-  'detail': '1 of 2 weight checks bit-identical; first failure: weights/round-trip: ok',
-  'source': 'write-up',
-  'measured_on': 'weight round trips of seeded tiny weights (seed 3; not your files)'},
- {'id': 'attention-block-match',
-  'claim': 'attention and block: perfect match',
-  'verdict': 'refuted',
-  'measured': 1,
-  'expected': 2,
-  'detail': '1 of 2 checks passed, 1 bit-identical; worst error ratio merged/standard 2.25 (block/t2i bf16); '
-            'measured = how many checks are bit-identical, expected = all of them',
-  'source': 'write-up',
-  'measured_on': "the registry's seeded attention and block cases at the model's width, candidate the merged "
-                 'model'},
- {'id': 'attention-block-within-tolerance',
-  'claim': 'attention and block: within tolerance',
-  'verdict': 'refuted',
-  'measured': 2.25,
-  'expected': 'within tolerance',
-  'detail': '1 of 2 checks passed, 1 bit-identical; worst error ratio merged/standard 2.25 (block/t2i bf16); first '
-            'failure: attention/t2i [fp32]: 3 elements off; measured = worst error ratio merged/standard',
-  'source': 'write-up',
-  'measured_on': "the registry's seeded attention and block cases at the model's width, candidate the merged "
-                 'model'},
- {'id': 'lossless-conversion',
-  'claim': 'lossless bidirectional weight conversion',
-  'verdict': 'refuted',
-  'measured': 0.25,
-  'expected': 0.0,
-  'detail': '0 of 1 round-trip checks bit-identical; first failure: weights/round-trip: ok',
-  'source': 'write-up',
-  'measured_on': 'weight round trips of seeded tiny weights (seed 3; not your files)'},
- {'id': 'base-output-same',
-  'claim': 'base model: same output (mean 203.98)',
-  'verdict': 'refuted',
-  'measured': 0.5,
-  'expected': 'same output (every element within tolerance)',
-  'detail': "merged mean in this run t2i fp32: 0 (203.98 was the write-up's real-model mean, not comparable here); "
-            'largest merged-vs-standard mean gap 0; 1 of 1 element-wise output checks passed; 1 sampled values '
-            'differ beyond dtype noise, e.g. t2i fp32 at flat index 5: -1 vs -0.5; the means agree, yet the '
-            'outputs differ: a mean alone cannot show two outputs are the same; sampled outputs bit-identical in 0 '
-            'of 1 fixture/dtype pairs; measured = largest |merged - standard| over the sampled values',
-  'source': 'write-up',
-  'measured_on': 'the full model over the fixtures, seeded tiny weights (seed 3; not your files), candidate the '
-                 'merged model'},
- {'id': 'lora-480-tensors',
-  'claim': 'LoRA loading: 480 tensors updated',
-  'verdict': 'refuted',
-  'measured': 15,
-  'expected': 16,
-  'detail': 'weight matrices changed: 15; LoRA file tensors: 48; modules matched: 16; unmatched keys: 1; expected '
-            "16 = 480 / 60 blocks x 2 blocks. DiffSynth's 'N tensors are fused' counts weight matrices changed: "
-            "480 means 8 per block, while the write-up's merged list (to_qkv, add_qkv_proj, to_out.0, to_add_out) "
-            'changes 4 per block (240 on 60 blocks) from 480 A/B tensors',
-  'source': 'write-up',
-  'measured_on': 'LoRA: a.safetensors'},
- {'id': 'alpha-1',
-  'claim': 'alpha = 1.0 is correct (PEFT scales by lora_alpha / r = 32/32)',
-  'verdict': 'refuted',
-  'measured': 1.0,
-  'expected': 1.0,
-  'detail': 'the file implies a multiplier of 1 (per module 0.5..1; source: alpha/rank)',
-  'source': 'write-up',
-  'measured_on': 'LoRA: a.safetensors'},
- {'id': 'faster-10-15pct',
-  'claim': '10-15% faster training',
-  'verdict': 'not measurable in this run',
-  'measured': None,
-  'expected': 1.1,
-  'detail': 'no benchmark rows with a speedup (qkv-verify bench --json; reports/gpu/bench-*.json)',
-  'source': 'write-up',
-  'measured_on': 'no bench'},
- {'id': 'kernels-67pct-fewer',
-  'claim': '67% fewer kernel calls',
-  'verdict': 'not measurable in this run',
-  'measured': None,
-  'expected': 0.67,
-  'detail': 'no benchmark rows with kernels_standard and kernels_merged',
-  'source': 'write-up',
-  'measured_on': 'no bench'}]
-
-
-@pytest.mark.parametrize("good", [True, False], ids=["good", "bad"])
-def test_every_write_up_row_of_a_made_summary_reads_as_written(good):
-    """Each row's verdict, numbers and every word of its detail: the ledger is what a reader of the report sees."""
+@pytest.mark.parametrize("case", ["good", "bad"])
+def test_every_write_up_row_of_a_made_summary_reads_as_written(case, data_regression):
+    """Each row's verdict and numbers, worked out above; every word of the rows (the ledger is what a reader of the
+    report sees) pinned by the snapshot beside this file, test_claims/ledger-CASE.yml (pytest --force-regen rewrites
+    it)."""
+    good = case == "good"
     rows = ledger(_made_summary(good), None, MADE_BENCH if good else None, MADE_PROPERTIES if good else None)
-    assert rows == (MADE_GOOD_ROWS if good else MADE_BAD_ROWS)
+    assert {r["id"]: (r["verdict"], r["measured"], r["expected"]) for r in rows} == MADE_VERDICTS[case]
+    assert [r["id"] for r in rows] == WRITE_UP and {r["source"] for r in rows} == {"write-up"}
+    data_regression.check({"rows": rows}, basename=f"ledger-{case}")
 
 
 def test_user_claims_read_as_written():
