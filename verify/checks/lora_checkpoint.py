@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +11,7 @@ from verify import models
 from verify.errors import VerifyError
 from verify.files import lora_formats as formats
 from verify.files.checkpoint import Checkpoint
+from verify.files.folder import write_file
 from verify.files.lora_mapping import ModelSpec, other_layout, spec_of
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -87,8 +86,5 @@ def save_checkpoint(model: torch.nn.Module, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     formats.write(folder / WEIGHTS, {k: v.detach() for k, v in model.state_dict().items()}, {"format": "pt"})
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(dict(model.config), f, indent=2, default=list)
-    os.replace(tmp, folder / "config.json")
+    write_file(folder / "config.json", json.dumps(dict(model.config), indent=2, default=list).encode())
     return folder

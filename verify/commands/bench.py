@@ -11,6 +11,7 @@ from verify.bench.options import ALL_PHASES, LORA_PHASE, MODES, PHASES, Options
 from verify.bench.run import BenchCheckFailed, run_bench
 from verify.bench.table import format_table
 from verify.errors import VerifyError, run_command
+from verify.files.folder import write_file
 from verify.models import add_model_argument, require_qwen_image
 
 
@@ -159,9 +160,7 @@ def _write_json(result: dict, path: Path | None) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
+    write_file(path, (json.dumps(result, indent=2, default=_json_default) + "\n").encode())
 
 
 def _json_default(value):

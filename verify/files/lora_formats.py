@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from verify.errors import VerifyError
 from verify.files.checkpoint import read_header
+from verify.files.folder import write_file
 
 # (key prefix, format, path is flattened with underscores); the first that matches wins.
 PREFIXES = (
@@ -141,15 +140,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Save safetensors atomically: a temporary file beside `path`, renamed over it only once complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Save safetensors atomically (verify.files.folder.write_file: renamed over `path` only once complete)."""
+    write_file(path, save({k: t.contiguous() for k, t in tensors.items()}, metadata=metadata))
 
 
 def _refuse_unsupported(key: str) -> None:
