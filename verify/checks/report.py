@@ -345,11 +345,11 @@ def compared_line(summary: dict) -> str:
     weights = inputs["checkpoint"] or f"seeded {inputs['config']} config (seed {inputs['seed']})"
     if inputs["merged_checkpoint"]:
         weights += f" with merged weights {inputs['merged_checkpoint']} ({inputs['layout']})"
-    unfused = "" if cand["fused_modules"] else ", declared unfused"
+    declared = "" if cand["fused_modules"] else ", declared unfused"
     if cand.get("precision"):
-        unfused += f", declared {cand['precision']} precision (its fp64 runs judged at {cand['precision']}'s floor)"
+        declared += f", declared {cand['precision']} precision (its fp64 runs judged at {cand['precision']}'s floor)"
     model = inputs.get("model", models.DEFAULT_MODEL)
-    line = (f"{model}, candidate {cand['spec']}{' (' + cand['default'] + ')' if cand['default'] else ''}{unfused} vs "
+    line = (f"{model}, candidate {cand['spec']}{' (' + cand['default'] + ')' if cand['default'] else ''}{declared} vs "
             f"reference {ref['spec']}; weights: {weights}; dtypes {','.join(inputs['dtypes'])}; "
             f"device {inputs['device']}")
     cases = {name for name, case in models.load(model).CASES.items() if case.component == "model"}
