@@ -112,7 +112,6 @@ def test_the_fp64_scheduler_step_is_the_euler_update_in_fp64():
     (["--size", "30x30"], "--size 30x30: each side must be a multiple of 8"),
     (["--steps", "0"], "expected a positive number of steps"),
     (["--lora", "x.safetensors"], "--lora not supported yet"),
-    (["--model", "qwen-image-2.1"], "sample --model qwen-image-2.1: not supported yet"),
     (["--candidate", "no_such_module:build"], "no module 'no_such_module'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words):

@@ -76,7 +76,7 @@ def run_sampling(candidate: Implementation, reference: Implementation,
     setup; the final images per dtype and role)."""
     module = models.load(opts.model)
     config = module.model_config(opts.config)
-    standard, vae = module.build_model(config, opts.seed), module.build_vae(opts.seed)
+    standard, vae = module.build_model(config, opts.seed), module.build_vae(config, opts.seed)
     size = opts.size or module.SAMPLE_SIZE
     cfg = module.TRUE_CFG_SCALE if opts.true_cfg_scale is None else opts.true_cfg_scale
     inputs = _inputs(module, config, size, cfg, opts.seed)
@@ -95,8 +95,8 @@ def run_sampling(candidate: Implementation, reference: Implementation,
                    for i, (r, b, c) in enumerate(zip(oracle.latents, base.latents, cand.latents))]
         first = next((i for i, r in enumerate(records) if not r.passed), None)
         if first is not None:
-            records[first].first_divergence = _locate(oracle, ref_model, base_model, cand_model, first, dtype,
-                                                      opts.device, floor_dtype(dtype, candidate.precision),
+            records[first].first_divergence = _locate(module, oracle, ref_model, base_model, cand_model, first,
+                                                      dtype, opts.device, floor_dtype(dtype, candidate.precision),
                                                       standard, cfg > 1)
         trajectory += records
         last = records[-1]
@@ -107,7 +107,7 @@ def run_sampling(candidate: Implementation, reference: Implementation,
     setup = {"model": opts.model, "pipeline": module.PIPELINE_CLASS.__name__, "steps": opts.steps,
              "true_cfg_scale": cfg, "size": list(size), "seed": opts.seed, "config": opts.config,
              "scheduler": "FlowMatchEulerDiscreteScheduler (fp64 runs step in fp64)",
-             "vae": "seeded tiny AutoencoderKLQwenImage in fp64, shared by every run"}
+             "vae": f"seeded tiny {type(vae).__name__} in fp64, shared by every run", **module.SAMPLING_SETUP}
     return {"trajectory": [r.to_dict() for r in trajectory], "final": [r.to_dict() for r in final],
             "images": [_image_metrics(oracle.image, oracle.image, "oracle", torch.float64), *images],
             "sampling": setup}, pictures
@@ -119,11 +119,7 @@ def _inputs(module, config: dict, size: tuple[int, int], cfg: float, seed: int) 
     if cfg <= 1:
         embeddings = {k: v for k, v in embeddings.items() if not k.startswith("negative")}
     height, width = size
-    scale = 2 ** len(module.VAE_CONFIG["temperal_downsample"])
-    if height % (2 * scale) or width % (2 * scale):
-        raise VerifyError(f"--size {height}x{width}: each side must be a multiple of {2 * scale} (the VAE's "
-                          f"{scale}x downsampling, then 2 x 2 patches)")
-    tokens = (height // scale // 2) * (width // scale // 2)
+    tokens = module.sample_tokens(height, width)
     g = torch.Generator().manual_seed(seed + 7)
     noise = torch.randn(1, tokens, config["in_channels"], generator=g, dtype=torch.float64)
     return embeddings | {"latents": noise, "height": height, "width": width, "true_cfg_scale": cfg}
@@ -163,16 +159,22 @@ def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: Sam
     return run
 
 
-def _locate(oracle: Run, ref: nn.Module, base: nn.Module, cand: nn.Module, step: int, dtype: torch.dtype,
+def _locate(model, oracle: Run, ref: nn.Module, base: nn.Module, cand: nn.Module, step: int, dtype: torch.dtype,
             device: str, floor: torch.dtype, standard: nn.Module, cfg: bool) -> str:
-    """Where cand first leaves the bound inside step `step`'s model calls, all three run on the oracle's inputs."""
+    """Where cand first leaves the bound inside step `step`'s model calls, all three run on the oracle's inputs;
+    state kept across steps (2.1's prefix KV cache) is rebuilt first for each by replaying the earlier calls that
+    made it (`model.replay_caches`), outside what is compared."""
     per_step = 2 if cfg else 1
-    calls = oracle.calls[step * per_step:(step + 1) * per_step]
+    history, step_calls = oracle.calls[:step * per_step], oracle.calls[step * per_step:(step + 1) * per_step]
+    runs = {}
+    for module, d in ((ref, torch.float64), (base, dtype), (cand, dtype)):
+        where = "cpu" if d == torch.float64 and module is ref else device
+        cast = lambda kwargs, d=d, where=where: cast_inputs(kwargs, d, where)  # noqa: E731
+        runs[id(module)] = [cast(kwargs) for kwargs in model.replay_caches(module, history, step_calls, cast)]
 
     def forward(module: nn.Module, d: torch.dtype) -> None:
-        where = "cpu" if d == torch.float64 and module is ref else device
-        for kwargs in calls:
-            module(**cast_inputs(kwargs, d, where))
+        for kwargs in runs[id(module)]:
+            module(**kwargs)
 
     shared = {n for n, _ in standard.named_modules() if n}
     where = first_divergence(ref, base, cand, forward, dtype, shared, floor)

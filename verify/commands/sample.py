@@ -53,10 +53,12 @@ def register_sample(subparsers) -> None:
     p.add_argument("--vae", type=Path, help="a diffusers VAE folder (not supported yet: a seeded tiny VAE decodes)")
     p.add_argument("--config", choices=("tiny", "small"), default="tiny", help="seeded-weights config (default tiny)")
     p.add_argument("--fixture", choices=FIXTURES, default=FIXTURES[0], help="what is sampled (default text-to-image)")
-    p.add_argument("--size", type=_size, help="HxW in pixels, each a multiple of 8 (default 32x32)")
+    p.add_argument("--size", type=_size, help="HxW in pixels, each a multiple of 8 for qwen-image (default 32x32), "
+                                              "of 32 for qwen-image-2.1 (default 64x64)")
     p.add_argument("--steps", type=_steps, default=20, help="sampling steps (default 20)")
-    p.add_argument("--true-cfg-scale", type=float, help="true CFG scale (default 4.0 for Qwen-Image, as its "
-                                                        "pipeline); above 1 runs the negative prompt too")
+    p.add_argument("--true-cfg-scale", type=float, help="true CFG scale (default 4.0 for qwen-image, 1.0 for "
+                                                        "qwen-image-2.1, as their pipelines); above 1 runs the "
+                                                        "negative prompt too")
     p.add_argument("--dtypes", type=_dtypes, default=_dtypes("fp64,fp32,bf16,fp16"),
                    help="comma list of fp64,fp32,bf16,fp16 (fp64 and fp32 are always run)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where base and cand run (default cpu)")
@@ -85,8 +87,6 @@ def _sample(args) -> int:
     if given:
         raise VerifyError(f"sample: {', '.join(given)} not supported yet (it samples seeded tiny or small weights)")
     model = args.model or DEFAULT_MODEL
-    if model != DEFAULT_MODEL:
-        raise VerifyError(f"sample --model {model}: not supported yet (sample handles {DEFAULT_MODEL} only)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise VerifyError("--device cuda: no CUDA device is available")
     spec = args.candidate.rpartition(":")[0] if args.candidate else ""

@@ -20,6 +20,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from torch import nn
 
+from verify.errors import VerifyError
 from verify.models.cases import Case, Outputs, model_outputs
 from verify.models.seeded import named_config, seeded
 
@@ -230,8 +231,12 @@ VAE_CONFIG = dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, te
                   latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 
 
-def build_vae(seed: int) -> AutoencoderKLQwenImage:
-    """The seeded tiny VAE, in fp64: every run's latents decode through the same exact decoder."""
+SAMPLING_SETUP: dict[str, str] = {}  # nothing beside what verify.checks.sampling records
+
+
+def build_vae(config: dict, seed: int) -> AutoencoderKLQwenImage:
+    """The seeded tiny VAE, in fp64: every run's latents decode through the same exact decoder (its 4 latent
+    channels packed 2 x 2 are the tiny and small configs' 16 input channels)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 4)
         vae = AutoencoderKLQwenImage(**VAE_CONFIG)
@@ -241,6 +246,20 @@ def build_vae(seed: int) -> AutoencoderKLQwenImage:
 def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler) -> QwenImagePipeline:
     """diffusers' QwenImagePipeline without a text encoder (prompt embeddings are given)."""
     return PIPELINE_CLASS(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+
+
+def sample_tokens(height: int, width: int) -> int:
+    """Image tokens of a `height` x `width` image (the VAE's downsampling, then 2 x 2 patches), or VerifyError."""
+    scale = 2 ** len(VAE_CONFIG["temperal_downsample"])
+    if height % (2 * scale) or width % (2 * scale):
+        raise VerifyError(f"--size {height}x{width}: each side must be a multiple of {2 * scale} (the VAE's "
+                          f"{scale}x downsampling, then 2 x 2 patches)")
+    return (height // scale // 2) * (width // scale // 2)
+
+
+def replay_caches(transformer: nn.Module, history: list[dict], calls: list[dict], cast) -> list[dict]:
+    """`calls` as they are: Qwen-Image's pipelines keep no model state from one step to the next."""
+    return calls
 
 
 def prompt_embeddings(config: dict, seed: int, text_len: int = 8) -> dict:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 # the seam: only verify.models imports diffusers' model classes (this module, Qwen-Image 2.1's)
+from diffusers import AutoencoderKLQwenImage21, QwenImage21Pipeline
 from diffusers.models.transformers.transformer_qwenimage21 import (
     QwenImage21Attention,
     QwenImage21AttnProcessor,
@@ -25,6 +26,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
 )
 from torch import nn
 
+from verify.errors import VerifyError
 from verify.models.cases import Case, Outputs, model_outputs
 from verify.models.seeded import named_config, seeded
 
@@ -291,3 +293,95 @@ CASES: dict[str, Case] = {
     ]
 }
 
+
+
+# Sampling (verify.checks.sampling): diffusers' own QwenImage21Pipeline with its prefix KV cache on, as by default (the
+# first step's call prefills the cache, "extract"; every later step decodes the target image over it, "cached"), a
+# seeded tiny AutoencoderKLQwenImage21 and prompt embeddings given in place of the Qwen3-VL encoder.
+PIPELINE_CLASS = QwenImage21Pipeline
+TRUE_CFG_SCALE = 1.0  # QwenImage21Pipeline's default: 2.1 is sampled without guidance
+SAMPLE_SIZE = (64, 64)  # pixels: the pipeline's 16x VAE scale, 4 x 4 latent tokens, 2 x 2 image slots
+PIXELS_PER_SLOT = 32  # QwenImage21Pipeline.vae_scale_factor (16, fixed) times 2: one image slot's side in pixels
+# The VAE's class at a tiny size: five stages (4 spatial downsamplings, 16x as the pipeline assumes), no temporal
+# ones; RGB in and out (the real VAE reads RGBA: the alpha channel would only shade the charts here).
+VAE_CONFIG = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+                  temperal_downsample=[False, False, False, False], in_channels=3, out_channels=3)
+SAMPLING_SETUP = {
+    "kv_cache": "on, as QwenImage21Pipeline's default: step 1 prefills the prefix cache (extract), later steps "
+                "decode over it (cached); a failing step is located after replaying, into a fresh cache per run, "
+                "every earlier call that used it",
+    "text_encoder": "none: prompt embeddings given (text only, no image slots); a stand-in processor answers the "
+                    "two look-ups QwenImage21Pipeline.__init__ makes of Qwen3VLProcessor, unused with embeddings",
+}
+
+
+def build_vae(config: dict, seed: int) -> AutoencoderKLQwenImage21:
+    """The seeded tiny VAE, in fp64, its latent channels the transformer's: every run decodes through it."""
+    channels = config["in_channels"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 4)
+        vae = AutoencoderKLQwenImage21(**VAE_CONFIG, z_dim=channels, latents_mean=[0.0] * channels,
+                                       latents_std=[1.0] * channels)
+    return torch.nn.Module.to(vae, torch.float64).eval()
+
+
+class _Tokenizer:
+    def encode(self, text: str) -> list[int]:
+        return [0]
+
+
+class _NoProcessor:
+    """Stands in for Qwen3VLProcessor, which QwenImage21Pipeline.__init__ asks for the system prompt's token count
+    and the image-pad token's id; both serve only the text encoder, which given prompt embeddings never runs."""
+
+    tokenizer = _Tokenizer()
+
+    def apply_chat_template(self, messages, **kwargs) -> list[list[int]]:
+        return [[]]
+
+
+def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler) -> QwenImage21Pipeline:
+    """diffusers' QwenImage21Pipeline without a text encoder (prompt embeddings are given)."""
+    return PIPELINE_CLASS(scheduler=scheduler, vae=vae, text_encoder=None, processor=_NoProcessor(),
+                          transformer=transformer)
+
+
+def sample_tokens(height: int, width: int) -> int:
+    """Latent tokens of a `height` x `width` image, or VerifyError where the pipeline would round the size down."""
+    if height % PIXELS_PER_SLOT or width % PIXELS_PER_SLOT:
+        raise VerifyError(f"--size {height}x{width}: each side must be a multiple of {PIXELS_PER_SLOT} for "
+                          f"qwen-image-2.1 (the pipeline's 16x VAE scale, then 2 x 2 latent tokens per image slot)")
+    return (height // 16) * (width // 16)
+
+
+def prompt_embeddings(config: dict, seed: int, text_len: int = 8) -> dict:
+    """Seeded prompt and negative-prompt embeddings of one length with different padding (bool masks, as the
+    pipeline's), text only: the pipeline then marks no position as an image slot."""
+    g = torch.Generator().manual_seed(seed + 6)
+    width = config["context_in_dim"]
+    mask, negative_mask = (torch.ones(1, text_len, dtype=torch.bool) for _ in range(2))
+    mask[0, -2:], negative_mask[0, -(text_len // 2 + 1):] = False, False
+    return dict(prompt_embeds=torch.randn(1, text_len, width, generator=g, dtype=torch.float64),
+                prompt_embeds_mask=mask,
+                negative_prompt_embeds=torch.randn(1, text_len, width, generator=g, dtype=torch.float64),
+                negative_prompt_embeds_mask=negative_mask)
+
+
+def replay_caches(transformer: nn.Module, history: list[dict], calls: list[dict], cast) -> list[dict]:
+    """`calls` (one step's model calls, as the oracle made them) with each prefix KV cache they use replaced by a
+    fresh one, filled by `transformer` replaying (inputs through `cast`) every earlier call of `history` that used
+    the same cache: the first step's extract, and the cached calls after it, which diffusers' never write but a
+    candidate's might. Each of oracle, base and cand then decodes from its own cache, as in its own run."""
+    fresh: dict[int, QwenImage21KVCache] = {}
+    replayed = []
+    for kwargs in calls:
+        cache = kwargs.get("kv_cache")
+        if cache is not None:
+            if id(cache) not in fresh:
+                fresh[id(cache)] = QwenImage21KVCache(len(cache.layer_caches))
+                with torch.no_grad():
+                    for earlier in (c for c in history if c.get("kv_cache") is cache):
+                        transformer(**cast(earlier | {"kv_cache": fresh[id(cache)]}))
+            kwargs = kwargs | {"kv_cache": fresh[id(cache)]}
+        replayed.append(kwargs)
+    return replayed
