@@ -206,3 +206,30 @@ PLANTED_SAMPLING: dict[str, tuple[str, Callable[[nn.Module, str], nn.Module]]] =
     "scale_error_1e3": ("the fused projection 1e-3 too large (small in one pass, growing over the steps)",
                         scale_error_1e3),
 }
+
+
+# Qwen-Image 2.1 sampling: a cache bug that neither one prefill nor one cached decode shows, only a third step.
+class _CacheAppended(FusedQwenImage21AttnProcessor):
+    """Writes each decode's keys and values back into the prefix cache, as a language model's decode appends its new
+    token's: diffusers keeps the prefix as the first step extracted it. The second step decodes right (the cache
+    still holds the prefix alone); from the third, the target also attends to the earlier steps' stale target tokens
+    (the padding mask extended over them, as such code would)."""
+
+    def cache(self, layer_cache, mode, write_slice, key, value):
+        key, value = super().cache(layer_cache, mode, write_slice, key, value)
+        if layer_cache is not None and mode == "cached":
+            layer_cache.store(key.clone(), value.clone())
+        return key, value
+
+    def sdpa(self, query, key, value, mask, backend="configured"):
+        if mask is not None and mask.shape[-1] < key.shape[1]:
+            mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], key.shape[1] - mask.shape[-1])], dim=-1)
+        return super().sdpa(query, key, value, mask, backend)
+
+
+cache_appended_21 = _with_processor_21(_CacheAppended)
+
+PLANTED_SAMPLING_21: dict[str, tuple[str, Callable[[nn.Module, str], nn.Module]]] = {
+    "cache_appended_21": ("each decode's K and V appended to the prefix cache (an LLM's decode cache): right at "
+                          "step 2, stale target tokens attended from step 3", cache_appended_21),
+}

@@ -1,6 +1,7 @@
 """`qkv-verify sample --model qwen-image-2.1`: diffusers' QwenImage21Pipeline with its prefix KV cache (the first
 step prefills it, later steps decode over it) judged step by step against the fp64 oracle. The built-in merged
-processor passes with its fused path running at every step; cache bugs are located at the step where they first act."""
+processor passes with its fused path running at every step; cache bugs are located at the step where they first act,
+including one that a single prefill and a single cached decode never show."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from verify.cli import main
 from verify.implementations.builtins import reference
 from verify.models import qwen_image_21
-from verify.testing import assert_trajectory, check_trajectory
+from verify.testing import assert_trajectory, check_candidate, check_trajectory
 
 STEPS = 3
 FAST = ["--model", "qwen-image-2.1", "--steps", str(STEPS), "--dtypes", "fp64,fp32"]
@@ -65,6 +66,28 @@ def test_the_pipeline_prefills_the_cache_once_then_decodes_over_it():
         run = [(mode, cache) for d, mode, cache in seen if d == dtype]
         assert [mode for mode, _ in run] == ["extract", "cached", "cached"]
         assert len({cache for _, cache in run}) == 1
+
+
+def test_a_cache_appended_each_step_fails_at_step_3_and_is_located_there(tmp_path, capsys):
+    """Step 2 decodes over the prefix alone (the cache is still as extracted); from step 3 the target also attends
+    to step 2's target tokens. Locating step 3 needs the candidate's cache as its own run left it."""
+    code, summary = sample(tmp_path, "--candidate", "verify.planted:cache_appended_21")
+    assert code == 1 and summary["verdict"] == "fail"
+    for dtype in ("fp64", "fp32"):
+        steps = [r for r in summary["trajectory"] if r["dtype"] == dtype]
+        assert [r["passed"] for r in steps] == [True, True, False]
+        assert steps[2]["first_divergence"].startswith("step 3: transformer_blocks.0.")
+        assert steps[2]["ratio"] is None or steps[2]["ratio"] > 10
+    out = capsys.readouterr().out
+    assert "FAILED from step-03/latents [fp32]" in out and "first divergence: step 3: transformer_blocks.0." in out
+    assert "first divergence [fp64]: step 3: transformer_blocks.0." in summary["compared"]
+
+
+def test_the_appended_cache_passes_one_prefill_and_one_cached_decode():
+    """What the single-pass report runs (the model-cache case: an extract, then one cached decode) cannot see it."""
+    records = check_candidate("verify.planted:cache_appended_21", components=("model",),
+                              dtypes=(torch.float64,), model="qwen-image-2.1")
+    assert any(r.name.startswith("model-cache") for r in records) and all(r.passed for r in records)
 
 
 def test_a_cache_stored_before_rope_fails_at_the_first_cached_step():
