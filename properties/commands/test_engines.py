@@ -30,10 +30,10 @@ def readme_engine(name: str, folder: Path) -> Path:
     return path
 
 
-def run_engine(engine: Path, inputs: Path, outputs: Path) -> None:
+def run_engine(engine: Path, inputs: Path, outputs: Path, *args: str) -> None:
     """The engine in a process of its own, isolated from this one's paths and environment variables."""
-    subprocess.run([sys.executable, "-I", str(engine), str(inputs), str(outputs)], check=True, cwd=engine.parent,
-                   env={"PATH": "/usr/bin:/bin"}, timeout=600, capture_output=True)
+    subprocess.run([sys.executable, "-I", str(engine), str(inputs), str(outputs), *args], check=True,
+                   cwd=engine.parent, env={"PATH": "/usr/bin:/bin"}, timeout=600, capture_output=True)
 
 
 def judge(tmp_path, outputs: Path, inputs: Path, *args) -> tuple[int, dict]:

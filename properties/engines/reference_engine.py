@@ -1,5 +1,7 @@
 """qkv-verify's built-in `reference` processor as an engine in another process: reads INPUTS_DIR, writes OUTPUTS
-(the round trip of inputs -> engine -> judge, which must give report --candidate reference's records)."""
+(the round trip of inputs -> engine -> judge, which must give report --candidate reference's records). Usage:
+python reference_engine.py INPUTS_DIR OUTPUTS [SPEC]; SPEC, another candidate (e.g. a planted bug,
+verify.planted:cache_k_v_swapped_21), run in place of the reference processor. Any model the manifest names."""
 import json
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from verify.models import load
 
 inputs, outputs = Path(sys.argv[1]), {}
 manifest = json.loads((inputs / "manifest.json").read_text())
-model, reference = load(manifest["model"]), resolve("reference")
+model, reference = load(manifest["model"]), resolve(sys.argv[3] if len(sys.argv) > 3 else "reference")
 for entry in manifest["entries"]:
     case = model.CASES[entry["case"]]
     standard = case.build(entry["config"], manifest["seed"])

@@ -17,18 +17,61 @@ from verify.errors import VerifyError
 from verify.files import saved
 from verify.implementations.candidate import Implementation, resolve
 
+# How an entry's outputs come from the component, by the case's outputs function: one call with the manifest's
+# keyword arguments, or a protocol of several calls spelled out for the engine's author. A case whose outputs come
+# from anything else is left out of the manifest, with the reason.
+ONE_CALL = ("attention_outputs", "block_outputs", "model_outputs")
+PROTOCOLS = {
+    "cached_attention_outputs": {
+        "protocol": "kv-cache", "not_arguments": ["next_target"],
+        "how": "The keyword arguments but next_target are this step's prefill call over [prefix, target] (P prefix "
+               "tokens, T = next_target's tokens). 'prefill': the last T rows of the call with hidden_states = "
+               "[hidden_states[:, :P], next_target], the other arguments unchanged. 'cached': your KV-cached decode "
+               "of next_target: this step's call storing the K and V (after QK-norm and RoPE) of its first P tokens, "
+               "then next_target alone (rotary_emb[P:]) attending over [stored K and V, its own], padded keys "
+               "(key_valid False) never attended (diffusers: kv_cache_mode 'extract' with cache_write_slice "
+               "slice(0, P), then 'cached').",
+    },
+    "cached_model_outputs": {
+        "protocol": "kv-cache", "not_arguments": ["next_target", "next_timestep"],
+        "how": "The keyword arguments but next_target and next_timestep are this step's call (P prefix tokens of "
+               "hidden_states, T = next_target's tokens). 'prefill': the last T rows of the sample of the call with "
+               "hidden_states = [hidden_states[:, :P], next_target] and timestep = next_timestep. 'cached': the "
+               "same call's sample computed from each layer's K and V of the prefix stored by this step's call "
+               "(diffusers: a QwenImage21KVCache, kv_cache_mode 'extract' at this step, then 'cached').",
+    },
+}
+
+
+def fixture_of(module, case) -> str:
+    """The name of the model's fixture (its FIXTURES) that `case` runs on."""
+    return next((name for name, spec in module.FIXTURES.items() if spec == case.spec), "(own)")
+
+
+def call_of(case) -> tuple[dict | None, str]:
+    """(the manifest's "call" of `case`, "") or (None, why the manifest cannot express it)."""
+    name = getattr(case.outputs, "__name__", repr(case.outputs))
+    if name in ONE_CALL:
+        return {"protocol": "one call"}, ""
+    if name in PROTOCOLS:
+        return PROTOCOLS[name], ""
+    return None, f"its outputs come from {name}, a sequence of calls the manifest has no words for"
+
 
 def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...],
                  dtypes: tuple[torch.dtype, ...]) -> dict[str, bytes | str]:
     """Every file of an inputs folder, by relative name: each case of `components` in each dtype."""
-    if model != models.DEFAULT_MODEL:
-        raise VerifyError(f"inputs --model {model}: not supported yet (inputs handles {models.DEFAULT_MODEL} only)")
     module = models.load(model)
     merged = resolve("reference")
     files: dict[str, bytes | str] = {}
-    entries = []
+    entries, left_out = [], []
     for name, case in module.CASES.items():
+        fixture = fixture_of(module, case)
         if case.component not in components:
+            continue
+        call, why = call_of(case)
+        if call is None:
+            left_out.append({"case": name, "component": case.component, "fixture": fixture, "reason": why})
             continue
         case_config = {**case.config, **{k: module.model_config(config)[k] for k in
                                          ("num_attention_heads", "attention_head_dim", "axes_dims_rope")}}
@@ -45,12 +88,16 @@ def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...]
             tensors, kwargs = saved.encode_call(inputs, dtype)
             inputs_file = f"inputs/{name}.{dtype_name(dtype)}.safetensors"
             files[inputs_file] = saved.tensor_bytes(tensors)
-            entries.append({"case": name, "component": case.component, "dtype": dtype_name(dtype),
-                            "inputs_file": inputs_file, "kwargs": kwargs, "outputs": shapes, "weights": weights,
-                            "config": case_config})
+            entries.append({"case": name, "component": case.component, "fixture": fixture,
+                            "dtype": dtype_name(dtype), "inputs_file": inputs_file, "call": call, "kwargs": kwargs,
+                            "outputs": shapes, "weights": weights, "config": case_config})
+    if not entries:
+        raise VerifyError(f"inputs --model {model}: --component {', '.join(components)} selects no case of {model}"
+                          + (f" the manifest can express ({left_out[0]['case']}: {left_out[0]['reason']})"
+                             if left_out else ""))
     manifest = {"format": saved.FORMAT, "version": saved.VERSION, "qkv_verify": __version__, "model": model,
                 "config": config, "seed": seed, "merged": {"naming": "seed", "layout": "blocked"},
-                "entries": entries}
+                "entries": entries, "left_out": left_out}
     return files | {saved.MANIFEST: json.dumps(manifest, indent=2) + "\n", "README.txt": saved.README}
 
 
@@ -67,6 +114,10 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
     base_tensors, base_digest = saved.read_outputs(reference_outputs) if reference_outputs else ({}, None)
     _check_keys(base_tensors, expected, reference_outputs)
     module = models.load(manifest["model"])
+    unknown = [e["case"] for e in manifest["entries"] if e["case"] not in module.CASES]
+    if unknown:
+        raise VerifyError(f"--inputs {inputs}: the manifest's case {unknown[0]} is no case of {manifest['model']} "
+                          f"in this qkv-verify (write the inputs again with this version)")
     engine = resolve(Implementation(f"outputs:{outputs}", lambda standard, component: None, f"outputs:{outputs}",
                                     str(outputs), None, ()), precision=precision)
     ref = resolve(reference or "diffusers")
@@ -96,7 +147,9 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
         "parallel": None, "environment": environment("cpu"),
         "inputs": {"model": manifest["model"], "inputs": str(inputs), "outputs": str(outputs), "sha256": digest,
                    "config": manifest["config"], "seed": manifest["seed"], "qkv_verify": manifest["qkv_verify"]},
-        "notes": [f"not provided, not judged: {a}" for a in absent],
+        "notes": [f"not provided, not judged: {a}" for a in absent]
+                 + [f"left out of the inputs, not judged: {o['case']} ({o['reason']})"
+                    for o in manifest.get("left_out", [])],
     }
 
 

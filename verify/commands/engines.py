@@ -4,6 +4,7 @@ later. `inputs` writes what an engine needs; `judge` computes the oracle and bas
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from verify.commands.report import _dtypes
@@ -64,6 +65,8 @@ def inputs_command(args) -> int:
                 args.dtypes)
     print(f"wrote {args.out}: the entries of {args.out / 'manifest.json'}; {args.out / 'README.txt'} says what an "
           "engine writes back")
+    for left in json.loads((args.out / "manifest.json").read_text())["left_out"]:
+        print(f"  left out: {left['case']} ({left['reason']})")
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 
 from verify.errors import VerifyError
 
@@ -29,10 +30,15 @@ For each entry of manifest.json ("entries"):
      cast to the entry's dtype;
   2. load inputs_file (safetensors); build the call's keyword arguments from "kwargs": {"tensor": KEY} is that
      tensor (with "complex": true, torch.view_as_complex of it), {"tuple": [...]} a tuple of such values, {"value": V}
-     a plain value;
-  3. call the component and write each output named in "outputs" (with the shape given there) under the key
-     "<case>/<dtype>/<output>", e.g. "attention/fp32/image", into a safetensors file (or several, in one folder).
-Then: qkv-verify judge OUTPUTS --inputs THIS_FOLDER. Entries you do not write are recorded as not provided.
+     a plain value, {"block_mask": KEY} an attention mask as flex_attention's BlockMask (Qwen-Image 2.1): KEY holds
+     its element mask [batch, heads, q, kv] (bool, True: attended) over the sequence padded to "block_size"; the
+     first rows and columns are the sequence's;
+  3. run the entry's "call": "one call" is the component called once with those keyword arguments; another protocol
+     (e.g. "kv-cache": a prefill that stores K and V, then a decode over them) is spelled out in its "how";
+  4. write each output named in "outputs" (with the shape given there) under the key "<case>/<dtype>/<output>", e.g.
+     "attention/fp32/image", into a safetensors file (or several, in one folder).
+Then: qkv-verify judge OUTPUTS --inputs THIS_FOLDER. Entries you do not write are recorded as not provided. Cases
+the manifest cannot express are listed under "left_out" with the reason.
 """
 
 
@@ -48,6 +54,11 @@ def encode_call(inputs: dict, dtype: torch.dtype) -> tuple[dict[str, torch.Tenso
             keep = not value.is_floating_point()
             tensors[key] = (value if keep else value.to(dtype)).contiguous()
             return {"tensor": key}
+        if isinstance(value, BlockMask):  # flex_attention's mask: saved as its element mask, rebuilt on reading
+            batch, heads, q_len, kv_len = value.shape
+            tensors[key] = create_mask(value.mask_mod, batch, heads, q_len, kv_len,
+                                       device=value.kv_num_blocks.device).contiguous()
+            return {"block_mask": key, "block_size": list(value.BLOCK_SIZE)}
         if isinstance(value, tuple):
             return {"tuple": [encode(f"{key}.{i}", v) for i, v in enumerate(value)]}
         return {"value": json.loads(json.dumps(value))}  # plain data only (lists, numbers, strings, None)
@@ -64,9 +75,21 @@ def decode_call(kwargs: dict, tensors: dict[str, torch.Tensor]) -> dict:
             return torch.view_as_complex(t) if spec.get("complex") else t
         if "tuple" in spec:
             return tuple(decode(s) for s in spec["tuple"])
+        if "block_mask" in spec:
+            return _block_mask(tensors[spec["block_mask"]].bool(), tuple(spec["block_size"]))
         return _tuples(spec["value"])
 
     return {name: decode(spec) for name, spec in kwargs.items()}
+
+
+def _block_mask(dense: torch.Tensor, block_size: tuple[int, int]) -> BlockMask:
+    """flex_attention's BlockMask of an element mask [batch, heads, q, kv]: the same mask as the one saved."""
+    batch, heads, q_len, kv_len = dense.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return dense[b, h if heads > 1 else 0, q_idx, kv_idx]
+
+    return create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=dense.device, BLOCK_SIZE=block_size)
 
 
 def _tuples(value):

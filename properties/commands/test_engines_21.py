@@ -1,0 +1,90 @@
+"""`qkv-verify inputs` and `qkv-verify judge` for Qwen-Image 2.1: every case of the model in the manifest, the KV-cache
+ones included (their protocol spelled out), the block-causal BlockMask saved as its element mask; the model judged is
+the one the manifest names. The engine is README's reference engine run as a subprocess; a planted bug run as the
+engine fails where it shows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from properties.commands.test_engines import judge, readme_engine, run_engine
+from verify.checks.equivalence import run_case
+from verify.cli import main
+from verify.files.saved import decode_call
+from verify.models import qwen_image_21
+
+V21 = "qwen-image-2.1"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine-21") / "in"
+    assert main(["inputs", "--model", V21, "--out", str(folder), "--dtypes", "fp64,fp32"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def manifest(inputs) -> dict:
+    return json.loads((inputs / "manifest.json").read_text())
+
+
+def test_the_manifest_says_the_model_and_holds_every_case_of_21_with_its_fixture(manifest):
+    assert manifest["model"] == V21 and manifest["left_out"] == []
+    assert {(e["case"], e["dtype"]) for e in manifest["entries"]} == {
+        (c, d) for c in qwen_image_21.CASES for d in ("fp64", "fp32")}
+    fixtures = {e["case"]: e["fixture"] for e in manifest["entries"]}
+    assert (fixtures["attention"], fixtures["attention-adjacent"], fixtures["model-text-to-image"]) == (
+        "edit", "edit-adjacent", "text-to-image")
+    calls = {e["case"]: e["call"]["protocol"] for e in manifest["entries"]}
+    assert {c for c, p in calls.items() if p != "one call"} == {"attention-cache", "model-cache"}
+    cache = next(e for e in manifest["entries"] if e["case"] == "attention-cache")
+    # batch 2, the target image's 4 x 4 tokens, 4 heads x 16
+    assert cache["outputs"] == {"prefill": [2, 16, 64], "cached": [2, 16, 64]}
+    assert cache["call"]["not_arguments"] == ["next_target"] and "next_target" in cache["kwargs"]
+
+
+def test_the_block_causal_mask_is_saved_as_its_element_mask_and_read_back_as_a_block_mask(inputs, manifest):
+    entry = next(e for e in manifest["entries"] if e["case"] == "attention" and e["dtype"] == "fp32")
+    tensors = load_file(inputs / entry["inputs_file"])
+    dense = tensors[entry["kwargs"]["attention_mask"]["block_mask"]]
+    # the edit fixture's joint sequence: 4 text, a 4 x 4 condition image, 4 text, the 4 x 4 target; sample 1's last
+    # 3 text positions are padding
+    ids = torch.tensor([-1] * 4 + [0] * 16 + [-1] * 4 + [1] * 16)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, 21:24] = False
+    q, kv = torch.arange(40)[:, None], torch.arange(40)[None]
+    rule = ((q >= kv) | ((ids[:, None] == ids[None]) & (ids[:, None] >= 0)))[None] & valid[:, None, :]
+    assert dense.dtype == torch.bool and torch.equal(dense[:, 0, :40, :40], rule) and not dense[:, :, 40:].any()
+    mask = decode_call(entry["kwargs"], tensors)["attention_mask"]
+    assert type(mask).__name__ == "BlockMask" and torch.equal(
+        mask.to_dense(), qwen_image_21.CASES["attention"].inputs(qwen_image_21.CASES["attention"].config,
+                                                                 qwen_image_21.FIXTURES["edit"], 0)
+        ["attention_mask"].to_dense())
+
+
+def test_the_reference_engine_passes_every_21_case_with_reports_records(inputs, tmp_path):
+    run_engine(readme_engine("reference_engine.py", tmp_path), inputs, tmp_path / "out.safetensors")
+    code, summary = judge(tmp_path, tmp_path / "out.safetensors", inputs)
+    assert code == 0 and summary["inputs"]["model"] == V21 and summary["compared"].startswith(V21)
+    judged = {(c["name"], c["dtype"]): c for c in summary["checks"] if c["provided"]}
+    assert set(judged) == {(f"{c}/outputs", d) for c in qwen_image_21.CASES for d in ("fp64", "fp32")}
+    fields = ("passed", "max_abs_err", "base_max_abs_err", "ratio", "tolerance", "mismatched", "worst_index")
+    for name in ("attention-cache", "block"):
+        for r in run_case(qwen_image_21.CASES[name], [torch.float64, torch.float32], candidate="reference"):
+            if r.name.endswith("/outputs"):
+                assert {f: getattr(r, f) for f in fields} == {f: judged[(r.name, r.dtype)][f] for f in fields}
+
+
+@pytest.mark.parametrize("planted, failing", [
+    ("cache_k_v_swapped_21", {"attention-cache", "model-cache"}),  # shows on the cached path only
+])
+def test_a_planted_bug_run_as_the_engine_fails_where_it_shows(inputs, tmp_path, planted, failing):
+    run_engine(readme_engine("reference_engine.py", tmp_path), inputs, tmp_path / "out.safetensors",
+               f"verify.planted:{planted}")
+    code, summary = judge(tmp_path, tmp_path / "out.safetensors", inputs)
+    failed = {c["name"].split("/")[0] for c in summary["checks"] if c["provided"] and not c["passed"]}
+    assert code == 1 and failed == failing
