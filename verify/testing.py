@@ -83,13 +83,16 @@ def assert_trajectory(candidate: str | Build | Implementation, reference=None, *
 
 def save_inputs(out, model: str = DEFAULT_MODEL, config: str = "tiny", seed: int = 0,
                 components: Iterable[str] = ("attention", "block", "model"),
-                dtypes: Iterable[torch.dtype] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)) -> None:
+                dtypes: Iterable[torch.dtype] = (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+                fixtures: Iterable[str] | None = None) -> None:
     """Write the inputs folder an engine that cannot be imported runs (`qkv-verify inputs`): inputs, weights,
-    manifest.json and README.txt, into `out` (written whole, then moved in)."""
+    manifest.json and README.txt, into `out` (written whole, then moved in); `fixtures`: names of the model's
+    FIXTURES whose cases are written (default all)."""
     from verify.checks.engines import inputs_files
     from verify.files.folder import write_folder
 
-    write_folder(out, inputs_files(model, config, seed, tuple(components), tuple(dtypes)))
+    write_folder(out, inputs_files(model, config, seed, tuple(components), tuple(dtypes),
+                                   tuple(fixtures) if fixtures else None))
 
 
 def judge_outputs(outputs, inputs, reference: str | Build | Implementation | None = None,

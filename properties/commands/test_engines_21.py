@@ -5,6 +5,7 @@ engine fails where it shows."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -88,3 +89,41 @@ def test_a_planted_bug_run_as_the_engine_fails_where_it_shows(inputs, tmp_path, 
     code, summary = judge(tmp_path, tmp_path / "out.safetensors", inputs)
     failed = {c["name"].split("/")[0] for c in summary["checks"] if c["provided"] and not c["passed"]}
     assert code == 1 and failed == failing
+
+
+@pytest.mark.parametrize("model, fixtures, components, cases", [
+    (V21, ["edit-adjacent", "text-to-image"], [], {"attention-adjacent", "model-edit-adjacent", "model-text-to-image"}),
+    ("qwen-image", ["edit"], ["block"], {"block-edit-zero-cond"}),
+])
+def test_inputs_writes_the_cases_of_the_fixtures_asked(tmp_path, model, fixtures, components, cases):
+    args = [a for f in fixtures for a in ("--fixture", f)] + [a for c in components for a in ("--component", c)]
+    assert main(["inputs", "--model", model, "--out", str(tmp_path / "in"), "--dtypes", "fp32", *args]) == 0
+    entries = json.loads((tmp_path / "in" / "manifest.json").read_text())["entries"]
+    assert {e["case"] for e in entries} == cases and {e["fixture"] for e in entries} == set(fixtures)
+
+
+@pytest.mark.parametrize("model, args, words", [
+    (V21, ["--fixture", "edit", "--fixture", "edit-zero"],
+     f"--fixture edit-zero: no fixture of {V21}; expected one of text-to-image, edit, edit-adjacent"),
+    ("qwen-image", ["--fixture", "edit-adjacent"],
+     "--fixture edit-adjacent: no fixture of qwen-image; expected one of text-to-image, edit"),
+    ("qwen-image", ["--fixture", "edit", "--component", "attention"], "selects no case of qwen-image"),
+])
+def test_a_fixture_the_model_lacks_is_one_line_and_nothing_is_written(tmp_path, capsys, model, args, words):
+    assert main(["inputs", "--model", model, "--out", str(tmp_path / "in"), "--dtypes", "fp32", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1 and not (tmp_path / "in").exists()
+
+
+def test_a_case_the_manifest_cannot_express_is_left_out_with_its_reason(tmp_path, capsys, monkeypatch):
+    def replayed(module, inputs):  # outputs of a sequence of calls the manifest has no words for
+        return {"joint": module(**inputs)}
+
+    odd = dataclasses.replace(qwen_image_21.CASES["attention"], name="attention-odd", outputs=replayed)
+    monkeypatch.setitem(qwen_image_21.CASES, "attention-odd", odd)
+    assert main(["inputs", "--model", V21, "--out", str(tmp_path / "in"), "--dtypes", "fp32", "--component",
+                 "attention"]) == 0
+    manifest = json.loads((tmp_path / "in" / "manifest.json").read_text())
+    assert "attention-odd" not in {e["case"] for e in manifest["entries"]}
+    assert [(o["case"], o["fixture"]) for o in manifest["left_out"]] == [("attention-odd", "edit")]
+    assert "replayed" in manifest["left_out"][0]["reason"] and "left out: attention-odd" in capsys.readouterr().out

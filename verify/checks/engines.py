@@ -59,15 +59,20 @@ def call_of(case) -> tuple[dict | None, str]:
 
 
 def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...],
-                 dtypes: tuple[torch.dtype, ...]) -> dict[str, bytes | str]:
-    """Every file of an inputs folder, by relative name: each case of `components` in each dtype."""
+                 dtypes: tuple[torch.dtype, ...], fixtures: tuple[str, ...] | None = None) -> dict[str, bytes | str]:
+    """Every file of an inputs folder, by relative name: each case of `components` on `fixtures` (default all the
+    model's) in each dtype."""
     module = models.load(model)
+    unknown = [f for f in fixtures or () if f not in module.FIXTURES]
+    if unknown:
+        raise VerifyError(f"--fixture {unknown[0]}: no fixture of {model}; expected one of "
+                          f"{', '.join(module.FIXTURES)}")
     merged = resolve("reference")
     files: dict[str, bytes | str] = {}
     entries, left_out = [], []
     for name, case in module.CASES.items():
         fixture = fixture_of(module, case)
-        if case.component not in components:
+        if case.component not in components or (fixtures and fixture not in fixtures):
             continue
         call, why = call_of(case)
         if call is None:
@@ -92,7 +97,8 @@ def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...]
                             "dtype": dtype_name(dtype), "inputs_file": inputs_file, "call": call, "kwargs": kwargs,
                             "outputs": shapes, "weights": weights, "config": case_config})
     if not entries:
-        raise VerifyError(f"inputs --model {model}: --component {', '.join(components)} selects no case of {model}"
+        raise VerifyError(f"inputs --model {model}: --component {', '.join(components)} with --fixture "
+                          f"{', '.join(fixtures or module.FIXTURES)} selects no case of {model}"
                           + (f" the manifest can express ({left_out[0]['case']}: {left_out[0]['reason']})"
                              if left_out else ""))
     manifest = {"format": saved.FORMAT, "version": saved.VERSION, "qkv_verify": __version__, "model": model,

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     add_model_argument(i)
     i.add_argument("--config", choices=("tiny", "small"), default="tiny", help="seeded-weights config (default tiny)")
     i.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
+    i.add_argument("--fixture", action="append", metavar="NAME",
+                   help="only the cases on this fixture of the model, e.g. text-to-image or edit (repeatable; "
+                        "default all; an unknown name is refused, naming the model's fixtures)")
     i.add_argument("--component", choices=COMPONENTS, action="append",
                    help="attention, block or model (repeatable; default all)")
     i.add_argument("--dtypes", type=_dtypes, default=_dtypes("fp64,fp32,bf16,fp16"),
@@ -62,7 +65,7 @@ def inputs_command(args) -> int:
         raise VerifyError(f"--out {args.out}: not empty; choose another folder or pass --force")
     _refuse_foreign_out(args.out, True)  # a file, or a link to nothing, is refused even with --force
     save_inputs(args.out, args.model or DEFAULT_MODEL, args.config, args.seed, args.component or COMPONENTS,
-                args.dtypes)
+                args.dtypes, args.fixture)
     print(f"wrote {args.out}: the entries of {args.out / 'manifest.json'}; {args.out / 'README.txt'} says what an "
           "engine writes back")
     for left in json.loads((args.out / "manifest.json").read_text())["left_out"]:
