@@ -7,10 +7,6 @@ out=${1:?output folder}
 name=${2:?name of the result, e.g. bench}
 shift 2
 mkdir -p "$out"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps .wheels/*.whl
-fi
-export PYTHONPATH=$PWD
-card=$(python3 -c "import torch, re; n = torch.cuda.get_device_name(); print(re.search(r'[HAB]\d+', n).group(0).lower())")
+source "$(dirname "$0")/preamble.sh"
 python3 -m verify.commands.bench --device cuda --json "$out/$name-$card.json" "$@" 2>&1 | tee "$out/$name-$card.log"
 exit "${PIPESTATUS[0]}"

@@ -7,12 +7,7 @@
 set -uo pipefail
 out=${1:?output folder}
 mkdir -p "$out"
-if ! python3 -c "import diffusers, torchmetrics" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps .wheels/*.whl
-fi
-export PYTHONPATH=$PWD CI=true PYTHONUNBUFFERED=1
-card=$(python3 -c "import torch, re; n = torch.cuda.get_device_name(); print(re.search(r'[HAB]\d+', n).group(0).lower())")
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+source "$(dirname "$0")/preamble.sh"
 run() {  # NAME LIMIT COMMAND...: the command's last lines, its exit status and time; its summary.json kept
   local name=$1 limit=$2; shift 2
   local start=$(date +%s)

@@ -5,12 +5,7 @@
 set -uo pipefail
 out=${1:?output folder}
 mkdir -p "$out"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps .wheels/*.whl
-fi
-export PYTHONPATH=$PWD CI=true PYTHONUNBUFFERED=1
-card=$(python3 -c "import torch, re; n = torch.cuda.get_device_name(); print(re.search(r'[HAB]\d+', n).group(0).lower())")
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+source "$(dirname "$0")/preamble.sh"
 start=$(date +%s)
 python3 -m verify.cli report --device cuda --config full --dtypes bf16,fp16 --bench "reports/gpu/bench-$card.json" \
   --out /tmp/report-full 2>&1 | tail -8
