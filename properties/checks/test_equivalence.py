@@ -13,18 +13,19 @@ from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from properties.strategies import expensive, input_specs, layouts, model_configs, namings, seeds
+from verify.checks.cases import case_for
 from verify.checks.compare import assert_passed
 from verify.checks.equivalence import run_case
 from verify.implementations.fused import fuse_model
+from verify.models.cases import Case
 from verify.models.qwen_image import CASES, CONFIGS
 
 HIGH = (torch.float64, torch.float32)  # every example; a bf16- or fp16-only pass is not an equivalence
 LOW = st.sampled_from([None, torch.bfloat16, torch.float16])
 
 
-def _check(case_name: str, device: str, config: dict, spec, seed: int, naming: str, layout: str, low,
+def _check(case: Case, device: str, config: dict, spec, seed: int, naming: str, layout: str, low,
            dtypes: tuple[torch.dtype, ...] | None = None) -> None:
-    case = CASES[case_name]
     dtypes = dtypes or HIGH + ((low,) if low else ())
     records = run_case(case, dtypes=dtypes, device=device, seed=seed, config=config, spec=spec,
                        candidate=lambda module, component: fuse_model(module, naming, layout), layout=layout)
@@ -42,15 +43,14 @@ def _check(case_name: str, device: str, config: dict, spec, seed: int, naming: s
 @given(config=model_configs(), spec=input_specs(), seed=seeds(), naming=namings(), layout=layouts(), low=LOW)
 def test_fused_attention_equals_standard(device, config, spec, seed, naming, layout, low):
     """Outputs and gradients w.r.t. both input streams and every weight."""
-    _check("attention", device, config, spec, seed, naming, layout, low)
+    _check(case_for("attention", config, spec), device, config, spec, seed, naming, layout, low)
 
 
 @settings(max_examples=expensive())
 @given(config=model_configs(), spec=input_specs(), seed=seeds(), naming=namings(), layout=layouts(), low=LOW)
 def test_fused_block_equals_standard(device, config, spec, seed, naming, layout, low):
     """Outputs and gradients, with and without zero_cond_t and a reference image."""
-    _check("block-edit-zero-cond" if config["zero_cond_t"] else "block", device, config, spec, seed, naming, layout,
-           low)
+    _check(case_for("block", config, spec), device, config, spec, seed, naming, layout, low)
 
 
 @settings(max_examples=expensive())
@@ -58,7 +58,7 @@ def test_fused_block_equals_standard(device, config, spec, seed, naming, layout,
        layout=layouts(), low=LOW)
 def test_fused_model_equals_standard_text_to_image(device, config, spec, seed, naming, layout, low):
     """The whole transformer, text-to-image: outputs and gradients; Layered flags drawn."""
-    _check("model-text-to-image", device, config, spec, seed, naming, layout, low)
+    _check(case_for("model", config, spec), device, config, spec, seed, naming, layout, low)
 
 
 @settings(max_examples=expensive())
@@ -66,15 +66,14 @@ def test_fused_model_equals_standard_text_to_image(device, config, spec, seed, n
        layout=layouts(), low=LOW)
 def test_fused_model_equals_standard_edit(device, config, spec, seed, naming, layout, low):
     """The whole transformer with a reference image; zero_cond_t (Edit-2511: t = 0 for it) and Layered drawn."""
-    _check("model-edit-zero-cond" if config["zero_cond_t"] else "model-edit", device, config, spec, seed, naming,
-           layout, low)
+    _check(case_for("model", config, spec), device, config, spec, seed, naming, layout, low)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_registry_case_passes(device, name):
     """Every declared case at its own config and fixture, in all its dtypes: what the report runs."""
     case = CASES[name]
-    _check(name, device, case.config, case.spec, 0, "seed", "blocked", None, dtypes=case.dtypes)
+    _check(case, device, case.config, case.spec, 0, "seed", "blocked", None, dtypes=case.dtypes)
 
 
 @pytest.mark.slow
@@ -85,4 +84,4 @@ def test_registry_case_passes_at_small_width(device, name, seed):
     case = CASES[name]
     config = {**case.config, **CONFIGS["small"]}  # the case's flags (zero_cond_t, ...) at the wider sizes
     for layout in ("blocked", "interleaved"):
-        _check(name, device, config, case.spec, seed, "diffusers", layout, None, dtypes=case.dtypes)
+        _check(case, device, config, case.spec, seed, "diffusers", layout, None, dtypes=case.dtypes)

@@ -19,6 +19,7 @@ from diffusers.models.normalization import RMSNorm
 from hypothesis import event, given, settings
 
 from properties.strategies import input_specs, layouts, model_configs, namings, seeds
+from verify.checks.cases import case_for
 from verify.checks.compare import assert_failed, assert_passed
 from verify.checks.equivalence import run_case
 from verify.checks.tolerance import DTYPES
@@ -32,6 +33,7 @@ from verify.implementations.fused import (
     joint_attentions,
     unfuse_model,
 )
+from verify.models.cases import Case
 from verify.models.qwen_image import CASES, InputSpec, model_config
 
 ALL = tuple(DTYPES.values())  # fp64, fp32, bf16, fp16 in every example
@@ -54,8 +56,7 @@ def fast_merge(naming: str = "seed", layout: str = "blocked", functional: bool |
     return build
 
 
-def _check(case_name, device, config, spec, seed, naming, layout, functional) -> None:
-    case = CASES[case_name]
+def _check(case: Case, device, config, spec, seed, naming, layout, functional) -> None:
     records = run_case(case, dtypes=ALL, device=device, seed=seed, config=config, spec=spec,
                        candidate=fast_merge(naming, layout, functional), layout=layout)
     attentions = config["num_layers"] if case.component == "model" else 1
@@ -161,8 +162,7 @@ def test_half_precision_coefficients_are_caught(seed, dtype, draw, monkeypatch):
 @given(config=model_configs(), spec=input_specs(), seed=seeds(), naming=namings(), layout=layouts())
 def test_fast_block_equals_standard(device, functional, config, spec, seed, naming, layout):
     """One block: outputs and gradients w.r.t. both streams and every weight, zero_cond_t and edit drawn."""
-    name = "block-edit-zero-cond" if config["zero_cond_t"] else "block"
-    _check(name, device, config, spec, seed, naming, layout, functional)
+    _check(case_for("block", config, spec), device, config, spec, seed, naming, layout, functional)
 
 
 @PATHS
@@ -170,7 +170,7 @@ def test_fast_block_equals_standard(device, functional, config, spec, seed, nami
 @given(config=model_configs(), spec=input_specs(padded=True), seed=seeds(), naming=namings(), layout=layouts())
 def test_fast_attention_equals_standard(device, functional, config, spec, seed, naming, layout):
     """One attention with an observable text padding mask: outputs and gradients."""
-    _check("attention", device, config, spec, seed, naming, layout, functional)
+    _check(case_for("attention", config, spec), device, config, spec, seed, naming, layout, functional)
 
 
 @PATHS
@@ -178,7 +178,7 @@ def test_fast_attention_equals_standard(device, functional, config, spec, seed, 
 @given(config=model_configs(), spec=input_specs(edit=False), seed=seeds(), naming=namings(), layout=layouts())
 def test_fast_model_equals_standard(device, functional, config, spec, seed, naming, layout):
     """The whole transformer, text-to-image: outputs and gradients."""
-    _check("model-text-to-image", device, config, spec, seed, naming, layout, functional)
+    _check(case_for("model", config, spec), device, config, spec, seed, naming, layout, functional)
 
 
 @pytest.mark.parametrize("case_name", ["model-edit-zero-cond", "model-layered"])

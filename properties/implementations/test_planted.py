@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from properties.strategies import expensive, input_specs, model_configs, seeds
+from verify.checks.cases import case_for
 from verify.checks.compare import Record, assert_failed, assert_passed
 from verify.checks.equivalence import run_case
 from verify.implementations.fused import joint_attentions
@@ -26,18 +27,6 @@ HIGH = (torch.float64, torch.float32)
 LISTED = {"k_v_swapped", "kqv_order", "layout_mixup", "dropped_bias", "norm_q_swapped", "split_off_by_one",
           "mask_ignored"}
 COMPONENTS = ("attention", "block", "model")
-
-
-def _case(component: str, config: dict, spec) -> str:
-    """The registry case for a component and the drawn flags."""
-    zero_cond = config.get("zero_cond_t", False)
-    if component == "attention":
-        return "attention"
-    if component == "block":
-        return "block-edit-zero-cond" if zero_cond else "block"
-    if not spec.edit:
-        return "model-text-to-image"
-    return "model-edit-zero-cond" if zero_cond else "model-edit"
 
 
 def _caught(record: Record) -> bool:
@@ -58,7 +47,7 @@ def test_every_listed_bug_is_planted():
 @given(component=st.sampled_from(COMPONENTS), config=model_configs(min_heads=2, layered=None),
        spec=input_specs(padded=True), seed=seeds())
 def test_planted_bug_is_caught(device, bug, component, config, spec, seed):
-    case = CASES[_case(component, config, spec)]
+    case = case_for(component, config, spec)
     run = dict(dtypes=HIGH, device=device, seed=seed, config=config, spec=spec)
     for record in run_case(case, **run, candidate="reference"):
         assert_passed(record)  # the same comparison passes the correct merge on this draw

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from verify.checks.cases import case_for
 from verify.checks.equivalence import run_case
 from verify.checks.strategies import input_specs, input_specs_21, model_configs, model_configs_21, seeds
 from verify.checks.tolerance import DTYPES
 from verify.models import qwen_image_21
-from verify.models.qwen_image import CASES
 from verify.testing import describe
 
 
@@ -26,10 +26,8 @@ from verify.testing import describe
        spec=st.one_of(input_specs(), input_specs(padded=True)), seed=seeds())
 def test_candidate_computes_the_reference_function(qkv_candidate, qkv_reference, qkv_layout, qkv_device, component,
                                                     dtype, config, spec, seed):
-    case = CASES["attention" if component == "attention" else
-                 "block-edit-zero-cond" if config["zero_cond_t"] else "block"]
-    _judge(run_case(case, [dtype], qkv_device, seed, config=config, spec=spec, candidate=qkv_candidate,
-                    reference=qkv_reference, layout=qkv_layout))
+    _judge(run_case(case_for(component, config, spec), [dtype], qkv_device, seed, config=config, spec=spec,
+                    candidate=qkv_candidate, reference=qkv_reference, layout=qkv_layout))
 
 
 @pytest.mark.qkv_model("qwen-image-2.1")
