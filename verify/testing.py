@@ -59,13 +59,14 @@ def check_trajectory(candidate: str | Build | Implementation, reference: str | B
                      *, steps: int = 20, true_cfg_scale: float | None = None,
                      dtypes: Iterable[torch.dtype] = (torch.float64, torch.float32), device: str = "cpu",
                      seed: int = 0, fused_modules: str | None = None, precision: str | None = None,
-                     model: str = DEFAULT_MODEL) -> list[dict]:
+                     model: str = DEFAULT_MODEL, fixture: str = "text-to-image") -> list[dict]:
     """`qkv-verify sample`'s per-step records (summary.json's `trajectory`): the candidate's latents after each step
-    of diffusers' pipeline against the fp64 oracle's, relative to the reference's, in each dtype."""
+    of diffusers' pipeline against the fp64 oracle's, relative to the reference's, in each dtype; `fixture` as
+    sample's --fixture (text-to-image, edit, edit-2511)."""
     from verify.checks.sampling import SampleOptions, run_sampling
 
-    opts = SampleOptions(model=model, steps=steps, true_cfg_scale=true_cfg_scale, dtypes=tuple(dtypes),
-                         device=device, seed=seed)
+    opts = SampleOptions(model=model, fixture=fixture, steps=steps, true_cfg_scale=true_cfg_scale,
+                         dtypes=tuple(dtypes), device=device, seed=seed)
     result, _ = run_sampling(resolve(candidate, fused_modules, precision), resolve(reference or "diffusers"), opts)
     return result["trajectory"]
 
@@ -100,7 +101,8 @@ def judge_outputs(outputs, inputs, reference: str | Build | Implementation | Non
     """`qkv-verify judge`'s summary (summary.json's content) of the outputs an engine wrote for the inputs folder
     `inputs`: the oracle and base computed here, each output judged by the relative-to-base rule (`precision="fp32"`:
     the engine computes in fp32 at best, its fp64 outputs judged at fp32's floor; `reference_outputs`: saved outputs,
-    e.g. another machine's, in place of the reference run here as base)."""
+    e.g. another machine's, in place of the reference run here as base). Input gradients the engine wrote for the
+    manifest's cotangents are judged as report's gradients (inputs only); where it wrote none, not compared."""
     from verify.checks.engines import judge_folder
 
     return judge_folder(outputs, inputs, reference, precision, reference_outputs)

@@ -62,6 +62,7 @@ class SampleOptions:
 
     model: str = models.DEFAULT_MODEL
     config: str = "tiny"
+    fixture: str = "text-to-image"
     steps: int = 20
     true_cfg_scale: float | None = None  # None: the pipeline's default for the model
     size: tuple[int, int] | None = None  # (height, width) in pixels; None: the model's tiny sample size
@@ -75,11 +76,15 @@ def run_sampling(candidate: Implementation, reference: Implementation,
     """The oracle, then base and cand in each dtype: (per-step records, final records, image metrics and the run's
     setup; the final images per dtype and role)."""
     module = models.load(opts.model)
-    config = module.model_config(opts.config)
+    if opts.fixture not in module.SAMPLING_FIXTURES:
+        raise VerifyError(f"sample --model {opts.model} --fixture {opts.fixture}: not supported (it samples "
+                          f"{', '.join(module.SAMPLING_FIXTURES)})")
+    pipeline_class, overrides = module.SAMPLING_FIXTURES[opts.fixture]
+    config = module.model_config(opts.config, **overrides)
     standard, vae = module.build_model(config, opts.seed), module.build_vae(config, opts.seed)
     size = opts.size or module.SAMPLE_SIZE
     cfg = module.TRUE_CFG_SCALE if opts.true_cfg_scale is None else opts.true_cfg_scale
-    inputs = _inputs(module, config, size, cfg, opts.seed)
+    inputs = _inputs(module, config, size, cfg, opts.seed) | module.condition_inputs(opts.fixture, size, opts.seed)
     ref_model = _built(reference, standard, torch.float64, "cpu")
     oracle = _run(module, ref_model, vae, inputs, opts, torch.float64, "cpu", None, keep_calls=True)
     trajectory, final, images, pictures = [], [], [], {}
@@ -104,10 +109,11 @@ def run_sampling(candidate: Implementation, reference: Implementation,
         pictures[dtype_name(dtype)] = {"oracle": oracle.image, "standard": base.image, "merged": cand.image}
         images += [_image_metrics(oracle.image, run.image, role, dtype) for role, run in (("standard", base),
                                                                                            ("merged", cand))]
-    setup = {"model": opts.model, "pipeline": module.PIPELINE_CLASS.__name__, "steps": opts.steps,
+    setup = {"model": opts.model, "fixture": opts.fixture, "pipeline": pipeline_class.__name__, "steps": opts.steps,
              "true_cfg_scale": cfg, "size": list(size), "seed": opts.seed, "config": opts.config,
              "scheduler": "FlowMatchEulerDiscreteScheduler (fp64 runs step in fp64)",
-             "vae": f"seeded tiny {type(vae).__name__} in fp64, shared by every run", **module.SAMPLING_SETUP}
+             "vae": f"seeded tiny {type(vae).__name__} in fp64, shared by every run",
+             **({"transformer_config": overrides} if overrides else {}), **module.sampling_setup(opts.fixture)}
     return {"trajectory": [r.to_dict() for r in trajectory], "final": [r.to_dict() for r in final],
             "images": [_image_metrics(oracle.image, oracle.image, "oracle", torch.float64), *images],
             "sampling": setup}, pictures
@@ -137,7 +143,7 @@ def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: Sam
     """One pipeline run in `dtype` on `device`, its latents after every step and its calls kept on the CPU; fp64
     runs step in fp64 (Fp64FlowMatchEulerScheduler), the others as diffusers does."""
     run = Run()
-    pipe = module.sampling_pipeline(transformer, vae, Fp64FlowMatchEulerScheduler())
+    pipe = module.sampling_pipeline(transformer, vae, Fp64FlowMatchEulerScheduler(), opts.fixture)
     pipe.set_progress_bar_config(disable=True)
     hook = transformer.register_forward_pre_hook(  # the oracle's calls: where a failing step is located
         lambda _m, _a, kwargs: run.calls.append(cast_inputs(kwargs, torch.float64, "cpu")) if keep_calls else None,
@@ -150,7 +156,8 @@ def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: Sam
     args = cast_inputs({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}, dtype, device)
     fused = impl.fused_modules if impl is not None and impl.fused else ()
     try:
-        with torch.no_grad(), count_calls(transformer, fused) as calls:
+        with torch.no_grad(), module.sampling_context(opts.fixture, inputs["height"], inputs["width"]), \
+                count_calls(transformer, fused) as calls:
             out = pipe(**(inputs | args), num_inference_steps=opts.steps, output_type="np",
                        callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
     finally:

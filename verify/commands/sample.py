@@ -8,7 +8,7 @@ from pathlib import Path
 from verify.commands.report import _dtypes
 from verify.models import DEFAULT_MODEL, add_model_argument
 
-FIXTURES = ("text-to-image",)
+FIXTURES = ("text-to-image", "edit", "edit-2511")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -52,7 +52,10 @@ def register_sample(subparsers) -> None:
     p.add_argument("--lora", type=Path, help="a LoRA file (not supported yet)")
     p.add_argument("--vae", type=Path, help="a diffusers VAE folder (not supported yet: a seeded tiny VAE decodes)")
     p.add_argument("--config", choices=("tiny", "small"), default="tiny", help="seeded-weights config (default tiny)")
-    p.add_argument("--fixture", choices=FIXTURES, default=FIXTURES[0], help="what is sampled (default text-to-image)")
+    p.add_argument("--fixture", choices=FIXTURES, default=FIXTURES[0],
+                   help="what is sampled: text-to-image (default), edit (QwenImageEditPipeline with a seeded "
+                        "condition image) or edit-2511 (QwenImageEditPlusPipeline, the model's zero_cond_t on, as "
+                        "Qwen-Image-Edit-2511); the edits for qwen-image only")
     p.add_argument("--size", type=_size, help="HxW in pixels, each a multiple of 8 for qwen-image (default 32x32), "
                                               "of 32 for qwen-image-2.1 (default 64x64)")
     p.add_argument("--steps", type=_steps, default=20, help="sampling steps (default 20)")
@@ -96,8 +99,9 @@ def _sample(args) -> int:
                         args.candidate_precision)
     reference = resolve(args.reference or "diffusers")
     dtypes = tuple(dict.fromkeys([*REQUIRED_DTYPES, *args.dtypes]))
-    opts = SampleOptions(model=model, config=args.config, steps=args.steps, true_cfg_scale=args.true_cfg_scale,
-                         size=args.size, dtypes=dtypes, device=args.device, seed=args.seed)
+    opts = SampleOptions(model=model, config=args.config, fixture=args.fixture, steps=args.steps,
+                         true_cfg_scale=args.true_cfg_scale, size=args.size, dtypes=dtypes, device=args.device,
+                         seed=args.seed)
     result, pictures = run_sampling(candidate, reference, opts)
     failed = [r for r in result["trajectory"] if not r["passed"]]
     summary = {"verdict": "fail" if failed else "pass", "compared": "", "notes": _notes(result, candidate),

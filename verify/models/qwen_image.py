@@ -4,12 +4,22 @@ dtype, device)."""
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
+import numpy as np
 import torch
 
 # the seam: only verify.models imports diffusers' model classes (this module, Qwen-Image's)
-from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers import (
+    AutoencoderKLQwenImage,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     QwenEmbedLayer3DRope,
@@ -18,6 +28,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
     apply_rotary_emb_qwen,
     compute_text_seq_len_from_mask,
 )
+from PIL import Image
 from torch import nn
 
 from verify.errors import VerifyError
@@ -223,15 +234,28 @@ CASES: dict[str, Case] = {
 
 
 # Sampling (verify.checks.sampling): diffusers' own pipeline, a seeded tiny VAE (diffusers' pipeline tests' config)
-# and prompt embeddings given in place of a text encoder.
+# and prompt embeddings given in place of a text encoder; the edit pipelines with a seeded condition image.
 PIPELINE_CLASS = QwenImagePipeline
-TRUE_CFG_SCALE = 4.0  # QwenImagePipeline's default
+# --fixture -> diffusers' pipeline, and the transformer config's overrides (Qwen-Image-Edit-2511: zero_cond_t)
+SAMPLING_FIXTURES: dict[str, tuple[type, dict]] = {
+    "text-to-image": (QwenImagePipeline, {}),
+    "edit": (QwenImageEditPipeline, {}),
+    "edit-2511": (QwenImageEditPlusPipeline, {"zero_cond_t": True}),
+}
+TRUE_CFG_SCALE = 4.0  # the default of each of those pipelines
 SAMPLE_SIZE = (32, 32)  # pixels: 8 x 8 latents, 4 x 4 image tokens
 VAE_CONFIG = dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
                   latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 
+CONDITION_AREA = ("diffusers' edit pipelines size the condition image to a 1024 x 1024 area (and 384 x 384 for the "
+                  "text encoder), whatever the output; here to the output's area, so that a tiny run stays tiny "
+                  "(the same at --size 1024x1024); the seeded image, as the pipeline hands it over in the run's "
+                  "dtype, is encoded by the one fp64 VAE (argmax) and its latents cast to the run's dtype")
 
-SAMPLING_SETUP: dict[str, str] = {}  # nothing beside what verify.checks.sampling records
+
+def sampling_setup(fixture: str) -> dict[str, str]:
+    """What a run of `fixture` records beside verify.checks.sampling's own setup."""
+    return {} if fixture == "text-to-image" else {"condition_image": CONDITION_AREA}
 
 
 def build_vae(config: dict, seed: int) -> AutoencoderKLQwenImage:
@@ -243,9 +267,40 @@ def build_vae(config: dict, seed: int) -> AutoencoderKLQwenImage:
     return torch.nn.Module.to(vae, torch.float64).eval()
 
 
-def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler) -> QwenImagePipeline:
-    """diffusers' QwenImagePipeline without a text encoder (prompt embeddings are given)."""
-    return PIPELINE_CLASS(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler, fixture: str = "text-to-image"):
+    """diffusers' pipeline of `fixture` without a text encoder (prompt embeddings are given); the edit pipelines'
+    condition image encoded by the fp64 VAE whatever the run's dtype (the pipeline hands the VAE the run's dtype)."""
+    cls = SAMPLING_FIXTURES[fixture][0]
+    if cls is QwenImagePipeline:
+        return cls(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe = cls(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, processor=None,
+               transformer=transformer)
+    encode = pipe._encode_vae_image
+    pipe._encode_vae_image = lambda image, generator: encode(image.to(vae.dtype), generator).to(image.dtype)
+    return pipe
+
+
+@contextmanager
+def sampling_context(fixture: str, height: int, width: int):
+    """While a pipeline of `fixture` runs: an edit pipeline's condition-image areas (1024 x 1024, 384 x 384 in
+    diffusers, whatever the output) made the output's, through the pipeline module's own calculate_dimensions."""
+    cls = SAMPLING_FIXTURES[fixture][0]
+    if cls is QwenImagePipeline:
+        yield
+        return
+    where = sys.modules[cls.__module__]
+    size_of = where.calculate_dimensions
+    with mock.patch.object(where, "calculate_dimensions", lambda _area, ratio: size_of(height * width, ratio)):
+        yield
+
+
+def condition_inputs(fixture: str, size: tuple[int, int], seed: int) -> dict:
+    """The pipeline's keyword arguments of `fixture` beside the prompt: an edit's condition image, seeded RGB pixels
+    of the output's size."""
+    if SAMPLING_FIXTURES[fixture][0] is QwenImagePipeline:
+        return {}
+    pixels = np.random.default_rng(seed + 8).integers(0, 256, (*size, 3), dtype=np.uint8)
+    return {"image": Image.fromarray(pixels)}
 
 
 def sample_tokens(height: int, width: int) -> int:

@@ -5,6 +5,7 @@ Everything depends only on (seed, dtype, device)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -299,6 +300,7 @@ CASES: dict[str, Case] = {
 # first step's call prefills the cache, "extract"; every later step decodes the target image over it, "cached"), a
 # seeded tiny AutoencoderKLQwenImage21 and prompt embeddings given in place of the Qwen3-VL encoder.
 PIPELINE_CLASS = QwenImage21Pipeline
+SAMPLING_FIXTURES: dict[str, tuple[type, dict]] = {"text-to-image": (QwenImage21Pipeline, {})}  # see qwen_image
 TRUE_CFG_SCALE = 1.0  # QwenImage21Pipeline's default: 2.1 is sampled without guidance
 SAMPLE_SIZE = (64, 64)  # pixels: the pipeline's 16x VAE scale, 4 x 4 latent tokens, 2 x 2 image slots
 PIXELS_PER_SLOT = 32  # QwenImage21Pipeline.vae_scale_factor (16, fixed) times 2: one image slot's side in pixels
@@ -306,13 +308,18 @@ PIXELS_PER_SLOT = 32  # QwenImage21Pipeline.vae_scale_factor (16, fixed) times 2
 # ones; RGB in and out (the real VAE reads RGBA: the alpha channel would only shade the charts here).
 VAE_CONFIG = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
                   temperal_downsample=[False, False, False, False], in_channels=3, out_channels=3)
-SAMPLING_SETUP = {
+_SETUP = {
     "kv_cache": "on, as QwenImage21Pipeline's default: step 1 prefills the prefix cache (extract), later steps "
                 "decode over it (cached); a failing step is located after replaying, into a fresh cache per run, "
                 "every earlier call that used it",
     "text_encoder": "none: prompt embeddings given (text only, no image slots); a stand-in processor answers the "
                     "two look-ups QwenImage21Pipeline.__init__ makes of Qwen3VLProcessor, unused with embeddings",
 }
+
+
+def sampling_setup(fixture: str) -> dict[str, str]:
+    """What a run records beside verify.checks.sampling's own setup: the cache, the absent text encoder."""
+    return dict(_SETUP)
 
 
 def build_vae(config: dict, seed: int) -> AutoencoderKLQwenImage21:
@@ -340,10 +347,21 @@ class _NoProcessor:
         return [[]]
 
 
-def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler) -> QwenImage21Pipeline:
+def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler,
+                      fixture: str = "text-to-image") -> QwenImage21Pipeline:
     """diffusers' QwenImage21Pipeline without a text encoder (prompt embeddings are given)."""
     return PIPELINE_CLASS(scheduler=scheduler, vae=vae, text_encoder=None, processor=_NoProcessor(),
                           transformer=transformer)
+
+
+def sampling_context(fixture: str, height: int, width: int) -> nullcontext:
+    """Nothing to change while the pipeline runs."""
+    return nullcontext()
+
+
+def condition_inputs(fixture: str, size: tuple[int, int], seed: int) -> dict:
+    """No keyword arguments beside the prompt's: text to image only."""
+    return {}
 
 
 def sample_tokens(height: int, width: int) -> int:

@@ -1,0 +1,87 @@
+"""`qkv-verify sample --fixture edit|edit-2511`: diffusers' QwenImageEditPipeline and QwenImageEditPlusPipeline (the
+model's zero_cond_t on, as Qwen-Image-Edit-2511) without a text encoder, a seeded condition image encoded by the fp64
+VAE, judged step by step against the fp64 oracle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from verify.cli import main
+from verify.implementations.builtins import reference
+from verify.models import qwen_image
+from verify.testing import check_trajectory
+
+STEPS = 3
+
+
+def sample(tmp_path, *args) -> tuple[int, dict]:
+    try:
+        code = main(["sample", "--steps", str(STEPS), "--dtypes", "fp64,fp32", "--out", str(tmp_path / "out"), *args])
+    except SystemExit as e:  # argparse's refusal of a flag's value
+        code = e.code
+    path = tmp_path / "out" / "summary.json"
+    return code, json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.mark.parametrize("fixture, pipeline, zero_cond_t", [
+    ("edit", "QwenImageEditPipeline", False),
+    ("edit-2511", "QwenImageEditPlusPipeline", True),
+])
+def test_the_merged_reference_passes_every_step_of_an_edit(tmp_path, fixture, pipeline, zero_cond_t):
+    code, summary = sample(tmp_path, "--fixture", fixture)
+    assert code == 0 and summary["verdict"] == "pass"
+    assert len(summary["trajectory"]) == STEPS * 2 and all(r["passed"] for r in summary["trajectory"])
+    # two fused projections per attention, two blocks, true CFG's two transformer calls per step
+    per_run = 2 * qwen_image.model_config("tiny")["num_layers"] * 2 * STEPS
+    assert {r["fused_calls"] for r in summary["trajectory"]} == {per_run}
+    s = summary["sampling"]
+    assert s["fixture"] == fixture and s["pipeline"] == pipeline and s["true_cfg_scale"] == 4.0
+    assert s.get("transformer_config", {}).get("zero_cond_t", False) is zero_cond_t
+    assert "1024 x 1024" in s["condition_image"] and "fp64 VAE" in s["condition_image"]
+    assert summary["compared"].startswith(f"qwen-image, {pipeline} 3 steps at 32x32, true CFG 4:")
+
+
+def test_the_condition_image_is_encoded_once_in_fp64_and_handed_over_in_the_run_dtype():
+    """The transformer sees [target tokens, condition tokens] (4 x 4 each at 32 x 32 px), the condition's the same
+    at every call, and the fp32 run's are the fp64 run's rounded: one fp64 encoding, cast."""
+    seen: list[tuple[torch.Tensor, list]] = []
+
+    def recording(standard, component):
+        model = reference(standard, component)
+        model.register_forward_pre_hook(lambda _m, _a, kw: seen.append((kw["hidden_states"].clone(),
+                                                                        kw["img_shapes"])), with_kwargs=True)
+        return model
+
+    check_trajectory(recording, steps=2, fixture="edit")
+    by = {dtype: [h for h, _ in seen if h.dtype == dtype] for dtype in (torch.float64, torch.float32)}
+    assert len(by[torch.float64]) == len(by[torch.float32]) == 2 * 2  # 2 steps, true CFG
+    assert all(shapes == [[(1, 4, 4), (1, 4, 4)]] for _, shapes in seen)
+    condition = {dtype: [h[:, 16:] for h in calls] for dtype, calls in by.items()}
+    assert all(h.shape == (1, 16, 16) for calls in condition.values() for h in calls)
+    for calls in condition.values():
+        assert all(torch.equal(h, calls[0]) for h in calls)
+    assert torch.equal(condition[torch.float32][0], condition[torch.float64][0].float())
+    assert condition[torch.float64][0].abs().max() > 0
+
+
+def test_a_mask_memoised_by_shape_fails_an_edit_at_the_first_step_in_the_negative_pass():
+    records = check_trajectory("verify.planted:mask_memoised_by_shape", steps=2, fixture="edit")
+    first = [r for r in records if r["first_divergence"]]
+    assert {r["dtype"] for r in first} == {"fp64", "fp32"}
+    assert all(r["name"] == "step-01/latents" and r["first_divergence"].startswith("step 1: transformer_blocks.0.")
+               and r["first_divergence"].endswith("(call 2)") for r in first)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "qwen-image-2.1", "--fixture", "edit"],
+     "sample --model qwen-image-2.1 --fixture edit: not supported (it samples text-to-image)"),
+    (["--fixture", "inpaint"], "argument --fixture: invalid choice: 'inpaint'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words):
+    code, summary = sample(tmp_path, *args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and words in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
