@@ -75,7 +75,8 @@ def test_a_plain_torch_engine_passes_its_attention_and_provides_no_block(inputs,
     code, summary = judge(tmp_path, torch_outputs, inputs)
     assert code == 0 and summary["candidate"]["spec"] == f"outputs:{torch_outputs}"
     judged = [c for c in summary["checks"] if c["provided"]]
-    assert {c["name"] for c in judged} == {"attention/outputs"} and all(c["passed"] for c in judged)
+    assert {c["name"] for c in judged} == {"attention/outputs", "attention/gradients"} and all(
+        c["passed"] for c in judged)
     absent = [c for c in summary["checks"] if c["name"].startswith("block") and c["name"].endswith("/outputs")]
     assert absent and all(not c["provided"] and c["message"].startswith("not provided") for c in absent)
 

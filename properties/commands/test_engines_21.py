@@ -72,7 +72,8 @@ def test_the_reference_engine_passes_every_21_case_with_reports_records(inputs, 
     code, summary = judge(tmp_path, tmp_path / "out.safetensors", inputs)
     assert code == 0 and summary["inputs"]["model"] == V21 and summary["compared"].startswith(V21)
     judged = {(c["name"], c["dtype"]): c for c in summary["checks"] if c["provided"]}
-    assert set(judged) == {(f"{c}/outputs", d) for c in qwen_image_21.CASES for d in ("fp64", "fp32")}
+    assert set(judged) == {(f"{c}/{kind}", d) for c, case in qwen_image_21.CASES.items() for d in ("fp64", "fp32")
+                           for kind in (("outputs", "gradients") if case.grads else ("outputs",))}
     fields = ("passed", "max_abs_err", "base_max_abs_err", "ratio", "tolerance", "mismatched", "worst_index")
     for name in ("attention-cache", "block"):
         for r in run_case(qwen_image_21.CASES[name], [torch.float64, torch.float32], candidate="reference"):

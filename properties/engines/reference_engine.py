@@ -22,7 +22,14 @@ for entry in manifest["entries"]:
     standard = case.build(entry["config"], manifest["seed"])
     standard.load_state_dict(load_file(inputs / entry["weights"]["standard"]))
     module = reference.make(torch.nn.Module.to(standard, DTYPES[entry["dtype"]]), entry["component"])
+    tensors = load_file(inputs / entry["inputs_file"])
+    kwargs = decode_call(entry["kwargs"], tensors)
     with torch.no_grad():
-        result = case.outputs(module, decode_call(entry["kwargs"], load_file(inputs / entry["inputs_file"])))
+        result = case.outputs(module, kwargs)
     outputs |= {f"{entry['case']}/{entry['dtype']}/{name}": t.contiguous() for name, t in result.items()}
+    if "gradients" in entry:  # the input gradients of sum(output * cotangent), by autograd
+        leaves = {k: kwargs[k].clone().requires_grad_() for k in entry["gradients"]["inputs"]}
+        result = case.outputs(module, kwargs | leaves)
+        sum((result[o] * tensors[key]).sum() for o, key in entry["gradients"]["cotangents"].items()).backward()
+        outputs |= {f"{entry['case']}/{entry['dtype']}/grad/{k}": t.grad.contiguous() for k, t in leaves.items()}
 save_file(outputs, sys.argv[2])

@@ -1,5 +1,6 @@
 """A merged-QKV Qwen-Image joint attention in plain torch (no diffusers, no qkv-verify): one fused projection per
-stream, run on qkv-verify's saved inputs. Usage: python torch_engine.py INPUTS_DIR OUTPUTS.safetensors"""
+stream, run on qkv-verify's saved inputs (and, where the manifest gives cotangents, the input gradients by autograd).
+Usage: python torch_engine.py INPUTS_DIR OUTPUTS.safetensors"""
 import json
 import sys
 from pathlib import Path
@@ -52,8 +53,14 @@ for entry in json.loads((inputs / "manifest.json").read_text())["entries"]:
     tensors = load_file(inputs / entry["inputs_file"])
     dtype = tensors["hidden_states"].dtype
     weights = {k: t.to(dtype) for k, t in load_file(inputs / entry["weights"]["merged"]).items()}
+    kwargs = {k: value(s, tensors) for k, s in entry["kwargs"].items()}
     with torch.no_grad():
-        result = attention(weights, **{k: value(s, tensors) for k, s in entry["kwargs"].items()})
+        result = attention(weights, **kwargs)
     outputs |= {f"{entry['case']}/{entry['dtype']}/{name}": t.contiguous() for name, t in result.items()}
+    if "gradients" in entry:  # optional: the input gradients of sum(output * cotangent), by autograd
+        leaves = {k: kwargs[k].clone().requires_grad_() for k in entry["gradients"]["inputs"]}
+        result = attention(weights, **kwargs | leaves)
+        sum((result[o] * tensors[key]).sum() for o, key in entry["gradients"]["cotangents"].items()).backward()
+        outputs |= {f"{entry['case']}/{entry['dtype']}/grad/{k}": t.grad.contiguous() for k, t in leaves.items()}
 save_file(outputs, sys.argv[2])
 assert not any(m == "verify" or m.startswith(("verify.", "diffusers")) for m in sys.modules), "not an outside engine"

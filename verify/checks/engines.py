@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from verify import __version__, models
-from verify.checks.equivalence import judge_saved
+from verify.checks.equivalence import cotangents, grad_inputs, judge_saved
 from verify.checks.report import environment
 from verify.checks.tolerance import DTYPES, dtype_name
 from verify.errors import VerifyError
@@ -84,6 +84,7 @@ def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...]
         inputs = case.inputs(case_config, case.spec, seed)
         with torch.no_grad():
             shapes = {k: list(v.shape) for k, v in case.outputs(copy.deepcopy(standard), inputs).items()}
+        cots = cotangents(shapes, seed) if case.grads else {}
         weights = {"standard": f"weights/{name}.standard.safetensors",
                    "merged": f"weights/{name}.merged.safetensors"}
         files[weights["standard"]] = saved.tensor_bytes(standard.state_dict())
@@ -92,10 +93,13 @@ def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...]
         for dtype in dtypes:
             tensors, kwargs = saved.encode_call(inputs, dtype)
             inputs_file = f"inputs/{name}.{dtype_name(dtype)}.safetensors"
-            files[inputs_file] = saved.tensor_bytes(tensors)
+            files[inputs_file] = saved.tensor_bytes(tensors | {f"cotangent.{k}": c.to(dtype) for k, c in cots.items()})
             entries.append({"case": name, "component": case.component, "fixture": fixture,
                             "dtype": dtype_name(dtype), "inputs_file": inputs_file, "call": call, "kwargs": kwargs,
-                            "outputs": shapes, "weights": weights, "config": case_config})
+                            "outputs": shapes, "weights": weights, "config": case_config}
+                           | ({"gradients": {"cotangents": {k: f"cotangent.{k}" for k in cots},
+                                             "inputs": {k: list(inputs[k].shape) for k in grad_inputs(inputs)}}}
+                              if cots else {}))
     if not entries:
         raise VerifyError(f"inputs --model {model}: --component {', '.join(components)} with --fixture "
                           f"{', '.join(fixtures or module.FIXTURES)} selects no case of {model}"
@@ -116,6 +120,8 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
     manifest = saved.read_manifest(inputs)
     tensors, digest = saved.read_outputs(outputs)
     expected = {f"{e['case']}/{e['dtype']}/{o}": e["outputs"][o] for e in manifest["entries"] for o in e["outputs"]}
+    expected |= {f"{e['case']}/{e['dtype']}/grad/{k}": shape for e in manifest["entries"]
+                 for k, shape in e.get("gradients", {}).get("inputs", {}).items()}
     _check_keys(tensors, expected, outputs)
     base_tensors, base_digest = saved.read_outputs(reference_outputs) if reference_outputs else ({}, None)
     _check_keys(base_tensors, expected, reference_outputs)
@@ -134,7 +140,10 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
         case = type(case)(**{**case.__dict__, "config": entries[0]["config"]})
         per_dtype = {DTYPES[e["dtype"]]: _outputs_of(e, tensors) for e in entries}
         bases = {DTYPES[e["dtype"]]: _outputs_of(e, base_tensors) for e in entries} if reference_outputs else None
-        records += judge_saved(case, per_dtype, engine, manifest["seed"], ref, bases)
+        grads = {DTYPES[e["dtype"]]: _gradients_of(e, tensors) for e in entries}
+        base_grads = {DTYPES[e["dtype"]]: _gradients_of(e, base_tensors) for e in entries} if reference_outputs \
+            else None
+        records += judge_saved(case, per_dtype, engine, manifest["seed"], ref, bases, grads, base_grads)
     checks = [r.to_dict() for r in records]
     failed = [c for c in checks if not c["passed"] and c.get("provided", True)]
     absent = sorted({c["name"] for c in checks if not c.get("provided", True)})
@@ -165,6 +174,14 @@ def _outputs_of(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torc
     if not all(k in tensors for k in keys.values()):
         return None
     return {o: tensors[k] for o, k in keys.items()}
+
+
+def _gradients_of(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """An entry's input gradients by input name, or None when the engine wrote not all of them."""
+    keys = {k: f"{entry['case']}/{entry['dtype']}/grad/{k}" for k in entry.get("gradients", {}).get("inputs", {})}
+    if not keys or not all(k in tensors for k in keys.values()):
+        return None
+    return {name: tensors[k] for name, k in keys.items()}
 
 
 def _check_keys(tensors: dict[str, torch.Tensor], expected: dict[str, list[int]], outputs: Path) -> None:

@@ -77,19 +77,22 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
 
 
 def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Implementation, seed: int = 0,
-                reference: Spec | None = None,
-                bases: dict[torch.dtype, Outputs | None] | None = None) -> list[Record]:
+                reference: Spec | None = None, bases: dict[torch.dtype, Outputs | None] | None = None,
+                gradients: dict[torch.dtype, Outputs | None] | None = None,
+                base_gradients: dict[torch.dtype, Outputs | None] | None = None) -> list[Record]:
     """Records for `case` of outputs an engine saved per dtype (None: not provided), judged as run_case judges a
     candidate's: against the oracle (the reference in fp64), relative to the reference in that dtype, on the CPU;
     `bases`, when given, are saved outputs that replace that reference run (another machine's, another torch's).
-    Gradients, which an engine does not save, are recorded as not compared."""
+    Where the case has gradients: `gradients` are the input gradients the engine saved per dtype (by input name; the
+    vector-Jacobian product of cotangents(...)), judged as report judges gradients but on the inputs only; a dtype
+    without them (or, with `bases`, without `base_gradients`) is recorded as not compared."""
     ref_impl = implementation(reference or "diffusers")
     standard, inputs = case.build(case.config, seed), case.inputs(case.config, case.spec, seed)
     judge = _Judge(dataclasses.replace(case, grads=False), standard, inputs, "cpu", seed, "blocked",
                    case.config["attention_head_dim"])
     ref_module = build_component(ref_impl, _to(copy.deepcopy(standard), torch.float64, "cpu"), case.component)
     ref = judge.run(ref_impl, ref_module, torch.float64)
-    records = []
+    records, ref_grads = [], None
     for dtype, outputs in saved.items():
         missing = engine if outputs is None else None if bases is None or bases[dtype] is not None else ref_impl
         if missing is not None:
@@ -103,8 +106,50 @@ def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Im
             records.append(judge.compare("outputs", ref, base, {"outputs": outputs}, dtype, None,
                                          (ref_impl, engine), ref_module))
         if case.grads:
-            records.append(judge.not_compared("gradients", dtype, "the engine saved no input gradients"))
+            given = (gradients or {}).get(dtype)
+            if given is None:
+                records.append(judge.not_compared("gradients", dtype, "the engine saved no input gradients"))
+            elif bases is not None and (base_gradients or {}).get(dtype) is None:
+                records.append(judge.not_compared("gradients", dtype, "the base outputs hold no input gradients"))
+            else:
+                ref_grads = ref_grads or _run(case, ref_module, cast_inputs(inputs, torch.float64, "cpu"), True, seed)
+                records.append(_saved_gradients(case, judge, standard, inputs, seed, dtype, ref_grads, given,
+                                                (base_gradients or {}).get(dtype), (ref_impl, engine)))
     return records
+
+
+def _saved_gradients(case: Case, judge: _Judge, standard: nn.Module, inputs: dict, seed: int, dtype: torch.dtype,
+                     ref: dict, given: Outputs, base: Outputs | None,
+                     impls: tuple[Implementation, Implementation]) -> Record:
+    """The record of an engine's saved input gradients in `dtype`: against the oracle's (`ref`), relative to the
+    reference's in that dtype (or `base`, saved)."""
+    if ref.get("unsupported"):
+        return judge.not_compared("gradients", dtype, ref["unsupported"])
+    if base is None:
+        run = _run(case, build_component(impls[0], _to(copy.deepcopy(standard), dtype, "cpu"), case.component),
+                   cast_inputs(inputs, dtype, "cpu"), True, seed)
+        if run.get("unsupported"):
+            return judge.not_compared("gradients", dtype, run["unsupported"])
+        base = {k.removeprefix("input."): v for k, v in run["gradients"].items() if k.startswith("input.")}
+    sides = [{f"input.{k}": v for k, v in side.items()} for side in (
+        {k.removeprefix("input."): v for k, v in ref["gradients"].items() if k.startswith("input.")}, base, given)]
+    judge.check_shapes(impls[1], sides[1], sides[2])
+    record = compare(f"{case.name}/gradients", case.component, sides[0], sides[2], GRADIENTS, dtype, "cpu",
+                     base=sides[1], precision=impls[1].precision)
+    record.weight_gradients = "not compared: an engine saves input gradients only"
+    return record
+
+
+def grad_inputs(inputs: dict) -> tuple[str, ...]:
+    """The inputs whose gradients a case with gradients judges (those of GRAD_INPUTS it has)."""
+    return tuple(k for k in GRAD_INPUTS if k in inputs)
+
+
+def cotangents(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """The seeded fp64 cotangents of outputs of `shapes`: the gradients judged are those of sum(output *
+    cotangent) over the outputs."""
+    g = torch.Generator().manual_seed(seed + 2)
+    return {k: torch.randn(shape, generator=g, dtype=torch.float64) for k, shape in sorted(shapes.items())}
 
 
 def build_component(impl: Implementation, standard: nn.Module, component: str) -> nn.Module | None:
@@ -211,14 +256,13 @@ def _run(case: Case, module: nn.Module, inputs: dict, grads: bool, seed: int) ->
     if not grads:
         with torch.no_grad():
             return {"outputs": case.outputs(module, inputs)}
-    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in GRAD_INPUTS if k in inputs}
+    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in grad_inputs(inputs)}
     inputs = {**inputs, **leaves}
     module.zero_grad(set_to_none=True)
     try:
         outputs = case.outputs(module, inputs)
-        g = torch.Generator().manual_seed(seed + 2)
-        cotangents = {k: torch.randn(o.shape, generator=g, dtype=torch.float64) for k, o in sorted(outputs.items())}
-        loss = sum((o * cotangents[k].to(o.device, o.dtype)).sum() for k, o in outputs.items())
+        cots = cotangents({k: o.shape for k, o in outputs.items()}, seed)
+        loss = sum((o * cots[k].to(o.device, o.dtype)).sum() for k, o in outputs.items())
         loss.backward()
     except NotImplementedError as e:  # flex_attention on the CPU: no backward here, judged on a GPU run
         if "does not support backward" not in str(e):

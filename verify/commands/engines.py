@@ -36,7 +36,9 @@ def register(subparsers) -> None:
         "judge", description="Judges the outputs an engine wrote for an inputs folder: the oracle and base are "
                              "computed here, each output judged by the relative-to-base rule; summary.json, "
                              "report.md and index.html as report writes them. Entries not written are recorded as "
-                             "not provided. Exit status: 0 every provided output passed, 1 otherwise, 2 bad input "
+                             "not provided; input gradients written for the manifest's cotangents "
+                             "(<case>/<dtype>/grad/<input>) are judged too, else recorded as not compared. Exit "
+                             "status: 0 every provided output passed, 1 otherwise, 2 bad input "
                              "(extra or misshapen entries, NaN-only tensors, a manifest of another version, a "
                              "half-written file).")
     j.add_argument("outputs", type=Path, metavar="OUTPUTS", help="a safetensors file, or a folder of them, keyed "

@@ -4,7 +4,8 @@ inputs, weights and manifest.json written here, and the outputs file(s) the engi
 Layout of the inputs folder: `inputs/<case>.<dtype>.safetensors` (the call's tensors, cast to the dtype; complex
 tensors stored as their real view, (..., 2)), `weights/<case>.{standard,merged}.safetensors` (fp64, the diffusers
 layout; merged: one fused projection per stream), `manifest.json` and `README.txt`. The engine writes one tensor per
-expected output, keyed `<case>/<dtype>/<output>`, into one safetensors file or several in a folder.
+expected output, keyed `<case>/<dtype>/<output>`, into one safetensors file or several in a folder; where the case
+has gradients, optionally also the input gradients of the manifest's cotangents, keyed `<case>/<dtype>/grad/<input>`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ For each entry of manifest.json ("entries"):
   3. run the entry's "call": "one call" is the component called once with those keyword arguments; another protocol
      (e.g. "kv-cache": a prefill that stores K and V, then a decode over them) is spelled out in its "how";
   4. write each output named in "outputs" (with the shape given there) under the key "<case>/<dtype>/<output>", e.g.
-     "attention/fp32/image", into a safetensors file (or several, in one folder).
+     "attention/fp32/image", into a safetensors file (or several, in one folder);
+  5. optionally, for an entry with "gradients": the gradient of sum over the outputs of (output * cotangent) (the
+     cotangents: tensors of inputs_file, keyed as "gradients"."cotangents" says by output) with respect to each
+     input named in "gradients"."inputs", under "<case>/<dtype>/grad/<input>", e.g. "attention/fp32/grad/
+     hidden_states". Without them the entry's gradients are recorded as not compared.
 Then: qkv-verify judge OUTPUTS --inputs THIS_FOLDER. Entries you do not write are recorded as not provided. Cases
 the manifest cannot express are listed under "left_out" with the reason.
 """
