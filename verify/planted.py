@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from verify.implementations import fused_21
-from verify.implementations.fused import FusedQwenAttnProcessor, fuse_attention, joint_attentions
+from verify.implementations.fused import FusedQwenAttnProcessor, fuse_attention, fuse_model, joint_attentions
 from verify.implementations.fused_21 import FusedQwenImage21AttnProcessor
 from verify.maths import qkv
 from verify.maths.naming import DEFAULT_NAMING
@@ -200,11 +200,29 @@ class _MaskMemoisedByShape(FusedQwenAttnProcessor):
 mask_memoised_by_shape = _with_processor(_MaskMemoisedByShape)
 scale_error_1e3 = _with_weights(lambda t, _: t * (1 + 1e-3))
 
+
+def zero_cond_modulation_memoised(module: nn.Module, component: str) -> nn.Module:
+    """Fused correctly; then, in every block on Qwen-Image-Edit-2511's zero_cond_t path, the image modulation kept
+    from its first call, as code that saw the condition image's rows (t = 0) never change would keep them: it keeps
+    the target's rows too, which follow the timestep. Right at the first step (both of true CFG's calls share its
+    timestep), stale from the second."""
+    fuse_model(module, processor="reference")
+    for block in module.modules():
+        if getattr(block, "zero_cond_t", False) and hasattr(block, "img_mod"):
+            kept: dict[tuple, torch.Tensor] = {}
+            block.img_mod.register_forward_hook(lambda _m, _a, out, kept=kept: kept.setdefault(tuple(out.shape), out))
+    return module
+
+
+zero_cond_modulation_memoised.layout = "blocked"
+
 PLANTED_SAMPLING: dict[str, tuple[str, Callable[[nn.Module, str], nn.Module]]] = {
     "mask_memoised_by_shape": ("the joint mask memoised by shape: true CFG's negative prompt gets the positive's "
                                "padding", mask_memoised_by_shape),
     "scale_error_1e3": ("the fused projection 1e-3 too large (small in one pass, growing over the steps)",
                         scale_error_1e3),
+    "zero_cond_modulation_memoised": ("zero_cond_t's image modulation kept from the first call: right at step 1, "
+                                      "the target's timestep stale after", zero_cond_modulation_memoised),
 }
 
 

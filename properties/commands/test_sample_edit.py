@@ -1,6 +1,7 @@
 """`qkv-verify sample --fixture edit|edit-2511`: diffusers' QwenImageEditPipeline and QwenImageEditPlusPipeline (the
 model's zero_cond_t on, as Qwen-Image-Edit-2511) without a text encoder, a seeded condition image encoded by the fp64
-VAE, judged step by step against the fp64 oracle."""
+VAE, judged step by step against the fp64 oracle. A zero_cond_t bug right at the first step and stale after it fails
+at step 2 on edit-2511, and passes on edit, where that path never runs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from verify.cli import main
 from verify.implementations.builtins import reference
 from verify.models import qwen_image
-from verify.testing import check_trajectory
+from verify.testing import assert_trajectory, check_trajectory
 
 STEPS = 3
 
@@ -65,6 +66,22 @@ def test_the_condition_image_is_encoded_once_in_fp64_and_handed_over_in_the_run_
         assert all(torch.equal(h, calls[0]) for h in calls)
     assert torch.equal(condition[torch.float32][0], condition[torch.float64][0].float())
     assert condition[torch.float64][0].abs().max() > 0
+
+
+def test_a_zero_cond_t_modulation_kept_from_step_1_fails_at_step_2_of_edit_2511(tmp_path, capsys):
+    code, summary = sample(tmp_path, "--fixture", "edit-2511", "--candidate",
+                           "verify.planted:zero_cond_modulation_memoised")
+    assert code == 1
+    for dtype in ("fp64", "fp32"):
+        steps = [r for r in summary["trajectory"] if r["dtype"] == dtype]
+        assert [r["passed"] for r in steps] == [True, False, False]
+        assert steps[1]["first_divergence"].startswith("step 2: transformer_blocks.0.")
+    assert "FAILED from step-02/latents [fp64]" in capsys.readouterr().out
+
+
+def test_the_same_kept_modulation_passes_where_zero_cond_t_is_off():
+    records = assert_trajectory("verify.planted:zero_cond_modulation_memoised", steps=STEPS, fixture="edit")
+    assert len(records) == STEPS * 2
 
 
 def test_a_mask_memoised_by_shape_fails_an_edit_at_the_first_step_in_the_negative_pass():
