@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from properties.commands.test_engines import judge, readme_engine, run_engine
 from verify.checks.equivalence import run_case
@@ -128,3 +128,11 @@ def test_a_case_the_manifest_cannot_express_is_left_out_with_its_reason(tmp_path
     assert "attention-odd" not in {e["case"] for e in manifest["entries"]}
     assert [(o["case"], o["fixture"]) for o in manifest["left_out"]] == [("attention-odd", "edit")]
     assert "replayed" in manifest["left_out"][0]["reason"] and "left out: attention-odd" in capsys.readouterr().out
+
+
+def test_outputs_holding_no_entry_are_refused_not_passed(inputs, tmp_path, capsys):
+    save_file({}, tmp_path / "empty.safetensors")
+    assert judge(tmp_path, tmp_path / "empty.safetensors", inputs)[0] == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no output of the manifest" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "judged").exists()

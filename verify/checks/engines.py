@@ -123,6 +123,9 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
     expected |= {f"{e['case']}/{e['dtype']}/grad/{k}": shape for e in manifest["entries"]
                  for k, shape in e.get("gradients", {}).get("inputs", {}).items()}
     _check_keys(tensors, expected, outputs)
+    if not any(f"{e['case']}/{e['dtype']}/{o}" in tensors for e in manifest["entries"] for o in e["outputs"]):
+        raise VerifyError(f"OUTPUTS {outputs}: holds no output of the manifest's {len(manifest['entries'])} entries "
+                          f"(keys <case>/<dtype>/<output>, e.g. {next(iter(expected), 'none')}): nothing to judge")
     base_tensors, base_digest = saved.read_outputs(reference_outputs) if reference_outputs else ({}, None)
     _check_keys(base_tensors, expected, reference_outputs)
     module = models.load(manifest["model"])
