@@ -83,6 +83,17 @@ def test_a_cache_appended_each_step_fails_at_step_3_and_is_located_there(tmp_pat
     assert "first divergence [fp64]: step 3: transformer_blocks.0." in summary["compared"]
 
 
+def test_under_true_cfg_each_prompt_keeps_its_own_cache_and_the_bug_is_still_located_at_step_3():
+    """With a negative prompt the pipeline keeps two caches (cond, uncond): each is replayed into its own fresh one."""
+    records = check_trajectory("verify.planted:cache_appended_21", steps=STEPS, true_cfg_scale=2.0,
+                               model="qwen-image-2.1")
+    for dtype in ("fp64", "fp32"):
+        steps = [r for r in records if r["dtype"] == dtype]
+        assert [r["passed"] for r in steps] == [True, True, False]
+        assert steps[2]["first_divergence"].startswith("step 3: transformer_blocks.0.")
+        assert steps[2]["fused_calls"] == qwen_image_21.model_config("tiny")["num_layers"] * STEPS * 2
+
+
 def test_the_appended_cache_passes_one_prefill_and_one_cached_decode():
     """What the single-pass report runs (the model-cache case: an extract, then one cached decode) cannot see it."""
     records = check_candidate("verify.planted:cache_appended_21", components=("model",),
