@@ -102,7 +102,9 @@ def judge_outputs(outputs, inputs, reference: str | Build | Implementation | Non
     `inputs`: the oracle and base computed here, each output judged by the relative-to-base rule (`precision="fp32"`:
     the engine computes in fp32 at best, its fp64 outputs judged at fp32's floor; `reference_outputs`: saved outputs,
     e.g. another machine's, in place of the reference run here as base). Input gradients the engine wrote for the
-    manifest's cotangents are judged as report's gradients (inputs only); where it wrote none, not compared."""
+    manifest's cotangents are judged as report's gradients (inputs only); where it wrote none, not compared.
+    Submodule outputs it wrote under the standard's names (the manifest's "modules") locate a failing output's
+    first_divergence."""
     from verify.checks.engines import judge_folder
 
     return judge_folder(outputs, inputs, reference, precision, reference_outputs)

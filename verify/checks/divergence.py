@@ -33,6 +33,22 @@ def first_divergence(ref: nn.Module, base: nn.Module, cand: nn.Module, run: Call
     run's; a candidate declaring fp32 precision is located at fp32's); `run(module, dtype)` runs one forward."""
     ref_out = _named_outputs(ref, run, torch.float64, shared)
     base_out, cand_out = (_named_outputs(m, run, dtype, shared) for m in (base, cand))
+    return _first_leaving(ref_out, base_out, cand_out, dtype, floor)
+
+
+def first_divergence_saved(ref: nn.Module, base: nn.Module, cand: dict[str, tuple[torch.Tensor, ...]],
+                           run: Callable[[nn.Module, torch.dtype], None], dtype: torch.dtype, shared: set[str],
+                           floor: torch.dtype | None = None) -> str | None:
+    """first_divergence of a candidate whose submodule outputs are given (`cand`: an engine's, saved under the
+    standard's names, "name (call N)" for a later call): reference and base are run here; names the candidate does
+    not give are passed over."""
+    ref_out = _named_outputs(ref, run, torch.float64, shared)
+    return _first_leaving(ref_out, _named_outputs(base, run, dtype, shared), cand, dtype, floor)
+
+
+def _first_leaving(ref_out: dict[str, tuple], base_out: dict[str, tuple], cand_out: dict[str, tuple],
+                   dtype: torch.dtype, floor: torch.dtype | None) -> str | None:
+    """The first name of `ref_out` (execution order) whose candidate output leaves the bound."""
     for name, r in ref_out.items():
         b, c = base_out.get(name), cand_out.get(name)
         if b is None or c is None or not [t.shape for t in r] == [t.shape for t in b] == [t.shape for t in c]:

@@ -11,6 +11,7 @@ import torch
 
 from verify import __version__, models
 from verify.checks.equivalence import cotangents, grad_inputs, judge_saved
+from verify.checks.probes import submodule_outputs
 from verify.checks.report import environment
 from verify.checks.tolerance import DTYPES, dtype_name
 from verify.errors import VerifyError
@@ -82,8 +83,11 @@ def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...]
                                          ("num_attention_heads", "attention_head_dim", "axes_dims_rope")}}
         standard = case.build(case_config, seed)
         inputs = case.inputs(case_config, case.spec, seed)
-        with torch.no_grad():
-            shapes = {k: list(v.shape) for k, v in case.outputs(copy.deepcopy(standard), inputs).items()}
+        run = copy.deepcopy(standard)
+        with torch.no_grad(), submodule_outputs(run) as seen:
+            shapes = {k: list(v.shape) for k, v in case.outputs(run, inputs).items()}
+        modules = {name if call == 1 else f"{name} (call {call})": [list(t.shape) for t in tensors]
+                   for (name, call), tensors in seen.items() if tensors}  # the standard's execution order
         cots = cotangents(shapes, seed) if case.grads else {}
         weights = {"standard": f"weights/{name}.standard.safetensors",
                    "merged": f"weights/{name}.merged.safetensors"}
@@ -96,7 +100,7 @@ def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...]
             files[inputs_file] = saved.tensor_bytes(tensors | {f"cotangent.{k}": c.to(dtype) for k, c in cots.items()})
             entries.append({"case": name, "component": case.component, "fixture": fixture,
                             "dtype": dtype_name(dtype), "inputs_file": inputs_file, "call": call, "kwargs": kwargs,
-                            "outputs": shapes, "weights": weights, "config": case_config}
+                            "outputs": shapes, "modules": modules, "weights": weights, "config": case_config}
                            | ({"gradients": {"cotangents": {k: f"cotangent.{k}" for k in cots},
                                              "inputs": {k: list(inputs[k].shape) for k in grad_inputs(inputs)}}}
                               if cots else {}))
@@ -122,6 +126,8 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
     expected = {f"{e['case']}/{e['dtype']}/{o}": e["outputs"][o] for e in manifest["entries"] for o in e["outputs"]}
     expected |= {f"{e['case']}/{e['dtype']}/grad/{k}": shape for e in manifest["entries"]
                  for k, shape in e.get("gradients", {}).get("inputs", {}).items()}
+    expected |= {f"{e['case']}/{e['dtype']}/module/{name}/{i}": shape for e in manifest["entries"]
+                 for name, shapes in e.get("modules", {}).items() for i, shape in enumerate(shapes)}
     _check_keys(tensors, expected, outputs)
     if not any(f"{e['case']}/{e['dtype']}/{o}" in tensors for e in manifest["entries"] for o in e["outputs"]):
         raise VerifyError(f"OUTPUTS {outputs}: holds no output of the manifest's {len(manifest['entries'])} entries "
@@ -146,7 +152,8 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
         grads = {DTYPES[e["dtype"]]: _gradients_of(e, tensors) for e in entries}
         base_grads = {DTYPES[e["dtype"]]: _gradients_of(e, base_tensors) for e in entries} if reference_outputs \
             else None
-        records += judge_saved(case, per_dtype, engine, manifest["seed"], ref, bases, grads, base_grads)
+        modules = {DTYPES[e["dtype"]]: _modules_of(e, tensors) for e in entries}
+        records += judge_saved(case, per_dtype, engine, manifest["seed"], ref, bases, grads, base_grads, modules)
     checks = [r.to_dict() for r in records]
     failed = [c for c in checks if not c["passed"] and c.get("provided", True)]
     absent = sorted({c["name"] for c in checks if not c.get("provided", True)})
@@ -185,6 +192,14 @@ def _gradients_of(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, to
     if not keys or not all(k in tensors for k in keys.values()):
         return None
     return {name: tensors[k] for name, k in keys.items()}
+
+
+def _modules_of(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]] | None:
+    """The submodule outputs an engine wrote for an entry, by the standard's module name (those it wrote whole)."""
+    prefix = f"{entry['case']}/{entry['dtype']}/module/"
+    found = {name: tuple(tensors.get(f"{prefix}{name}/{i}") for i in range(len(shapes)))
+             for name, shapes in entry.get("modules", {}).items()}
+    return {name: ts for name, ts in found.items() if all(t is not None for t in ts)} or None
 
 
 def _check_keys(tensors: dict[str, torch.Tensor], expected: dict[str, list[int]], outputs: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from verify.checks.compare import Record, compare
-from verify.checks.divergence import first_divergence
+from verify.checks.divergence import first_divergence, first_divergence_saved
 from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls, standard_parameters
 from verify.checks.tolerance import GRADIENTS, OUTPUTS, dtype_name, floor_dtype
@@ -79,13 +79,16 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
 def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Implementation, seed: int = 0,
                 reference: Spec | None = None, bases: dict[torch.dtype, Outputs | None] | None = None,
                 gradients: dict[torch.dtype, Outputs | None] | None = None,
-                base_gradients: dict[torch.dtype, Outputs | None] | None = None) -> list[Record]:
+                base_gradients: dict[torch.dtype, Outputs | None] | None = None,
+                modules: dict[torch.dtype, dict[str, tuple[torch.Tensor, ...]] | None] | None = None) -> list[Record]:
     """Records for `case` of outputs an engine saved per dtype (None: not provided), judged as run_case judges a
     candidate's: against the oracle (the reference in fp64), relative to the reference in that dtype, on the CPU;
     `bases`, when given, are saved outputs that replace that reference run (another machine's, another torch's).
     Where the case has gradients: `gradients` are the input gradients the engine saved per dtype (by input name; the
     vector-Jacobian product of cotangents(...)), judged as report judges gradients but on the inputs only; a dtype
-    without them (or, with `bases`, without `base_gradients`) is recorded as not compared."""
+    without them (or, with `bases`, without `base_gradients`) is recorded as not compared. `modules`: per dtype, the
+    outputs of the engine's submodules under the standard's names, which locate a failing output's first_divergence
+    (None: not located)."""
     ref_impl = implementation(reference or "diffusers")
     standard, inputs = case.build(case.config, seed), case.inputs(case.config, case.spec, seed)
     judge = _Judge(dataclasses.replace(case, grads=False), standard, inputs, "cpu", seed, "blocked",
@@ -100,11 +103,16 @@ def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Im
             records.append(dataclasses.replace(record, message=f"not provided: {missing.spec} holds no outputs of "
                                                                f"{case.name} in {dtype_name(dtype)}"))
         else:
-            base = {"outputs": bases[dtype]} if bases is not None else judge.run(ref_impl, build_component(
-                ref_impl, _to(copy.deepcopy(standard), dtype, "cpu"), case.component), dtype)
+            base_module = build_component(ref_impl, _to(copy.deepcopy(standard), dtype, "cpu"), case.component)
+            base = {"outputs": bases[dtype]} if bases is not None else judge.run(ref_impl, base_module, dtype)
             judge.check_shapes(engine, base["outputs"], outputs)
-            records.append(judge.compare("outputs", ref, base, {"outputs": outputs}, dtype, None,
-                                         (ref_impl, engine), ref_module))
+            record = judge.compare("outputs", ref, base, {"outputs": outputs}, dtype, None, (ref_impl, engine),
+                                   ref_module)
+            seen = (modules or {}).get(dtype)
+            if seen and not record.passed and (record.mismatched or record.nonfinite):
+                record.first_divergence = judge.locate_saved(ref_module, base_module, seen, dtype,
+                                                             floor_dtype(dtype, engine.precision))
+            records.append(record)
         if case.grads:
             given = (gradients or {}).get(dtype)
             if given is None:
@@ -239,6 +247,14 @@ class _Judge:
             self.case.outputs(module, cast_inputs(self.inputs, d, _device(module)))
 
         return first_divergence(ref, base, cand, forward, dtype, self.modules, floor)
+
+    def locate_saved(self, ref: nn.Module, base: nn.Module, cand: dict[str, tuple[torch.Tensor, ...]],
+                     dtype: torch.dtype, floor: torch.dtype) -> str | None:
+        """locate with the candidate's submodule outputs given (an engine's, saved under the standard's names)."""
+        def forward(module: nn.Module, d: torch.dtype) -> None:
+            self.case.outputs(module, cast_inputs(self.inputs, d, _device(module)))
+
+        return first_divergence_saved(ref, base, cand, forward, dtype, self.modules, floor)
 
 
 def _device(module: nn.Module) -> str:

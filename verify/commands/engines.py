@@ -37,7 +37,9 @@ def register(subparsers) -> None:
                              "computed here, each output judged by the relative-to-base rule; summary.json, "
                              "report.md and index.html as report writes them. Entries not written are recorded as "
                              "not provided; input gradients written for the manifest's cotangents "
-                             "(<case>/<dtype>/grad/<input>) are judged too, else recorded as not compared. Exit "
+                             "(<case>/<dtype>/grad/<input>) are judged too, else recorded as not compared; submodule "
+                             "outputs under the standard's names (<case>/<dtype>/module/<name>/<i>) locate a "
+                             "failing output's first divergence. Exit "
                              "status: 0 every provided output passed, 1 otherwise, 2 bad input "
                              "(extra or misshapen entries, NaN-only tensors, a manifest of another version, a "
                              "half-written file).")

@@ -41,7 +41,11 @@ For each entry of manifest.json ("entries"):
   5. optionally, for an entry with "gradients": the gradient of sum over the outputs of (output * cotangent) (the
      cotangents: tensors of inputs_file, keyed as "gradients"."cotangents" says by output) with respect to each
      input named in "gradients"."inputs", under "<case>/<dtype>/grad/<input>", e.g. "attention/fp32/grad/
-     hidden_states". Without them the entry's gradients are recorded as not compared.
+     hidden_states". Without them the entry's gradients are recorded as not compared;
+  6. optionally, the outputs of your submodules that stand for the standard's, under their standard names as
+     "modules" lists them (execution order; "name (call N)" a later call; shapes given): the i-th tensor of
+     a module's output under "<case>/<dtype>/module/<name>/<i>", e.g. "attention/fp32/module/norm_q/0". A failing
+     output's first_divergence then names the first of them that leaves the bound.
 Then: qkv-verify judge OUTPUTS --inputs THIS_FOLDER. Entries you do not write are recorded as not provided. Cases
 the manifest cannot express are listed under "left_out" with the reason.
 """
