@@ -22,21 +22,23 @@ import torch.utils.checkpoint
 from torch import nn
 
 from verify.checks.compare import compare
+from verify.checks.equivalence import GRAD_INPUTS
+from verify.checks.equivalence import cotangents as seeded_cotangents
 from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls, graph_calls, standard_parameters
 from verify.checks.tolerance import GRADIENTS, OUTPUTS
 from verify.maths.naming import DEFAULT_NAMING, streams
 
-GRAD_INPUTS = ("hidden_states", "encoder_hidden_states")  # the block's two streams; its outputs are (text, image)
 SEPARATE = tuple(n for s in streams(DEFAULT_NAMING) for n in s.separate)  # to_q ... add_v_proj
 ORACLE_HEADS = 1  # heads per chunk of the oracle's attention (its fp64 scores at 16k tokens: 2.2 GB per head)
 
 
 def cotangents(inputs: dict, seed: int) -> list[torch.Tensor]:
-    """The fixed seeded cotangents of the block's (text, image) outputs, in the inputs' dtype."""
-    g = torch.Generator(device=inputs["hidden_states"].device).manual_seed(seed + 7)
-    return [torch.randn(inputs[k].shape, generator=g, device=inputs[k].device, dtype=inputs[k].dtype)
-            for k in ("encoder_hidden_states", "hidden_states")]
+    """The seeded cotangents of the block's (text, image) outputs, drawn as every equivalence check draws them
+    (verify.checks.equivalence.cotangents), in the inputs' dtype and on their device."""
+    streams = {"text": inputs["encoder_hidden_states"], "image": inputs["hidden_states"]}
+    drawn = seeded_cotangents({k: x.shape for k, x in streams.items()}, seed)
+    return [drawn[k].to(x.device, x.dtype) for k, x in streams.items()]
 
 
 def grad_leaves(inputs: dict) -> dict[str, torch.Tensor]:

@@ -25,7 +25,6 @@ class Case:
     spec: object  # the model's input spec (sizes of the fixture)
     dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     grads: bool = False  # also compare gradients w.r.t. inputs and weights
-    grad_inputs: tuple[str, ...] = ("hidden_states", "encoder_hidden_states")  # inputs whose gradients are compared
 
 
 def model_outputs(model: nn.Module, inputs: dict) -> Outputs:
