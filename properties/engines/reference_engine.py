@@ -1,7 +1,9 @@
 """qkv-verify's built-in `reference` processor as an engine in another process: reads INPUTS_DIR, writes OUTPUTS
 (the round trip of inputs -> engine -> judge, which must give report --candidate reference's records). Usage:
 python reference_engine.py INPUTS_DIR OUTPUTS [SPEC]; SPEC, another candidate (e.g. a planted bug,
-verify.planted:cache_k_v_swapped_21), run in place of the reference processor. Any model the manifest names."""
+verify.planted:cache_k_v_swapped_21), run in place of the reference processor. Any model the manifest names. It also
+writes the input gradients of the manifest's cotangents and the outputs of the submodules the manifest lists (those
+its module has, under their names, in the shapes listed)."""
 import json
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from verify.checks.probes import submodule_outputs
 from verify.checks.tolerance import DTYPES
 from verify.files.saved import decode_call
 from verify.implementations.candidate import resolve
@@ -24,9 +27,13 @@ for entry in manifest["entries"]:
     module = reference.make(torch.nn.Module.to(standard, DTYPES[entry["dtype"]]), entry["component"])
     tensors = load_file(inputs / entry["inputs_file"])
     kwargs = decode_call(entry["kwargs"], tensors)
-    with torch.no_grad():
+    with torch.no_grad(), submodule_outputs(module) as seen:
         result = case.outputs(module, kwargs)
     outputs |= {f"{entry['case']}/{entry['dtype']}/{name}": t.contiguous() for name, t in result.items()}
+    for (name, call), found in seen.items():  # under the standard's names, where shapes agree
+        key = name if call == 1 else f"{name} (call {call})"
+        if entry.get("modules", {}).get(key) == [list(t.shape) for t in found]:
+            outputs |= {f"{entry['case']}/{entry['dtype']}/module/{key}/{i}": t.clone() for i, t in enumerate(found)}
     if "gradients" in entry:  # the input gradients of sum(output * cotangent), by autograd
         leaves = {k: kwargs[k].clone().requires_grad_() for k in entry["gradients"]["inputs"]}
         result = case.outputs(module, kwargs | leaves)
