@@ -1,9 +1,10 @@
-"""Run the Qwen-Image transformer one block at a time: weights of one block in memory, every implementation advanced.
+"""Run a transformer one block at a time: weights of one block in memory, every implementation advanced.
 
 The real model's fp64 oracle (about 160 GB of weights) fits no GPU and a 41 GB checkpoint must never sit whole in
 RAM, so the report streams: the non-block modules once, then for each block its weights are read (or generated),
-and the oracle, the standard model in each dtype and the merged model in each dtype each take one step. The
-prologue and epilogue follow QwenImageTransformer2DModel.forward line for line; a test holds them to it bit for bit.
+and the oracle, the standard model in each dtype and the merged model in each dtype each take one step. The model's
+module in verify.models says what runs before the first block, in a block and after the last (stream_prologue,
+stream_step, stream_epilogue: its forward line for line; a test holds them to it bit for bit).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from math import prod
 
 import torch
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
+from verify import models
 from verify.checks.divergence import first_divergence, leaves_bound
 from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls
@@ -27,10 +28,6 @@ from verify.files.model_config import is_merged
 from verify.implementations.candidate import Implementation
 from verify.implementations.loading import check_fits, empty_model, merged_naming
 from verify.maths.state_dict import split_state_dict
-from verify.models.qwen_image import (
-    QwenImageTransformerBlock,
-    compute_text_seq_len_from_mask,
-)
 
 BLOCKS = "transformer_blocks."
 Weights = dict[str, torch.Tensor]
@@ -124,7 +121,8 @@ class _Impl:
 
 def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dtype], device: str,
                   candidate: Implementation, reference: Implementation, cand: StateDictSource | None = None,
-                  std_update: Update | None = None, cand_update: Update | None = None) -> StreamRun:
+                  std_update: Update | None = None, cand_update: Update | None = None,
+                  model: str = models.DEFAULT_MODEL) -> StreamRun:
     """Oracle (the reference in fp64), standard (the reference) and candidate (each dtype) full-model outputs,
     streamed block by block; every block of each is built by its implementation from a standard block.
 
@@ -133,7 +131,7 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
     candidate's blocks get `cand_update` after they are built when given (a LoRA in the merged layout), else
     `std_update` before.
     """
-    config = std.config
+    config, arch = std.config, models.load(model)  # the model's module: its prologue, blocks, epilogue
     impls = [_Impl("ref", torch.float64)]
     impls += [_Impl(role, d) for d in dtypes for role in ("base", "cand")]
     top_std, top_cand = _on(std.top(), device), _on((cand or std).top(), device)
@@ -142,24 +140,24 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
         update = cand_update if impl.role == "cand" and cand_update else std_update
         if update:
             update(impl.top, "")
-        impl.state = prologue(impl.top, config, cast_inputs(inputs, impl.dtype, device))
+        impl.state = arch.stream_prologue(impl.top, config, cast_inputs(inputs, impl.dtype, device))
     run = StreamRun(first_divergence={d: None for d in dtypes})
-    shared = {n for n, _ in _shell(config).named_modules() if n}
+    shared = {n for n, _ in arch.block_shell(config).named_modules() if n}
     for i in range(config["num_layers"]):
         w_std = _on(std.block(i), device)
         w_cand = _on(_standard_weights(cand, i), device) if cand else w_std
         for impl in impls:
             impl.block = _implementation_block(config, impl, w_cand if impl.role == "cand" else w_std,
                                                candidate if impl.role == "cand" else reference, i,
-                                               std_update, cand_update)
+                                               std_update, cand_update, arch)
             impl.before = impl.state
             with torch.no_grad(), count_calls(impl.block, candidate.fused_modules) as calls:
-                impl.state = step(impl.block, impl.state)
+                impl.state = arch.stream_step(impl.block, impl.state)
             impl.fused_calls += sum(calls.values())
-        _locate(run, impls, i, shared, candidate.precision)
+        _locate(run, impls, i, shared, candidate.precision, arch)
         del w_std, w_cand
     for impl in impls:
-        out = {"sample": epilogue(impl.top, config, impl.state)}
+        out = {"sample": arch.stream_epilogue(impl.top, config, impl.state)}
         if impl.role == "ref":
             run.ref = out
         elif impl.role == "base":
@@ -180,10 +178,10 @@ def _standard_weights(cand: StateDictSource, i: int) -> Weights:
 
 
 def _implementation_block(config: dict, impl: _Impl, weights: Weights, implementation: Implementation, i: int,
-                          std_update: Update | None, cand_update: Update | None) -> nn.Module:
+                          std_update: Update | None, cand_update: Update | None, arch) -> nn.Module:
     """Block i of one implementation: a standard block with `weights` in impl's dtype, built by `implementation`."""
     prefix = f"{BLOCKS}{i}."
-    block = _block(config, weights, impl.dtype)
+    block = _block(arch, config, weights, impl.dtype)
     after = cand_update if impl.role == "cand" else None
     if std_update and not after:
         std_update(block, prefix)
@@ -197,58 +195,23 @@ def _implementation_block(config: dict, impl: _Impl, weights: Weights, implement
     return built
 
 
-def _locate(run: StreamRun, impls: list[_Impl], i: int, shared: set[str], precision: str | None) -> None:
+def _locate(run: StreamRun, impls: list[_Impl], i: int, shared: set[str], precision: str | None, arch) -> None:
     """After block i: for each dtype whose candidate has not diverged yet, check both streams against the bound
     and, where they leave it, name block i and its first diverging submodule (among the names in `shared`)."""
     ref = impls[0]
     for base, cand in zip(impls[1::2], impls[2::2]):
         if run.first_divergence[cand.dtype] is not None:
             continue
-        keys = ("hidden_states", "encoder_hidden_states")
         floor = floor_dtype(cand.dtype, precision)
-        if not any(leaves_bound(ref.state[k], base.state[k], cand.state[k], floor) for k in keys):
+        if not any(leaves_bound(ref.state[k], base.state[k], cand.state[k], floor) for k in arch.STREAMS):
             continue
         before = {id(x.block): x.before for x in (ref, base, cand)}
 
-        def forward(module: nn.Module, _dtype: torch.dtype, before: dict = before) -> None:
-            step(module, before[id(module)])
+        def forward(block: nn.Module, _dtype: torch.dtype, before: dict = before) -> None:
+            arch.stream_step(block, before[id(block)])
 
         inner = first_divergence(ref.block, base.block, cand.block, forward, cand.dtype, shared, floor)
         run.first_divergence[cand.dtype] = f"{BLOCKS}{i}" + (f".{inner}" if inner else "")
-
-
-@torch.no_grad()
-def prologue(top: nn.Module, config: dict, inputs: dict) -> dict:
-    """Everything QwenImageTransformer2DModel.forward does before the first block."""
-    hidden_states = top.img_in(inputs["hidden_states"])
-    timestep = inputs["timestep"].to(hidden_states.dtype)
-    modulate_index = None
-    if config.get("zero_cond_t"):
-        timestep = torch.cat([timestep, timestep * 0], dim=0)
-        modulate_index = torch.tensor(
-            [[0] * prod(s[0]) + [1] * sum(prod(x) for x in s[1:]) for s in inputs["img_shapes"]],
-            device=timestep.device, dtype=torch.int,
-        )
-    encoder_hidden_states = top.txt_in(top.txt_norm(inputs["encoder_hidden_states"]))
-    text_seq_len, _, mask = compute_text_seq_len_from_mask(encoder_hidden_states,
-                                                           inputs.get("encoder_hidden_states_mask"))
-    temb = top.time_text_embed(timestep, hidden_states, inputs.get("additional_t_cond"))
-    rotary = top.pos_embed(inputs["img_shapes"], max_txt_seq_len=text_seq_len, device=hidden_states.device)
-    return dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                encoder_hidden_states_mask=mask, temb=temb, image_rotary_emb=rotary, modulate_index=modulate_index)
-
-
-def step(block: nn.Module, state: dict) -> dict:
-    """One transformer block."""
-    encoder_hidden_states, hidden_states = block(**state)
-    return state | dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
-
-
-@torch.no_grad()
-def epilogue(top: nn.Module, config: dict, state: dict) -> torch.Tensor:
-    """Everything QwenImageTransformer2DModel.forward does after the last block."""
-    temb = state["temb"].chunk(2, dim=0)[0] if config.get("zero_cond_t") else state["temb"]
-    return top.proj_out(top.norm_out(state["hidden_states"], temb))
 
 
 def _on(weights: Weights, device: str) -> Weights:
@@ -264,18 +227,8 @@ def _top_module(config: dict, weights: Weights, dtype: torch.dtype, device: str)
     return nn.Module.to(top, device=device).eval()
 
 
-def _shell(config: dict) -> QwenImageTransformerBlock:
-    """One standard block's structure, on the meta device."""
-    with torch.device("meta"):
-        return QwenImageTransformerBlock(
-            dim=config["num_attention_heads"] * config["attention_head_dim"],
-            num_attention_heads=config["num_attention_heads"], attention_head_dim=config["attention_head_dim"],
-            zero_cond_t=config.get("zero_cond_t", False),
-        )
-
-
-def _block(config: dict, weights: Weights, dtype: torch.dtype) -> nn.Module:
+def _block(arch, config: dict, weights: Weights, dtype: torch.dtype) -> nn.Module:
     """One standard block with private copies of its weights, in `dtype`."""
-    block = _shell(config)
+    block = arch.block_shell(config)
     block.load_state_dict({k: v.to(dtype, copy=True) for k, v in weights.items()}, strict=True, assign=True)
     return block.eval()

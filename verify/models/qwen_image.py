@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from math import prod
 from unittest import mock
 
 import numpy as np
@@ -188,15 +189,64 @@ def seeded_lora(config: dict, seed: int) -> dict[str, torch.Tensor]:
 
 def build_block(config: dict, seed: int) -> QwenImageTransformerBlock:
     """One seeded standard transformer block at the config's width, in fp64."""
-    return seeded(lambda: QwenImageTransformerBlock(
+    return seeded(lambda: _new_block(config), seed)
+
+
+def _new_block(config: dict) -> QwenImageTransformerBlock:
+    return QwenImageTransformerBlock(
         dim=config["num_attention_heads"] * config["attention_head_dim"],
         num_attention_heads=config["num_attention_heads"], attention_head_dim=config["attention_head_dim"],
-        zero_cond_t=config.get("zero_cond_t", False)), seed)
+        zero_cond_t=config.get("zero_cond_t", False))
 
 
 def build_attention(config: dict, seed: int) -> nn.Module:
     """The joint attention of build_block's block."""
     return build_block(config, seed).attn
+
+
+# Block-by-block streaming (verify.checks.streaming): what QwenImageTransformer2DModel.forward does before the first
+# block and after the last, line for line (a test holds them to it bit for bit), and one block's step.
+STREAMS = ("hidden_states", "encoder_hidden_states")  # the state each block advances, checked after every block
+
+
+def block_shell(config: dict) -> QwenImageTransformerBlock:
+    """One standard block's structure, on the meta device."""
+    with torch.device("meta"):
+        return _new_block(config)
+
+
+@torch.no_grad()
+def stream_prologue(top: nn.Module, config: dict, inputs: dict) -> dict:
+    """Everything QwenImageTransformer2DModel.forward does before the first block: the first block's arguments."""
+    hidden_states = top.img_in(inputs["hidden_states"])
+    timestep = inputs["timestep"].to(hidden_states.dtype)
+    modulate_index = None
+    if config.get("zero_cond_t"):
+        timestep = torch.cat([timestep, timestep * 0], dim=0)
+        modulate_index = torch.tensor(
+            [[0] * prod(s[0]) + [1] * sum(prod(x) for x in s[1:]) for s in inputs["img_shapes"]],
+            device=timestep.device, dtype=torch.int,
+        )
+    encoder_hidden_states = top.txt_in(top.txt_norm(inputs["encoder_hidden_states"]))
+    text_seq_len, _, mask = compute_text_seq_len_from_mask(encoder_hidden_states,
+                                                           inputs.get("encoder_hidden_states_mask"))
+    temb = top.time_text_embed(timestep, hidden_states, inputs.get("additional_t_cond"))
+    rotary = top.pos_embed(inputs["img_shapes"], max_txt_seq_len=text_seq_len, device=hidden_states.device)
+    return dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_mask=mask, temb=temb, image_rotary_emb=rotary, modulate_index=modulate_index)
+
+
+def stream_step(block: nn.Module, state: dict) -> dict:
+    """One transformer block: the next block's arguments."""
+    encoder_hidden_states, hidden_states = block(**state)
+    return state | dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states)
+
+
+@torch.no_grad()
+def stream_epilogue(top: nn.Module, config: dict, state: dict) -> torch.Tensor:
+    """Everything QwenImageTransformer2DModel.forward does after the last block: the model's sample."""
+    temb = state["temb"].chunk(2, dim=0)[0] if config.get("zero_cond_t") else state["temb"]
+    return top.proj_out(top.norm_out(state["hidden_states"], temb))
 
 
 def attention_outputs(attn: nn.Module, inputs: dict) -> Outputs:
