@@ -104,3 +104,28 @@ def _reference(tmp_path, folder, *spec):
     out = tmp_path / f"ref{len(list(tmp_path.glob('ref*')))}.safetensors"
     run_engine(readme_engine("reference_engine.py", tmp_path), folder, out, *spec)
     return out
+
+
+def test_gradients_saved_by_report_are_the_base_of_an_engines_gradients(inputs, tmp_path):
+    """report --save-outputs writes the input gradients too; judge --reference-outputs then judges an engine's
+    gradients against them (and records them as not compared against a base without gradients)."""
+    saved = tmp_path / "a.safetensors"
+    assert main(["report", "--candidate", "reference", "--dtypes", "fp64,fp32", "--save-outputs", str(saved),
+                 "--out", str(tmp_path / "report")]) == 0
+    base = {k: v for k, v in load_file(saved).items() if k.startswith("attention/")}
+    assert {"attention/fp32/grad/hidden_states", "attention/fp64/grad/encoder_hidden_states"} <= set(base)
+    outputs = torch_engine(tmp_path, inputs)
+    # base gradients 0.1% off the engine's: their error against the oracle exceeds the engine's, every ratio < 1
+    engine_grads = {k: v for k, v in load_file(outputs).items() if "/grad/" in k}
+    save_file(base | {k: v * 1.001 for k, v in engine_grads.items()}, tmp_path / "wide.safetensors")
+    code, summary = judge(tmp_path / "wide", outputs, inputs, "--reference-outputs", str(tmp_path / "wide.safetensors"))
+    grads = records(summary, "gradients")
+    assert code == 0 and set(grads) == {"fp64", "fp32"}
+    assert all(g["provided"] and g["passed"] and g["ratio"] is not None and g["ratio"] < 1 for g in grads.values())
+    save_file(base, tmp_path / "base.safetensors")
+    code, summary = judge(tmp_path / "base", outputs, inputs, "--reference-outputs", str(tmp_path / "base.safetensors"))
+    assert code == 0 and all(g["provided"] and g["passed"] for g in records(summary, "gradients").values())
+    save_file({k: v for k, v in base.items() if "/grad/" not in k}, tmp_path / "bare.safetensors")
+    code, summary = judge(tmp_path / "bare", outputs, inputs, "--reference-outputs", str(tmp_path / "bare.safetensors"))
+    assert code == 0 and all(g["message"] == "not compared: the base outputs hold no input gradients"
+                             for g in records(summary, "gradients").values())

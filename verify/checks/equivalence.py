@@ -39,7 +39,8 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
              saved: dict[str, torch.Tensor] | None = None) -> list[Record]:
     """Records for `case` in each dtype: outputs (and gradients when the case asks) of the candidate vs the
     reference; `layout` splits the candidate's fused parameters when its weight gradients are mapped. `saved`, when
-    given, receives the candidate's outputs keyed <case>/<dtype>/<output> (verify.files.saved's format)."""
+    given, receives the candidate's outputs keyed <case>/<dtype>/<output> and its input gradients keyed
+    <case>/<dtype>/grad/<input> (verify.files.saved's format)."""
     cand_impl, ref_impl = implementation(candidate, device), implementation(reference or "diffusers")
     layout = cand_impl.layout or layout
     config, spec = config or case.config, spec or case.spec
@@ -62,6 +63,8 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
         judge.check_shapes(cand_impl, base["outputs"], cand["outputs"])
         if saved is not None:
             saved.update({f"{case.name}/{dtype_name(dtype)}/{k}": v.detach().cpu() for k, v in cand["outputs"].items()})
+            saved.update({f"{case.name}/{dtype_name(dtype)}/grad/{k.removeprefix('input.')}": v.detach().cpu()
+                          for k, v in cand.get("gradients", {}).items() if k.startswith("input.") and v is not None})
         fused_calls = sum(calls.values()) if cand_impl.fused else None
         for kind in judge.kinds:
             unsupported = next((run["unsupported"] for run in (ref, base, cand) if run.get("unsupported")), None)

@@ -67,7 +67,8 @@ def register_report(subparsers) -> None:
     p.add_argument("--baseline", type=Path, help="a stored summary.json: report what moved (as `qkv-verify regress`)")
     p.add_argument("--save-outputs", type=Path, metavar="FILE",
                    help="also write the candidate's outputs of the attention, block and model cases to FILE "
-                        "(safetensors, keyed <case>/<dtype>/<output> as `qkv-verify judge` reads them), so that two "
+                        "(safetensors, keyed <case>/<dtype>/<output> as `qkv-verify judge` reads them, and the input "
+                        "gradients of the cases with gradients, <case>/<dtype>/grad/<input>), so that two "
                         "machines or torch versions can be judged against each other later (judge "
                         "--reference-outputs)")
     add_threshold_arguments(p)
