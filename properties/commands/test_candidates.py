@@ -142,7 +142,7 @@ def _block_only(standard, component):
     return None if component != "block" else resolve("reference").make(standard, component)
 
 
-def test_an_unprovided_component_is_recorded_never_passed(tmp_path):
+def test_an_unprovided_component_is_recorded_never_passed(tmp_path, capsys):
     records = check_candidate(_block_only, components=("attention", "block"), dtypes=HIGH)
     attention = [r for r in records if r.component == "attention"]
     assert attention and all(not r.provided and not r.passed and "not provided" in r.message for r in attention)
@@ -151,6 +151,14 @@ def test_an_unprovided_component_is_recorded_never_passed(tmp_path):
     assert code == 0, "not provided is not a failure"
     assert any(n.startswith("not provided, not judged: attention/outputs") for n in summary["notes"])
     assert not any(c["passed"] for c in summary["checks"] if c["component"] == "attention")
+    # nor is it counted as passed in the verdict line: attention's outputs and gradients in fp64 and fp32 (the dtypes
+    # asked) are not provided
+    checks = summary["checks"]
+    unprovided = [c for c in checks if c["component"] == "attention"]
+    assert len(unprovided) == 2 * 2
+    line = f"({len(checks) - len(unprovided)}/{len(checks)} checks passed, {len(unprovided)} not provided or not " \
+           "compared)"
+    assert line in capsys.readouterr().out
 
 
 class _WithExtraParameter(nn.Module):

@@ -78,7 +78,7 @@ def inputs_command(args) -> int:
 
 
 def judge_command(args) -> int:
-    from verify.commands.report import _refuse_foreign_out, _refuse_writing_into_inputs, verdict_reasons
+    from verify.commands.report import _refuse_foreign_out, _refuse_writing_into_inputs, tally, verdict_reasons
     from verify.present.render import write_report
     from verify.testing import judge_outputs
 
@@ -91,8 +91,7 @@ def judge_command(args) -> int:
     summary["verdict_reasons"] = verdict_reasons(failed, [], [])
     write_report(summary, args.out)
     print(summary["compared"])
-    print(f"verdict: {summary['verdict']} ({len(summary['checks']) - len(failed)}/{len(summary['checks'])} checks "
-          f"passed); report in {args.out}/index.html")
+    print(f"verdict: {summary['verdict']} ({tally(summary['checks'])}); report in {args.out}/index.html")
     for c in failed:
         print(f"  FAILED {c['name']} [{c['dtype']}]: {c['message']}")
     return 0 if summary["verdict"] == "pass" else 1

@@ -130,8 +130,7 @@ def _report(args) -> int:
     write_report(summary, args.out)
     print(summary["compared"])
     why = f": {'; '.join(summary['verdict_reasons'])}" if summary["verdict_reasons"] else ""
-    print(f"verdict: {summary['verdict']}{why} ({len(summary['checks']) - len(failed)}/{len(summary['checks'])} "
-          f"checks passed); report in {args.out}/index.html")
+    print(f"verdict: {summary['verdict']}{why} ({tally(summary['checks'])}); report in {args.out}/index.html")
     for c in failed:
         print(f"  FAILED {c['name']} [{c['dtype']}]: {c['message']}")
     for r in refuted:
@@ -139,6 +138,13 @@ def _report(args) -> int:
     if moved:
         print(f"  MOVED against {args.baseline}: {len(moved)} values beyond their thresholds")
     return 0 if summary["verdict"] == "pass" else 1
+
+
+def tally(checks: list[dict]) -> str:
+    """'P/N checks passed', and how many were not provided or not compared (neither a pass nor a failure)."""
+    passed = sum(c["passed"] for c in checks)
+    unjudged = sum(not c.get("provided", True) for c in checks)
+    return f"{passed}/{len(checks)} checks passed" + (f", {unjudged} not provided or not compared" if unjudged else "")
 
 
 def verdict_reasons(failed: list[dict], refuted: list[dict], moved: list[dict]) -> list[str]:
