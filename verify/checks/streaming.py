@@ -73,10 +73,10 @@ class SeededSource(StateDictSource):
     Linear weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02^2), RMSNorm weights ~ U(0.5, 1.5) (so a norm swap shows).
     """
 
-    def __init__(self, config: dict, seed: int, device: str):
+    def __init__(self, config: dict, seed: int, device: str, model: str = models.DEFAULT_MODEL):
         super().__init__({}, config)
         self.seed, self.device = seed, device
-        self.shell = empty_model(config)
+        self.shell = models.load(model).empty_model(config)  # the model's structure: the tensors' names and shapes
 
     def top(self) -> Weights:
         params = dict(self.shell.named_parameters())
@@ -136,7 +136,7 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
     impls += [_Impl(role, d) for d in dtypes for role in ("base", "cand")]
     top_std, top_cand = _on(std.top(), device), _on((cand or std).top(), device)
     for impl in impls:
-        impl.top = _top_module(config, top_cand if impl.role == "cand" else top_std, impl.dtype, device)
+        impl.top = _top_module(arch, config, top_cand if impl.role == "cand" else top_std, impl.dtype, device)
         update = cand_update if impl.role == "cand" and cand_update else std_update
         if update:
             update(impl.top, "")
@@ -219,12 +219,14 @@ def _on(weights: Weights, device: str) -> Weights:
             for k, v in weights.items()}
 
 
-def _top_module(config: dict, weights: Weights, dtype: torch.dtype, device: str) -> nn.Module:
-    """The non-block modules, with private copies of their weights (an update must never reach the source)."""
-    top = empty_model(config)
+def _top_module(arch, config: dict, weights: Weights, dtype: torch.dtype, device: str) -> nn.Module:
+    """The model's non-block modules, with private copies of their weights (an update must never reach the source);
+    the tables built at construction (buffers no checkpoint holds: Qwen-Image 2.1's timestep frequencies) cast to
+    `dtype` as the whole model's are when it is cast."""
+    top = arch.empty_model(config)
     top.transformer_blocks = nn.ModuleList()
     top.load_state_dict({k: v.to(dtype, copy=True) for k, v in weights.items()}, strict=True, assign=True)
-    return nn.Module.to(top, device=device).eval()
+    return nn.Module.to(top, device=device, dtype=dtype).eval()
 
 
 def _block(arch, config: dict, weights: Weights, dtype: torch.dtype) -> nn.Module:

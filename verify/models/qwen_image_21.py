@@ -5,6 +5,7 @@ Everything depends only on (seed, dtype, device)."""
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -293,6 +294,96 @@ CASES: dict[str, Case] = {
         _case("model-cache", "model-cache", FIXTURES["edit"]),
     ]
 }
+
+
+
+# Block-by-block streaming (verify.checks.streaming): what QwenImage21Transformer2DModel.forward does before the first
+# block and after the last on its prefill path (no KV cache), line for line (a test holds them to it bit for bit), and
+# one block's step. The forward hands every block the block-causal structure in the form the installed processors
+# read (the flex BlockMask where any is QwenImage21FlexAttnProcessor, the prefix segments unless all are); streamed,
+# the blocks are built after the prologue, so each block's step hands it the form its own processor reads (with a
+# mixed set each of diffusers' processors reads only its own form of the two the forward hands it).
+STREAMS = ("hidden_states",)  # the joint sequence, the state each block advances, checked after every block
+_BLOCK_ARGS = ("hidden_states", "modulation", "rotary_emb", "target_token_mask", "key_valid")
+
+
+def block_shell(config: dict) -> QwenImage21TransformerBlock:
+    """One standard block's structure, on the meta device (the model's eps and mlp_ratio)."""
+    with torch.device("meta"):
+        return QwenImage21TransformerBlock(
+            dim=config["num_attention_heads"] * config["attention_head_dim"],
+            num_attention_heads=config["num_attention_heads"], attention_head_dim=config["attention_head_dim"],
+            mlp_ratio=config.get("mlp_ratio", 3), eps=config.get("eps", 1e-6))
+
+
+@torch.no_grad()
+def stream_prologue(top: nn.Module, config: dict, inputs: dict) -> dict:
+    """Everything QwenImage21Transformer2DModel.forward does before the first block (prefill, no KV cache): the first
+    block's arguments, and what the blocks' masks and the epilogue are made from."""
+    hidden_states, img_mask, img_shapes = inputs["hidden_states"], inputs["img_mask"], inputs["img_shapes"]
+    encoder_hidden_states_mask = inputs.get("encoder_hidden_states_mask")
+    batch_size = hidden_states.shape[0]
+    hidden_states = top.img_in(hidden_states)
+    encoder_hidden_states = top.txt_in(inputs["encoder_hidden_states"])
+
+    repeats = torch.where(img_mask, TOKENS_PER_SLOT, 1)[0]
+    image_pad_mask = torch.repeat_interleave(img_mask[0], repeats)
+    target_tokens = math.prod(img_shapes[0][-1])
+    joint_hidden_states = torch.cat(
+        [encoder_hidden_states,
+         encoder_hidden_states.new_zeros(batch_size, target_tokens // 4, encoder_hidden_states.shape[2])], dim=1)
+    joint_hidden_states = joint_hidden_states.repeat_interleave(repeats, dim=1)
+    joint_hidden_states[:, image_pad_mask] = hidden_states
+
+    rotary_emb = top.pos_embed(img_shapes[0], image_pad_mask, device=hidden_states.device)
+    image_ids, target_token_mask = top.build_token_metadata(image_pad_mask, img_shapes[0])
+
+    timestep = inputs["timestep"].to(hidden_states.dtype)
+    if top.config.causal_condition:
+        timestep = torch.cat([timestep, timestep.new_zeros(1)], dim=0)
+        modulation_mask = target_token_mask
+    else:
+        modulation_mask = None
+    temb = top.time_text_embed(timestep, hidden_states)
+    modulation = top.modulation(temb)
+
+    joint_key_valid = None
+    if encoder_hidden_states_mask is not None:
+        joint_key_valid = torch.ones(batch_size, image_pad_mask.shape[0], dtype=torch.bool,
+                                     device=hidden_states.device)
+        text_positions = (~image_pad_mask).nonzero(as_tuple=True)[0]
+        vlm_text_positions = ~img_mask[0][: encoder_hidden_states_mask.shape[1]]
+        joint_key_valid[:, text_positions] = encoder_hidden_states_mask.bool()[:, vlm_text_positions]
+
+    prefix_len = int((~target_token_mask).sum())
+    return dict(hidden_states=joint_hidden_states, modulation=modulation, rotary_emb=rotary_emb,
+                target_token_mask=modulation_mask, key_valid=joint_key_valid, temb=temb, image_ids=image_ids,
+                segments=_qwenimage21_prefix_segments(image_ids, prefix_len), block_mask=None)
+
+
+def _is_flex(block: nn.Module) -> bool:
+    """Whether the block's attention runs diffusers' flex processor (which reads the BlockMask, not the segments)."""
+    return isinstance(getattr(getattr(block, "attn", None), "processor", None), QwenImage21FlexAttnProcessor)
+
+
+def stream_step(block: nn.Module, state: dict) -> dict:
+    """One block's prefill: the next block's arguments. The block-causal structure goes down as the forward sends it
+    for this block's processor: the flex BlockMask (built once, then kept in the state) or the prefix segments."""
+    flex = _is_flex(block)
+    block_mask = state["block_mask"]
+    if flex and block_mask is None:
+        hidden_states = state["hidden_states"]
+        block_mask = build_qwenimage21_block_causal_mask(state["image_ids"], state["key_valid"],
+                                                         hidden_states.shape[0], hidden_states.device)
+    hidden_states = block(**{k: state[k] for k in _BLOCK_ARGS}, attention_mask=block_mask if flex else None,
+                          segments=None if flex else state["segments"])
+    return state | dict(hidden_states=hidden_states, block_mask=block_mask)
+
+
+@torch.no_grad()
+def stream_epilogue(top: nn.Module, config: dict, state: dict) -> torch.Tensor:
+    """Everything QwenImage21Transformer2DModel.forward does after the last block: the model's sample."""
+    return top.proj_out(top.norm_out(state["hidden_states"], state["temb"], state["target_token_mask"]))
 
 
 
