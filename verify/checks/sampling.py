@@ -10,7 +10,9 @@ every run's final latents are decoded by one fp64 VAE, so that the images differ
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +29,8 @@ from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls
 from verify.checks.tolerance import OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
+from verify.files import lora_formats as formats
+from verify.files import lora_mapping as mapping
 from verify.implementations.candidate import Implementation
 
 
@@ -69,6 +73,7 @@ class SampleOptions:
     dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     device: str = "cpu"
     seed: int = 0
+    lora: Path | None = None  # a LoRA file: its effect on the image beside the implementation's own deviation
 
 
 def run_sampling(candidate: Implementation, reference: Implementation,
@@ -82,6 +87,7 @@ def run_sampling(candidate: Implementation, reference: Implementation,
     pipeline_class, overrides = module.SAMPLING_FIXTURES[opts.fixture]
     config = module.model_config(opts.config, **overrides)
     standard, vae = module.build_model(config, opts.seed), module.build_vae(config, opts.seed)
+    lora = _lora_plan(opts.lora, standard) if opts.lora else None  # refused before anything runs
     size = opts.size or module.SAMPLE_SIZE
     cfg = module.TRUE_CFG_SCALE if opts.true_cfg_scale is None else opts.true_cfg_scale
     inputs = _inputs(module, config, size, cfg, opts.seed) | module.condition_inputs(opts.fixture, size, opts.seed)
@@ -114,9 +120,46 @@ def run_sampling(candidate: Implementation, reference: Implementation,
              "scheduler": "FlowMatchEulerDiscreteScheduler (fp64 runs step in fp64)",
              "vae": f"seeded tiny {type(vae).__name__} in fp64, shared by every run",
              **({"transformer_config": overrides} if overrides else {}), **module.sampling_setup(opts.fixture)}
+    lora_section = lora_effect(module, candidate, reference, standard, vae, inputs, opts, lora) if lora else None
     return {"trajectory": [r.to_dict() for r in trajectory], "final": [r.to_dict() for r in final],
             "images": [_image_metrics(oracle.image, oracle.image, "oracle", torch.float64), *images],
-            "sampling": setup}, pictures
+            "sampling": setup, **({"lora": lora_section} if lora else {})}, pictures
+
+
+def _lora_plan(path: Path, standard: nn.Module) -> mapping.Plan:
+    """The LoRA file planned onto the standard model; refused when any of its modules lands nowhere (an image
+    judged with a LoRA half applied would answer the wrong question)."""
+    plan = mapping.plan(formats.read(path), mapping.spec_of(standard))
+    if plan.unmatched:
+        raise VerifyError(f"--lora {path}: {len(plan.unmatched)} of its modules match no module of the model (e.g. "
+                          f"{plan.unmatched[0]!r}); `qkv-verify lora-audit {path}` lists them")
+    return plan
+
+
+def lora_effect(module, candidate: Implementation, reference: Implementation, standard: nn.Module, vae: nn.Module,
+                inputs: dict, opts: SampleOptions, plan: mapping.Plan) -> dict:
+    """The LoRA's effect on the final fp32 image at each factor of the report's sweep (|standard with it - standard
+    without|) beside the implementation's own deviation at that factor (|merged - standard|), mean absolute on 0-255:
+    their ratio says whether the LoRA's effect shows above the merged path's noise. The LoRA is merged into the
+    standard weights (W + factor * m * B @ A) that both implementations build from."""
+    from verify.checks.report import SWEEP_FACTORS
+
+    rows, without = [], None
+    for factor in SWEEP_FACTORS:
+        updated = copy.deepcopy(standard)
+        mapping.apply(updated, dataclasses.replace(plan, updates=[
+            dataclasses.replace(u, factors=dataclasses.replace(u.factors, scale=factor * u.factors.scale))
+            for u in plan.updates]))
+        base, cand = (_run(module, _built(impl, updated, torch.float32, opts.device), vae, inputs, opts,
+                           torch.float32, opts.device, impl if role == "cand" else None).image
+                      for role, impl in (("base", reference), ("cand", candidate)))
+        without = base if without is None else without  # factor 0 comes first: the image without the LoRA
+        effect, deviation = (float(np.abs(a - b).mean() * 255) for a, b in ((base, without), (cand, base)))
+        rows.append({"factor": factor, "effect_mean_abs": effect, "deviation_mean_abs": deviation,
+                     "effect_over_deviation": effect / deviation if deviation else None})
+    scales = sorted({u.factors.scale for u in plan.updates})
+    return {"file": str(opts.lora), "modules_matched": len(plan.matched), "scales": scales, "dtype": "fp32",
+            "applied": "merged into the standard weights both implementations build from", "sweep": rows}
 
 
 def _inputs(module, config: dict, size: tuple[int, int], cfg: float, seed: int) -> dict:

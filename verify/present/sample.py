@@ -20,6 +20,7 @@ TRAJECTORY_COLUMNS = ["name", "dtype", "passed", "max_abs_err", "base_max_abs_er
                       "fused_calls", "first_divergence"]
 IMAGE_COLUMNS = ["dtype", "implementation", "psnr_db", "ssim", "pixel_mean", "max_abs_pixel_err"]
 CLAIM_COLUMNS = ["dtype", "standard_mean", "merged_mean", "standard_psnr_db", "merged_psnr_db"]
+LORA_COLUMNS = ["factor", "effect_mean_abs", "deviation_mean_abs", "effect_over_deviation"]
 
 
 def write_sample(summary: dict, pictures: dict[str, dict[str, np.ndarray]], out: Path) -> None:
@@ -78,6 +79,9 @@ def markdown(summary: dict) -> str:
     lines += ["## Claims", ""] + [f"- {c['claim']}: **{c['verdict']}**: {c['why']}" for c in summary["claims"]]
     lines += ["", _table([r for c in summary["claims"] for r in c["measured"]], CLAIM_COLUMNS), ""]
     lines += ["## Final images against the oracle's", "", _table(summary["images"], IMAGE_COLUMNS), ""]
+    if lora := summary.get("lora"):
+        lines += ["## LoRA effect against the merged path's deviation (fp32, grey levels)", "",
+                  _table(lora["sweep"], LORA_COLUMNS), ""]
     lines += ["## Trajectory", "", _table(summary["trajectory"], TRAJECTORY_COLUMNS), ""]
     lines += ["## Sampling", "", "```json", json.dumps(summary["sampling"], indent=2), "```", ""]
     return "\n".join(lines)
@@ -89,7 +93,8 @@ def html(summary: dict, pngs: dict[str, bytes]) -> str:
         index=False, float_format=lambda x: f"{x:.4g}", na_rep="", classes="table", border=0)
         for name, rows, columns in (("trajectory", summary["trajectory"], TRAJECTORY_COLUMNS),
                                     ("images", summary["images"], IMAGE_COLUMNS),
-                                    ("claims", [r for c in summary["claims"] for r in c["measured"]], CLAIM_COLUMNS))}
+                                    ("claims", [r for c in summary["claims"] for r in c["measured"]], CLAIM_COLUMNS),
+                                    ("lora", (summary.get("lora") or {}).get("sweep", []), LORA_COLUMNS))}
     images = {name: "data:image/png;base64," + base64.b64encode(data).decode() for name, data in pngs.items()}
     return env.get_template("sample.html.j2").render(summary=summary, tables=frame, images=images,
                                                     sampling=json.dumps(summary["sampling"], indent=2))
