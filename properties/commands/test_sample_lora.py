@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from verify.checks.report import SWEEP_FACTORS
 from verify.cli import main
-from verify.models import qwen_image
+from verify.models import qwen_image, qwen_image_21
 
 FAST = ["--steps", "2", "--dtypes", "fp64,fp32"]
 
@@ -68,3 +69,26 @@ def test_a_lora_with_modules_that_match_nothing_is_refused(lora_file, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "match no module of the model" in err[-1] and "lora-audit" in err[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen_image_2_1_takes_its_own_lora_targets(tmp_path):
+    """2.1's targets (attention and SwiGLU, no add_* projections) in diffusers' keys, small enough to stay linear."""
+    config = qwen_image_21.model_config("tiny")
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    hidden = config["mlp_ratio"] * dim
+    targets = {"attn.to_q": (dim, dim), "attn.to_v": (dim, dim), "img_mlp.gate_layer": (hidden, dim),
+               "img_mlp.out": (dim, hidden)}
+    g, tensors = torch.Generator().manual_seed(0), {}
+    for i in range(config["num_layers"]):
+        for target, (rows, cols) in targets.items():
+            key = f"transformer.transformer_blocks.{i}.{target}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, cols, generator=g) / cols**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(rows, 4, generator=g) * 0.05
+    path = tmp_path / "lora21.safetensors"
+    save_file(tensors, path)
+    code, summary = sample(tmp_path / "out", "--model", "qwen-image-2.1", "--lora", str(path))
+    assert code == 0, summary.get("notes")
+    lora = summary["lora"]
+    assert lora["modules_matched"] == config["num_layers"] * len(targets) and lora["scales"] == [1.0]  # no alpha
+    rows = {r["factor"]: r for r in lora["sweep"]}
+    assert rows[0.0]["effect_mean_abs"] == 0.0 and rows[1.0]["effect_mean_abs"] > 0
