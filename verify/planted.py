@@ -197,7 +197,22 @@ class _MaskMemoisedByShape(FusedQwenAttnProcessor):
         return self.masks[key]
 
 
+class _TextKVCachedOnce(FusedQwenAttnProcessor):
+    """Keeps each prompt's text keys and values from its first call, as a cross-attention cache would: the prompt is
+    the same at every step, but the text stream's keys and values are not (the timestep modulates the stream before
+    they are projected). Right at step 1, where each prompt (true CFG's negative one too) computes its own; stale
+    from step 2."""
+
+    def attend(self, q, k, v, text_mask, hidden_states):
+        text_len = q.shape[1] - hidden_states.shape[1]
+        prompt = None if text_mask is None else text_mask.cpu().numpy().tobytes()
+        txt_k, txt_v = vars(self).setdefault("kept", {}).setdefault(prompt, (k[:, :text_len], v[:, :text_len]))
+        return super().attend(q, torch.cat([txt_k, k[:, text_len:]], dim=1), torch.cat([txt_v, v[:, text_len:]], dim=1),
+                              text_mask, hidden_states)
+
+
 mask_memoised_by_shape = _with_processor(_MaskMemoisedByShape)
+text_kv_cached_once = _with_processor(_TextKVCachedOnce)
 scale_error_1e3 = _with_weights(lambda t, _: t * (1 + 1e-3))
 
 
@@ -219,6 +234,8 @@ zero_cond_modulation_memoised.layout = "blocked"
 PLANTED_SAMPLING: dict[str, tuple[str, Callable[[nn.Module, str], nn.Module]]] = {
     "mask_memoised_by_shape": ("the joint mask memoised by shape: true CFG's negative prompt gets the positive's "
                                "padding", mask_memoised_by_shape),
+    "text_kv_cached_once": ("each prompt's text K and V kept from its first call: right at step 1, stale (the "
+                            "timestep's modulation changed) from step 2", text_kv_cached_once),
     "scale_error_1e3": ("the fused projection 1e-3 too large (small in one pass, growing over the steps)",
                         scale_error_1e3),
     "zero_cond_modulation_memoised": ("zero_cond_t's image modulation kept from the first call: right at step 1, "

@@ -13,7 +13,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from verify.checks.sampling import Fp64FlowMatchEulerScheduler
 from verify.cli import main
 from verify.models import qwen_image
-from verify.testing import assert_trajectory, check_trajectory
+from verify.planted import PLANTED_SAMPLING, PLANTED_SAMPLING_21
+from verify.testing import assert_trajectory, check_candidate, check_trajectory
 
 STEPS = 4
 FAST = ["--steps", str(STEPS), "--dtypes", "fp64,fp32"]
@@ -72,6 +73,20 @@ def test_the_same_memoised_mask_passes_without_true_cfg(tmp_path):
     assert code == 0 and summary["sampling"]["true_cfg_scale"] == 1.0
 
 
+@pytest.mark.parametrize("cfg", ["4", "1"])
+def test_text_keys_and_values_cached_once_fail_at_the_second_step(tmp_path, cfg):
+    """Each prompt computes its own text K and V at step 1, so step 1 is right; from step 2 they are stale (the
+    timestep's modulation moved them), with or without true CFG. One forward pass never shows it."""
+    code, summary = sample(tmp_path, "--candidate", "verify.planted:text_kv_cached_once", "--true-cfg-scale", cfg)
+    assert code == 1
+    steps = {(r["dtype"], r["name"]): r for r in summary["trajectory"]}
+    for dtype in ("fp64", "fp32"):
+        assert steps[(dtype, "step-01/latents")]["passed"] and not steps[(dtype, "step-02/latents")]["passed"]
+        assert steps[(dtype, "step-02/latents")]["first_divergence"].startswith("step 2: transformer_blocks.0.")
+    single = check_candidate("verify.planted:text_kv_cached_once", components=("model",), dtypes=[torch.float64])
+    assert single and all(r.passed for r in single)
+
+
 def test_an_equal_pixel_mean_is_no_evidence(tmp_path):
     """The write-up's "Mean 203.98, same as standard": the broken mask's image has the oracle's mean within a
     fraction of a grey level while its PSNR falls far below the standard model's."""
@@ -120,3 +135,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words)
     err = capsys.readouterr().err.strip()
     assert code == 2 and words in err.splitlines()[-1] and "Traceback" not in err  # argparse's usage comes first
     assert not (tmp_path / "out").exists()
+
+
+# where each planted sampling bug lives: the fixture and model whose run reaches it (a bug added without one fails)
+REACHED_BY = {"mask_memoised_by_shape": [], "text_kv_cached_once": [], "scale_error_1e3": [],
+              "zero_cond_modulation_memoised": ["--fixture", "edit-2511"],
+              "cache_appended_21": ["--model", "qwen-image-2.1"]}
+
+
+@pytest.mark.parametrize("name", [*PLANTED_SAMPLING, *PLANTED_SAMPLING_21])
+def test_every_planted_sampling_bug_fails_fp64_and_fp32_located_by_step(tmp_path, name):
+    code, summary = sample(tmp_path, "--candidate", f"verify.planted:{name}", *REACHED_BY[name])
+    assert code == 1
+    first = {r["dtype"]: r for r in summary["trajectory"] if r["first_divergence"]}
+    assert {"fp64", "fp32"} <= set(first)
+    for r in first.values():
+        step = int(r["name"].removeprefix("step-").removesuffix("/latents"))
+        assert r["first_divergence"].startswith(f"step {step}: transformer_blocks.")
