@@ -2,10 +2,11 @@
 cases (the built-in reference passes with its fused path run, a planted cache bug fails on the cache cases only and is
 located, diffusers' flex processor passes with its CPU gradients recorded as not compared); a checkpoint's
 config.json names the model: a --model that contradicts it, or a class no model has, is exit 2 naming both, for
-report, convert and the LoRA commands, and a checkpoint of either model runs with no --model or its own; what 2.1
-does not support yet (report's checkpoints, LoRA, --parallel and --config full; bench) is exit 2 with one line and
-nothing written; `qkv-verify test --model` runs that model's properties only; check_candidate/assert_candidate take
-`model=`; and the pytest plugin's `--qkv-model` reaches its fixture."""
+report, convert and the LoRA commands, and a checkpoint of either model runs with no --model or its own (the report
+streams a 2.1 checkpoint: properties/commands/test_cli_report_21.py); what 2.1 does not support yet (report's LoRA
+and --parallel; bench) is exit 2 with one line and nothing written; `qkv-verify test --model` runs that model's
+properties only; check_candidate/assert_candidate take `model=`; and the pytest plugin's `--qkv-model` reaches its
+fixture."""
 
 from __future__ import annotations
 
@@ -217,13 +218,12 @@ def test_a_checkpoint_of_either_model_runs_with_no_model_flag_or_the_one_it_name
     assert out.exists()
 
 
-def test_report_takes_the_model_from_the_checkpoint_and_refuses_a_21_checkpoint_for_now(inputs, tmp_path, capsys):
-    """No --model: the config.json's class says 2.1, and the report does not judge a 2.1 checkpoint yet."""
+def test_report_takes_the_model_from_the_checkpoint(inputs, tmp_path, capsys):
+    """No --model: the config.json's class says 2.1, and the report judges the checkpoint as 2.1's."""
     out = tmp_path / "out"
-    assert main(["report", "--checkpoint", str(inputs[V21]), *FAST, "--out", str(out)]) == 2
-    line = _one_line_error(capsys)
-    assert line.startswith(f"qkv-verify: error: --model {V21}: --checkpoint not supported yet"), line
-    assert not out.exists()
+    assert main(["report", "--checkpoint", str(inputs[V21]), *FAST, "--out", str(out)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"]["model"] == V21 and summary["inputs"]["checkpoint"] == str(inputs[V21])
 
 
 def test_report_refuses_a_checkpoint_and_a_merged_checkpoint_of_two_models(inputs, tmp_path, capsys):
@@ -237,15 +237,13 @@ def test_report_refuses_a_checkpoint_and_a_merged_checkpoint_of_two_models(input
 
 # --- what 2.1 does not support yet -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag", ["--checkpoint", "--merged-checkpoint", "--lora", "--parallel", "--config"])
+@pytest.mark.parametrize("flag", ["--lora", "--parallel"])
 def test_report_on_21_refuses_what_it_does_not_support_yet_writing_nothing(flag, inputs, tmp_path, capsys):
-    value = {"--checkpoint": inputs[V21], "--merged-checkpoint": inputs[V21], "--lora": inputs[f"lora {V21}"],
-             "--parallel": "tp=2", "--config": "full"}[flag]
+    value = {"--lora": inputs[f"lora {V21}"], "--parallel": "tp=2"}[flag]
     out = tmp_path / "out"
     assert main(["report", "--model", V21, flag, str(value), *FAST, "--out", str(out)]) == 2
     line = _one_line_error(capsys)
-    named = "--config full" if flag == "--config" else flag
-    assert line.startswith(f"qkv-verify: error: --model {V21}: {named} not supported yet"), line
+    assert line.startswith(f"qkv-verify: error: --model {V21}: {flag} not supported yet"), line
     assert not out.exists()
 
 

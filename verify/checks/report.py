@@ -73,6 +73,7 @@ class Subject:
     lora: _Lora | None = None
     parallel: tuple[str, int] | None = None  # (kind, ranks)
     model: str = models.DEFAULT_MODEL
+    streamed: bool = True  # the whole-model checks stream the weights (model_checks); else judged case by case
 
 
 def load_subject(opts: Options) -> Subject:
@@ -83,7 +84,8 @@ def load_subject(opts: Options) -> Subject:
                                                           ("merged_checkpoint", opts.merged_checkpoint)) if path})
     if model != models.DEFAULT_MODEL:
         _refuse_unsupported(model, opts)
-    subject = _weights(opts) if model == models.DEFAULT_MODEL else _seeded(model, opts)
+    streamed = opts.checkpoint or opts.merged_checkpoint or opts.config == "full"  # another model: else case by case
+    subject = _weights(opts, model) if model == models.DEFAULT_MODEL or streamed else _seeded(model, opts)
     subject.model = model
     subject.candidate = resolve(opts.candidate or _default_candidate(model, opts.device), opts.fused_modules,
                                 opts.candidate_precision)
@@ -104,23 +106,23 @@ def load_subject(opts: Options) -> Subject:
 
 
 # what the report judges of Qwen-Image only, so far: with another --model each is refused rather than skipped
-QWEN_IMAGE_ONLY = {"checkpoint": "--checkpoint", "merged_checkpoint": "--merged-checkpoint", "lora": "--lora",
-                   "parallel": "--parallel"}
+QWEN_IMAGE_ONLY = {"lora": "--lora", "parallel": "--parallel"}
 
 
 def _refuse_unsupported(model: str, opts: Options) -> None:
     given = [flag for field, flag in QWEN_IMAGE_ONLY.items() if getattr(opts, field)]
-    given += ["--config full"] if opts.config == "full" else []
     if given:
         raise VerifyError(f"--model {model}: {', '.join(given)} not supported yet (the report judges {model}'s "
-                          "attention, block and whole-model cases on seeded tiny or small weights)")
+                          "attention, block and whole-model cases on seeded tiny or small weights, and streams "
+                          "the whole model of --config full or a --checkpoint, with its --merged-checkpoint)")
 
 
 def _seeded(model: str, opts: Options) -> Subject:
     """Seeded weights of a model that the report judges case by case (whole, not streamed)."""
     module = models.load(model)
     config = module.model_config(opts.config)
-    return Subject(StateDictSource(module.build_model(config, opts.seed).state_dict(), config), None, [])
+    return Subject(StateDictSource(module.build_model(config, opts.seed).state_dict(), config), None, [],
+                   streamed=False)
 
 
 def _default_candidate(model: str, device: str) -> str:
@@ -128,17 +130,18 @@ def _default_candidate(model: str, device: str) -> str:
     return default_processor(device) if model == models.DEFAULT_MODEL else "reference"
 
 
-def _weights(opts: Options) -> Subject:
-    """The standard weights (seeded or a checkpoint) and the user's merged weights."""
+def _weights(opts: Options, model: str = models.DEFAULT_MODEL) -> Subject:
+    """The standard weights (seeded or a checkpoint) and the user's merged weights, streamed by model_checks."""
     if opts.merged_checkpoint and not opts.checkpoint:
         raise VerifyError("--merged-checkpoint needs --checkpoint (the standard weights to compare against)")
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise VerifyError("--device cuda: no CUDA device is available")
     if not opts.checkpoint:
-        config = qwen_image.model_config(opts.config)
+        arch = models.load(model)
+        config = arch.model_config(opts.config)
         if opts.config == "full":
-            return Subject(SeededSource(config, opts.seed, opts.device), None, [])
-        return Subject(StateDictSource(qwen_image.build_model(config, opts.seed).state_dict(), config), None, [])
+            return Subject(SeededSource(config, opts.seed, opts.device, model), None, [])
+        return Subject(StateDictSource(arch.build_model(config, opts.seed).state_dict(), config), None, [])
     std_ckpt = Checkpoint(opts.checkpoint)
     if is_merged(std_ckpt):
         raise VerifyError(f"{opts.checkpoint}: holds fused to_qkv weights; pass it as --merged-checkpoint")
@@ -219,18 +222,20 @@ def component_checks(subject: Subject, dtypes: list[torch.dtype], device: str, s
     config = subject.std.config
     width = {k: config[k] for k in ("num_attention_heads", "attention_head_dim", "axes_dims_rope")}
     components = ["attention", "block"]
-    if subject.model != models.DEFAULT_MODEL or provides_model(subject.candidate, config, seed):
+    if not subject.streamed or provides_model(subject.candidate, config, seed, subject.model):
         components.append("model")
     return [r for case in models.load(subject.model).CASES.values() if case.component in components
             for r in run_case(case, dtypes, device, seed, config={**case.config, **width},
                               candidate=subject.candidate, reference=subject.reference, layout=layout, saved=saved)]
 
 
-def provides_model(candidate: Implementation, config: dict, seed: int) -> bool:
-    """Whether the candidate's build returns a model of its own for "model" (tried on a tiny seeded copy)."""
-    tiny = {**qwen_image.model_config("tiny"), **{k: config[k] for k in ("num_attention_heads", "attention_head_dim",
-                                                                          "axes_dims_rope")}}
-    return candidate.make(qwen_image.build_model(tiny, seed), "model") is not None
+def provides_model(candidate: Implementation, config: dict, seed: int, model: str = models.DEFAULT_MODEL) -> bool:
+    """Whether the candidate's build returns a model of its own for "model" (tried on a tiny seeded copy of the
+    model)."""
+    arch = models.load(model)
+    tiny = {**arch.model_config("tiny"), **{k: config[k] for k in ("num_attention_heads", "attention_head_dim",
+                                                                    "axes_dims_rope")}}
+    return candidate.make(arch.build_model(tiny, seed), "model") is not None
 
 
 def run_report(subject: Subject, opts: Options, saved: dict[str, torch.Tensor] | None = None) -> dict:
@@ -240,8 +245,7 @@ def run_report(subject: Subject, opts: Options, saved: dict[str, torch.Tensor] |
     records = subject.weight_checks + ([subject.lora.unmatched_check(opts.allow_unmatched)] if subject.lora else [])
     records += round_trip_checks(subject.std) + component_checks(subject, dtypes, opts.device, opts.seed, opts.layout,
                                                                  saved)
-    model_records, stats, samples = model_checks(subject, dtypes, opts) if subject.model == models.DEFAULT_MODEL \
-        else ([], [], [])
+    model_records, stats, samples = model_checks(subject, dtypes, opts) if subject.streamed else ([], [], [])
     records += model_records + parallel_checks(subject, opts)
     notes = [f"{dtype_name(d)} added: a verdict needs fp64 and fp32 runs (bugs hide in bf16 noise)"
              for d in REQUIRED_DTYPES if d not in opts.dtypes]
@@ -265,17 +269,18 @@ def run_report(subject: Subject, opts: Options, saved: dict[str, torch.Tensor] |
 
 
 def model_checks(subject: Subject, dtypes: list[torch.dtype], opts: Options) -> tuple[list[Record], list, list]:
-    """Every fixture through the whole model, streamed block by block (verify.checks.streaming), without and with
-    the LoRA, then the LoRA's sweep: (records, output stats, output samples)."""
-    lora = subject.lora
+    """Every fixture of the model (the inputs of its whole-model cases) through the whole model, streamed block by
+    block (verify.checks.streaming), without and with the LoRA, then the LoRA's sweep: (records, output stats,
+    output samples)."""
+    lora, arch = subject.lora, models.load(subject.model)
     records, stats, samples = [], [], []
-    progress = tqdm(total=len(FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),
+    progress = tqdm(total=len(arch.FIXTURES) * (2 if lora else 1) + (len(SWEEP_FACTORS) if lora else 0),
                     desc="qkv-verify report", unit="run", leave=False, disable=not sys.stderr.isatty())
-    for fixture, spec in FIXTURES.items():
-        inputs = qwen_image.model_inputs(subject.std.config, spec, opts.seed)
+    for fixture, spec in arch.FIXTURES.items():
+        inputs = arch.model_inputs(subject.std.config, spec, opts.seed)
         for section, updates in [("model", ()), *([("lora", lora.updates(1.0))] if lora else [])]:
             run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate, subject.reference,
-                                subject.cand, *updates)
+                                subject.cand, *updates, model=subject.model)
             progress.update()
             records += _records(f"{section}/{fixture}", run, opts.device, subject.candidate.precision)
             if section == "model":
