@@ -100,6 +100,18 @@ def test_an_equal_pixel_mean_is_no_evidence(tmp_path):
     assert claim["why"].startswith("the trajectory leaves the bound at step-01/latents")
 
 
+def test_one_forward_pass_is_shown_beside_the_steps_and_a_scale_error_grows_over_them(tmp_path, reference_run):
+    _, passing = reference_run
+    assert [r["dtype"] for r in passing["single_pass"]] == ["fp64", "fp32"]
+    assert all(r["passed"] and r["fused_calls"] > 0 for r in passing["single_pass"])
+    code, summary = sample(tmp_path, "--candidate", "verify.planted:scale_error_1e3")
+    one_pass, last = (next(r for r in summary[k] if r["dtype"] == "fp32") for k in ("single_pass", "final"))
+    assert code == 1 and not one_pass["passed"]
+    assert last["ratio"] > 1.5 * one_pass["ratio"]  # small in one pass, compounding over the steps
+    assert any(n.startswith(f"fp32: merged/standard error ratio {one_pass['ratio']:.3g} in one forward pass")
+               for n in summary["notes"])
+
+
 def test_a_1e_3_scale_error_fails_every_dtype_and_api_says_where(tmp_path):
     records = check_trajectory("verify.planted:scale_error_1e3", steps=STEPS)
     assert {r["dtype"] for r in records if not r["passed"]} == {"fp64", "fp32"}

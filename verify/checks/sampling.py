@@ -93,7 +93,7 @@ def run_sampling(candidate: Implementation, reference: Implementation,
     inputs = _inputs(module, config, size, cfg, opts.seed) | module.condition_inputs(opts.fixture, size, opts.seed)
     ref_model = _built(reference, standard, torch.float64, "cpu")
     oracle = _run(module, ref_model, vae, inputs, opts, torch.float64, "cpu", None, keep_calls=True)
-    trajectory, final, images, pictures = [], [], [], {}
+    trajectory, final, single, images, pictures = [], [], [], [], {}
     for dtype in opts.dtypes:
         base_model = _built(reference, standard, dtype, opts.device)
         cand_model = _built(candidate, standard, dtype, opts.device)
@@ -110,6 +110,7 @@ def run_sampling(candidate: Implementation, reference: Implementation,
                                                       dtype, opts.device, floor_dtype(dtype, candidate.precision),
                                                       standard, cfg > 1)
         trajectory += records
+        single.append(_single_pass(module, oracle, reference, candidate, standard, dtype, opts.device))
         last = records[-1]
         final.append(Record(**{**last.__dict__, "name": "final/latents"}))
         pictures[dtype_name(dtype)] = {"oracle": oracle.image, "standard": base.image, "merged": cand.image}
@@ -122,8 +123,28 @@ def run_sampling(candidate: Implementation, reference: Implementation,
              **({"transformer_config": overrides} if overrides else {}), **module.sampling_setup(opts.fixture)}
     lora_section = lora_effect(module, candidate, reference, standard, vae, inputs, opts, lora) if lora else None
     return {"trajectory": [r.to_dict() for r in trajectory], "final": [r.to_dict() for r in final],
+            "single_pass": [r.to_dict() for r in single],
             "images": [_image_metrics(oracle.image, oracle.image, "oracle", torch.float64), *images],
             "sampling": setup, **({"lora": lora_section} if lora else {})}, pictures
+
+
+def _single_pass(model, oracle: Run, reference: Implementation, candidate: Implementation, standard: nn.Module,
+                 dtype: torch.dtype, device: str) -> Record:
+    """Step 1's first model call alone, by freshly built models on the oracle's inputs: the error that one forward
+    pass shows, beside which the per-step records show how the error grows over the steps (informational: the
+    trajectory decides the verdict)."""
+    sides = {}
+    for role, impl, d, where in (("ref", reference, torch.float64, "cpu"), ("base", reference, dtype, device),
+                                 ("cand", candidate, dtype, device)):
+        transformer = _built(impl, standard, d, where)
+        cast = lambda kwargs, d=d, where=where: cast_inputs(kwargs, d, where)  # noqa: E731
+        kwargs = cast(model.replay_caches(transformer, [], oracle.calls[:1], cast)[0]) | {"return_dict": False}
+        fused = impl.fused_modules if role == "cand" and impl.fused else ()
+        with torch.no_grad(), count_calls(transformer, fused) as calls:
+            sides[role] = {"sample": transformer(**kwargs)[0]}
+        fused_calls = sum(calls.values()) if fused else None
+    return compare("single-pass/sample", "sampling", sides["ref"], sides["cand"], OUTPUTS, dtype, device,
+                   base=sides["base"], fused_calls=fused_calls, precision=candidate.precision)
 
 
 def _lora_plan(path: Path, standard: nn.Module) -> mapping.Plan:

@@ -142,6 +142,9 @@ def _notes(result: dict, candidate) -> list[str]:
                          f"{by[(d, 'merged')]['pixel_mean']:.2f}" for d, role in by if role == "merged")]
     if not candidate.fused:
         notes.append(f"candidate {candidate.spec} is declared unfused: no fused-call proof")
+    final = {r["dtype"]: r for r in result["final"]}
+    notes += [f"{r['dtype']}: merged/standard error ratio {_ratio(r)} in one forward pass (step 1's first call), "
+              f"{_ratio(final[r['dtype']])} after the last step" for r in result["single_pass"]]
     if lora := result.get("lora"):
         at_one = next(r for r in lora["sweep"] if r["factor"] == 1.0)
         ratio = at_one["effect_over_deviation"]
@@ -150,3 +153,9 @@ def _notes(result: dict, candidate) -> list[str]:
                      + ("the LoRA's effect is " + (f"{ratio:.3g}x the merged path's deviation" if ratio is not None
                                                    else "all that differs (the merged path is exact)")))
     return notes
+
+
+def _ratio(record: dict) -> str:
+    if record["ratio"] is not None:
+        return f"{record['ratio']:.3g}"
+    return "0 (both exact)" if record["max_abs_err"] == 0 else "undefined (standard exact)"
