@@ -4,12 +4,11 @@ memoised by shape under true CFG) or shows too small to matter (a 1e-3 scale err
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from properties.commands.sampling_run import run_sample
 from verify.checks.sampling import Fp64FlowMatchEulerScheduler
 from verify.cli import main
 from verify.models import qwen_image
@@ -21,12 +20,7 @@ FAST = ["--steps", str(STEPS), "--dtypes", "fp64,fp32"]
 
 
 def sample(tmp_path, *args) -> tuple[int, dict]:
-    try:
-        code = main(["sample", *FAST, "--out", str(tmp_path / "out"), *args])
-    except SystemExit as e:  # argparse's refusal of a flag's value
-        code = e.code
-    path = tmp_path / "out" / "summary.json"
-    return code, json.loads(path.read_text()) if path.exists() else {}
+    return run_sample(tmp_path / "out", *FAST, *args)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,10 @@ including one that a single prefill and a single cached decode never show."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from verify.cli import main
+from properties.commands.sampling_run import run_sample
 from verify.implementations.builtins import reference
 from verify.models import qwen_image_21
 from verify.testing import assert_trajectory, check_candidate, check_trajectory
@@ -20,12 +18,7 @@ FAST = ["--model", "qwen-image-2.1", "--steps", str(STEPS), "--dtypes", "fp64,fp
 
 
 def sample(tmp_path, *args) -> tuple[int, dict]:
-    try:
-        code = main(["sample", *FAST, "--out", str(tmp_path / "out"), *args])
-    except SystemExit as e:  # argparse's refusal of a flag's value
-        code = e.code
-    path = tmp_path / "out" / "summary.json"
-    return code, json.loads(path.read_text()) if path.exists() else {}
+    return run_sample(tmp_path / "out", *FAST, *args)
 
 
 def test_the_merged_reference_passes_every_step_with_its_fused_path_running(tmp_path, capsys):

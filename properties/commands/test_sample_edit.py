@@ -5,12 +5,10 @@ at step 2 on edit-2511, and passes on edit, where that path never runs."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from verify.cli import main
+from properties.commands.sampling_run import run_sample
 from verify.implementations.builtins import reference
 from verify.models import qwen_image
 from verify.testing import assert_trajectory, check_trajectory
@@ -19,12 +17,7 @@ STEPS = 3
 
 
 def sample(tmp_path, *args) -> tuple[int, dict]:
-    try:
-        code = main(["sample", "--steps", str(STEPS), "--dtypes", "fp64,fp32", "--out", str(tmp_path / "out"), *args])
-    except SystemExit as e:  # argparse's refusal of a flag's value
-        code = e.code
-    path = tmp_path / "out" / "summary.json"
-    return code, json.loads(path.read_text()) if path.exists() else {}
+    return run_sample(tmp_path / "out", "--steps", str(STEPS), "--dtypes", "fp64,fp32", *args)
 
 
 @pytest.mark.parametrize("fixture, pipeline, zero_cond_t", [

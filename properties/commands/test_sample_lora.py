@@ -3,14 +3,12 @@ path's own deviation, so that "the LoRA's effect might be subtle" is measured ra
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from properties.commands.sampling_run import run_sample
 from verify.checks.report import SWEEP_FACTORS
-from verify.cli import main
 from verify.models import qwen_image, qwen_image_21
 
 FAST = ["--steps", "2", "--dtypes", "fp64,fp32"]
@@ -25,9 +23,7 @@ def lora_file(tmp_path_factory):
 
 
 def sample(out, *args) -> tuple[int, dict]:
-    code = main(["sample", *FAST, "--out", str(out), *args])
-    path = out / "summary.json"
-    return code, json.loads(path.read_text()) if path.exists() else {}
+    return run_sample(out, *FAST, *args)
 
 
 def test_the_effect_is_measured_at_every_factor_and_grows_with_it(lora_file, tmp_path):
