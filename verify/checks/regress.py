@@ -73,8 +73,8 @@ def _summary_problem(data) -> str | None:
         return f"missing {', '.join(missing)}"
     if not isinstance(data["checks"], list) or not isinstance(data["output_stats"], list):
         return "checks and output_stats must be lists"
-    if not data["output_stats"]:
-        return "output_stats is empty: nothing to compare"
+    if not data["output_stats"] and not data["checks"]:
+        return "checks and output_stats are both empty: nothing to compare"
     for section, key in (("checks", CHECK_KEY), ("output_stats", STAT_KEY), ("output_samples", STAT_KEY)):
         for i, rec in enumerate(data.get(section) or []):
             if not isinstance(rec, dict) or any(k not in rec for k in key):
