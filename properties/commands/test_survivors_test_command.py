@@ -163,9 +163,9 @@ def test_the_description_says_what_runs_against_spec_its_dtypes_profiles_and_exi
 def test_the_positional_is_spec_with_its_forms_and_built_in_names(capsys, monkeypatch):
     text = _help(capsys, monkeypatch)
     section = _flat(re.search(r"positional arguments:\n(.*?)\n\n", text, re.S).group(1))
-    names = "reference, fast, fast-compiled, diffsynth"
+    names = "reference, fast, fast-compiled, diffusers, diffusers-flex, diffsynth"
     assert section == f"SPEC package.module:attr, path/to/file.py:attr, or a built-in name ({names})"
-    assert set(names.split(", ")) <= set(BUILTINS)
+    assert set(names.split(", ")) == set(BUILTINS)  # every built-in listed, diffusers' own processors included
 
 
 def test_a_missing_spec_is_a_usage_error_naming_spec(capsys):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from verify.implementations.spec_names import BUILTINS
+
 
 def _dtypes(text: str):
     from verify.checks.tolerance import parse_dtypes
@@ -47,7 +49,7 @@ def register_report(subparsers) -> None:
                                                    " for the attention/block claims")
     p.add_argument("--candidate", metavar="SPEC",
                    help="the implementation judged: package.module:attr, path/to/file.py:attr, or a built-in "
-                        "(reference, fast, fast-compiled, diffsynth, and the planted bugs verify.planted:NAME); "
+                        f"({', '.join(BUILTINS)}, and the planted bugs verify.planted:NAME); "
                         "attr is build(standard, component). Default: the processor fuse_model installs on --device")
     p.add_argument("--reference", metavar="SPEC",
                    help="what the candidate must match (same contract; default: diffusers' standard model); the "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from verify import pytest_plugin
+from verify.implementations.spec_names import BUILTINS
 
 SUITE = Path(__file__).parents[1] / "suite"
 
@@ -27,7 +28,7 @@ def register_test(subparsers) -> None:
                     "arguments go to pytest (e.g. -x, -k block, --hypothesis-seed=1).",
     )
     p.add_argument("spec", metavar="SPEC", help="package.module:attr, path/to/file.py:attr, or a built-in name "
-                                                 "(reference, fast, fast-compiled, diffsynth)")
+                                                 f"({', '.join(BUILTINS)})")
     for name, kwargs in pytest_plugin.OPTIONS:
         p.add_argument(f"--{name}", **kwargs)
     p.set_defaults(func=_test, pytest_args=[])  # verify.cli passes what follows `--` (pytest's own arguments)

@@ -23,22 +23,13 @@ from pathlib import Path
 from torch import nn
 
 from verify.errors import VerifyError
+from verify.implementations.spec_names import BUILTINS
 
 COMPONENTS = ("attention", "block", "model")
 DEFAULT_FUSED_MODULES = ("to_qkv", "add_qkv_proj", "to_added_qkv")
 # What an implementation may declare it computes at, at best: "fp32" (fp64 runs judged at fp32's floor), or "fp64"
 # (the same as declaring nothing).
 DECLARABLE_PRECISIONS = ("fp64", "fp32")
-
-# Built-in SPECs: the product's processors, diffusers itself and DiffSynth-Studio's DiT, each a registered callable.
-BUILTINS = {
-    "reference": "verify.implementations.builtins:reference",
-    "fast": "verify.implementations.builtins:fast",
-    "fast-compiled": "verify.implementations.builtins:fast_compiled",
-    "diffusers": "verify.implementations.builtins:diffusers",
-    "diffusers-flex": "verify.implementations.builtins:diffusers_flex",
-    "diffsynth": "verify.implementations.diffsynth:diffsynth",
-}
 
 Build = Callable[[nn.Module, str], "nn.Module | None"]
 
