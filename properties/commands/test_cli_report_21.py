@@ -2,7 +2,9 @@
 fixture of 2.1's whole-model cases is streamed block by block over the checkpoint's own weights (the oracle's values
 are diffusers' from_pretrained model's), the fused path runs in every block; a planted bug fails the streamed checks
 of the fixture it breaks and is located in a block; a merged checkpoint passes in its layout, and one with a tampered
-weight fails its weight check naming the tensor; --config full streams seeded weights; bad combinations exit 2."""
+weight fails its weight check naming the tensor; a LoRA on every 2.1 target is streamed onto both models (the
+oracle's values are diffusers' model with W + BA by hand), a key that lands nowhere fails; --config full streams
+seeded weights; bad combinations exit 2."""
 
 from __future__ import annotations
 
@@ -157,3 +159,66 @@ def test_a_21_merged_checkpoint_without_the_standard_one_exits_2(tmp_path, capsy
     assert code == 2 and summary is None
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--merged-checkpoint needs --checkpoint" in err, err
+
+
+def _lora(path: Path, config: dict, extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """A seeded rank-4 LoRA on every 2.1 target (attention q, k, v, out and the SwiGLU's three), in diffusers' keys
+    (lora_A/lora_B, no alpha: scale 1); `extra` adds tensors as they are."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    hidden = dim * config["mlp_ratio"]
+    targets = {"attn.to_q": (dim, dim), "attn.to_k": (dim, dim), "attn.to_v": (dim, dim), "attn.to_out.0": (dim, dim),
+               "img_mlp.proj": (hidden, dim), "img_mlp.gate_layer": (hidden, dim), "img_mlp.out": (dim, hidden)}
+    g, tensors = torch.Generator().manual_seed(4), {}
+    for i in range(config["num_layers"]):
+        for target, (rows, cols) in targets.items():
+            key = f"transformer.transformer_blocks.{i}.{target}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, cols, generator=g) * 0.2 / cols**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(rows, 4, generator=g) * 0.2
+    save_file(tensors | (extra or {}), str(path))
+    return tensors
+
+
+def test_a_lora_on_a_21_checkpoint_is_streamed_onto_both_models(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    tensors = _lora(tmp_path / "lora.safetensors", config)
+    code, summary = _report(tmp_path, "--checkpoint", str(ckpt), "--lora", str(tmp_path / "lora.safetensors"))
+    assert code == 0, [c["message"] for c in summary["checks"] if not c["passed"]]
+    assert summary["lora"]["modules_matched"] == 7 * config["num_layers"]
+    assert summary["lora"]["applied_to_candidate"] == "merged layout, onto the fused projections"
+    lora = {(c["name"], c["dtype"]): c for c in summary["checks"] if c["name"].startswith("lora/")
+            and c["name"] != "lora/unmatched-keys"}
+    assert set(lora) == {(n.replace("model/", "lora/"), d) for n in STREAMED for d in ("fp64", "fp32")}
+    assert all(c["passed"] and c["fused_calls"] == config["num_layers"] for c in lora.values())
+    sweep = summary["lora"]["sweep"]
+    assert [r["factor"] for r in sweep][:2] == [0.0, 0.25] and sweep[-1]["oracle_rel_dev"] > 0
+    # the sweep's oracle at factor 1 is diffusers' model from the folder with W + B A added by hand, in fp64
+    model = QwenImage21Transformer2DModel.from_pretrained(ckpt).to(torch.float64).eval()
+    inputs = qwen_image_21.model_inputs(dict(model.config), qwen_image_21.FIXTURES["text-to-image"], 0)
+    with torch.no_grad():
+        plain = model(**inputs).sample
+        for key, A in tensors.items():
+            if key.endswith("lora_A.weight"):
+                B = tensors[key.replace("lora_A", "lora_B")]
+                name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                model.get_submodule(name).weight += B.double() @ A.double()
+        expected = model(**inputs).sample
+    row = next(r for r in sweep if r["factor"] == 1.0 and r["fixture"] == "text-to-image")
+    rel_dev = float((expected - plain).norm() / plain.norm())
+    assert rel_dev > 1e-3  # the LoRA moves the output: the comparison can tell
+    assert abs(row["oracle_rel_dev"] - rel_dev) < 1e-10 * rel_dev, (row["oracle_rel_dev"], rel_dev)
+    assert abs(row["oracle_mean"] - float(expected.mean())) < 1e-12, (row["oracle_mean"], float(expected.mean()))
+
+
+def test_a_lora_key_that_lands_on_no_21_module_fails(tmp_path):
+    """2.1 has no text-stream projections: a LoRA on add_q_proj lands nowhere, a failed check unless allowed."""
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    stray = {"transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight": torch.zeros(4, dim),
+             "transformer.transformer_blocks.0.attn.add_q_proj.lora_B.weight": torch.zeros(dim, 4)}
+    _lora(tmp_path / "lora.safetensors", config, stray)
+    code, summary = _report(tmp_path, "--checkpoint", str(ckpt), "--lora", str(tmp_path / "lora.safetensors"))
+    assert code == 1
+    unmatched = next(c for c in summary["checks"] if c["name"] == "lora/unmatched-keys")
+    assert not unmatched["passed"] and "add_q_proj" in unmatched["message"]

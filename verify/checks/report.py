@@ -25,8 +25,8 @@ from verify.files import lora_formats as formats
 from verify.files.checkpoint import Checkpoint
 from verify.files.model_config import is_merged, merge_recorded, model_config
 from verify.implementations.candidate import Implementation, resolve
-from verify.implementations.fused import default_processor, fuse_model
-from verify.implementations.loading import empty_model
+from verify.implementations.fused import default_processor
+from verify.implementations.loading import fuse_any
 from verify.maths.naming import NAMINGS
 from verify.maths.qkv import LAYOUTS
 from verify.maths.state_dict import layout_hint, matching_layout, merge_state_dict, split_state_dict
@@ -84,7 +84,7 @@ def load_subject(opts: Options) -> Subject:
                                                           ("merged_checkpoint", opts.merged_checkpoint)) if path})
     if model != models.DEFAULT_MODEL:
         _refuse_unsupported(model, opts)
-    streamed = opts.checkpoint or opts.merged_checkpoint or opts.config == "full"  # another model: else case by case
+    streamed = opts.checkpoint or opts.merged_checkpoint or opts.lora or opts.config == "full"  # else case by case
     subject = _weights(opts, model) if model == models.DEFAULT_MODEL or streamed else _seeded(model, opts)
     subject.model = model
     subject.candidate = resolve(opts.candidate or _default_candidate(model, opts.device), opts.fused_modules,
@@ -106,7 +106,7 @@ def load_subject(opts: Options) -> Subject:
 
 
 # what the report judges of Qwen-Image only, so far: with another --model each is refused rather than skipped
-QWEN_IMAGE_ONLY = {"lora": "--lora", "parallel": "--parallel"}
+QWEN_IMAGE_ONLY = {"parallel": "--parallel"}
 
 
 def _refuse_unsupported(model: str, opts: Options) -> None:
@@ -114,7 +114,7 @@ def _refuse_unsupported(model: str, opts: Options) -> None:
     if given:
         raise VerifyError(f"--model {model}: {', '.join(given)} not supported yet (the report judges {model}'s "
                           "attention, block and whole-model cases on seeded tiny or small weights, and streams "
-                          "the whole model of --config full or a --checkpoint, with its --merged-checkpoint)")
+                          "the whole model of --config full, a --checkpoint, a --merged-checkpoint or a --lora)")
 
 
 def _seeded(model: str, opts: Options) -> Subject:
@@ -438,10 +438,10 @@ class _Lora:
         from verify.files import lora_mapping as mapping
 
         self.file = file
-        config = subject.std.config
+        config, arch = subject.std.config, models.load(subject.model)
         naming, layout = subject.cand.fused if subject.cand else ("seed", "blocked")
-        self.std_plan = mapping.plan(self.file, mapping.spec_of(empty_model(config)))
-        self.cand_plan = mapping.plan(self.file, mapping.spec_of(fuse_model(empty_model(config), naming, layout)))
+        self.std_plan = mapping.plan(self.file, mapping.spec_of(arch.empty_model(config)))
+        self.cand_plan = mapping.plan(self.file, mapping.spec_of(fuse_any(arch.empty_model(config), naming, layout)))
         record = audit.audit(self.file, self.std_plan)
         self.scale = record["scale"]["value"]
         self.summary = {"file": name, **{k: record[k] for k in (
@@ -488,12 +488,13 @@ def _updater(updates, factor: float):
 
 def _sweep(subject: Subject, lora: _Lora, opts: Options, progress) -> list[dict]:
     """Output deviation from the base model as the LoRA multiplier grows, standard and merged, in fp32."""
-    fixture, spec = next(iter(FIXTURES.items()))
-    inputs = qwen_image.model_inputs(subject.std.config, spec, opts.seed)
+    arch = models.load(subject.model)
+    fixture, spec = next(iter(arch.FIXTURES.items()))
+    inputs = arch.model_inputs(subject.std.config, spec, opts.seed)
     rows, base = [], None
     for factor in SWEEP_FACTORS:
         run = run_streaming(subject.std, inputs, [torch.float32], opts.device, subject.candidate, subject.reference,
-                            subject.cand, *lora.updates(factor))
+                            subject.cand, *lora.updates(factor), model=subject.model)
         progress.update()
         outs = {"oracle": run.ref["sample"], "standard": run.base[torch.float32]["sample"],
                 "merged": run.cand[torch.float32]["sample"]}
