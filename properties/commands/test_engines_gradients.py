@@ -86,6 +86,20 @@ def test_gradients_not_written_are_not_compared_and_misshapen_ones_are_refused(i
     assert "attention/fp32/grad/hidden_states has shape [2, 16]" in err and len(err.splitlines()) == 1
 
 
+def test_gradients_written_for_some_inputs_only_are_not_compared_naming_the_missing(inputs, tmp_path):
+    """Judged on the inputs it wrote, a wrong gradient of the one it left out would pass unseen."""
+    tensors = load_file(torch_engine(tmp_path, inputs))
+    partial = {k: v for k, v in tensors.items() if not k.endswith("/grad/encoder_hidden_states")}
+    save_file(partial, tmp_path / "partial.safetensors")
+    code, summary = judge(tmp_path / "partial", tmp_path / "partial.safetensors", inputs)
+    grads = records(summary, "gradients")
+    assert code == 0 and set(grads) == {"fp64", "fp32"}
+    for g in grads.values():
+        assert not g["provided"] and not g["passed"]
+        assert g["message"] == ("not compared: the engine saved the input gradients of hidden_states but not of "
+                                "encoder_hidden_states")
+
+
 def test_21_gradients_through_the_reference_engine_pass_and_a_planted_bug_fails_on_them(tmp_path):
     folder = tmp_path / "in"
     assert main(["inputs", "--model", "qwen-image-2.1", "--out", str(folder), "--dtypes", "fp32", "--component",

@@ -187,11 +187,10 @@ def _outputs_of(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def _gradients_of(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """An entry's input gradients by input name, or None when the engine wrote not all of them."""
+    """The input gradients an entry's engine wrote, by input name (judge_saved records those it lacks as not
+    compared), or None when it wrote none."""
     keys = {k: f"{entry['case']}/{entry['dtype']}/grad/{k}" for k in entry.get("gradients", {}).get("inputs", {})}
-    if not keys or not all(k in tensors for k in keys.values()):
-        return None
-    return {name: tensors[k] for name, k in keys.items()}
+    return {name: tensors[k] for name, k in keys.items() if k in tensors} or None
 
 
 def _modules_of(entry: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]] | None:

@@ -117,11 +117,18 @@ def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Im
                                                              floor_dtype(dtype, engine.precision))
             records.append(record)
         if case.grads:
-            given = (gradients or {}).get(dtype)
-            if given is None:
+            given = (gradients or {}).get(dtype) or {}
+            based = (base_gradients or {}).get(dtype) or {}
+            lacking = [k for k in grad_inputs(inputs) if k not in given]
+            absent = [k for k in given if k not in based] if bases is not None else []
+            if not given:
                 records.append(judge.not_compared("gradients", dtype, "the engine saved no input gradients"))
-            elif bases is not None and (base_gradients or {}).get(dtype) is None:
-                records.append(judge.not_compared("gradients", dtype, "the base outputs hold no input gradients"))
+            elif lacking:
+                records.append(judge.not_compared("gradients", dtype, f"the engine saved the input gradients of "
+                                                  f"{', '.join(given)} but not of {', '.join(lacking)}"))
+            elif absent:
+                records.append(judge.not_compared("gradients", dtype, "the base outputs hold no input gradients" + (
+                    f" of {', '.join(absent)}" if len(absent) < len(given) else "")))
             else:
                 ref_grads = ref_grads or _run(case, ref_module, cast_inputs(inputs, torch.float64, "cpu"), True, seed)
                 records.append(_saved_gradients(case, judge, standard, inputs, seed, dtype, ref_grads, given,
