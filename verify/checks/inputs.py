@@ -15,8 +15,10 @@ def cast_inputs(inputs: dict, dtype: torch.dtype, device: torch.device | str) ->
             return x.to(device=device) if keep else x.to(device=device, dtype=dtype)
         if isinstance(x, tuple):
             return tuple(cast(t) for t in x)
-        if isinstance(x, BlockMask):  # Qwen-Image 2.1's flex mask: moved, its indices keep their dtype
-            return x.to(device)
+        if isinstance(x, BlockMask):  # Qwen-Image 2.1's flex mask: rebuilt there (its mask_mod's tensors moved too)
+            rebuild = getattr(x, "rebuild_on", None)  # or moved, its indices keeping their dtype
+            moved = torch.device(device) != x.kv_num_blocks.device
+            return rebuild(device) if rebuild and moved else x.to(device)
         return x
 
     return {k: cast(v) for k, v in inputs.items()}

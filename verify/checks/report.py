@@ -87,7 +87,7 @@ def load_subject(opts: Options) -> Subject:
     streamed = opts.checkpoint or opts.merged_checkpoint or opts.lora or opts.config == "full"  # else case by case
     subject = _weights(opts, model) if model == models.DEFAULT_MODEL or streamed else _seeded(model, opts)
     subject.model = model
-    subject.candidate = resolve(opts.candidate or _default_candidate(model, opts.device), opts.fused_modules,
+    subject.candidate = resolve(opts.candidate or default_candidate(model, opts.device), opts.fused_modules,
                                 opts.candidate_precision)
     subject.reference = resolve(opts.reference or "diffusers")
     if opts.lora:
@@ -125,7 +125,7 @@ def _seeded(model: str, opts: Options) -> Subject:
                    streamed=False)
 
 
-def _default_candidate(model: str, device: str) -> str:
+def default_candidate(model: str, device: str) -> str:
     """The processor fuse_model installs on `device`; Qwen-Image 2.1 has one fused processor, the reference."""
     return default_processor(device) if model == models.DEFAULT_MODEL else "reference"
 

@@ -205,8 +205,10 @@ def _built(impl: Implementation, standard: nn.Module, dtype: torch.dtype, device
 def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: SampleOptions, dtype: torch.dtype,
          device: str, impl: Implementation | None, keep_calls: bool = False) -> Run:
     """One pipeline run in `dtype` on `device`, its latents after every step and its calls kept on the CPU; fp64
-    runs step in fp64 (Fp64FlowMatchEulerScheduler), the others as diffusers does."""
+    runs step in fp64 (Fp64FlowMatchEulerScheduler), the others as diffusers does. The fp64 VAE decodes where the
+    run's latents are (a copy of it on another device)."""
     run = Run()
+    vae = vae if device == "cpu" else nn.Module.to(copy.deepcopy(vae), device=device)
     pipe = module.sampling_pipeline(transformer, vae, Fp64FlowMatchEulerScheduler(), opts.fixture)
     pipe.set_progress_bar_config(disable=True)
     hook = transformer.register_forward_pre_hook(  # the oracle's calls: where a failing step is located

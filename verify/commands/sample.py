@@ -80,12 +80,11 @@ NOT_YET = {"checkpoint": "--checkpoint", "merged_checkpoint": "--merged-checkpoi
 def _sample(args) -> int:
     import torch
 
-    from verify.checks.report import REQUIRED_DTYPES, environment
+    from verify.checks.report import REQUIRED_DTYPES, default_candidate, environment
     from verify.checks.sampling import SampleOptions, mean_claim, run_sampling
     from verify.commands.report import _refuse_foreign_out, _refuse_writing_into_inputs
     from verify.errors import VerifyError
     from verify.implementations.candidate import resolve
-    from verify.implementations.fused import default_processor
     from verify.present.sample import write_sample
 
     given = [flag for field, flag in NOT_YET.items() if getattr(args, field)]
@@ -98,7 +97,7 @@ def _sample(args) -> int:
     _refuse_writing_into_inputs(args.out, ({"--candidate": Path(spec)} if spec.endswith(".py") else {})
                                 | ({"--lora": args.lora} if args.lora else {}))
     _refuse_foreign_out(args.out, args.force)
-    candidate = resolve(args.candidate or default_processor(args.device), args.fused_modules,
+    candidate = resolve(args.candidate or default_candidate(model, args.device), args.fused_modules,
                         args.candidate_precision)
     reference = resolve(args.reference or "diffusers")
     dtypes = tuple(dict.fromkeys([*REQUIRED_DTYPES, *args.dtypes]))

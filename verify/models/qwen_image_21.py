@@ -27,6 +27,7 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
     build_qwenimage21_block_causal_mask,
 )
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from verify.errors import VerifyError
 from verify.models.cases import Case, Outputs, model_outputs
@@ -196,12 +197,20 @@ def block_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
         hidden_states=torch.randn(spec.batch, meta.image_pad_mask.shape[0], dim, generator=g, dtype=torch.float64),
         modulation=torch.randn(rows, 4 * dim, generator=g, dtype=torch.float64),
         rotary_emb=rope(spec.img_shapes()[0], meta.image_pad_mask, device=torch.device("cpu")),
-        attention_mask=build_qwenimage21_block_causal_mask(meta.image_ids, meta.key_valid, spec.batch,
-                                                           torch.device("cpu")),
+        attention_mask=block_causal_mask(meta.image_ids, meta.key_valid, spec.batch, "cpu"),
         target_token_mask=meta.target_token_mask if config.get("causal_condition", True) else None,
         segments=_qwenimage21_prefix_segments(meta.image_ids, meta.prefix_len),
         key_valid=meta.key_valid,
     )
+
+
+def block_causal_mask(image_ids: torch.Tensor, key_valid: torch.Tensor, batch: int, device: str) -> BlockMask:
+    """diffusers' block-causal flex BlockMask on `device`, which rebuilds itself on another (`rebuild_on`, read by
+    verify.checks.inputs.cast_inputs): its mask_mod reads image_ids and key_valid where they were when it was built,
+    and BlockMask.to moves its blocks, not them."""
+    mask = build_qwenimage21_block_causal_mask(image_ids.to(device), key_valid.to(device), batch, torch.device(device))
+    mask.rebuild_on = lambda where: block_causal_mask(image_ids, key_valid, batch, where)
+    return mask
 
 
 def attention_inputs(config: dict, spec: InputSpec, seed: int) -> dict:
