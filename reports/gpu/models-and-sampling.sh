@@ -21,5 +21,5 @@ run sample-small-256 200 sample --device cuda --config small --size 256x256 --st
 run sample-21-small 150 sample --model qwen-image-2.1 --device cuda --config small --steps 20 --dtypes fp32,bf16
 run qwen-image-21-reference 120 report --model qwen-image-2.1 --device cuda --config small
 start=$(date +%s)
-timeout 100 python3 -m verify.cli test reference --model qwen-image-2.1 --device cuda -- -q 2>&1 | tail -3
+timeout 240 python3 -m verify.cli test reference --model qwen-image-2.1 --device cuda -- -q 2>&1 | tail -3
 echo "qkv-verify test reference --model qwen-image-2.1 --device cuda (ci profile): exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s"
