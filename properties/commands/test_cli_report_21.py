@@ -8,6 +8,7 @@ seeded weights; bad combinations exit 2."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -159,6 +160,22 @@ def test_a_21_merged_checkpoint_without_the_standard_one_exits_2(tmp_path, capsy
     assert code == 2 and summary is None
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--merged-checkpoint needs --checkpoint" in err, err
+
+
+@pytest.mark.parametrize("key", ["num_layers", "in_channels", "context_in_dim"])
+def test_a_config_json_without_an_argument_reads_its_default_and_a_mismatch_is_one_line(tmp_path, capsys, key):
+    """diffusers loads a config.json that leaves an argument out at the class's default; where the default does not
+    fit the weights (the tiny model is 2 blocks and 16 / 32 channels wide, the defaults are the real model's), one
+    line naming a tensor, never a KeyError."""
+    ckpt = _checkpoint(tmp_path / "std")
+    config = json.loads((ckpt / "config.json").read_text())
+    default = inspect.signature(qwen_image_21.MODEL_CLASS.__init__).parameters[key].default
+    assert config.pop(key) != default
+    (ckpt / "config.json").write_text(json.dumps(config))
+    code, summary = _report(tmp_path, "--checkpoint", str(ckpt))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and summary is None and "\n" not in err and "Traceback" not in err, err
+    assert str(ckpt) in err
 
 
 def _lora(path: Path, config: dict, extra: dict | None = None) -> dict[str, torch.Tensor]:

@@ -41,13 +41,14 @@ def model_class(ckpt: Checkpoint) -> type:
 
 
 def model_config(ckpt: Checkpoint) -> dict:
-    """The model's constructor arguments from config.json (diffusers bookkeeping keys dropped), as a ModelConfig
-    that knows its file."""
+    """The model's constructor arguments from config.json (diffusers bookkeeping keys dropped, an argument it leaves
+    out at the class's default, as diffusers loads it), as a ModelConfig that knows its file."""
     if ckpt.config is None:
         raise VerifyError(f"{ckpt.path}: a model needs a folder with config.json, not a single file")
     cls = model_class(ckpt)
     args = parameters(cls)
-    config = ModelConfig({k: v for k, v in ckpt.config.items() if k in args})
+    config = ModelConfig({k: ckpt.config.get(k, p.default) for k, p in args.items()  # as diffusers' from_config:
+                          if k in ckpt.config or p.default is not inspect.Parameter.empty})  # a key left out: default
     config.path, config.model_class = ckpt.path / "config.json", cls
     heads, head_dim, axes = (config.get(k, args[k].default) for k in ("num_attention_heads", "attention_head_dim",
                                                                        "axes_dims_rope"))
