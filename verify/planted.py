@@ -123,6 +123,21 @@ class _CacheKVSwapped(FusedQwenImage21AttnProcessor):
         return super().cache(layer_cache, mode, write_slice, key, value)
 
 
+class _CacheSliceShort(FusedQwenImage21AttnProcessor):
+    """Writes the prefix one token short (its end taken as inclusive); the decode's padding mask is then cut to the
+    keys it has, as code sizing the mask from the keys would: the prefill is right, every cached decode is not."""
+
+    def cache(self, layer_cache, mode, write_slice, key, value):
+        if mode == "extract" and write_slice is not None:
+            write_slice = slice(write_slice.start, write_slice.stop - 1)
+        return super().cache(layer_cache, mode, write_slice, key, value)
+
+    def sdpa(self, query, key, value, mask, backend="configured"):
+        if mask is not None and mask.shape[-1] > key.shape[1]:
+            mask = mask[..., :key.shape[1]]
+        return super().sdpa(query, key, value, mask, backend)
+
+
 class _FullAttention(FusedQwenImage21AttnProcessor):
     def prefill(self, query, key, value, segments, key_valid):
         return self.sdpa(query, key, value, None if key_valid is None else key_valid[:, None, None, :])
@@ -170,6 +185,7 @@ def fused_bias_21(module: nn.Module, component: str) -> nn.Module:
 fused_bias_21.layout = "blocked"
 cache_before_rope_21 = _with_processor_21(_CacheBeforeRope)
 cache_k_v_swapped_21 = _with_processor_21(_CacheKVSwapped)
+cache_slice_short_21 = _with_processor_21(_CacheSliceShort)
 full_attention_21 = _with_processor_21(_FullAttention)
 adjacent_images_one_block_21 = _with_processor_21(_AdjacentImagesOneBlock)
 padded_keys_attended_21 = _with_processor_21(_PaddedKeysAttended)
@@ -177,6 +193,7 @@ padded_keys_attended_21 = _with_processor_21(_PaddedKeysAttended)
 PLANTED_21: dict[str, tuple[str, Callable[[nn.Module, str], nn.Module]]] = {
     "cache_before_rope_21": ("the cache stores K before QK-norm and RoPE", cache_before_rope_21),
     "cache_k_v_swapped_21": ("the cache stores K where V goes and V where K goes", cache_k_v_swapped_21),
+    "cache_slice_short_21": ("the cache write slice one token short", cache_slice_short_21),
     "full_attention_21": ("the block-causal mask replaced by full attention", full_attention_21),
     "adjacent_images_one_block_21": ("two adjacent condition images attended as one block",
                                      adjacent_images_one_block_21),
