@@ -662,3 +662,27 @@ def test_lora_training_rows_without_a_lean_unfused_arm_are_judged_on_the_merged_
     assert faster["verdict"] == CONFIRMED and faster["detail"] == (
         "speedup = standard time / merged time, LoRA-training rows (no lean-unfused arm in this bench): block "
         "lora-train 1.200x; confirmed when every row is at least 1.10x; measured = the slowest")
+
+
+class _Ran(Exception):
+    """The report started: its claims were accepted."""
+
+
+@pytest.mark.parametrize("model, accepted", [("qwen-image-2.1", True), ("qwen-image", False)])
+def test_a_claims_fixture_filter_is_checked_against_the_models_own_fixtures(tmp_path, capsys, monkeypatch, model,
+                                                                            accepted):
+    """edit-adjacent (two condition images side by side) is a fixture of Qwen-Image 2.1 only."""
+    import verify.checks.report
+
+    def ran(*args, **kwargs):
+        raise _Ran
+
+    monkeypatch.setattr(verify.checks.report, "run_report", ran)
+    metric = "output_stats[fixture=edit-adjacent,dtype=fp32,implementation=merged].mean"
+    claims = _claims(tmp_path, [{"id": "c", "metric": metric, "op": "<", "expected": 1}])
+    args = ["report", "--model", model, "--claims", str(claims), "--dtypes", "fp64,fp32", "--out", str(tmp_path / "o")]
+    if accepted:
+        with pytest.raises(_Ran):
+            main(args)
+    else:
+        assert main(args) == 2 and "fixture=edit-adjacent selects nothing" in capsys.readouterr().err

@@ -31,7 +31,6 @@ from verify.maths.naming import NAMINGS
 from verify.maths.qkv import LAYOUTS
 from verify.maths.state_dict import layout_hint, matching_layout, merge_state_dict, split_state_dict
 from verify.models import qwen_image
-from verify.models.qwen_image import FIXTURES
 
 REQUIRED_DTYPES = (torch.float64, torch.float32)  # bugs hide in bf16 noise: no verdict without these
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 32.0)  # times the audited LoRA scale
@@ -322,10 +321,11 @@ def _bf16_notes(records: list[Record]) -> list[str]:
             "difference hides in bf16 noise, which is why every verdict includes fp64 and fp32"]
 
 
-def run_values(dtypes) -> dict[str, set[str]]:
-    """The values the records of a run with `dtypes` take in the fields a claim's filter may name."""
+def run_values(dtypes, model: str = models.DEFAULT_MODEL) -> dict[str, set[str]]:
+    """The values the records of a run of `model` with `dtypes` take in the fields a claim's filter may name."""
     names = {dtype_name(d) for d in (*REQUIRED_DTYPES, *dtypes)}
-    return {"dtype": names, "fixture": set(FIXTURES), "implementation": {"oracle", "standard", "merged"},
+    return {"dtype": names, "fixture": set(models.load(model).FIXTURES),
+            "implementation": {"oracle", "standard", "merged"},
             "component": {"weights", "inputs", "attention", "block", "model", "lora"}}
 
 

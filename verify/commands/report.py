@@ -102,8 +102,6 @@ def _report(args) -> int:
         raise VerifyError(f"--save-outputs {args.save_outputs}: exists; choose another file or pass --force")
     if args.save_outputs and not args.save_outputs.parent.is_dir():
         raise VerifyError(f"--save-outputs {args.save_outputs}: no such folder {args.save_outputs.parent}")
-    if args.claims:  # bad claims are bad input: refuse before running anything, paths checked against this run
-        check_claims(load_claims(args.claims), run_values(args.dtypes))
     baseline = load_summary(args.baseline) if args.baseline else None
     bench = load_bench(args.bench) if args.bench else None
     properties = load_property_results(args.properties) if args.properties else None
@@ -114,7 +112,10 @@ def _report(args) -> int:
                    allow_unmatched=args.allow_unmatched, parallel=args.parallel,
                    model=args.model)
     saved = {} if args.save_outputs else None
-    summary = run_report(load_subject(opts), opts, saved)
+    subject = load_subject(opts)
+    if args.claims:  # bad claims are bad input: refuse before running anything, paths checked against this run
+        check_claims(load_claims(args.claims), run_values(args.dtypes, subject.model))
+    summary = run_report(subject, opts, saved)
     summary["claims"] = ledger(summary, args.claims, bench, properties)
     summary["speed"] = bench
     if baseline is not None:
