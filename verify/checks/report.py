@@ -375,6 +375,12 @@ def _implementation_notes(subject: Subject, records: list[Record]) -> list[str]:
                      "two implementations")
     absent = sorted({f"{r.name} ({r.message})" for r in records if not r.provided})
     notes += [f"not provided, not judged: {a}" for a in absent]
+    rounding = models.load(subject.model).REFERENCE_ROUNDING
+    at_fp32 = [r.name for r in records if not r.passed and r.dtype == "fp64" and r.effective_precision == "fp32"]
+    if rounding and at_fp32 and subject.reference.spec == "diffusers" and not subject.candidate.precision:
+        notes.append(f"{rounding}, so its fp64 run is fp32-precise there: an implementation that does not round "
+                     f"where it does differs at fp32's level in fp64 ({', '.join(sorted(set(at_fp32)))}); if yours "
+                     "computes at least as finely, judge it with --candidate-precision fp32")
     return notes
 
 

@@ -46,7 +46,7 @@ class FusedQwenImage21AttnProcessor:
         query, key, value = self.project(attn, hidden_states)  # (B, S, H, D)
         query, key = self.normalise(attn, query, key, value.dtype)
         if rotary_emb is not None:
-            query, key = (apply_rotary_emb_qwen(t, rotary_emb, use_real=False) for t in (query, key))
+            query, key = (self.rotate(t, rotary_emb) for t in (query, key))
         key, value = self.cache(layer_cache, kv_cache_mode, cache_write_slice, key, value)
         if segments is None:  # decode: full attention over [cached prefix, target]
             hidden = self.sdpa(query, key, value, attention_mask)
@@ -65,6 +65,10 @@ class FusedQwenImage21AttnProcessor:
     def normalise(self, attn: QwenImage21Attention, query, key, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """QK RMSNorm over head_dim, back in V's dtype."""
         return attn.norm_q(query).to(dtype), attn.norm_k(key).to(dtype)
+
+    def rotate(self, x: torch.Tensor, rotary_emb: torch.Tensor) -> torch.Tensor:
+        """RoPE as diffusers applies it (in fp32 whatever x's dtype)."""
+        return apply_rotary_emb_qwen(x, rotary_emb, use_real=False)
 
     def cache(self, layer_cache, mode, write_slice, key, value) -> tuple[torch.Tensor, torch.Tensor]:
         """`extract`: store the prefix's post-norm, post-RoPE K and V; `cached`: prepend the stored prefix."""
