@@ -159,11 +159,8 @@ REGION_RECOMPILE_LIMIT = 256
 
 def mark_varying(projections: tuple[torch.Tensor, ...], tables: tuple[torch.Tensor, ...]) -> None:
     """Mark the sequence lengths, of the projections and of the RoPE tables, dynamic: the region's first graph serves
-    every length. (Compiled static in the first length, inductor's kernel that assembles the fused projection's
-    gradient ran 5x slower on an H200, and a model trained at one resolution kept its first graph: reports/gpu/NOTES.md,
-    change 14. Marked unbacked as well, so that a length or batch of 1 would reuse it too, inductor raised a false
-    runtime assertion once the head dim had become dynamic; and not specialising sizes of 1 through torch's
-    backed_size_oblivious, it rejected a later call's strides: torch 2.13, CPU.)"""
+    every length (compiled static, its gradient kernel ran slower and a model kept its first resolution's graph:
+    reports/gpu/NOTES.md, change 14)."""
     for t in projections:
         torch._dynamo.maybe_mark_dynamic(t, 1)
     for t in tables:
