@@ -1,12 +1,16 @@
 """`qkv-verify inputs` and `qkv-verify judge` for Qwen-Image 2.1: every case of the model in the manifest, the KV-cache
 ones included (their protocol spelled out), the block-causal BlockMask saved as its element mask; the model judged is
-the one the manifest names. The engine is README's reference engine run as a subprocess; a planted bug run as the
-engine fails where it shows."""
+the one the manifest names. The engines, run as subprocesses: README's reference engine (a planted bug run as the
+engine fails where it shows) and a merged-QKV 2.1 written in plain torch from the manifest alone (nothing of qkv-verify
+or diffusers in its process), which passes every case and whose own planted bugs fail where they show."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,3 +144,77 @@ def test_outputs_holding_no_entry_are_refused_not_passed(inputs, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "holds no output of the manifest" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "judged").exists()
+
+
+def run_torch_engine_21(inputs, folder, *args) -> tuple:
+    """README's plain-torch 2.1 engine, as run_engine runs an engine (a process of its own, isolated from this one's
+    paths and environment), on a copy of `inputs` that holds only the merged weights, with -X importtime: (its
+    outputs, every module its process imported)."""
+    engine, given = readme_engine("torch_engine_21.py", folder), folder / "in"
+    shutil.copytree(inputs, given, ignore=shutil.ignore_patterns("*.standard.safetensors"))
+    done = subprocess.run([sys.executable, "-I", "-X", "importtime", str(engine), str(given),
+                           str(folder / "out.safetensors"), *args], check=True, cwd=folder,
+                          env={"PATH": "/usr/bin:/bin"}, timeout=600, capture_output=True, text=True)
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    return folder / "out.safetensors", imported
+
+
+@pytest.fixture(scope="module")
+def torch_engine_21(inputs, tmp_path_factory) -> tuple:
+    return run_torch_engine_21(inputs, tmp_path_factory.mktemp("torch-engine-21"))
+
+
+def expected_records() -> set[tuple[str, str]]:
+    return {(f"{c}/{kind}", d) for c, case in qwen_image_21.CASES.items() for d in ("fp64", "fp32")
+            for kind in (("outputs", "gradients") if case.grads else ("outputs",))}
+
+
+def test_the_plain_torch_21_engine_passes_every_case_and_gradient_with_none_left_unprovided(inputs, torch_engine_21,
+                                                                                           tmp_path):
+    outputs, _ = torch_engine_21
+    code, summary = judge(tmp_path, outputs, inputs)
+    assert code == 0 and summary["candidate"]["spec"] == f"outputs:{outputs}"
+    assert {(c["name"], c["dtype"]) for c in summary["checks"]} == expected_records()
+    unjudged = [(c["name"], c["dtype"], c["message"]) for c in summary["checks"] if not c["provided"]]
+    assert unjudged == [] and all(c["passed"] and c["mismatched"] == 0 for c in summary["checks"])
+    # the outputs of its steps under the standard's names, on every call of the KV-cache protocol
+    written = load_file(outputs)
+    assert {"attention-cache/fp64/module/to_q (call 3)/0", "model-cache/fp32/module/transformer_blocks.1.attn.to_k "
+            "(call 2)/0", "block/fp32/module/img_mlp.activation_fn/0", "model-edit/fp64/module/pos_embed/0"} <= set(
+        written)
+
+
+def test_the_plain_torch_21_engine_imports_nothing_of_qkv_verify_or_diffusers(torch_engine_21):
+    _, imported = torch_engine_21
+    assert {"torch", "safetensors.torch"} <= imported
+    assert not [m for m in imported if m.split(".")[0] in ("verify", "diffusers")]
+    # not for want of them: both are importable in the engine's process as it is run
+    found = subprocess.run([sys.executable, "-I", "-c", "import importlib.util as u; print([bool(u.find_spec(m)) "
+                            "for m in ('verify', 'diffusers')])"], check=True, env={"PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True)
+    assert found.stdout.strip() == "[True, True]"
+
+
+ATTENTIONS = ("attention", "attention-adjacent")
+BLOCKS = ("block", "block-no-causal-condition")
+MODELS = ("model-text-to-image", "model-edit", "model-edit-adjacent", "model-edit-no-causal-condition", "model-cache")
+
+
+@pytest.mark.parametrize("planted, failing", [
+    # the block-causal mask replaced by the padding alone on every prefill: every case fails (its gradients too), first
+    # at the attention's output projection, but attention-cache, whose outputs are the target image's rows, which
+    # attend to every valid key under either mask (the model's cache does not pass: block 0's prefix feeds block 1)
+    ("full-attention", {(c, d, f"{where}to_out.0") for d in ("fp64", "fp32") for cases, where in (
+        (ATTENTIONS, ""), (BLOCKS, "attn."), (MODELS, "transformer_blocks.0.attn.")) for c in cases}
+     | {(c, d, None) for c in ("attention", "block", "model-text-to-image") for d in ("fp64", "fp32")}),
+    # the decode reads the cached K as V: only the cached cases, first at the third call's output projection (the
+    # attention core over the cache is no module)
+    ("cache-k-v-swapped", {("attention-cache", d, "to_out.0 (call 3)") for d in ("fp64", "fp32")}
+     | {("model-cache", d, "transformer_blocks.0.attn.to_out.0 (call 3)") for d in ("fp64", "fp32")}),
+])
+def test_a_bug_planted_in_the_plain_torch_21_engine_fails_where_it_shows(inputs, tmp_path, planted, failing):
+    outputs, _ = run_torch_engine_21(inputs, tmp_path, "--plant", planted)
+    code, summary = judge(tmp_path, outputs, inputs)
+    assert code == 1 and all(c["provided"] for c in summary["checks"])
+    assert {(c["name"].split("/")[0], c["dtype"], c["first_divergence"]) for c in summary["checks"]
+            if not c["passed"]} == failing
