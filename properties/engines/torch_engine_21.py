@@ -23,7 +23,8 @@ EPS = 1e-6  # the config's eps (diffusers' default), every norm of the model
 
 
 def rms_norm(x, weight):  # as diffusers' RMSNorm: the variance, and so the scale, in fp32
-    return x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + EPS) * weight
+    x = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + EPS)
+    return x.to(weight.dtype) * weight if weight.dtype in (torch.float16, torch.bfloat16) else x * weight
 
 
 def rope(x, freqs):  # (B, S, H, D) rotated by freqs (S, D/2), complex, in fp32 as diffusers' apply_rotary_emb_qwen
@@ -86,7 +87,8 @@ def block(w, x, modulation, freqs, mask, target_token_mask, seen=None, cache=Non
     mlp = record(sub, "img_mlp", record(sub, "img_mlp.out", F.linear(act * up, w["img_mlp.out.weight"])))
     if seen is not None:
         seen |= sub
-    return x + gate2.tanh() * mlp
+    x = x + gate2.tanh() * mlp
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x  # fp16's finite range, as diffusers clips
 
 
 def block_causal(image_ids, key_valid):
