@@ -81,8 +81,6 @@ def load_subject(opts: Options) -> Subject:
     model = models.choose(opts.model, {f"--{flag.replace('_', '-')} {path}": Checkpoint(path).config
                                        for flag, path in (("checkpoint", opts.checkpoint),
                                                           ("merged_checkpoint", opts.merged_checkpoint)) if path})
-    if model != models.DEFAULT_MODEL:
-        _refuse_unsupported(model, opts)
     streamed = opts.checkpoint or opts.merged_checkpoint or opts.lora or opts.config == "full"  # else case by case
     subject = _weights(opts, model) if model == models.DEFAULT_MODEL or streamed else _seeded(model, opts)
     subject.model = model
@@ -97,23 +95,11 @@ def load_subject(opts: Options) -> Subject:
                                      f"{', '.join(qwen_image.LORA_TARGETS)}, alpha {qwen_image.LORA_ALPHA:g} "
                                      f"(seed {opts.seed})", subject)
     if opts.parallel:
-        subject.parallel = parse_parallel(opts.parallel, opts.device, subject.candidate.spec)
+        subject.parallel = parse_parallel(opts.parallel, opts.device, subject.candidate.spec, model)
         if opts.checkpoint or opts.config == "full":
             raise VerifyError(f"--parallel {opts.parallel}: shards seeded weights of --config tiny or small, not a "
                               "checkpoint or the full config")
     return subject
-
-
-# what the report judges of Qwen-Image only, so far: with another --model each is refused rather than skipped
-QWEN_IMAGE_ONLY = {"parallel": "--parallel"}
-
-
-def _refuse_unsupported(model: str, opts: Options) -> None:
-    given = [flag for field, flag in QWEN_IMAGE_ONLY.items() if getattr(opts, field)]
-    if given:
-        raise VerifyError(f"--model {model}: {', '.join(given)} not supported yet (the report judges {model}'s "
-                          "attention, block and whole-model cases on seeded tiny or small weights, and streams "
-                          "the whole model of --config full, a --checkpoint, a --merged-checkpoint or a --lora)")
 
 
 def _seeded(model: str, opts: Options) -> Subject:
@@ -297,7 +283,7 @@ def parallel_checks(subject: Subject, opts: Options) -> list[Record]:
         return []
     kind, ranks = subject.parallel
     return check_parallel(kind, opts.layout, "merged", ranks, subject.candidate.spec, opts.seed, opts.config,
-                          opts.device)
+                          opts.device, model=subject.model)
 
 
 def _parallel_section(subject: Subject, opts: Options) -> dict | None:

@@ -1,7 +1,9 @@
 """Tensor and context parallelism of the merged model, checked by running it on a process group of ranks the check
-launches itself (gloo on CPU ranks, NCCL on one GPU a rank): the seeded model, standard and merged, each made parallel
-as diffusers makes it, and the parallel merged outputs judged against the unsharded standard model in fp64 by the
-relative-to-base rule (base: the standard model made parallel the same way, in the same dtype).
+launches itself (gloo on CPU ranks, NCCL on one GPU a rank): the seeded model (any of verify.models), standard and
+merged, each made parallel as diffusers makes it, and the parallel merged outputs judged against the unsharded standard
+model in fp64 by the relative-to-base rule (base: the standard model made parallel the same way, in the same dtype).
+Each fixture runs through the forward; so do the model's whole-model cases of another path (Qwen-Image 2.1's prefix KV
+cache: every rank caches the K and V of its own heads, and the cached decode is judged beside the full prefill).
 
 On cuda, diffusers' own `enable_parallelism` makes both models parallel (`TensorParallelConfig` by the model's
 `_tp_plan`; `ContextParallelConfig` with Ulysses or ring by its `_cp_plan`). It refuses a CPU mesh, so on the CPU its
@@ -23,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from verify import models
 from verify.checks.compare import Record, compare
 from verify.checks.tolerance import OUTPUTS
 from verify.errors import VerifyError
-from verify.models.qwen_image import FIXTURES, build_model, model_config, model_inputs
 
 # kind -> the merged model's own plan, then the planted wrong ones
 PLANS = {"tp": ("merged", "naive-colwise", "blocked-cut"), "ulysses": ("merged", "drops-parallel-config"),
@@ -45,12 +47,13 @@ def parallel_dtype(kind: str) -> torch.dtype:
     return torch.bfloat16 if kind == "ring" else torch.float64
 
 
-def parse_parallel(text: str, device: str, processor: str) -> tuple[str, int]:
-    """`report --parallel KIND=N` -> (kind, N), or a VerifyError saying why it cannot run here."""
+def parse_parallel(text: str, device: str, processor: str, model: str = models.DEFAULT_MODEL) -> tuple[str, int]:
+    """`report --parallel KIND=N` of `model` -> (kind, N), or a VerifyError saying why it cannot run here."""
     kind, _, degree = text.partition("=")
     if kind not in KINDS or not degree.isdigit() or int(degree) < 2:
         raise VerifyError(f"--parallel {text}: expected tp=N, ulysses=N or ring=N with N >= 2")
     ranks = int(degree)
+    require_plan(kind, model, f"--parallel {text}: ")
     if kind == "ring" and device != "cuda":
         raise VerifyError(f"--parallel {text}: ring attention needs an attention backend that returns the "
                           "log-sum-exp, which the CPU's native one does not; ring=N runs with --device cuda, tp=N and "
@@ -58,10 +61,19 @@ def parse_parallel(text: str, device: str, processor: str) -> tuple[str, int]:
     if device == "cuda" and torch.cuda.device_count() < ranks:
         raise VerifyError(f"--parallel {text}: needs {ranks} CUDA devices, this machine has "
                           f"{torch.cuda.device_count()}")
-    if processor not in ("reference", "fast"):
-        raise VerifyError(f"--parallel {text}: shards the product's processors reference or fast (pass one as "
-                          f"--candidate), not {processor}")
+    shardable = ("reference", "fast") if model == models.DEFAULT_MODEL else ("reference",)  # 2.1 has one
+    if processor not in shardable:
+        raise VerifyError(f"--parallel {text}: shards the product's processors {' or '.join(shardable)} of {model} "
+                          f"(pass one as --candidate), not {processor}")
     return kind, ranks
+
+
+def require_plan(kind: str, model: str, context: str = "") -> None:
+    """A VerifyError when `model`'s diffusers class has no plan for `kind` (context parallel needs its `_cp_plan`)."""
+    arch = models.load(model)
+    if kind != "tp" and getattr(arch.MODEL_CLASS, "_cp_plan", None) is None:
+        raise VerifyError(f"{context}{model} has no context-parallel plan in diffusers ({arch.CLASS_NAME}._cp_plan "
+                          "is absent), so ulysses=N and ring=N cannot shard it; tp=N shards it by its _tp_plan")
 
 
 def tp_plan(model: torch.nn.Module, plan: str) -> dict:
@@ -91,20 +103,22 @@ def shard(model: torch.nn.Module, plan: dict, mesh) -> torch.nn.Module:
 
 def check_parallel(kind: str = "tp", layout: str = "blocked", plan: str = "merged", ranks: int = 2,
                    processor: str = "reference", seed: int = 0, config: str = "tiny", device: str = "cpu",
-                   backend: str | None = None) -> list[Record]:
-    """One record per fixture: the merged model made parallel (`kind`) over `ranks` ranks by `plan` vs the unsharded
-    standard model (fp64), relative to the standard model made parallel by its own plan, with the fused calls of
-    every rank counted; every rank's outputs must agree. Ranks talk over `backend`: gloo on the CPU, NCCL on cuda (one
-    GPU a rank; gloo puts several ranks on one GPU). (Spawns the ranks: a script calling it needs a __main__ guard.)"""
+                   backend: str | None = None, model: str = models.DEFAULT_MODEL) -> list[Record]:
+    """One record per fixture of `model` (and per output of its cases of another path, see `_runs`): the merged model
+    made parallel (`kind`) over `ranks` ranks by `plan` vs the unsharded standard model (fp64), relative to the
+    standard model made parallel by its own plan, with the fused calls of every rank counted; every rank's outputs
+    must agree. Ranks talk over `backend`: gloo on the CPU, NCCL on cuda (one GPU a rank; gloo puts several ranks on
+    one GPU). (Spawns the ranks: a script calling it needs a __main__ guard.)"""
     import torch.multiprocessing as mp
 
     if plan not in PLANS.get(kind, ()):
         raise VerifyError(f"unknown {kind} plan {plan!r}; expected one of {', '.join(PLANS.get(kind, ()))}")
+    require_plan(kind, model)
     backend = backend or rank_backend(device)
     with tempfile.TemporaryDirectory() as folder:
         init = Path(folder) / "init"
-        mp.spawn(_rank, args=(ranks, str(init), folder, kind, layout, plan, processor, seed, config, device, backend),
-                 nprocs=ranks, join=True)
+        mp.spawn(_rank, args=(ranks, str(init), folder, kind, layout, plan, processor, seed, config, device, backend,
+                              model), nprocs=ranks, join=True)
         results = [torch.load(Path(folder) / f"rank{r}.pt") for r in range(ranks)]
     records = []
     for name in results[0]:
@@ -154,14 +168,14 @@ def diffusers_parallel(model: torch.nn.Module, kind: str, ranks: int, hand_to_pr
 
 
 def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str, plan: str, processor: str,
-          seed: int, config_name: str, device: str, backend: str) -> None:
-    """One rank: the unsharded standard model, then the standard and merged models made parallel, on every fixture."""
+          seed: int, config_name: str, device: str, backend: str, model: str) -> None:
+    """One rank: the unsharded standard model, then the standard and merged models made parallel, on every run of
+    `_runs`."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from verify.checks.probes import count_calls
     from verify.implementations.candidate import DEFAULT_FUSED_MODULES
-    from verify.implementations.fused import fuse_model
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -170,11 +184,12 @@ def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str,
         torch.cuda.set_device(where)
     dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=ranks)
     try:
-        config = model_config(config_name)
+        arch = models.load(model)
+        config = arch.model_config(config_name)
         dtype = parallel_dtype(kind)
-        unsharded = build_model(config, seed).to(where)
-        std = copy.deepcopy(unsharded).to(dtype)
-        merged = fuse_model(copy.deepcopy(std), layout=layout, processor=processor)
+        unsharded = arch.build_model(config, seed).to(where)
+        std = torch.nn.Module.to(copy.deepcopy(unsharded), dtype)  # diffusers' .to warns of an empty fp32 list
+        merged = fuse(copy.deepcopy(std), layout, processor)
         keeps_config = plan != "drops-parallel-config"
         if device == "cuda":
             if kind == "tp":
@@ -190,16 +205,40 @@ def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str,
             context_parallel(merged, ranks, rank, hand_to_processors=keeps_config)
         out = {}
         with torch.no_grad():
-            for name, spec in FIXTURES.items():
-                inputs = _on(model_inputs(config, spec, seed), where)
+            for name, (inputs, outputs) in _runs(arch, config, seed).items():
+                inputs = _on(inputs, where)
                 cast = _on(inputs, where, dtype)
                 with count_calls(merged, DEFAULT_FUSED_MODULES) as calls:
-                    cand = merged(**cast).sample
-                out[name] = {"ref": unsharded(**inputs).sample.cpu(), "base": std(**cast).sample.cpu(),
-                             "cand": cand.cpu(), "fused_calls": sum(calls.values())}
+                    cand = outputs(merged, cast)
+                ref, base = outputs(unsharded, inputs), outputs(std, cast)
+                for key in cand:  # the forward's one output under the fixture's name; a case's each under its own
+                    out[name if key == "sample" else f"{name}/{key}"] = {
+                        "ref": ref[key].cpu(), "base": base[key].cpu(), "cand": cand[key].cpu(),
+                        "fused_calls": sum(calls.values())}
         torch.save(out, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def fuse(model: torch.nn.Module, layout: str, processor: str) -> torch.nn.Module:
+    """`model` merged in place in `layout`, run by the fused `processor` (Qwen-Image 2.1 has one, the reference)."""
+    from verify.implementations import fused_21
+    from verify.implementations.fused import fuse_model
+
+    if fused_21.attentions(model):
+        return fused_21.fuse_model(model, layout)
+    return fuse_model(model, layout=layout, processor=processor)
+
+
+def _runs(arch, config: dict, seed: int) -> dict:
+    """What every rank runs, name -> (fp64 CPU inputs, the outputs of a model on them): each fixture through the
+    forward, then each whole-model case of `arch` that runs another path (Qwen-Image 2.1's KV-cached decode beside
+    the full prefill), at the run's config."""
+    from verify.models.cases import model_outputs
+
+    runs = {name: (arch.model_inputs(config, spec, seed), model_outputs) for name, spec in arch.FIXTURES.items()}
+    return runs | {case.name: (case.inputs(config, case.spec, seed), case.outputs) for case in arch.CASES.values()
+                   if case.component == "model" and case.outputs is not model_outputs}
 
 
 def _on(inputs: dict, where: torch.device, dtype: torch.dtype | None = None) -> dict:
