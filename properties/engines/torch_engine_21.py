@@ -195,7 +195,7 @@ def model(w, config, hidden_states, encoder_hidden_states, timestep, img_shapes,
     return {"sample": record(seen, "proj_out", F.linear(joint, w["proj_out.weight"]))}
 
 
-def prefill_attention(w, hidden_states, rotary_emb, attention_mask, key_valid, seen=None, **ignored):
+def prefill_attention(w, hidden_states, rotary_emb, attention_mask, seen=None, **ignored):
     length = hidden_states.shape[1]  # the saved element mask is padded to the flex block size
     return {"joint": attention(w, hidden_states, rotary_emb, attention_mask[:, :, :length, :length], seen)}
 
@@ -210,7 +210,7 @@ def cached_attention(w, next_target, seen_by_call, hidden_states, rotary_emb, at
     """'prefill': the full call over [prefix, next target]; 'cached': extract at this step, then the decode."""
     prefix = hidden_states.shape[1] - next_target.shape[1]
     following = torch.cat([hidden_states[:, :prefix], next_target], dim=1)
-    full = prefill_attention(w, following, rotary_emb, attention_mask, key_valid, seen_by_call[0])["joint"]
+    full = prefill_attention(w, following, rotary_emb, attention_mask, seen_by_call[0])["joint"]
     cache, length = {"length": prefix}, hidden_states.shape[1]
     attention(w, hidden_states, rotary_emb, attention_mask[:, :, :length, :length], seen_by_call[1], cache, "extract")
     cached = attention(w, next_target, rotary_emb[prefix:], key_valid[:, None, None, :], seen_by_call[2], cache,
@@ -260,21 +260,21 @@ for entry in json.loads((inputs / "manifest.json").read_text())["entries"]:
     kwargs = {k: value(s, tensors) for k, s in entry["kwargs"].items()}
     kwargs.pop("segments", None)  # diffusers' second form of the block-causal structure: the mask says it all
     kwargs.setdefault("encoder_hidden_states_mask", None)
-    prefix = f"{entry['case']}/{entry['dtype']}"
+    stem = f"{entry['case']}/{entry['dtype']}"  # of every key written
     seen_by_call = ({}, {}, {})
     with torch.no_grad():
         result = run(entry, weights, kwargs, seen_by_call)
-    outputs |= {f"{prefix}/{name}": t.contiguous() for name, t in result.items()}
+    outputs |= {f"{stem}/{name}": t.contiguous() for name, t in result.items()}
     modules = entry.get("modules", {})  # optional: under the standard's names, where the manifest lists them
     for call, seen in enumerate(seen_by_call, 1):
         for name, t in seen.items():
             key = name if call == 1 else f"{name} (call {call})"
             if modules.get(key) == [list(t.shape)]:
-                outputs[f"{prefix}/module/{key}/0"] = t.clone()
+                outputs[f"{stem}/module/{key}/0"] = t.clone()
     if "gradients" in entry:  # optional: the input gradients of sum(output * cotangent), by autograd
         leaves = {k: kwargs[k].clone().requires_grad_() for k in entry["gradients"]["inputs"]}
         result = run(entry, weights, kwargs | leaves, ({}, {}, {}))
         sum((result[o] * tensors[key]).sum() for o, key in entry["gradients"]["cotangents"].items()).backward()
-        outputs |= {f"{prefix}/grad/{k}": t.grad.contiguous() for k, t in leaves.items()}
+        outputs |= {f"{stem}/grad/{k}": t.grad.contiguous() for k, t in leaves.items()}
 save_file(outputs, sys.argv[2])
 assert not any(m == "verify" or m.startswith(("verify.", "diffusers")) for m in sys.modules), "not an outside engine"
