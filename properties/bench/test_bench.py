@@ -29,6 +29,7 @@ from verify.checks.tolerance import DTYPES
 from verify.cli import main
 from verify.implementations import fast_fused
 from verify.implementations.candidate import resolve
+from verify.models import qwen_image
 from verify.models.qwen_image import CASES
 
 ROW_FIELDS = {"mode", "phase", "image_tokens", "text_tokens", "standard_ms", "merged_ms", "speedup",
@@ -123,14 +124,14 @@ def _tiny_lora_arms(rank: int = RANK) -> tuple[dict, dict]:
                                  phases=("lora-train",))
     std = bench_blocks.build_block(opts)
     arms = bench_lora.lora_blocks(std, bench_blocks.merged_block(std, "fast"), bench_blocks.lean_block(std, "fast"),
-                                  rank, seed=1)
+                                  rank, seed=1, targets=qwen_image.BENCH_LORA_TARGETS)
     return arms, bench_blocks.block_inputs(opts, 16)
 
 
-def assert_trains_only_lora(module: torch.nn.Module, inputs: dict) -> None:
+def assert_trains_only_lora(module: torch.nn.Module, inputs: dict, outputs: dict = qwen_image.BENCH_OUTPUTS) -> None:
     """One training step of the bench (train_call): every LoRA parameter gets a nonzero gradient, no base one any."""
     module.zero_grad(set_to_none=True)
-    bench_blocks.train_call(module, inputs, seed=0)()
+    bench_blocks.train_call(module, inputs, 0, outputs)()
     named = dict(module.named_parameters())
     lora = {n: p for n, p in named.items() if ".lora_A." in n or ".lora_B." in n}
     base = {n: p for n, p in named.items() if n not in lora}
@@ -298,8 +299,8 @@ def test_the_gate_judges_the_lora_arms_gradients(monkeypatch):
 
     original = bench_lora.lora_blocks
 
-    def swapped(std, merged, lean, rank, seed):
-        arms = original(std, merged, lean, rank, seed)
+    def swapped(std, merged, lean, rank, seed, targets):
+        arms = original(std, merged, lean, rank, seed, targets)
         with torch.no_grad():
             attn = arms["merged"].attn
             b = attn.to_qkv.lora_B["default"].weight

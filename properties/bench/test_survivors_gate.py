@@ -12,6 +12,7 @@ from properties.bench.test_bench import _tiny_lora_arms
 from verify.bench import gate
 from verify.bench import judge as bench_judge
 from verify.bench import options as bench_options
+from verify.models import qwen_image
 
 
 def test_lora_arms_compare_their_weight_gradients_under_the_fused_names():
@@ -19,7 +20,7 @@ def test_lora_arms_compare_their_weight_gradients_under_the_fused_names():
     the fused names, not split onto the standard's (which fails, leaving only the input gradients compared)."""
     arms, inputs = _tiny_lora_arms()
     opts = bench_options.Options(device="cpu", dim=64, heads=4, head_dim=16, text_tokens=8, lora_rank=4)
-    judged = gate.judged_arms(arms, "fast")
+    judged = gate.judged_arms(arms, "fast", qwen_image.BENCH_OUTPUTS)
     records = gate.judge_arms("bench/lora-eager/16+8", arms["standard"], judged, arms, inputs, opts, lora=True)
     gradients = {r["name"]: r for r in records if r["name"].endswith("/gradients")}
     assert set(gradients) == {"bench/lora-eager/16+8/merged/gradients", "bench/lora-eager/16+8/lean-unfused/gradients"}
@@ -36,7 +37,7 @@ class _Blocks(nn.Module):
 
 def test_the_lean_arm_forbids_the_fused_modules_and_the_merged_arm_the_separate_ones():
     arms = gate.judged_arms({"merged": _Blocks("to_qkv", "to_q"), "lean_unfused": _Blocks("to_q", "add_qkv_proj")},
-                            "fast")
+                            "fast", qwen_image.BENCH_OUTPUTS)
     assert arms["merged"].extra == ["to_q"]
     assert arms["lean_unfused"].extra == ["add_qkv_proj"]
     assert all(name in arms["lean_unfused"].names for name in ("to_q", "add_v_proj"))
@@ -44,7 +45,8 @@ def test_the_lean_arm_forbids_the_fused_modules_and_the_merged_arm_the_separate_
 
 
 def test_a_merged_arm_of_a_processor_without_a_declared_layout_is_judged_as_blocked():
-    arms = gate.judged_arms({"merged": _Blocks("to_qkv"), "lean_unfused": _Blocks("to_q")}, "diffsynth")
+    arms = gate.judged_arms({"merged": _Blocks("to_qkv"), "lean_unfused": _Blocks("to_q")}, "diffsynth",
+                            qwen_image.BENCH_OUTPUTS)
     assert arms["merged"].layout == "blocked" and arms["lean_unfused"].layout is None
 
 

@@ -247,16 +247,6 @@ def test_report_on_21_refuses_what_it_does_not_support_yet_writing_nothing(flag,
     assert not out.exists()
 
 
-def test_bench_refuses_21_writing_nothing(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    tiny = ["--device", "cpu", "--dim", "32", "--heads", "2", "--head-dim", "16", "--image-tokens", "16",
-            "--text-tokens", "8", "--modes", "eager", "--phases", "forward", "--repeats", "1", "--warmup", "0"]
-    assert main(["bench", "--model", V21, *tiny, "--json", str(out)]) == 2  # tiny: were it run, seconds
-    line = _one_line_error(capsys)
-    assert line.startswith(f"qkv-verify: error: bench --model {V21}: not supported yet"), line
-    assert not out.exists()
-
-
 def test_an_unknown_model_flag_is_a_usage_error(tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as usage:

@@ -28,16 +28,22 @@ def image_grid(tokens: int) -> tuple[int, int]:
     return height, tokens // height
 
 
-def build_block(opts: Options) -> nn.Module:
-    """A standard diffusers block with seeded weights, built on the device and cast to bf16 (never fp64)."""
-    from verify.models.qwen_image import QwenImageTransformerBlock
-    from verify.models.seeded import randomise_norms
+def bench_model(opts: Options):
+    """The module of the model benchmarked (verify.models): its block, inputs, FLOPs, outputs and LoRA targets."""
+    from verify.models import load
 
-    torch.manual_seed(opts.seed)
-    with torch.device(opts.device):
-        block = QwenImageTransformerBlock(opts.dim, num_attention_heads=opts.heads, attention_head_dim=opts.head_dim)
-    randomise_norms(block, opts.seed)
-    return nn.Module.to(block, dtype=DTYPE).eval()
+    return load(opts.model)
+
+
+def block_config(opts: Options) -> dict:
+    """The model's full config at the bench's width (--heads x --head-dim, RoPE axes to match)."""
+    return bench_model(opts).model_config("full", num_attention_heads=opts.heads, attention_head_dim=opts.head_dim,
+                                          axes_dims_rope=rope_axes(opts.head_dim))
+
+
+def build_block(opts: Options) -> nn.Module:
+    """The model's standard diffusers block with seeded weights, built on the device and cast to bf16 (never fp64)."""
+    return bench_model(opts).bench_block(block_config(opts), opts.seed, opts.device, DTYPE)
 
 
 def merged_block(std: nn.Module, processor: str) -> nn.Module:
@@ -56,36 +62,26 @@ def lean_block(std: nn.Module, processor: str) -> nn.Module:
 
 
 def block_inputs(opts: Options, image_tokens: int) -> dict:
-    """Seeded bf16 inputs of one block (standard normal, never all zeros); no text padding (pipelines pass None)."""
-    from verify.models.qwen_image import QwenEmbedRope
-
-    g = torch.Generator(device=opts.device).manual_seed(opts.seed + image_tokens)
-    B, dim = opts.batch, opts.dim
-
-    def randn(*shape):
-        return torch.randn(shape, generator=g, device=opts.device, dtype=DTYPE)
-
-    rope = QwenEmbedRope(theta=10000, axes_dim=list(rope_axes(opts.head_dim)), scale_rope=True)
-    img_shapes = [[(1, *image_grid(image_tokens))]] * B
-    freqs = rope(img_shapes, max_txt_seq_len=opts.text_tokens, device=torch.device(opts.device))
-    return dict(hidden_states=randn(B, image_tokens, dim), encoder_hidden_states=randn(B, opts.text_tokens, dim),
-                encoder_hidden_states_mask=None, temb=randn(B, dim), image_rotary_emb=freqs)
+    """Seeded bf16 inputs of one block at `image_tokens` (an image as square as its factors allow) and the text tokens
+    (standard normal, never all zeros; no text padding: pipelines pass None)."""
+    return bench_model(opts).bench_inputs(block_config(opts), image_grid(image_tokens), opts.text_tokens, opts.batch,
+                                          opts.seed, opts.device, DTYPE)
 
 
 def block_flops(opts: Options, image_tokens: int, phase: str) -> float:
-    """FLOPs of one block's matrix multiplies: projections, MLPs, modulation, and the two attention products.
+    """FLOPs of one block's matrix multiplies (the model's: projections, MLP, modulation, the attention products).
 
     Training: backward of a linear layer is twice its forward (input and weight gradients); attention's backward is
     2.5 times its forward (scores recomputed, as torch.utils.flop_counter counts it). LoRA training (the merged
     arm's adapters): the frozen base layers' backward is their input gradient only (once their forward); each
-    token passes one q/k/v adapter (d -> r -> 3d) and one output adapter (d -> r -> d), forward and backward (input
-    and weight gradients), 3 x 2 r (6 d) per token.
+    token passes one q/k/v adapter (d -> r -> 3d) and one output adapter (d -> r -> d) per stream it is in,
+    forward and backward (input and weight gradients), 3 x 2 r (6 d) per token.
     """
-    B, d, N = opts.batch, opts.dim, image_tokens + opts.text_tokens
-    linear = B * (24 * N * d * d + 2 * 2 * d * 6 * d)  # q, k, v, out: 8 N d^2; MLP 16 N d^2; img_mod and txt_mod
-    attention = B * 4 * N * N * d  # Q K^T and P V over every head
+    linear, attention = (opts.batch * f for f in bench_model(opts).bench_flops(block_config(opts), image_tokens,
+                                                                               opts.text_tokens))
     if phase == LORA_PHASE:
-        return 2 * linear + 3.5 * attention + B * 36 * N * opts.lora_rank * d
+        tokens = image_tokens + opts.text_tokens
+        return 2 * linear + 3.5 * attention + opts.batch * 36 * tokens * opts.lora_rank * opts.dim
     return linear + attention if phase == "forward" else 3 * linear + 3.5 * attention
 
 
@@ -97,11 +93,12 @@ def forward_call(module: nn.Module, inputs: dict) -> Callable[[], object]:
     return run
 
 
-def train_call(module: nn.Module, inputs: dict, seed: int) -> Callable[[], object]:
-    """Forward + backward w.r.t. both input streams and every weight, with fixed seeded cotangents; grads reset."""
-    leaves = bench_judge.grad_leaves(inputs)
+def train_call(module: nn.Module, inputs: dict, seed: int, outputs: dict[str, str]) -> Callable[[], object]:
+    """Forward + backward w.r.t. the input streams of `outputs` (the model's BENCH_OUTPUTS) and every weight, with
+    fixed seeded cotangents; grads reset."""
+    leaves = bench_judge.grad_leaves(inputs, outputs)
     args = {**inputs, **leaves}
-    cotangents = bench_judge.cotangents(inputs, seed)
+    cotangents = bench_judge.cotangents(inputs, seed, outputs)
 
     def run():
         module.zero_grad(set_to_none=True)
@@ -122,6 +119,12 @@ def compile_block(module, opts: Options, static: bool | None = None, arm: bench_
         return torch.compile(module, backend=backend, dynamic=False if static else None)
     mode = {"mode": opts.compile_mode} if opts.compile_mode and opts.backend == "inductor" else {}
     return torch.compile(module, backend=opts.backend, dynamic=False if static else None, **mode)
+
+
+def mark_varying(opts: Options, inputs: dict) -> None:
+    """Compile the image sequence length as a symbol in every input that grows with it (the model's)."""
+    for tensor, dim in bench_model(opts).bench_sequence(inputs):
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 def mark_sequence(hidden_states: torch.Tensor, image_freqs: torch.Tensor | None = None) -> None:

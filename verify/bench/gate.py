@@ -10,26 +10,30 @@ from verify.bench import judge as bench_judge
 from verify.bench.options import Options
 
 
-def judged_arms(blocks: dict[str, nn.Module], processor: str) -> dict[str, bench_judge.Arm]:
-    """The merged and lean-unfused arms of `blocks` as the gate judges them, with the projections whose calls prove
-    which path ran: the merged arm's fused ones, the lean arm's separate ones, each forbidding the other's."""
+def judged_arms(blocks: dict[str, nn.Module], processor: str, outputs: dict[str, str]) -> dict[str, bench_judge.Arm]:
+    """The merged and (where `blocks` has one) lean-unfused arms of `blocks` as the gate judges them, with the
+    projections whose calls prove which path ran: the merged arm's fused ones, the lean arm's separate ones, each
+    forbidding the other's. `outputs`: the model's BENCH_OUTPUTS."""
     from verify.implementations.candidate import resolve
 
     if not blocks:
         return {}
     impl = resolve(processor)
-    return {"merged": bench_judge.Arm("merged", blocks["merged"], impl.fused_modules, bench_judge.SEPARATE,
-                                      impl.layout or "blocked"),
-            "lean_unfused": bench_judge.Arm("lean-unfused", blocks["lean_unfused"], bench_judge.SEPARATE,
-                                            impl.fused_modules)}
+    arms = {"merged": bench_judge.Arm("merged", blocks["merged"], impl.fused_modules, outputs, bench_judge.SEPARATE,
+                                      impl.layout or "blocked")}
+    if "lean_unfused" in blocks:
+        arms["lean_unfused"] = bench_judge.Arm("lean-unfused", blocks["lean_unfused"], bench_judge.SEPARATE, outputs,
+                                               impl.fused_modules)
+    return arms
 
 
 def judge_arms(name: str, std: nn.Module, arms: dict[str, bench_judge.Arm], run: dict[str, nn.Module], inputs: dict,
                opts: Options, lora: bool = False) -> list[dict]:
     """Each arm's outputs and gradients at this size and mode (its timed module `run[arm]`) against the fp64 oracle
     of `std`, relative to the standard arm of the same mode (verify.bench.judge)."""
-    ref = bench_judge.oracle(std, inputs, opts.seed)
-    base = bench_judge.train_step(run["standard"], std, inputs, opts.seed)
+    outputs = next(iter(arms.values())).outputs
+    ref = bench_judge.oracle(std, inputs, opts.seed, outputs)
+    base = bench_judge.train_step(run["standard"], std, inputs, opts.seed, outputs)
     return [record for key, arm in arms.items()
             for record in bench_judge.judge(f"{name}/{arm.name}", arm, run[key], ref, base, inputs, opts.seed,
                                             opts.head_dim, lora=lora)]

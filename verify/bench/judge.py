@@ -22,7 +22,6 @@ import torch.utils.checkpoint
 from torch import nn
 
 from verify.checks.compare import compare
-from verify.checks.equivalence import GRAD_INPUTS
 from verify.checks.equivalence import cotangents as seeded_cotangents
 from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls, graph_calls, standard_parameters
@@ -33,46 +32,53 @@ SEPARATE = tuple(n for s in streams(DEFAULT_NAMING) for n in s.separate)  # to_q
 ORACLE_HEADS = 1  # heads per chunk of the oracle's attention (its fp64 scores at 16k tokens: 2.2 GB per head)
 
 
-def cotangents(inputs: dict, seed: int) -> list[torch.Tensor]:
-    """The seeded cotangents of the block's (text, image) outputs, drawn as every equivalence check draws them
+def cotangents(inputs: dict, seed: int, outputs: dict[str, str]) -> list[torch.Tensor]:
+    """The seeded cotangents of the block's outputs (`outputs`: the model's BENCH_OUTPUTS, each output's name -> the
+    input of its shape, in the block's order), drawn as every equivalence check draws them
     (verify.checks.equivalence.cotangents), in the inputs' dtype and on their device."""
-    streams = {"text": inputs["encoder_hidden_states"], "image": inputs["hidden_states"]}
+    streams = {name: inputs[k] for name, k in outputs.items()}
     drawn = seeded_cotangents({k: x.shape for k, x in streams.items()}, seed)
     return [drawn[k].to(x.device, x.dtype) for k, x in streams.items()]
 
 
-def grad_leaves(inputs: dict) -> dict[str, torch.Tensor]:
-    """Both input streams as fresh leaves that take a gradient, with the dims a compiled run marked dynamic."""
+def block_outputs(out, outputs: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A block's return value (a tuple of its outputs, or the one) by the names of `outputs`."""
+    return dict(zip(outputs, out if isinstance(out, tuple) else (out,), strict=True))
+
+
+def grad_leaves(inputs: dict, outputs: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The input streams of `outputs` as fresh leaves that take a gradient, with the dims a compiled run marked
+    dynamic."""
     leaves = {}
-    for k in GRAD_INPUTS:
+    for k in outputs.values():
         leaves[k] = inputs[k].detach().clone().requires_grad_()
         for dim in getattr(inputs[k], "_dynamo_weak_dynamic_indices", ()):
             torch._dynamo.maybe_mark_dynamic(leaves[k], dim)
     return leaves
 
 
-def train_step(run: nn.Module, module: nn.Module, inputs: dict, seed: int,
+def train_step(run: nn.Module, module: nn.Module, inputs: dict, seed: int, outputs: dict[str, str],
                ct: list[torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """One forward + backward of `run` (`module`, compiled or not): its outputs, the gradients of both input
-    streams and of `module`'s parameters ("input.*", "weight.*"), for the seeded cotangents (or `ct`)."""
-    leaves = grad_leaves(inputs)
+    """One forward + backward of `run` (`module`, compiled or not): its outputs, the gradients of the input streams
+    of `outputs` and of `module`'s parameters ("input.*", "weight.*"), for the seeded cotangents (or `ct`)."""
+    leaves = grad_leaves(inputs, outputs)
     module.zero_grad(set_to_none=True)
-    txt, img = run(**{**inputs, **leaves})
-    ct = cotangents(inputs, seed) if ct is None else ct
-    torch.autograd.backward((txt, img), [c.to(t.dtype) for c, t in zip(ct, (txt, img))])
+    out = block_outputs(run(**{**inputs, **leaves}), outputs)
+    ct = cotangents(inputs, seed, outputs) if ct is None else ct
+    torch.autograd.backward(tuple(out.values()), [c.to(t.dtype) for c, t in zip(ct, out.values())])
     grads = {f"input.{k}": t.grad for k, t in leaves.items()}
     grads.update({f"weight.{n}": p.grad for n, p in module.named_parameters() if p.grad is not None})
     module.zero_grad(set_to_none=True)
-    return {"outputs": {"image": img.detach(), "text": txt.detach()}, "gradients": grads}
+    return {"outputs": {k: t.detach() for k, t in out.items()}, "gradients": grads}
 
 
-def oracle(std: nn.Module, inputs: dict, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+def oracle(std: nn.Module, inputs: dict, seed: int, outputs: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
     """`std`'s training step in fp64 (its weights upcast, the same inputs and cotangents), attention a head at a
     time (heads_in_chunks): the ground truth of every arm's outputs and gradients."""
     ref = nn.Module.to(copy.deepcopy(std), dtype=torch.float64)  # a LoRA block keeps its base frozen
     wide = cast_inputs(inputs, torch.float64, inputs["hidden_states"].device)
     with heads_in_chunks(ORACLE_HEADS):  # the arms' own cotangents, upcast
-        return train_step(ref, ref, wide, seed, ct=[c.double() for c in cotangents(inputs, seed)])
+        return train_step(ref, ref, wide, seed, outputs, ct=[c.double() for c in cotangents(inputs, seed, outputs)])
 
 
 @contextlib.contextmanager
@@ -126,11 +132,12 @@ def fused_lora_gradients(grads: dict[str, torch.Tensor], layout: str, head_dim: 
 class Arm:
     """One implementation the bench times, and the calls of the projections that prove which path ran: each
     module whose last name is in `names` must run once per forward, and none in `forbidden` may exist. `layout`:
-    that of its fused parameters (None: it has the standard's). `graphs`: what torch.compile captured of it."""
+    that of its fused parameters (None: it has the standard's). `outputs`: the model's BENCH_OUTPUTS. `graphs`:
+    what torch.compile captured of it."""
 
-    def __init__(self, name: str, module: nn.Module, names: tuple[str, ...], forbidden: tuple[str, ...] = (),
-                 layout: str | None = None):
-        self.name, self.module, self.names, self.layout = name, module, names, layout
+    def __init__(self, name: str, module: nn.Module, names: tuple[str, ...], outputs: dict[str, str],
+                 forbidden: tuple[str, ...] = (), layout: str | None = None):
+        self.name, self.module, self.names, self.layout, self.outputs = name, module, names, layout, outputs
         leaves = [n.rsplit(".", 1)[-1] for n, _ in module.named_modules()]
         self.targets = sum(leaf in names for leaf in leaves)
         self.extra = sorted({leaf for leaf in leaves if leaf in forbidden})
@@ -149,9 +156,9 @@ class Arm:
         fewest that any graph captured of the arm holds (every graph must call each projection once)."""
         if run is self.module:
             with count_calls(self.module, self.names) as calls:
-                out = train_step(run, self.module, inputs, seed)
+                out = train_step(run, self.module, inputs, seed, self.outputs)
             return out, sum(calls.values())
-        out = train_step(run, self.module, inputs, seed)
+        out = train_step(run, self.module, inputs, seed, self.outputs)
         return out, min((graph_calls(g, self.names) for g in self.graphs), default=0)
 
 

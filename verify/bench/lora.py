@@ -13,18 +13,23 @@ from verify.bench.gate import has_no_separate_projections
 from verify.bench.options import DTYPE
 
 
-def lora_targets(arm: str) -> tuple[str, ...]:
-    """The write-up's PEFT target modules: the separate q/k/v projections of both streams for the standard and
-    lean-unfused arms, the fused ones for the merged arm, and both output projections for all."""
-    from verify.maths.naming import DEFAULT_NAMING, streams
-
-    image, text = streams(DEFAULT_NAMING)
-    qkv = (image.fused, text.fused) if arm == "merged" else (*image.separate, *text.separate)
-    return (*qkv, "to_out.0", "to_add_out")
+def lora_targets(arm: str, targets: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The PEFT target modules of `arm` from the model's BENCH_LORA_TARGETS (the write-up's for Qwen-Image): the
+    separate q/k/v projections of every stream for the standard and lean-unfused arms, the fused ones for the merged
+    arm, and the output projections for all."""
+    return (*_qkv_targets(arm, targets), *targets["out"])
 
 
-def _qkv_targets(arm: str) -> tuple[str, ...]:
-    return lora_targets(arm)[:-2]
+def _qkv_targets(arm: str, targets: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    return targets["merged" if arm == "merged" else "standard"]
+
+
+def attentions(module: nn.Module) -> list[nn.Module]:
+    """Every attention of `module`: Qwen-Image's joint ones, or Qwen-Image 2.1's."""
+    from verify.implementations import fused_21
+    from verify.implementations.fused import joint_attentions
+
+    return joint_attentions(module) or fused_21.attentions(module)
 
 
 def is_lora_parameter(name: str) -> bool:
@@ -38,14 +43,14 @@ def freeze_base(module: nn.Module) -> None:
         p.requires_grad_(is_lora_parameter(name))
 
 
-def add_lora(module: nn.Module, arm: str, rank: int, seed: int) -> nn.Module:
+def add_lora(module: nn.Module, arm: str, rank: int, seed: int, targets: dict[str, tuple[str, ...]]) -> nn.Module:
     """PEFT LoRA adapters of `rank` on `module`'s targets for `arm`, in place: alpha = rank (scale 1), A and B both
     random (init_lora_weights=False: B is not zero, so the adapters change the output and their gradients are
     general), in the bench's dtype, base frozen."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights=False,
-                        target_modules=list(lora_targets(arm)))
+                        target_modules=list(lora_targets(arm, targets)))
     torch.manual_seed(seed)
     inject_adapter_in_model(config, module)
     nn.Module.to(module, dtype=DTYPE)
@@ -53,35 +58,37 @@ def add_lora(module: nn.Module, arm: str, rank: int, seed: int) -> nn.Module:
     return module
 
 
-def lora_blocks(std: nn.Module, merged: nn.Module, lean: nn.Module, rank: int, seed: int) -> dict[str, nn.Module]:
-    """The three arms of a lora-train row: copies of `std`, `merged` and `lean` with PEFT adapters on their target
-    lists (base frozen). The merged arm's adapters are random; the standard and lean-unfused arms get the same ones
-    split (each of to_q, to_k, to_v: the fused adapter's A and its rows of B in the merged layout), so all three
-    compute one function and every timed size can be checked like the other rows."""
-    from verify.implementations.fused import joint_attentions
+def lora_blocks(std: nn.Module, merged: nn.Module, lean: nn.Module | None, rank: int, seed: int,
+                targets: dict[str, tuple[str, ...]]) -> dict[str, nn.Module]:
+    """The arms of a lora-train row: copies of `std`, `merged` and `lean` (where there is one) with PEFT adapters on
+    their targets (the model's BENCH_LORA_TARGETS), base frozen. The merged arm's adapters are random; the standard
+    and lean-unfused arms get the same ones split (each of to_q, to_k, to_v: the fused adapter's A and its rows of B
+    in the merged layout), so all compute one function and every timed size can be checked like the other rows."""
     from verify.maths import qkv
+    from verify.maths.naming import DEFAULT_NAMING, streams
 
-    out = {"merged": add_lora(copy.deepcopy(merged), "merged", rank, seed)}
-    out["standard"] = add_lora(copy.deepcopy(std), "standard", rank, seed)
+    out = {"merged": add_lora(copy.deepcopy(merged), "merged", rank, seed, targets)}
+    out["standard"] = add_lora(copy.deepcopy(std), "standard", rank, seed, targets)
     with torch.no_grad():
-        for fused_attn, attn in zip(joint_attentions(out["merged"]), joint_attentions(out["standard"])):
-            proc = fused_attn.processor
-            for stream in (proc.image, proc.text):
+        for fused_attn, attn in zip(attentions(out["merged"]), attentions(out["standard"])):
+            layout = fused_attn.processor.layout
+            for stream in (s for s in streams(DEFAULT_NAMING) if hasattr(fused_attn, s.fused)):
                 fused = getattr(fused_attn, stream.fused)
                 a, b = fused.lora_A["default"].weight, fused.lora_B["default"].weight
-                parts = qkv.split(b, qkv.QKVShape.equal(b.shape[0], attn.inner_dim // attn.heads), proc.layout)
+                parts = qkv.split(b, qkv.QKVShape.equal(b.shape[0], attn.inner_dim // attn.heads), layout)
                 for name, part in zip(stream.separate, parts):
                     getattr(attn, name).lora_A["default"].weight.copy_(a)
                     getattr(attn, name).lora_B["default"].weight.copy_(part)
-            for name in ("to_out", "to_add_out"):
+            for name in (n for n in ("to_out", "to_add_out") if hasattr(fused_attn, n)):
                 src, dst = getattr(fused_attn, name), getattr(attn, name)
                 src, dst = (src[0], dst[0]) if name == "to_out" else (src, dst)
                 for side in ("lora_A", "lora_B"):
                     getattr(dst, side)["default"].weight.copy_(getattr(src, side)["default"].weight)
-    lean_lora = copy.deepcopy(out["standard"])
-    for attn, lean_attn in zip(joint_attentions(lean_lora), joint_attentions(lean)):
-        attn.set_processor(copy.deepcopy(lean_attn.processor))
-    out["lean_unfused"] = lean_lora
+    if lean is not None:
+        lean_lora = copy.deepcopy(out["standard"])
+        for attn, lean_attn in zip(attentions(lean_lora), attentions(lean)):
+            attn.set_processor(copy.deepcopy(lean_attn.processor))
+        out["lean_unfused"] = lean_lora
     return out
 
 
@@ -99,17 +106,17 @@ def lora_gradients(module: nn.Module, step: Callable[[], object]) -> dict:
 
 
 def lora_check(name: str, arm: str, module: nn.Module, run: nn.Module, step: Callable[[], object],
-               inputs: dict) -> dict:
+               inputs: dict, targets: dict[str, tuple[str, ...]]) -> dict:
     """A LoRA arm before it is timed: PEFT LoRA layers on exactly its targets, one training step of `run` (the
     timed module, compiled or not) that trains every adapter and no base weight, and in eager (`run` is `module`)
     the q/k/v LoRA layers counted as they run (merged: the fused to_qkv / add_qkv_proj wrappers, one call per
-    stream; their base layers are the fused projections)."""
+    stream; their base layers are the fused projections). `targets`: the model's BENCH_LORA_TARGETS."""
     from peft.tuners.lora import LoraLayer
 
     from verify.checks.probes import count_calls
-    from verify.implementations.fused import joint_attentions
 
-    targets = lora_targets(arm)
+    qkv_targets = _qkv_targets(arm, targets)
+    targets = lora_targets(arm, targets)
     wrapped = sorted(n for n, m in module.named_modules() if isinstance(m, LoraLayer))
     expected = sorted(n for n, _ in module.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)
                       and not n.endswith(".base_layer"))
@@ -125,11 +132,11 @@ def lora_check(name: str, arm: str, module: nn.Module, run: nn.Module, step: Cal
         problems.append("the merged block still has separate q/k/v projections")
     qkv_calls = None
     if run is module:
-        with torch.no_grad(), count_calls(module, _qkv_targets(arm)) as calls:
+        with torch.no_grad(), count_calls(module, qkv_targets) as calls:
             module(**inputs)
         qkv_calls = sum(calls.values())
-        if qkv_calls != len(_qkv_targets(arm)) * len(joint_attentions(module)):
-            problems.append(f"{qkv_calls} calls of the q/k/v LoRA layers {_qkv_targets(arm)}")
+        if qkv_calls != len(qkv_targets) * len(attentions(module)):
+            problems.append(f"{qkv_calls} calls of the q/k/v LoRA layers {qkv_targets}")
     return dict(name=name, rule="lora(targets, base frozen, every adapter trained)", passed=not problems,
                 message="; ".join(problems) or None, lora_layers=len(wrapped), qkv_lora_calls=qkv_calls,
                 **{k: grads[k] for k in ("lora_parameters", "base_parameters")},

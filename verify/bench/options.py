@@ -23,11 +23,21 @@ ALL_PHASES = (*PHASES, LORA_PHASE)
 
 ARMS = ("standard", "merged", "lean_unfused")  # the implementations each block row times
 
+# The merged processor when none is asked for, by model and device: Qwen-Image's fastest (on cuda its region compiled
+# by inductor); Qwen-Image 2.1 has one, the reference.
+DEFAULT_PROCESSORS = {"qwen-image": {"cuda": "fast-compiled", "cpu": "fast"},
+                      "qwen-image-2.1": {"cuda": "reference", "cpu": "reference"}}
+
+# Why a model's rows have no lean-unfused arm (verify.implementations.lean_unfused has Qwen-Image's processors only).
+NO_LEAN_UNFUSED = {"qwen-image-2.1": "not measured: Qwen-Image 2.1's merged processor has no lean-unfused "
+                                     "counterpart (verify.implementations.lean_unfused is Qwen-Image's)"}
+
 
 @dataclass
 class Options:
     """What to measure; every size comes from here, so a CPU smoke test runs the same code with tiny dims."""
 
+    model: str = "qwen-image"  # of verify.models.MODELS
     device: str = "cuda"
     dim: int = 3072
     heads: int = 24
@@ -64,9 +74,17 @@ class Options:
             raise VerifyError("--image-tokens, --text-tokens and --batch must be positive")
         if self.repeats < 1 or self.warmup < 1:
             raise VerifyError("--repeats and --warmup must be at least 1")
+        if self.full_model and self.model != "qwen-image":
+            raise VerifyError(f"--full-model: the whole-model rows time Qwen-Image only, not {self.model} "
+                              "(its block rows are timed without --full-model)")
         if self.lora_rank < 0 or (LORA_PHASE in self.phases) != (self.lora_rank > 0):
             raise VerifyError(f"--lora-rank must be positive exactly when the {LORA_PHASE!r} rows are asked for, got "
                               f"rank {self.lora_rank} with phases {', '.join(self.phases)}")
+
+    @property
+    def lean_unfused(self) -> bool:
+        """Whether the rows time the lean-unfused arm (NO_LEAN_UNFUSED says why a model's do not)."""
+        return self.model not in NO_LEAN_UNFUSED
 
     @property
     def backend(self) -> str:

@@ -7,12 +7,12 @@ import math
 import sys
 from pathlib import Path
 
-from verify.bench.options import ALL_PHASES, LORA_PHASE, MODES, PHASES, Options
+from verify.bench.options import ALL_PHASES, DEFAULT_PROCESSORS, LORA_PHASE, MODES, PHASES, Options
 from verify.bench.run import BenchCheckFailed, run_bench
 from verify.bench.table import format_table
 from verify.errors import VerifyError, run_command
 from verify.files.folder import write_file
-from verify.models import add_model_argument, require_qwen_image
+from verify.models import add_model_argument, choose, load
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -49,9 +49,10 @@ def register_bench(subparsers) -> None:
                     "after it), 2 bad usage or input.",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="where to time (default cuda)")
-    p.add_argument("--dim", type=int, default=3072, help="model width (= heads x head-dim)")
-    p.add_argument("--heads", type=int, default=24, help="attention heads (default 24, the real model)")
-    p.add_argument("--head-dim", type=int, default=128, help="size of one head (default 128)")
+    p.add_argument("--dim", type=int, help="model width (= heads x head-dim; default: the real model's, 3072 for "
+                                            "qwen-image, 4096 for qwen-image-2.1)")
+    p.add_argument("--heads", type=int, help="attention heads (default: the real model's, 24 or 32)")
+    p.add_argument("--head-dim", type=int, help="size of one head (default: the real model's, 128)")
     p.add_argument("--image-tokens", type=_ints, default=(4096, 8192, 16384), help="comma list of image token counts")
     p.add_argument("--text-tokens", type=int, default=256, help="text tokens in every row (default 256)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
@@ -63,10 +64,11 @@ def register_bench(subparsers) -> None:
                    help=f"add {LORA_PHASE} rows: a training step of the block with PEFT LoRA adapters of rank R "
                         "(alpha R, bf16) on the write-up's targets (standard and lean-unfused: to_q, to_k, to_v, "
                         "add_q_proj, add_k_proj, add_v_proj, to_out.0, to_add_out; merged: to_qkv, add_qkv_proj, "
-                        "to_out.0, to_add_out), base weights frozen")
+                        "to_out.0, to_add_out; qwen-image-2.1: to_q, to_k, to_v or to_qkv, and to_out.0), base "
+                        "weights frozen")
     p.add_argument("--processor", choices=tuple(PROCESSORS),
                    help="merged processor (default: fast-compiled on cuda, its region compiled by inductor; "
-                        "fast on cpu)")
+                        "fast on cpu; qwen-image-2.1 has reference only)")
     p.add_argument("--repeats", type=int, help="timed calls per implementation and row (default 30 on cuda, 3 on cpu)")
     p.add_argument("--warmup", type=int, help="untimed calls first, compilation included (default 5 on cuda, 1 on cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the block's weights and inputs (default 0)")
@@ -79,7 +81,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--check-tokens", type=int,
                    help="also judge (not time) the arms at N image tokens; every timed size is judged anyway")
     p.add_argument("--full-model", action="store_true",
-                   help="also the whole model (--layers blocks) forward, bf16, seeded on the device (~41 GB)")
+                   help="also the whole model (--layers blocks) forward, bf16, seeded on the device (~41 GB); "
+                        "qwen-image only")
     p.add_argument("--layers", type=int, default=60, help="blocks of --full-model (default 60)")
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="seconds; past it no new (mode, size) group starts, the JSON lists what was skipped")
@@ -93,12 +96,15 @@ def register_bench(subparsers) -> None:
 
 
 def _bench(args) -> int:
-    require_qwen_image("bench", args.model, {})
+    model = choose(args.model, {})
+    full = load(model).model_config("full")
+    heads = args.heads or full["num_attention_heads"]
+    head_dim = args.head_dim or full["attention_head_dim"]
     phases = args.phases + ((LORA_PHASE,) if args.lora_rank and LORA_PHASE not in args.phases else ())
-    opts = Options(device=args.device, dim=args.dim, heads=args.heads, head_dim=args.head_dim,
+    opts = Options(model=model, device=args.device, dim=args.dim or heads * head_dim, heads=heads, head_dim=head_dim,
                    image_tokens=args.image_tokens, text_tokens=args.text_tokens, batch=args.batch, modes=args.modes,
                    phases=phases, lora_rank=args.lora_rank,
-                   processor=args.processor or ("fast-compiled" if args.device == "cuda" else "fast"),
+                   processor=args.processor or DEFAULT_PROCESSORS[model][args.device],
                    repeats=args.repeats or (30 if args.device == "cuda" else 3),
                    warmup=args.warmup or (5 if args.device == "cuda" else 1),
                    seed=args.seed, compile_backend=args.compile_backend, compile_mode=args.compile_mode,

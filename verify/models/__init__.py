@@ -80,9 +80,3 @@ def config_of(path) -> dict | None:
         return None
     return config if isinstance(config, dict) else None
 
-
-def require_qwen_image(command: str, flag: str | None, sources: dict[str, dict | None]) -> None:
-    """A command that handles Qwen-Image only, so far: VerifyError when --model or its inputs name another model."""
-    model = choose(flag, sources)
-    if model != DEFAULT_MODEL:
-        raise VerifyError(f"{command} --model {model}: not supported yet ({command} handles {DEFAULT_MODEL} only)")

@@ -318,6 +318,13 @@ def build_vae(config: dict, seed: int) -> AutoencoderKLQwenImage:
     return torch.nn.Module.to(vae, torch.float64).eval()
 
 
+def load_vae(config: dict, weights: dict[str, torch.Tensor]) -> AutoencoderKLQwenImage:
+    """The VAE of a diffusers folder (`sample --vae`: its config.json and tensors), in fp64 as the seeded one."""
+    from verify.models.folder import component
+
+    return component(AutoencoderKLQwenImage, config, weights)
+
+
 def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler, fixture: str = "text-to-image"):
     """diffusers' pipeline of `fixture` without a text encoder (prompt embeddings are given); the edit pipelines'
     condition image encoded by the fp64 VAE whatever the run's dtype (the pipeline hands the VAE the run's dtype)."""
@@ -379,3 +386,51 @@ def prompt_embeddings(config: dict, seed: int, text_len: int = 8) -> dict:
                 prompt_embeds_mask=mask,
                 negative_prompt_embeds=torch.randn(1, text_len, width, generator=g, dtype=torch.float64),
                 negative_prompt_embeds_mask=negative_mask)
+
+
+# Bench (verify.bench): one block at a bench width, seeded and built on the device in the bench's dtype, its inputs
+# at an image grid and a text length (no text padding: pipelines pass None), its matmul FLOPs, what its outputs are
+# and where a LoRA goes.
+BENCH_OUTPUTS = {"text": "encoder_hidden_states", "image": "hidden_states"}  # in the block's order -> the input of
+# that shape (whose gradient is judged)
+BENCH_LORA_TARGETS = {"standard": ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"),
+                      "merged": ("to_qkv", "add_qkv_proj"), "out": ("to_out.0", "to_add_out")}  # the write-up's
+
+
+def bench_block(config: dict, seed: int, device: str, dtype: torch.dtype) -> QwenImageTransformerBlock:
+    """A standard block with seeded weights, built on `device` and cast to `dtype` (never fp64 on the way)."""
+    from verify.models.seeded import randomise_norms
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        block = _new_block(config)
+    randomise_norms(block, seed)
+    return nn.Module.to(block, dtype=dtype).eval()
+
+
+def bench_inputs(config: dict, grid: tuple[int, int], text_tokens: int, batch: int, seed: int, device: str,
+                 dtype: torch.dtype) -> dict:
+    """Seeded inputs of one block (standard normal) for an image of `grid` (height, width) patches."""
+    g = torch.Generator(device=device).manual_seed(seed + prod(grid))
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+    rope = QwenEmbedRope(theta=10000, axes_dim=list(config["axes_dims_rope"]), scale_rope=True)
+    freqs = rope([[(1, *grid)]] * batch, max_txt_seq_len=text_tokens, device=torch.device(device))
+    return dict(hidden_states=randn(batch, prod(grid), dim), encoder_hidden_states=randn(batch, text_tokens, dim),
+                encoder_hidden_states_mask=None, temb=randn(batch, dim), image_rotary_emb=freqs)
+
+
+def bench_flops(config: dict, image_tokens: int, text_tokens: int) -> tuple[float, float]:
+    """One sample's forward FLOPs of the block's matrix multiplies: (linear layers, attention's two products).
+    q, k, v, out of both streams: 8 N d^2; the MLPs 16 N d^2; img_mod and txt_mod (d -> 6d); Q K^T and P V over the
+    joint sequence."""
+    d, n = config["num_attention_heads"] * config["attention_head_dim"], image_tokens + text_tokens
+    return 24 * n * d * d + 2 * 2 * d * 6 * d, 4 * n * n * d
+
+
+def bench_sequence(inputs: dict) -> list[tuple[torch.Tensor, int]]:
+    """The (tensor, dim) of the inputs that grow with the image tokens (compiled as one symbol)."""
+    return [(inputs["hidden_states"], 1), (inputs["image_rotary_emb"][0], 0)]

@@ -436,6 +436,13 @@ def build_vae(config: dict, seed: int) -> AutoencoderKLQwenImage21:
     return torch.nn.Module.to(vae, torch.float64).eval()
 
 
+def load_vae(config: dict, weights: dict[str, torch.Tensor]) -> AutoencoderKLQwenImage21:
+    """The VAE of a diffusers folder (`sample --vae`: its config.json and tensors), in fp64 as the seeded one."""
+    from verify.models.folder import component
+
+    return component(AutoencoderKLQwenImage21, config, weights)
+
+
 class _Tokenizer:
     def encode(self, text: str) -> list[int]:
         return [0]
@@ -507,3 +514,60 @@ def replay_caches(transformer: nn.Module, history: list[dict], calls: list[dict]
             kwargs = kwargs | {"kv_cache": fresh[id(cache)]}
         replayed.append(kwargs)
     return replayed
+
+
+
+# Bench (verify.bench): one block at a bench width, seeded and built on the device in the bench's dtype, its inputs
+# for a text-to-image prefill (causal text, then one target image that sees everything; no padding), its matmul
+# FLOPs, what its output is and where a LoRA goes.
+BENCH_OUTPUTS = {"joint": "hidden_states"}  # the block's output -> the input of that shape (whose gradient is judged)
+BENCH_LORA_TARGETS = {"standard": ("to_q", "to_k", "to_v"), "merged": ("to_qkv",), "out": ("to_out.0",)}
+
+
+def bench_block(config: dict, seed: int, device: str, dtype: torch.dtype) -> QwenImage21TransformerBlock:
+    """A standard block with seeded weights, built on `device` and cast to `dtype` (never fp64 on the way)."""
+    from verify.models.seeded import randomise_norms
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        block = QwenImage21TransformerBlock(
+            dim=config["num_attention_heads"] * config["attention_head_dim"],
+            num_attention_heads=config["num_attention_heads"], attention_head_dim=config["attention_head_dim"],
+            mlp_ratio=config.get("mlp_ratio", 3))
+    randomise_norms(block, seed)
+    return nn.Module.to(block, dtype=dtype).eval()
+
+
+def bench_inputs(config: dict, grid: tuple[int, int], text_tokens: int, batch: int, seed: int, device: str,
+                 dtype: torch.dtype) -> dict:
+    """Seeded inputs (standard normal) of one block's prefill: `text_tokens` text tokens, then a target image of `grid`
+    (height, width) latent tokens; the block-causal structure as diffusers' model derives it (one causal text segment),
+    the modulation rows of the target's timestep and of t = 0 (causal_condition)."""
+    g = torch.Generator(device=device).manual_seed(seed + math.prod(grid))
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    where = torch.device(device)
+    image = torch.arange(text_tokens + math.prod(grid), device=where) >= text_tokens
+    image_ids, target = QwenImage21Transformer2DModel.build_token_metadata(image, [(1, *grid)])
+    rope = QwenImage21Rope(theta=10000, axes_dim=list(config["axes_dims_rope"]))
+    return dict(
+        hidden_states=torch.randn(batch, image.shape[0], dim, generator=g, device=where, dtype=dtype),
+        modulation=torch.randn(batch + 1, 4 * dim, generator=g, device=where, dtype=dtype),
+        rotary_emb=rope([(1, *grid)], image, device=where),
+        target_token_mask=target,
+        segments=_qwenimage21_prefix_segments(image_ids, text_tokens),
+        key_valid=None,
+    )
+
+
+def bench_flops(config: dict, image_tokens: int, text_tokens: int) -> tuple[float, float]:
+    """One sample's forward FLOPs of the block's matrix multiplies: (linear layers, attention's two products).
+    q, k, v, out: 8 S d^2; the SwiGLU MLP (three d x 3d): 18 S d^2, over the joint sequence S; attention as the
+    prefill issues it: the text segment's T x T (its causal mask does not skip work), the image's N x (T + N)."""
+    d, n, t = config["num_attention_heads"] * config["attention_head_dim"], image_tokens, text_tokens
+    mlp = 3 * 2 * config.get("mlp_ratio", 3)
+    return (8 + mlp) * (n + t) * d * d, 4 * d * (t * t + n * (t + n))
+
+
+def bench_sequence(inputs: dict) -> list[tuple[torch.Tensor, int]]:
+    """The (tensor, dim) of the inputs that grow with the image tokens (compiled as one symbol)."""
+    return [(inputs["hidden_states"], 1), (inputs["rotary_emb"], 0), (inputs["target_token_mask"], 0)]
