@@ -132,7 +132,7 @@ def test_the_fp64_scheduler_step_is_the_euler_update_in_fp64():
 @pytest.mark.parametrize("args, words", [
     (["--size", "30x30"], "--size 30x30: each side must be a multiple of 8"),
     (["--steps", "0"], "expected a positive number of steps"),
-    (["--vae", "vae"], "--vae not supported yet"),
+    (["--vae", "vae"], "--vae vae: no such folder"),
     (["--lora", "no-such.safetensors"], "no-such.safetensors"),
     (["--candidate", "no_such_module:build"], "no module 'no_such_module'"),
 ])

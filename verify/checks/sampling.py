@@ -4,7 +4,9 @@ diffusers' own pipeline runs three times from the same noise, prompt embeddings 
 reference in fp64, its scheduler step in fp64 too), base (the reference in each tested dtype) and cand (the candidate
 in each tested dtype). The latents after every step are judged by the relative-to-base rule (verify.checks.compare),
 the first step where cand leaves the bound is located inside that step's model calls (verify.checks.divergence), and
-every run's final latents are decoded by one fp64 VAE, so that the images differ only where the latents do.
+every run's final latents are decoded by one fp64 VAE, so that the images differ only where the latents do. The
+weights are seeded, or a checkpoint's loaded whole in fp64 (the candidate's from the user's merged checkpoint, split
+back, when given); the VAE is seeded and tiny, or the user's folder.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from verify.checks.divergence import first_divergence
 from verify.checks.equivalence import build_component
 from verify.checks.inputs import cast_inputs
 from verify.checks.probes import count_calls
+from verify.checks.streaming import BLOCKS, StateDictSource, _standard_weights
 from verify.checks.tolerance import OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
 from verify.files import lora_formats as formats
 from verify.files import lora_mapping as mapping
+from verify.files.checkpoint import Checkpoint
 from verify.implementations.candidate import Implementation
 
 
@@ -74,6 +78,10 @@ class SampleOptions:
     device: str = "cpu"
     seed: int = 0
     lora: Path | None = None  # a LoRA file: its effect on the image beside the implementation's own deviation
+    checkpoint: Path | None = None  # a diffusers transformer folder: the standard weights (else seeded `config`)
+    merged_checkpoint: Path | None = None  # the user's merged weights: what the candidate builds from, split back
+    layout: str = "blocked"  # of merged_checkpoint's fused tensors
+    vae: Path | None = None  # a diffusers VAE folder (else a seeded tiny VAE)
 
 
 def run_sampling(candidate: Implementation, reference: Implementation,
@@ -85,8 +93,9 @@ def run_sampling(candidate: Implementation, reference: Implementation,
         raise VerifyError(f"sample --model {opts.model} --fixture {opts.fixture}: not supported (it samples "
                           f"{', '.join(module.SAMPLING_FIXTURES)})")
     pipeline_class, overrides = module.SAMPLING_FIXTURES[opts.fixture]
-    config = module.model_config(opts.config, **overrides)
-    standard, vae = module.build_model(config, opts.seed), module.build_vae(config, opts.seed)
+    given_vae = _vae(module, opts.vae) if opts.vae else None  # refused before a transformer is read
+    config, standard, merged, weights = _transformers(module, opts, overrides)
+    vae = given_vae if given_vae is not None else module.build_vae(config, opts.seed)
     lora = _lora_plan(opts.lora, standard) if opts.lora else None  # refused before anything runs
     size = opts.size or module.SAMPLE_SIZE
     cfg = module.TRUE_CFG_SCALE if opts.true_cfg_scale is None else opts.true_cfg_scale
@@ -96,7 +105,7 @@ def run_sampling(candidate: Implementation, reference: Implementation,
     trajectory, final, single, images, pictures = [], [], [], [], {}
     for dtype in opts.dtypes:
         base_model = _built(reference, standard, dtype, opts.device)
-        cand_model = _built(candidate, standard, dtype, opts.device)
+        cand_model = _built(candidate, merged, dtype, opts.device)
         same_as_oracle = dtype == torch.float64 and opts.device == "cpu"  # the same computation, run once
         base = oracle if same_as_oracle else _run(module, base_model, vae, inputs, opts, dtype, opts.device, None)
         cand = _run(module, cand_model, vae, inputs, opts, dtype, opts.device, candidate)
@@ -110,33 +119,90 @@ def run_sampling(candidate: Implementation, reference: Implementation,
                                                       dtype, opts.device, floor_dtype(dtype, candidate.precision),
                                                       standard, cfg > 1)
         trajectory += records
-        single.append(_single_pass(module, oracle, reference, candidate, standard, dtype, opts.device))
+        single.append(_single_pass(module, oracle, reference, candidate, standard, merged, dtype, opts.device))
         last = records[-1]
         final.append(Record(**{**last.__dict__, "name": "final/latents"}))
         pictures[dtype_name(dtype)] = {"oracle": oracle.image, "standard": base.image, "merged": cand.image}
         images += [_image_metrics(oracle.image, run.image, role, dtype) for role, run in (("standard", base),
                                                                                            ("merged", cand))]
     setup = {"model": opts.model, "fixture": opts.fixture, "pipeline": pipeline_class.__name__, "steps": opts.steps,
-             "true_cfg_scale": cfg, "size": list(size), "seed": opts.seed, "config": opts.config,
-             "scheduler": "FlowMatchEulerDiscreteScheduler (fp64 runs step in fp64)",
-             "vae": f"seeded tiny {type(vae).__name__} in fp64, shared by every run",
+             "true_cfg_scale": cfg, "size": list(size), "seed": opts.seed,
+             **_weights_setup(opts), "scheduler": "FlowMatchEulerDiscreteScheduler (fp64 runs step in fp64)",
+             "vae": f"{opts.vae or 'seeded tiny'} {type(vae).__name__} in fp64, shared by every run",
+             **({"vae_folder": str(opts.vae)} if opts.vae else {}),
              **({"transformer_config": overrides} if overrides else {}), **module.sampling_setup(opts.fixture)}
-    lora_section = lora_effect(module, candidate, reference, standard, vae, inputs, opts, lora) if lora else None
+    lora_section = lora_effect(module, candidate, reference, (standard, merged), vae, inputs, opts, lora) \
+        if lora else None
     return {"trajectory": [r.to_dict() for r in trajectory], "final": [r.to_dict() for r in final],
             "single_pass": [r.to_dict() for r in single],
             "images": [_image_metrics(oracle.image, oracle.image, "oracle", torch.float64), *images],
-            "sampling": setup, **({"lora": lora_section} if lora else {})}, pictures
+            "weights": [r.to_dict() for r in weights], "sampling": setup,
+            **({"lora": lora_section} if lora else {})}, pictures
+
+
+def _transformers(module, opts: SampleOptions, overrides: dict) -> tuple[dict, nn.Module, nn.Module, list[Record]]:
+    """The transformer's config, the standard model in fp64, the standard model the candidate builds from (the same,
+    or --merged-checkpoint's weights split back in --layout), and the records of the checkpoints' weights (finite,
+    the merged weights split equal to the standard ones), read and checked as the report reads them."""
+    if not (opts.checkpoint or opts.merged_checkpoint):
+        config = module.model_config(opts.config, **overrides)
+        standard = module.build_model(config, opts.seed)
+        return config, standard, standard, []
+    from verify.checks.report import Options, _weights
+
+    subject = _weights(Options(checkpoint=opts.checkpoint, merged_checkpoint=opts.merged_checkpoint,
+                               layout=opts.layout, device=opts.device), opts.model)
+    config = subject.std.config
+    differ = {k: v for k, v in overrides.items() if config.get(k) != v}
+    if differ:  # the fixture's model (Qwen-Image-Edit-2511's zero_cond_t) is not the checkpoint's
+        raise VerifyError(f"--fixture {opts.fixture} samples a model with "
+                          f"{', '.join(f'{k}={v}' for k, v in differ.items())}; {config.path} has "
+                          f"{', '.join(f'{k}={config.get(k)}' for k in differ)}")
+    standard = _whole(module, subject.std)
+    return config, standard, _whole(module, subject.cand) if subject.cand else standard, subject.weight_checks
+
+
+def _whole(module, source: StateDictSource) -> nn.Module:
+    """The whole standard model in fp64 from a checkpoint's weights (a merged one's fused projections split back)."""
+    state = source.top() | {f"{BLOCKS}{i}.{k}": v for i in range(source.config["num_layers"])
+                            for k, v in _standard_weights(source, i).items()}
+    model = module.empty_model(source.config)
+    model.load_state_dict({k: v.to(torch.float64) for k, v in state.items()}, strict=True, assign=True)
+    return nn.Module.to(model, torch.float64).eval()
+
+
+def _vae(module, path: Path) -> nn.Module:
+    """The model's VAE from a diffusers folder: its config.json and safetensors read as a checkpoint's are."""
+    if not path.is_dir():
+        raise VerifyError(f"--vae {path}: no such folder (expected a diffusers VAE folder)")
+    if models.config_of(path) is None:
+        raise VerifyError(f"--vae {path}: no config.json holding a JSON object (expected a diffusers VAE folder)")
+    ckpt = Checkpoint(path)
+    try:
+        return module.load_vae(ckpt.config, ckpt.state_dict())
+    except VerifyError as e:
+        raise VerifyError(f"--vae {path}: {e}") from None
+
+
+def _weights_setup(opts: SampleOptions) -> dict:
+    """Where the transformer's weights came from, for summary.json's sampling."""
+    if not opts.checkpoint:
+        return {"config": opts.config}
+    merged = {"merged_checkpoint": str(opts.merged_checkpoint), "layout": opts.layout} if opts.merged_checkpoint \
+        else {}
+    return {"config": None, "checkpoint": str(opts.checkpoint), **merged}
 
 
 def _single_pass(model, oracle: Run, reference: Implementation, candidate: Implementation, standard: nn.Module,
-                 dtype: torch.dtype, device: str) -> Record:
+                 merged: nn.Module, dtype: torch.dtype, device: str) -> Record:
     """Step 1's first model call alone, by freshly built models on the oracle's inputs: the error that one forward
     pass shows, beside which the per-step records show how the error grows over the steps (informational: the
     trajectory decides the verdict)."""
     sides = {}
-    for role, impl, d, where in (("ref", reference, torch.float64, "cpu"), ("base", reference, dtype, device),
-                                 ("cand", candidate, dtype, device)):
-        transformer = _built(impl, standard, d, where)
+    for role, impl, weights, d, where in (("ref", reference, standard, torch.float64, "cpu"),
+                                          ("base", reference, standard, dtype, device),
+                                          ("cand", candidate, merged, dtype, device)):
+        transformer = _built(impl, weights, d, where)
         cast = lambda kwargs, d=d, where=where: cast_inputs(kwargs, d, where)  # noqa: E731
         kwargs = cast(model.replay_caches(transformer, [], oracle.calls[:1], cast)[0]) | {"return_dict": False}
         fused = impl.fused_modules if role == "cand" and impl.fused else ()
@@ -157,23 +223,23 @@ def _lora_plan(path: Path, standard: nn.Module) -> mapping.Plan:
     return plan
 
 
-def lora_effect(module, candidate: Implementation, reference: Implementation, standard: nn.Module, vae: nn.Module,
-                inputs: dict, opts: SampleOptions, plan: mapping.Plan) -> dict:
+def lora_effect(module, candidate: Implementation, reference: Implementation, standards: tuple[nn.Module, nn.Module],
+                vae: nn.Module, inputs: dict, opts: SampleOptions, plan: mapping.Plan) -> dict:
     """The LoRA's effect on the final fp32 image at each factor of the report's sweep (|standard with it - standard
     without|) beside the implementation's own deviation at that factor (|merged - standard|), mean absolute on 0-255:
     their ratio says whether the LoRA's effect shows above the merged path's noise. The LoRA is merged into the
-    standard weights (W + factor * m * B @ A) that both implementations build from."""
+    standard weights (W + factor * m * B @ A) that each implementation builds from (the candidate's: those of
+    --merged-checkpoint, split back, when given)."""
     from verify.checks.report import SWEEP_FACTORS
 
     rows, without = [], None
     for factor in SWEEP_FACTORS:
-        updated = copy.deepcopy(standard)
-        mapping.apply(updated, dataclasses.replace(plan, updates=[
+        scaled = dataclasses.replace(plan, updates=[
             dataclasses.replace(u, factors=dataclasses.replace(u.factors, scale=factor * u.factors.scale))
-            for u in plan.updates]))
-        base, cand = (_run(module, _built(impl, updated, torch.float32, opts.device), vae, inputs, opts,
-                           torch.float32, opts.device, impl if role == "cand" else None).image
-                      for role, impl in (("base", reference), ("cand", candidate)))
+            for u in plan.updates])
+        base, cand = (_run(module, _built(impl, _updated(weights, scaled), torch.float32, opts.device), vae, inputs,
+                           opts, torch.float32, opts.device, impl if role == "cand" else None).image
+                      for role, impl, weights in (("base", reference, standards[0]), ("cand", candidate, standards[1])))
         without = base if without is None else without  # factor 0 comes first: the image without the LoRA
         effect, deviation = (float(np.abs(a - b).mean() * 255) for a, b in ((base, without), (cand, base)))
         rows.append({"factor": factor, "effect_mean_abs": effect, "deviation_mean_abs": deviation,
@@ -181,6 +247,13 @@ def lora_effect(module, candidate: Implementation, reference: Implementation, st
     scales = sorted({u.factors.scale for u in plan.updates})
     return {"file": str(opts.lora), "modules_matched": len(plan.matched), "scales": scales, "dtype": "fp32",
             "applied": "merged into the standard weights both implementations build from", "sweep": rows}
+
+
+def _updated(standard: nn.Module, plan: mapping.Plan) -> nn.Module:
+    """A copy of `standard` with the planned LoRA merged into its weights."""
+    updated = copy.deepcopy(standard)
+    mapping.apply(updated, plan)
+    return updated
 
 
 def _inputs(module, config: dict, size: tuple[int, int], cfg: float, seed: int) -> dict:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from verify.commands.report import _dtypes
-from verify.models import DEFAULT_MODEL, add_model_argument
+from verify.models import add_model_argument, choose
 
 FIXTURES = ("text-to-image", "edit", "edit-2511")
 
@@ -46,14 +46,24 @@ def register_sample(subparsers) -> None:
                                                             "or none")
     p.add_argument("--candidate-precision", choices=("fp64", "fp32"), help="as report's")
     p.add_argument("--layout", choices=LAYOUTS, default="blocked",
-                   help="layout of --merged-checkpoint's fused tensors (not supported yet)")
-    p.add_argument("--checkpoint", type=Path, help="a diffusers transformer folder (not supported yet)")
-    p.add_argument("--merged-checkpoint", type=Path, help="your merged weights (not supported yet)")
+                   help="layout of --merged-checkpoint's fused tensors (never guessed from the weights)")
+    p.add_argument("--checkpoint", type=Path, metavar="DIR",
+                   help="a diffusers transformer folder (config.json + safetensors, sharded or not): the standard "
+                        "weights, their config.json naming the model; loaded whole, so the fp64 oracle holds the "
+                        "model in fp64 (8 bytes a parameter: about 160 GB for Qwen-Image) beside a copy in each "
+                        "run's dtype")
+    p.add_argument("--merged-checkpoint", type=Path, metavar="DIR",
+                   help="your merged weights (with --checkpoint): checked to split, in --layout, into "
+                        "--checkpoint's bit for bit (as report's); the candidate is built from them split back, "
+                        "loaded whole in fp64 too")
     p.add_argument("--lora", type=Path, help="a LoRA file (safetensors, any format lora-audit reads): its effect on "
                                              "the final image at each factor of report's sweep beside the merged "
                                              "path's own deviation (fp32), in summary.json's lora")
-    p.add_argument("--vae", type=Path, help="a diffusers VAE folder (not supported yet: a seeded tiny VAE decodes)")
-    p.add_argument("--config", choices=("tiny", "small"), default="tiny", help="seeded-weights config (default tiny)")
+    p.add_argument("--vae", type=Path, metavar="DIR",
+                   help="a diffusers VAE folder of the model's class (AutoencoderKLQwenImage, AutoencoderKLQwenImage21 "
+                        "for qwen-image-2.1) that decodes every run in fp64 (default: a seeded tiny one)")
+    p.add_argument("--config", choices=("tiny", "small"), default="tiny",
+                   help="seeded-weights config when no --checkpoint is given (default tiny)")
     p.add_argument("--fixture", choices=FIXTURES, default=FIXTURES[0],
                    help="what is sampled: text-to-image (default), edit (QwenImageEditPipeline with a seeded "
                         "condition image) or edit-2511 (QwenImageEditPlusPipeline, the model's zero_cond_t on, as "
@@ -74,9 +84,6 @@ def register_sample(subparsers) -> None:
     p.set_defaults(func=_sample)
 
 
-NOT_YET = {"checkpoint": "--checkpoint", "merged_checkpoint": "--merged-checkpoint", "vae": "--vae"}
-
-
 def _sample(args) -> int:
     import torch
 
@@ -84,18 +91,19 @@ def _sample(args) -> int:
     from verify.checks.sampling import SampleOptions, mean_claim, run_sampling
     from verify.commands.report import _refuse_foreign_out, _refuse_writing_into_inputs
     from verify.errors import VerifyError
+    from verify.files.checkpoint import Checkpoint
     from verify.implementations.candidate import resolve
     from verify.present.sample import write_sample
 
-    given = [flag for field, flag in NOT_YET.items() if getattr(args, field)]
-    if given:
-        raise VerifyError(f"sample: {', '.join(given)} not supported yet (it samples seeded tiny or small weights)")
-    model = args.model or DEFAULT_MODEL
+    checkpoints = {flag: path for flag, path in (("--checkpoint", args.checkpoint),
+                                                 ("--merged-checkpoint", args.merged_checkpoint)) if path}
+    model = choose(args.model, {f"{flag} {path}": Checkpoint(path).config for flag, path in checkpoints.items()})
     if args.device == "cuda" and not torch.cuda.is_available():
         raise VerifyError("--device cuda: no CUDA device is available")
     spec = args.candidate.rpartition(":")[0] if args.candidate else ""
     _refuse_writing_into_inputs(args.out, ({"--candidate": Path(spec)} if spec.endswith(".py") else {})
-                                | ({"--lora": args.lora} if args.lora else {}))
+                                | ({"--lora": args.lora} if args.lora else {}) | checkpoints
+                                | ({"--vae": args.vae} if args.vae else {}))
     _refuse_foreign_out(args.out, args.force)
     candidate = resolve(args.candidate or default_candidate(model, args.device), args.fused_modules,
                         args.candidate_precision)
@@ -103,10 +111,12 @@ def _sample(args) -> int:
     dtypes = tuple(dict.fromkeys([*REQUIRED_DTYPES, *args.dtypes]))
     opts = SampleOptions(model=model, config=args.config, fixture=args.fixture, steps=args.steps,
                          true_cfg_scale=args.true_cfg_scale, size=args.size, dtypes=dtypes, device=args.device,
-                         seed=args.seed, lora=args.lora)
+                         seed=args.seed, lora=args.lora, checkpoint=args.checkpoint,
+                         merged_checkpoint=args.merged_checkpoint, layout=args.layout, vae=args.vae)
     result, pictures = run_sampling(candidate, reference, opts)
     failed = [r for r in result["trajectory"] if not r["passed"]]
-    summary = {"verdict": "fail" if failed else "pass", "compared": "", "notes": _notes(result, candidate),
+    unequal = [r for r in result["weights"] if not r["passed"]]  # a checkpoint's NaN, merged weights not the standard
+    summary = {"verdict": "fail" if failed or unequal else "pass", "compared": "", "notes": _notes(result, candidate),
                "candidate": candidate.describe(), "reference": reference.describe(), **result,
                "claims": [mean_claim(result)],
                "environment": environment(args.device)}
@@ -117,15 +127,21 @@ def _sample(args) -> int:
           f"steps passed); report in {args.out}/index.html")
     for r in (r for r in failed if r["first_divergence"]):
         print(f"  FAILED from {r['name']} [{r['dtype']}]: {r['message']}; first divergence: {r['first_divergence']}")
+    for r in unequal:
+        print(f"  FAILED {r['name']}: {r['message']}")
     return 0 if summary["verdict"] == "pass" else 1
 
 
 def compared_line(summary: dict) -> str:
-    """What was sampled, with what, and where cand first left the bound."""
+    """What was sampled (the user's checkpoint, merged checkpoint and VAE named when given), with what, and where
+    cand first left the bound."""
     s, cand = summary["sampling"], summary["candidate"]
+    weights = f"checkpoint {s['checkpoint']}" if s.get("checkpoint") else f"seeded {s['config']} config"
+    if s.get("merged_checkpoint"):
+        weights += f", merged weights {s['merged_checkpoint']} ({s['layout']})"
     line = (f"{s['model']}, {s['pipeline']} {s['steps']} steps at {s['size'][0]}x{s['size'][1]}, true CFG "
             f"{s['true_cfg_scale']:g}: candidate {cand['spec']} vs reference {summary['reference']['spec']}; "
-            f"seeded {s['config']} config (seed {s['seed']}); dtypes "
+            f"{weights} (seed {s['seed']}){'; VAE ' + s['vae_folder'] if 'vae_folder' in s else ''}; dtypes "
             f"{','.join(dict.fromkeys(r['dtype'] for r in summary['trajectory']))}")
     line += f"; LoRA {summary['lora']['file']} swept over {len(summary['lora']['sweep'])} factors" \
         if summary.get("lora") else ""
@@ -139,6 +155,7 @@ def _notes(result: dict, candidate) -> list[str]:
     notes = [f"pixel mean: oracle {by[('fp64', 'oracle')]['pixel_mean']:.2f}, "
              + ", ".join(f"{d} standard {by[(d, 'standard')]['pixel_mean']:.2f} / merged "
                          f"{by[(d, 'merged')]['pixel_mean']:.2f}" for d, role in by if role == "merged")]
+    notes += [f"{r['name']}: {'' if r['passed'] else 'FAILED: '}{r['message']}" for r in result["weights"]]
     if not candidate.fused:
         notes.append(f"candidate {candidate.spec} is declared unfused: no fused-call proof")
     final = {r["dtype"]: r for r in result["final"]}
