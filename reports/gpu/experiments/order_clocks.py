@@ -22,6 +22,7 @@ import torch
 from verify.bench import blocks as bench_blocks
 from verify.bench import options as bench_options
 from verify.bench import timing as bench_timing
+from verify.models import qwen_image
 
 
 class Sampler(threading.Thread):
@@ -109,8 +110,9 @@ def main(out: str, tokens: int) -> None:
     merged = bench_blocks.merged_block(std, opts.processor)
     inputs = bench_blocks.block_inputs(opts, tokens)
     bench_blocks.mark_sequence(inputs["hidden_states"], inputs["image_rotary_emb"][0])
-    a = bench_blocks.train_call(bench_blocks.compile_block(std, opts), inputs, opts.seed)
-    b = bench_blocks.train_call(bench_blocks.compile_block(merged, opts), inputs, opts.seed)
+    outputs = qwen_image.BENCH_OUTPUTS
+    a = bench_blocks.train_call(bench_blocks.compile_block(std, opts), inputs, opts.seed, outputs)
+    b = bench_blocks.train_call(bench_blocks.compile_block(merged, opts), inputs, opts.seed, outputs)
     sampler = Sampler()
     sampler.start()
     for fn in (a, b, a, b):
