@@ -233,7 +233,7 @@ def fuse(model: torch.nn.Module, layout: str, processor: str) -> torch.nn.Module
 def _runs(arch, config: dict, seed: int) -> dict:
     """What every rank runs, name -> (fp64 CPU inputs, the outputs of a model on them): each fixture through the
     forward, then each whole-model case of `arch` that runs another path (Qwen-Image 2.1's KV-cached decode beside
-    the full prefill), at the run's config."""
+    the full prefill), at the run's config (the ranks build one model: a case's config overrides are not applied)."""
     from verify.models.cases import model_outputs
 
     runs = {name: (arch.model_inputs(config, spec, seed), model_outputs) for name, spec in arch.FIXTURES.items()}
