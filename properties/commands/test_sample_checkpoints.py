@@ -35,6 +35,8 @@ def folders(tmp_path_factory):
         vae = qwen_image.build_vae(config, seed)
         torch.nn.Module.to(vae, torch.float32).save_pretrained(root / f"vae-{seed}")
     qwen_image_21.build_model(qwen_image_21.model_config("tiny"), 0).save_pretrained(root / "transformer-21")
+    wide = qwen_image.model_config("tiny", in_channels=64, out_channels=16)  # the real model's latent width
+    qwen_image.build_model(wide, 0).save_pretrained(root / "transformer-wide")
     for layout in ("blocked", "interleaved"):
         merged_checkpoint(root / "transformer-0", root / f"merged-{layout}", layout=layout)
     merged_checkpoint(root / "transformer-0", root / "tampered",
@@ -161,7 +163,10 @@ def test_a_broken_vae_folder_is_refused(folders, tmp_path, capsys, edit, words):
     (["--model", "qwen-image-2.1", "--vae", "{f}/vae-0"],
      "config.json names AutoencoderKLQwenImage, not AutoencoderKLQwenImage21"),
     (["--vae", "{f}/no-such-folder"], "no such folder"),
+    (["--checkpoint", "{f}/transformer-wide"], "the seeded tiny VAE has z_dim 4, but the transformer of "
+     "{f}/transformer-wide (in_channels 64) samples latents of 16 channels; pass --vae DIR"),
+    (["--checkpoint", "{f}/transformer-wide", "--vae", "{f}/vae-0"], "--vae {f}/vae-0 has z_dim 4, but"),
 ])
 def test_a_folder_of_the_wrong_kind_is_refused(folders, tmp_path, capsys, args, words):
     code, _ = sample(tmp_path / "out", *(a.format(f=folders) for a in args))
-    assert_refused(code, tmp_path / "out", capsys.readouterr().err, words)
+    assert_refused(code, tmp_path / "out", capsys.readouterr().err, words.format(f=folders))

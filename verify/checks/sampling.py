@@ -94,8 +94,10 @@ def run_sampling(candidate: Implementation, reference: Implementation,
                           f"{', '.join(module.SAMPLING_FIXTURES)})")
     pipeline_class, overrides = module.SAMPLING_FIXTURES[opts.fixture]
     given_vae = _vae(module, opts.vae) if opts.vae else None  # refused before a transformer is read
-    config, standard, merged, weights = _transformers(module, opts, overrides)
+    config, subject = _config(module, opts, overrides)
     vae = given_vae if given_vae is not None else module.build_vae(config, opts.seed)
+    _refuse_unfit_vae(module, config, vae, opts)  # before a checkpoint is loaded whole
+    standard, merged, weights = _transformers(module, opts, config, subject)
     lora = _lora_plan(opts.lora, standard) if opts.lora else None  # refused before anything runs
     size = opts.size or module.SAMPLE_SIZE
     cfg = module.TRUE_CFG_SCALE if opts.true_cfg_scale is None else opts.true_cfg_scale
@@ -140,14 +142,11 @@ def run_sampling(candidate: Implementation, reference: Implementation,
             **({"lora": lora_section} if lora else {})}, pictures
 
 
-def _transformers(module, opts: SampleOptions, overrides: dict) -> tuple[dict, nn.Module, nn.Module, list[Record]]:
-    """The transformer's config, the standard model in fp64, the standard model the candidate builds from (the same,
-    or --merged-checkpoint's weights split back in --layout), and the records of the checkpoints' weights (finite,
-    the merged weights split equal to the standard ones), read and checked as the report reads them."""
+def _config(module, opts: SampleOptions, overrides: dict):
+    """The transformer's config: the seeded one's, or --checkpoint's with its weights (and --merged-checkpoint's)
+    opened and checked as the report does (verify.checks.report's Subject; None for seeded weights)."""
     if not (opts.checkpoint or opts.merged_checkpoint):
-        config = module.model_config(opts.config, **overrides)
-        standard = module.build_model(config, opts.seed)
-        return config, standard, standard, []
+        return module.model_config(opts.config, **overrides), None
     from verify.checks.report import Options, _weights
 
     subject = _weights(Options(checkpoint=opts.checkpoint, merged_checkpoint=opts.merged_checkpoint,
@@ -158,8 +157,28 @@ def _transformers(module, opts: SampleOptions, overrides: dict) -> tuple[dict, n
         raise VerifyError(f"--fixture {opts.fixture} samples a model with "
                           f"{', '.join(f'{k}={v}' for k, v in differ.items())}; {config.path} has "
                           f"{', '.join(f'{k}={config.get(k)}' for k in differ)}")
+    return config, subject
+
+
+def _refuse_unfit_vae(module, config: dict, vae: nn.Module, opts: SampleOptions) -> None:
+    """VerifyError when the VAE cannot decode the transformer's latents (its z_dim is not their channels)."""
+    channels = module.vae_latent_channels(config)
+    if vae.config.z_dim != channels:
+        source = opts.checkpoint or f"the seeded {opts.config} config"
+        raise VerifyError(f"{f'--vae {opts.vae}' if opts.vae else 'the seeded tiny VAE'} has z_dim {vae.config.z_dim}, "
+                          f"but the transformer of {source} (in_channels {config['in_channels']}) samples latents of "
+                          f"{channels} channels" + ("" if opts.vae else "; pass --vae DIR, a VAE of its width"))
+
+
+def _transformers(module, opts: SampleOptions, config: dict, subject) -> tuple[nn.Module, nn.Module, list[Record]]:
+    """The standard model in fp64, the standard model the candidate builds from (the same, or --merged-checkpoint's
+    weights split back in --layout), and the records of the checkpoints' weights (finite, the merged weights split
+    equal to the standard ones)."""
+    if subject is None:
+        standard = module.build_model(config, opts.seed)
+        return standard, standard, []
     standard = _whole(module, subject.std)
-    return config, standard, _whole(module, subject.cand) if subject.cand else standard, subject.weight_checks
+    return standard, _whole(module, subject.cand) if subject.cand else standard, subject.weight_checks
 
 
 def _whole(module, source: StateDictSource) -> nn.Module:

@@ -325,6 +325,12 @@ def load_vae(config: dict, weights: dict[str, torch.Tensor]) -> AutoencoderKLQwe
     return component(AutoencoderKLQwenImage, config, weights)
 
 
+def vae_latent_channels(config: dict) -> int:
+    """The latent channels the VAE must have (its z_dim) for the transformer of `config`: the pipeline unpacks each
+    token's in_channels into 2 x 2 latent pixels."""
+    return config["in_channels"] // 4
+
+
 def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler, fixture: str = "text-to-image"):
     """diffusers' pipeline of `fixture` without a text encoder (prompt embeddings are given); the edit pipelines'
     condition image encoded by the fp64 VAE whatever the run's dtype (the pipeline hands the VAE the run's dtype)."""

@@ -443,6 +443,11 @@ def load_vae(config: dict, weights: dict[str, torch.Tensor]) -> AutoencoderKLQwe
     return component(AutoencoderKLQwenImage21, config, weights)
 
 
+def vae_latent_channels(config: dict) -> int:
+    """The latent channels the VAE must have (its z_dim) for the transformer of `config`: one token a latent pixel."""
+    return config["in_channels"]
+
+
 class _Tokenizer:
     def encode(self, text: str) -> list[int]:
         return [0]
