@@ -48,6 +48,17 @@ def test_context_parallel_of_21_is_refused_with_one_line_writing_nothing(kind, t
     assert not out.exists()
 
 
+def test_a_degree_that_does_not_divide_the_heads_is_refused_writing_nothing(tmp_path, capsys):
+    heads = qwen_image_21.model_config("tiny")["num_attention_heads"]
+    ranks = heads - 1  # 3 of 4: each rank must hold whole heads, the same number of them
+    out = tmp_path / "out"
+    assert main(["report", "--model", V21, "--parallel", f"tp={ranks}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{ranks} ranks cannot share them evenly; pick a degree that divides {heads}" in err[0], err
+    assert not out.exists()
+
+
 def test_a_processor_21_does_not_have_is_refused_writing_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["report", "--model", V21, "--parallel", "tp=2", "--candidate", "fast", "--out", str(out)]) == 2

@@ -76,6 +76,15 @@ def require_plan(kind: str, model: str, context: str = "") -> None:
                           "is absent), so ulysses=N and ring=N cannot shard it; tp=N shards it by its _tp_plan")
 
 
+def require_even_heads(text: str, kind: str, ranks: int, config: dict) -> None:
+    """A VerifyError when tensor or Ulysses parallelism cannot give every rank the same number of whole heads (each
+    rank computes its share of the heads; ring splits the sequence instead)."""
+    heads = config["num_attention_heads"]
+    if kind != "ring" and heads % ranks:
+        raise VerifyError(f"--parallel {text}: {kind} shares the model's {heads} attention heads among the ranks, "
+                          f"and {ranks} ranks cannot share them evenly; pick a degree that divides {heads}")
+
+
 def tp_plan(model: torch.nn.Module, plan: str) -> dict:
     """The merged `model`'s `_tp_plan` ("merged"), or a planted wrong one: every fused projection plain "colwise"
     ("naive-colwise"), or cut in three packed blocks as if blocked ("blocked-cut")."""
