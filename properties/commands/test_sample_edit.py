@@ -90,8 +90,8 @@ def test_a_mask_memoised_by_shape_fails_an_edit_at_the_first_step_in_the_negativ
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--model", "qwen-image-2.1", "--fixture", "edit"],
-     "sample --model qwen-image-2.1 --fixture edit: not supported (it samples text-to-image)"),
+    (["--fixture", "edit-adjacent"],
+     "sample --model qwen-image --fixture edit-adjacent: not supported (it samples text-to-image, edit, edit-2511)"),
     (["--fixture", "inpaint"], "argument --fixture: invalid choice: 'inpaint'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, words):

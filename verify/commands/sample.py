@@ -8,7 +8,7 @@ from pathlib import Path
 from verify.commands.report import _dtypes
 from verify.models import add_model_argument, choose
 
-FIXTURES = ("text-to-image", "edit", "edit-2511")
+FIXTURES = ("text-to-image", "edit", "edit-2511", "edit-adjacent")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -65,9 +65,11 @@ def register_sample(subparsers) -> None:
     p.add_argument("--config", choices=("tiny", "small"), default="tiny",
                    help="seeded-weights config when no --checkpoint is given (default tiny)")
     p.add_argument("--fixture", choices=FIXTURES, default=FIXTURES[0],
-                   help="what is sampled: text-to-image (default), edit (QwenImageEditPipeline with a seeded "
-                        "condition image) or edit-2511 (QwenImageEditPlusPipeline, the model's zero_cond_t on, as "
-                        "Qwen-Image-Edit-2511); the edits for qwen-image only")
+                   help="what is sampled: text-to-image (default); edit, a seeded condition image "
+                        "(QwenImageEditPipeline, or QwenImage21Pipeline with the image's slots in the prompt "
+                        "embeddings); edit-2511 (qwen-image only: QwenImageEditPlusPipeline, the model's zero_cond_t "
+                        "on, as Qwen-Image-Edit-2511); edit-adjacent (qwen-image-2.1 only: two condition images whose "
+                        "slots sit side by side, two image blocks)")
     p.add_argument("--size", type=_size, help="HxW in pixels, each a multiple of 8 for qwen-image (default 32x32), "
                                               "of 32 for qwen-image-2.1 (default 64x64)")
     p.add_argument("--steps", type=_steps, default=20, help="sampling steps (default 20)")

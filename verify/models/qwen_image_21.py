@@ -6,9 +6,11 @@ Everything depends only on (seed, dtype, device)."""
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
+import numpy as np
 import torch
 
 # the seam: only verify.models imports diffusers' model classes (this module, Qwen-Image 2.1's)
@@ -26,6 +28,8 @@ from diffusers.models.transformers.transformer_qwenimage21 import (
     apply_rotary_emb_qwen,
     build_qwenimage21_block_causal_mask,
 )
+from diffusers.pipelines.qwenimage21 import pipeline_qwenimage21
+from PIL import Image
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -402,16 +406,26 @@ def stream_epilogue(top: nn.Module, config: dict, state: dict) -> torch.Tensor:
 
 # Sampling (verify.checks.sampling): diffusers' own QwenImage21Pipeline with its prefix KV cache on, as by default (the
 # first step's call prefills the cache, "extract"; every later step decodes the target image over it, "cached"), a
-# seeded tiny AutoencoderKLQwenImage21 and prompt embeddings given in place of the Qwen3-VL encoder.
+# seeded tiny AutoencoderKLQwenImage21 and prompt embeddings given in place of the Qwen3-VL encoder; the edits with
+# seeded condition images, their slots in the embeddings.
 PIPELINE_CLASS = QwenImage21Pipeline
-SAMPLING_FIXTURES: dict[str, tuple[type, dict]] = {"text-to-image": (QwenImage21Pipeline, {})}  # see qwen_image
+SAMPLING_FIXTURES: dict[str, tuple[type, dict]] = {  # see qwen_image
+    "text-to-image": (QwenImage21Pipeline, {}),
+    "edit": (QwenImage21Pipeline, {}),
+    "edit-adjacent": (QwenImage21Pipeline, {}),
+}
+# --fixture -> its condition images, in sequence order: edit-adjacent's two sit side by side in the embeddings, no
+# text between them (two image blocks all the same: FIXTURES' edit-adjacent, DESIGN 11)
+CONDITION_IMAGES = {"text-to-image": 0, "edit": 1, "edit-adjacent": 2}
 TRUE_CFG_SCALE = 1.0  # QwenImage21Pipeline's default: 2.1 is sampled without guidance
 SAMPLE_SIZE = (64, 64)  # pixels: the pipeline's 16x VAE scale, 4 x 4 latent tokens, 2 x 2 image slots
 PIXELS_PER_SLOT = 32  # QwenImage21Pipeline.vae_scale_factor (16, fixed) times 2: one image slot's side in pixels
+SLOTS_AT = 2  # text positions before the condition images' slots, all valid in both prompts (padding comes after)
 # The VAE's class at a tiny size: five stages (4 spatial downsamplings, 16x as the pipeline assumes), no temporal
-# ones; RGB in and out (the real VAE reads RGBA: the alpha channel would only shade the charts here).
+# ones; RGBA in, as the real VAE and as the pipeline hands it a condition image, RGB out (alpha would only shade the
+# charts here).
 VAE_CONFIG = dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
-                  temperal_downsample=[False, False, False, False], in_channels=3, out_channels=3)
+                  temperal_downsample=[False, False, False, False], in_channels=4, out_channels=3)
 _SETUP = {
     "kv_cache": "on, as QwenImage21Pipeline's default: step 1 prefills the prefix cache (extract), later steps "
                 "decode over it (cached); a failing step is located after replaying, into a fresh cache per run, "
@@ -419,11 +433,26 @@ _SETUP = {
     "text_encoder": "none: prompt embeddings given (text only, no image slots); a stand-in processor answers the "
                     "two look-ups QwenImage21Pipeline.__init__ makes of Qwen3VLProcessor, unused with embeddings",
 }
+_EDIT_SETUP = {
+    "text_encoder": "none: prompt embeddings given, the condition images' slots inserted after their first "
+                    f"{SLOTS_AT} text positions (one per 2 x 2 latent tokens, zeros: the transformer puts the "
+                    "condition latents there) with the image_pad_mask marking them, handed to the pipeline's own "
+                    "encode_prompt in place of the text encoder's (QwenImage21Pipeline.__call__ takes no "
+                    "image_pad_mask beside prompt_embeds, and encode_prompt refuses a condition image without one); "
+                    "a stand-in processor answers the two look-ups QwenImage21Pipeline.__init__ makes of "
+                    "Qwen3VLProcessor",
+    "condition_image": "diffusers' QwenImage21Pipeline sizes each condition image to output_resolution squared "
+                       "(1024 x 1024) whatever the output; here to the output's area, so that a tiny run stays tiny "
+                       "(the same at --size 1024x1024); the seeded RGB image, as the pipeline hands it over (RGBA, in "
+                       "the run's dtype), is encoded by the one fp64 VAE (argmax) and its latents cast to the run's "
+                       "dtype",
+}
 
 
 def sampling_setup(fixture: str) -> dict[str, str]:
-    """What a run records beside verify.checks.sampling's own setup: the cache, the absent text encoder."""
-    return dict(_SETUP)
+    """What a run records beside verify.checks.sampling's own setup: the cache, the absent text encoder, the
+    condition images."""
+    return _SETUP | (_EDIT_SETUP if CONDITION_IMAGES[fixture] else {})
 
 
 def build_vae(config: dict, seed: int) -> AutoencoderKLQwenImage21:
@@ -465,19 +494,53 @@ class _NoProcessor:
 
 def sampling_pipeline(transformer: nn.Module, vae: nn.Module, scheduler,
                       fixture: str = "text-to-image") -> QwenImage21Pipeline:
-    """diffusers' QwenImage21Pipeline without a text encoder (prompt embeddings are given)."""
-    return PIPELINE_CLASS(scheduler=scheduler, vae=vae, text_encoder=None, processor=_NoProcessor(),
+    """diffusers' QwenImage21Pipeline without a text encoder (prompt embeddings are given); for an edit, its
+    encode_prompt handed the embeddings with the condition images' slots and their image_pad_mask, and the condition
+    images encoded by the fp64 VAE whatever the run's dtype (the pipeline hands the VAE the run's dtype)."""
+    pipe = PIPELINE_CLASS(scheduler=scheduler, vae=vae, text_encoder=None, processor=_NoProcessor(),
                           transformer=transformer)
+    if CONDITION_IMAGES[fixture]:
+        if vae.config.in_channels != 4:
+            raise VerifyError(f"--fixture {fixture}: QwenImage21Pipeline hands the VAE its condition images as RGBA, "
+                              f"but the VAE reads {vae.config.in_channels} channels (its in_channels)")
+        encode_image, encode_prompt = pipe._encode_vae_image, pipe.encode_prompt
+        pipe._encode_vae_image = lambda image, generator: encode_image(image.to(vae.dtype), generator).to(image.dtype)
+        pipe.encode_prompt = lambda image, prompt_embeds, prompt_embeds_mask, **kwargs: encode_prompt(
+            image=image, **image_slots(prompt_embeds, prompt_embeds_mask, image), **kwargs)
+    return pipe
 
 
-def sampling_context(fixture: str, height: int, width: int) -> nullcontext:
-    """Nothing to change while the pipeline runs."""
-    return nullcontext()
+def image_slots(prompt_embeds: torch.Tensor, prompt_embeds_mask: torch.Tensor, images: list[Image.Image]) -> dict:
+    """What the text encoder would hand encode_prompt beside the condition images: the embeddings [B, L, C] with
+    one slot per 2 x 2 latent tokens of each (resized) image inserted after SLOTS_AT text positions, valid in the
+    mask, and the image_pad_mask [B, L + slots] marking them."""
+    slots = sum(w * h for w, h in (image.size for image in images)) // PIXELS_PER_SLOT ** 2
+    B, _, C = prompt_embeds.shape
+    embeds = torch.cat([prompt_embeds[:, :SLOTS_AT], prompt_embeds.new_zeros(B, slots, C),
+                        prompt_embeds[:, SLOTS_AT:]], dim=1)
+    mask = torch.cat([prompt_embeds_mask[:, :SLOTS_AT], prompt_embeds_mask.new_ones(B, slots),
+                      prompt_embeds_mask[:, SLOTS_AT:]], dim=1)
+    image_pad_mask = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    image_pad_mask[:, SLOTS_AT:SLOTS_AT + slots] = True
+    return dict(prompt_embeds=embeds, prompt_embeds_mask=mask, image_pad_mask=image_pad_mask)
+
+
+@contextmanager
+def sampling_context(fixture: str, height: int, width: int):
+    """While the pipeline runs: each condition image sized to the output's area (1024 x 1024 in diffusers, whatever
+    the output), through the pipeline module's own calculate_dimensions."""
+    size_of = pipeline_qwenimage21.calculate_dimensions
+    with mock.patch.object(pipeline_qwenimage21, "calculate_dimensions",
+                           lambda _area, ratio: size_of(height * width, ratio)):
+        yield
 
 
 def condition_inputs(fixture: str, size: tuple[int, int], seed: int) -> dict:
-    """No keyword arguments beside the prompt's: text to image only."""
-    return {}
+    """The pipeline's keyword arguments of `fixture` beside the prompt: its condition images, seeded RGB pixels of
+    the output's size (each of its own seed)."""
+    images = [Image.fromarray(np.random.default_rng(seed + 8 + i).integers(0, 256, (*size, 3), dtype=np.uint8))
+              for i in range(CONDITION_IMAGES[fixture])]
+    return {"image": images} if images else {}
 
 
 def sample_tokens(height: int, width: int) -> int:
@@ -490,7 +553,7 @@ def sample_tokens(height: int, width: int) -> int:
 
 def prompt_embeddings(config: dict, seed: int, text_len: int = 8) -> dict:
     """Seeded prompt and negative-prompt embeddings of one length with different padding (bool masks, as the
-    pipeline's), text only: the pipeline then marks no position as an image slot."""
+    pipeline's), text only: an edit's image slots are inserted where encode_prompt receives them (image_slots)."""
     g = torch.Generator().manual_seed(seed + 6)
     width = config["context_in_dim"]
     mask, negative_mask = (torch.ones(1, text_len, dtype=torch.bool) for _ in range(2))
