@@ -37,7 +37,7 @@ def test_the_merged_reference_passes_every_step_with_its_fused_path_running(refe
     assert {r["fused_calls"] for r in summary["trajectory"]} == {per_run}
     assert [r["name"] for r in summary["final"]] == ["final/latents"] * 2
     assert summary["sampling"]["pipeline"] == "QwenImagePipeline" and summary["sampling"]["true_cfg_scale"] == 4.0
-    assert summary["compared"].startswith("qwen-image, QwenImagePipeline 4 steps at 32x32, true CFG 4")
+    assert summary["compared"].startswith("qwen-image, QwenImagePipeline (text-to-image) 4 steps at 32x32, true CFG 4")
     claim = summary["claims"][0]
     assert claim["id"] == "mean-same-as-standard" and claim["verdict"] == "confirmed"
 

@@ -35,7 +35,7 @@ def test_the_merged_reference_passes_every_step_of_an_edit(tmp_path, fixture, pi
     assert s["fixture"] == fixture and s["pipeline"] == pipeline and s["true_cfg_scale"] == 4.0
     assert s.get("transformer_config", {}).get("zero_cond_t", False) is zero_cond_t
     assert "1024 x 1024" in s["condition_image"] and "fp64 VAE" in s["condition_image"]
-    assert summary["compared"].startswith(f"qwen-image, {pipeline} 3 steps at 32x32, true CFG 4:")
+    assert summary["compared"].startswith(f"qwen-image, {pipeline} ({fixture}) 3 steps at 32x32, true CFG 4:")
 
 
 def test_the_condition_image_is_encoded_once_in_fp64_and_handed_over_in_the_run_dtype():

@@ -141,8 +141,8 @@ def compared_line(summary: dict) -> str:
     weights = f"checkpoint {s['checkpoint']}" if s.get("checkpoint") else f"seeded {s['config']} config"
     if s.get("merged_checkpoint"):
         weights += f", merged weights {s['merged_checkpoint']} ({s['layout']})"
-    line = (f"{s['model']}, {s['pipeline']} {s['steps']} steps at {s['size'][0]}x{s['size'][1]}, true CFG "
-            f"{s['true_cfg_scale']:g}: candidate {cand['spec']} vs reference {summary['reference']['spec']}; "
+    line = (f"{s['model']}, {s['pipeline']} ({s['fixture']}) {s['steps']} steps at {s['size'][0]}x{s['size'][1]}, "
+            f"true CFG {s['true_cfg_scale']:g}: candidate {cand['spec']} vs reference {summary['reference']['spec']}; "
             f"{weights} (seed {s['seed']}){'; VAE ' + s['vae_folder'] if 'vae_folder' in s else ''}; dtypes "
             f"{','.join(dict.fromkeys(r['dtype'] for r in summary['trajectory']))}")
     line += f"; LoRA {summary['lora']['file']} swept over {len(summary['lora']['sweep'])} factors" \
