@@ -4,7 +4,6 @@ reference."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable
 
@@ -14,7 +13,8 @@ from torch import nn
 from verify.checks.compare import Record, compare
 from verify.checks.divergence import first_divergence, first_divergence_saved
 from verify.checks.inputs import cast_inputs
-from verify.checks.probes import count_calls, standard_parameters
+from verify.checks.probes import standard_parameters
+from verify.checks.runner import build_component, cast_copy, counting
 from verify.checks.tolerance import GRADIENTS, OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
 from verify.implementations.candidate import Build, Implementation, resolve
@@ -47,25 +47,25 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
     standard = case.build(config, seed)
     inputs = case.inputs(config, spec, seed)
     judge = _Judge(case, standard, inputs, device, seed, layout, config["attention_head_dim"])
-    ref_module = build_component(ref_impl, _to(copy.deepcopy(standard), torch.float64, "cpu"), case.component)
+    ref_module = build_component(ref_impl, cast_copy(standard, torch.float64, "cpu"), case.component)
     ref = judge.run(ref_impl, ref_module, torch.float64) if ref_module is not None else None  # the oracle
     records = []
     for dtype in dtypes or case.dtypes:
-        base_module = build_component(ref_impl, _to(copy.deepcopy(standard), dtype, device), case.component)
-        cand_module = build_component(cand_impl, _to(copy.deepcopy(standard), dtype, device), case.component)
+        base_module = build_component(ref_impl, cast_copy(standard, dtype, device), case.component)
+        cand_module = build_component(cand_impl, cast_copy(standard, dtype, device), case.component)
         if cand_module is None or base_module is None:
             absent = (cand_impl, "candidate") if cand_module is None else (ref_impl, "reference")
             records += [judge.not_provided(kind, dtype, *absent) for kind in judge.kinds]
             continue
         base = judge.run(ref_impl, base_module, dtype)
-        with count_calls(cand_module, cand_impl.fused_modules) as calls:
+        with counting(cand_module, cand_impl.fused_modules) as calls:
             cand = judge.run(cand_impl, cand_module, dtype)
         judge.check_shapes(cand_impl, base["outputs"], cand["outputs"])
         if saved is not None:
             saved.update({f"{case.name}/{dtype_name(dtype)}/{k}": v.detach().cpu() for k, v in cand["outputs"].items()})
             saved.update({f"{case.name}/{dtype_name(dtype)}/grad/{k.removeprefix('input.')}": v.detach().cpu()
                           for k, v in cand.get("gradients", {}).items() if k.startswith("input.") and v is not None})
-        fused_calls = sum(calls.values()) if cand_impl.fused else None
+        fused_calls = calls()
         for kind in judge.kinds:
             unsupported = next((run["unsupported"] for run in (ref, base, cand) if run.get("unsupported")), None)
             if kind == "gradients" and unsupported:
@@ -96,7 +96,7 @@ def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Im
     standard, inputs = case.build(case.config, seed), case.inputs(case.config, case.spec, seed)
     judge = _Judge(dataclasses.replace(case, grads=False), standard, inputs, "cpu", seed, "blocked",
                    case.config["attention_head_dim"])
-    ref_module = build_component(ref_impl, _to(copy.deepcopy(standard), torch.float64, "cpu"), case.component)
+    ref_module = build_component(ref_impl, cast_copy(standard, torch.float64, "cpu"), case.component)
     ref = judge.run(ref_impl, ref_module, torch.float64)
     records, ref_grads = [], None
     for dtype, outputs in saved.items():
@@ -106,7 +106,7 @@ def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Im
             records.append(dataclasses.replace(record, message=f"not provided: {missing.spec} holds no outputs of "
                                                                f"{case.name} in {dtype_name(dtype)}"))
         else:
-            base_module = build_component(ref_impl, _to(copy.deepcopy(standard), dtype, "cpu"), case.component)
+            base_module = build_component(ref_impl, cast_copy(standard, dtype, "cpu"), case.component)
             base = {"outputs": bases[dtype]} if bases is not None else judge.run(ref_impl, base_module, dtype)
             judge.check_shapes(engine, base["outputs"], outputs)
             record = judge.compare("outputs", ref, base, {"outputs": outputs}, dtype, None, (ref_impl, engine),
@@ -144,7 +144,7 @@ def _saved_gradients(case: Case, judge: _Judge, standard: nn.Module, inputs: dic
     if ref.get("unsupported"):
         return judge.not_compared("gradients", dtype, ref["unsupported"])
     if base is None:
-        run = _run(case, build_component(impls[0], _to(copy.deepcopy(standard), dtype, "cpu"), case.component),
+        run = _run(case, build_component(impls[0], cast_copy(standard, dtype, "cpu"), case.component),
                    cast_inputs(inputs, dtype, "cpu"), True, seed)
         if run.get("unsupported"):
             return judge.not_compared("gradients", dtype, run["unsupported"])
@@ -168,21 +168,6 @@ def cotangents(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch
     cotangent) over the outputs."""
     g = torch.Generator().manual_seed(seed + 2)
     return {k: torch.randn(shape, generator=g, dtype=torch.float64) for k, shape in sorted(shapes.items())}
-
-
-def build_component(impl: Implementation, standard: nn.Module, component: str) -> nn.Module | None:
-    """impl's module for `component`; a model that impl does not provide is the standard model with every block
-    built by impl (None when it provides neither)."""
-    built = impl.make(copy.deepcopy(standard) if component == "model" else standard, component)
-    if built is not None or component != "model":
-        return built
-    blocks = standard.transformer_blocks
-    for i in range(len(blocks)):
-        block = impl.make(blocks[i], "block")
-        if block is None:
-            return None
-        blocks[i] = block
-    return standard
 
 
 class _Judge:
@@ -270,11 +255,6 @@ class _Judge:
 def _device(module: nn.Module) -> str:
     param = next(module.parameters(), None)
     return "cpu" if param is None else str(param.device)
-
-
-def _to(module: nn.Module, dtype: torch.dtype, device: str) -> nn.Module:
-    """Cast with nn.Module.to (diffusers' ModelMixin.to warns about fp32 modules this model does not have)."""
-    return nn.Module.to(module, device=device, dtype=dtype)
 
 
 def _run(case: Case, module: nn.Module, inputs: dict, grads: bool, seed: int) -> dict[str, Outputs]:

@@ -26,9 +26,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from verify import models
 from verify.checks.compare import Record, compare
 from verify.checks.divergence import first_divergence
-from verify.checks.equivalence import build_component
 from verify.checks.inputs import cast_inputs
-from verify.checks.probes import count_calls
+from verify.checks.runner import cast_copy, counting, required
 from verify.checks.streaming import BLOCKS, StateDictSource, _standard_weights
 from verify.checks.tolerance import OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
@@ -102,12 +101,12 @@ def run_sampling(candidate: Implementation, reference: Implementation,
     size = opts.size or module.SAMPLE_SIZE
     cfg = module.TRUE_CFG_SCALE if opts.true_cfg_scale is None else opts.true_cfg_scale
     inputs = _inputs(module, config, size, cfg, opts.seed) | module.condition_inputs(opts.fixture, size, opts.seed)
-    ref_model = _built(reference, standard, torch.float64, "cpu")
+    ref_model = _built(reference, standard, torch.float64, "cpu", "reference")
     oracle = _run(module, ref_model, vae, inputs, opts, torch.float64, "cpu", None, keep_calls=True)
     trajectory, final, single, images, pictures = [], [], [], [], {}
     for dtype in opts.dtypes:
-        base_model = _built(reference, standard, dtype, opts.device)
-        cand_model = _built(candidate, merged, dtype, opts.device)
+        base_model = _built(reference, standard, dtype, opts.device, "reference")
+        cand_model = _built(candidate, merged, dtype, opts.device, "candidate")
         same_as_oracle = dtype == torch.float64 and opts.device == "cpu"  # the same computation, run once
         base = oracle if same_as_oracle else _run(module, base_model, vae, inputs, opts, dtype, opts.device, None)
         cand = _run(module, cand_model, vae, inputs, opts, dtype, opts.device, candidate)
@@ -221,13 +220,12 @@ def _single_pass(model, oracle: Run, reference: Implementation, candidate: Imple
     for role, impl, weights, d, where in (("ref", reference, standard, torch.float64, "cpu"),
                                           ("base", reference, standard, dtype, device),
                                           ("cand", candidate, merged, dtype, device)):
-        transformer = _built(impl, weights, d, where)
+        transformer = _built(impl, weights, d, where, "candidate" if role == "cand" else "reference")
         cast = lambda kwargs, d=d, where=where: cast_inputs(kwargs, d, where)  # noqa: E731
         kwargs = cast(model.replay_caches(transformer, [], oracle.calls[:1], cast)[0]) | {"return_dict": False}
-        fused = impl.fused_modules if role == "cand" and impl.fused else ()
-        with torch.no_grad(), count_calls(transformer, fused) as calls:
+        with torch.no_grad(), counting(transformer, impl.fused_modules) as calls:
             sides[role] = {"sample": transformer(**kwargs)[0]}
-        fused_calls = sum(calls.values()) if fused else None
+        fused_calls = calls()
     return compare("single-pass/sample", "sampling", sides["ref"], sides["cand"], OUTPUTS, dtype, device,
                    base=sides["base"], fused_calls=fused_calls, precision=candidate.precision)
 
@@ -256,9 +254,10 @@ def lora_effect(module, candidate: Implementation, reference: Implementation, st
         scaled = dataclasses.replace(plan, updates=[
             dataclasses.replace(u, factors=dataclasses.replace(u.factors, scale=factor * u.factors.scale))
             for u in plan.updates])
-        base, cand = (_run(module, _built(impl, _updated(weights, scaled), torch.float32, opts.device), vae, inputs,
-                           opts, torch.float32, opts.device, impl if role == "cand" else None).image
-                      for role, impl, weights in (("base", reference, standards[0]), ("cand", candidate, standards[1])))
+        base, cand = (_run(module, _built(impl, _updated(weights, scaled), torch.float32, opts.device, role), vae,
+                           inputs, opts, torch.float32, opts.device, impl if role == "candidate" else None).image
+                      for role, impl, weights in (("reference", reference, standards[0]),
+                                                  ("candidate", candidate, standards[1])))
         without = base if without is None else without  # factor 0 comes first: the image without the LoRA
         effect, deviation = (float(np.abs(a - b).mean() * 255) for a, b in ((base, without), (cand, base)))
         rows.append({"factor": factor, "effect_mean_abs": effect, "deviation_mean_abs": deviation,
@@ -287,11 +286,9 @@ def _inputs(module, config: dict, size: tuple[int, int], cfg: float, seed: int) 
     return embeddings | {"latents": noise, "height": height, "width": width, "true_cfg_scale": cfg}
 
 
-def _built(impl: Implementation, standard: nn.Module, dtype: torch.dtype, device: str) -> nn.Module:
-    model = build_component(impl, nn.Module.to(copy.deepcopy(standard), device=device, dtype=dtype), "model")
-    if model is None:
-        raise VerifyError(f"{impl.spec}: provides no model (nor its blocks): a sampling run needs one")
-    return model
+def _built(impl: Implementation, standard: nn.Module, dtype: torch.dtype, device: str, role: str) -> nn.Module:
+    """impl's model (or the standard's with impl's blocks) from a copy of `standard` in `dtype` on `device`."""
+    return required(impl, cast_copy(standard, dtype, device), "model", role, "a sampling run needs one (or its blocks)")
 
 
 def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: SampleOptions, dtype: torch.dtype,
@@ -312,15 +309,14 @@ def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: Sam
         return {}
 
     args = cast_inputs({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}, dtype, device)
-    fused = impl.fused_modules if impl is not None and impl.fused else ()
     try:
         with torch.no_grad(), module.sampling_context(opts.fixture, inputs["height"], inputs["width"]), \
-                count_calls(transformer, fused) as calls:
+                counting(transformer, impl.fused_modules if impl is not None else ()) as calls:
             out = pipe(**(inputs | args), num_inference_steps=opts.steps, output_type="np",
                        callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
     finally:
         hook.remove()
-    run.image, run.fused_calls = out.images[0], (sum(calls.values()) if fused else None)
+    run.image, run.fused_calls = out.images[0], calls()
     return run
 
 
