@@ -20,9 +20,8 @@ from torch import nn
 from verify import models
 from verify.checks.divergence import first_divergence, leaves_bound
 from verify.checks.inputs import cast_inputs
-from verify.checks.probes import count_calls
+from verify.checks.runner import counting, required
 from verify.checks.tolerance import floor_dtype
-from verify.errors import VerifyError
 from verify.files.checkpoint import Checkpoint
 from verify.files.model_config import is_merged
 from verify.implementations.candidate import Implementation
@@ -116,7 +115,7 @@ class _Impl:
     state: dict = None
     block: nn.Module = None
     before: dict = None  # the state the current block started from
-    fused_calls: int = 0
+    fused_calls: list[int | None] = field(default_factory=list)  # per block (None: its implementation is unfused)
 
 
 def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dtype], device: str,
@@ -147,13 +146,13 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
         w_std = _on(std.block(i), device)
         w_cand = _on(_standard_weights(cand, i), device) if cand else w_std
         for impl in impls:
-            impl.block = _implementation_block(config, impl, w_cand if impl.role == "cand" else w_std,
-                                               candidate if impl.role == "cand" else reference, i,
-                                               std_update, cand_update, arch)
+            implementation = candidate if impl.role == "cand" else reference
+            impl.block = _implementation_block(config, impl, w_cand if impl.role == "cand" else w_std, implementation,
+                                               i, std_update, cand_update, arch)
             impl.before = impl.state
-            with torch.no_grad(), count_calls(impl.block, candidate.fused_modules) as calls:
+            with torch.no_grad(), counting(impl.block, implementation.fused_modules) as calls:
                 impl.state = arch.stream_step(impl.block, impl.state)
-            impl.fused_calls += sum(calls.values())
+            impl.fused_calls.append(calls())
         _locate(run, impls, i, shared, candidate.precision, arch)
         del w_std, w_cand
     for impl in impls:
@@ -164,7 +163,7 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
             run.base[impl.dtype] = out
         else:
             run.cand[impl.dtype] = out
-            run.fused_calls[impl.dtype] = impl.fused_calls if candidate.fused else None
+            run.fused_calls[impl.dtype] = None if None in impl.fused_calls else sum(impl.fused_calls)
     return run
 
 
@@ -185,11 +184,8 @@ def _implementation_block(config: dict, impl: _Impl, weights: Weights, implement
     after = cand_update if impl.role == "cand" else None
     if std_update and not after:
         std_update(block, prefix)
-    built = implementation.make(block, "block")
-    if built is None:
-        role = "candidate" if impl.role == "cand" else "reference"
-        raise VerifyError(f"{role} {implementation.spec} provides no 'block': the full-model checks stream the model "
-                          "one block at a time")
+    built = required(implementation, block, "block", "candidate" if impl.role == "cand" else "reference",
+                     "the full-model checks stream the model one block at a time")
     if after:
         after(built, prefix)
     return built
