@@ -13,6 +13,7 @@ from verify import __version__, models
 from verify.checks.equivalence import cotangents, grad_inputs, judge_saved
 from verify.checks.probes import submodule_outputs
 from verify.checks.report import environment
+from verify.checks.runner import build_component
 from verify.checks.tolerance import DTYPES, dtype_name
 from verify.errors import VerifyError
 from verify.files import saved
@@ -92,7 +93,7 @@ def inputs_files(model: str, config: str, seed: int, components: tuple[str, ...]
         weights = {"standard": f"weights/{name}.standard.safetensors",
                    "merged": f"weights/{name}.merged.safetensors"}
         files[weights["standard"]] = saved.tensor_bytes(standard.state_dict())
-        files[weights["merged"]] = saved.tensor_bytes(merged.make(copy.deepcopy(standard), case.component)
+        files[weights["merged"]] = saved.tensor_bytes(build_component(merged, copy.deepcopy(standard), case.component)
                                                       .state_dict())
         for dtype in dtypes:
             tensors, kwargs = saved.encode_call(inputs, dtype)

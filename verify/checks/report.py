@@ -17,6 +17,7 @@ from tqdm import tqdm
 from verify import __version__, models
 from verify.checks.compare import Record, compare, compare_exact
 from verify.checks.equivalence import run_case
+from verify.checks.runner import provides
 from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel, rank_backend, require_even_heads
 from verify.checks.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.checks.tolerance import OUTPUTS, dtype_name
@@ -221,7 +222,7 @@ def provides_model(candidate: Implementation, config: dict, seed: int, model: st
     arch = models.load(model)
     tiny = {**arch.model_config("tiny"), **{k: config[k] for k in ("num_attention_heads", "attention_head_dim",
                                                                     "axes_dims_rope")}}
-    return candidate.make(arch.build_model(tiny, seed), "model") is not None
+    return provides(candidate, arch.build_model(tiny, seed), "model")
 
 
 def run_report(subject: Subject, opts: Options, saved: dict[str, torch.Tensor] | None = None) -> dict:
