@@ -3,8 +3,7 @@ cases (the built-in reference passes with its fused path run, a planted cache bu
 located, diffusers' flex processor passes with its CPU gradients recorded as not compared); a checkpoint's
 config.json names the model: a --model that contradicts it, or a class no model has, is exit 2 naming both, for
 report, convert and the LoRA commands, and a checkpoint of either model runs with no --model or its own (the report
-streams a 2.1 checkpoint: properties/commands/test_cli_report_21.py); what 2.1 does not support yet (report's
---parallel; bench) is exit 2 with one line and nothing written; `qkv-verify test --model` runs that model's
+streams a 2.1 checkpoint: properties/commands/test_cli_report_21.py); `qkv-verify test --model` runs that model's
 properties only; check_candidate/assert_candidate take `model=`; and the pytest plugin's `--qkv-model` reaches its
 fixture."""
 
@@ -232,18 +231,6 @@ def test_report_refuses_a_checkpoint_and_a_merged_checkpoint_of_two_models(input
                  *FAST, "--out", str(out)]) == 2
     line = _one_line_error(capsys)
     assert str(inputs["qwen-image"]) in line and str(inputs[V21]) in line and "two models" in line, line
-    assert not out.exists()
-
-
-# --- what 2.1 does not support yet -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("flag", ["--parallel"])
-def test_report_on_21_refuses_what_it_does_not_support_yet_writing_nothing(flag, inputs, tmp_path, capsys):
-    value = {"--parallel": "tp=2"}[flag]
-    out = tmp_path / "out"
-    assert main(["report", "--model", V21, flag, str(value), *FAST, "--out", str(out)]) == 2
-    line = _one_line_error(capsys)
-    assert line.startswith(f"qkv-verify: error: --model {V21}: {flag} not supported yet"), line
     assert not out.exists()
 
 
