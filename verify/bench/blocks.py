@@ -48,9 +48,10 @@ def build_block(opts: Options) -> nn.Module:
 
 def merged_block(std: nn.Module, processor: str) -> nn.Module:
     """The merged block the bench times: a copy of `std` built by the candidate SPEC `processor` (tests judge this)."""
+    from verify.checks.runner import build_component
     from verify.implementations.candidate import resolve
 
-    return resolve(processor).make(copy.deepcopy(std), "block")
+    return build_component(resolve(processor), copy.deepcopy(std), "block")
 
 
 def lean_block(std: nn.Module, processor: str) -> nn.Module:

@@ -24,7 +24,8 @@ from torch import nn
 from verify.checks.compare import compare
 from verify.checks.equivalence import cotangents as seeded_cotangents
 from verify.checks.inputs import cast_inputs
-from verify.checks.probes import count_calls, graph_calls, standard_parameters
+from verify.checks.probes import graph_calls, standard_parameters
+from verify.checks.runner import counting
 from verify.checks.tolerance import GRADIENTS, OUTPUTS
 from verify.maths.naming import DEFAULT_NAMING, streams
 
@@ -155,9 +156,9 @@ class Arm:
         """One training step of `run` and the projection calls it made: counted by hooks in eager; compiled, the
         fewest that any graph captured of the arm holds (every graph must call each projection once)."""
         if run is self.module:
-            with count_calls(self.module, self.names) as calls:
+            with counting(self.module, self.names) as calls:
                 out = train_step(run, self.module, inputs, seed, self.outputs)
-            return out, sum(calls.values())
+            return out, calls()
         out = train_step(run, self.module, inputs, seed, self.outputs)
         return out, min((graph_calls(g, self.names) for g in self.graphs), default=0)
 

@@ -113,7 +113,7 @@ def lora_check(name: str, arm: str, module: nn.Module, run: nn.Module, step: Cal
     stream; their base layers are the fused projections). `targets`: the model's BENCH_LORA_TARGETS."""
     from peft.tuners.lora import LoraLayer
 
-    from verify.checks.probes import count_calls
+    from verify.checks.runner import counting
 
     qkv_targets = _qkv_targets(arm, targets)
     targets = lora_targets(arm, targets)
@@ -132,9 +132,9 @@ def lora_check(name: str, arm: str, module: nn.Module, run: nn.Module, step: Cal
         problems.append("the merged block still has separate q/k/v projections")
     qkv_calls = None
     if run is module:
-        with torch.no_grad(), count_calls(module, qkv_targets) as calls:
+        with torch.no_grad(), counting(module, qkv_targets) as calls:
             module(**inputs)
-        qkv_calls = sum(calls.values())
+        qkv_calls = calls()
         if qkv_calls != len(qkv_targets) * len(attentions(module)):
             problems.append(f"{qkv_calls} calls of the q/k/v LoRA layers {qkv_targets}")
     return dict(name=name, rule="lora(targets, base frozen, every adapter trained)", passed=not problems,
