@@ -183,7 +183,7 @@ def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str,
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from verify.checks.probes import count_calls
+    from verify.checks.runner import counting
     from verify.implementations.candidate import DEFAULT_FUSED_MODULES
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -217,13 +217,13 @@ def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str,
             for name, (inputs, outputs) in _runs(arch, config, seed).items():
                 inputs = _on(inputs, where)
                 cast = _on(inputs, where, dtype)
-                with count_calls(merged, DEFAULT_FUSED_MODULES) as calls:
+                with counting(merged, DEFAULT_FUSED_MODULES) as calls:
                     cand = outputs(merged, cast)
                 ref, base = outputs(unsharded, inputs), outputs(std, cast)
                 for key in cand:  # the forward's one output under the fixture's name; a case's each under its own
                     out[name if key == "sample" else f"{name}/{key}"] = {
                         "ref": ref[key].cpu(), "base": base[key].cpu(), "cand": cand[key].cpu(),
-                        "fused_calls": sum(calls.values())}
+                        "fused_calls": calls()}
         torch.save(out, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
