@@ -47,3 +47,23 @@ def test_every_subpackage_says_what_it_holds_and_what_it_may_import():
     for layer in LAYERS[1:]:
         doc = ast.get_docstring(ast.parse((ROOT / layer / "__init__.py").read_text()))
         assert doc and "import" in doc.lower(), layer
+
+
+def _runs_implementations(path: Path) -> list[str]:
+    """The calls in `path` that build an implementation (`.make(`) or count its fused calls (`count_calls`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name == "count_calls" or (name == "make" and isinstance(node.func, ast.Attribute)):
+                found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {name}")
+    return found
+
+
+def test_only_the_runner_builds_and_counts_implementations():
+    """One runner for every check (issue #23): outside verify.checks.runner no module calls an Implementation's
+    `.make(` or `count_calls`; each check builds and runs its implementations through the runner."""
+    runner = ROOT / "checks" / "runner.py"
+    assert _runs_implementations(runner), "the runner no longer builds or counts: update this test"
+    elsewhere = [call for path in MODULES if path != runner for call in _runs_implementations(path)]
+    assert not elsewhere, "\n".join(elsewhere)
