@@ -25,8 +25,9 @@ import platform
 import torch
 
 from properties.precision_variants import ExplicitSoftmax, Fp32Attention, RopeInInputDtype, build_with
-from verify.checks.equivalence import _run, build_component, implementation
+from verify.checks.equivalence import _run, implementation
 from verify.checks.inputs import cast_inputs
+from verify.checks.runner import build_component
 from verify.implementations.fused import FusedQwenAttnProcessor
 from verify.models.qwen_image import CASES, InputSpec, model_config
 
