@@ -10,7 +10,7 @@ import pytest
 
 from verify.checks.summary_schema import check_path
 from verify.cli import main
-from verify.models.qwen_image import FIXTURES
+from verify.models.qwen_image import FIXTURES, model_config, model_inputs
 
 
 @pytest.mark.parametrize("kind,plan", [("tp", "_tp_plan"), ("ulysses", "_cp_plan")])
@@ -44,6 +44,19 @@ def test_a_parallel_run_that_cannot_run_here_exits_2_with_one_line(args, message
     assert main(["report", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_ulysses_refuses_a_degree_that_does_not_split_every_fixtures_sequences_evenly(tmp_path, capsys):
+    config, degree = model_config("small"), 3  # 6 heads: 3 ranks share them, so only a sequence can refuse it
+    lengths = {inputs[k].shape[1] for spec in FIXTURES.values() for inputs in [model_inputs(config, spec, 0)]
+               for k in ("hidden_states", "encoder_hidden_states")}
+    assert config["num_attention_heads"] % degree == 0 and any(n % degree for n in lengths)
+    out = tmp_path / "out"
+    assert main(["report", "--config", "small", "--parallel", f"ulysses={degree}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"ulysses splits each sequence into {degree} equal shards" in err[0], err
+    assert f"pick a degree that divides all of {', '.join(map(str, sorted(lengths)))}" in err[0], err
     assert not out.exists()
 
 

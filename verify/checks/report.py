@@ -18,7 +18,7 @@ from verify import __version__, models
 from verify.checks.compare import Record, compare, compare_exact
 from verify.checks.equivalence import run_case
 from verify.checks.runner import provides
-from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel, rank_backend, require_even_heads
+from verify.checks.sharding import check_parallel, parallel_dtype, parse_parallel, rank_backend, require_even_split
 from verify.checks.streaming import CheckpointSource, SeededSource, StateDictSource, StreamRun, run_streaming
 from verify.checks.tolerance import OUTPUTS, dtype_name
 from verify.errors import VerifyError
@@ -97,10 +97,10 @@ def load_subject(opts: Options) -> Subject:
                                      f"(seed {opts.seed})", subject)
     if opts.parallel:
         subject.parallel = parse_parallel(opts.parallel, opts.device, subject.candidate.spec, model)
-        require_even_heads(opts.parallel, *subject.parallel, subject.std.config)
         if opts.checkpoint or opts.config == "full":
             raise VerifyError(f"--parallel {opts.parallel}: shards seeded weights of --config tiny or small, not a "
                               "checkpoint or the full config")
+        require_even_split(opts.parallel, *subject.parallel, model, subject.std.config, opts.seed)
     return subject
 
 

@@ -34,6 +34,7 @@ from verify.errors import VerifyError
 PLANS = {"tp": ("merged", "naive-colwise", "blocked-cut"), "ulysses": ("merged", "drops-parallel-config"),
          "ring": ("merged", "drops-parallel-config")}
 KINDS = tuple(PLANS)  # `report --parallel KIND=N`: tensor parallel; context parallel, two ways
+SPLIT_SEQUENCES = ("hidden_states", "encoder_hidden_states")  # the inputs a `_cp_plan` splits along the sequence
 RING_BACKEND = "_native_cudnn"  # torch's cuDNN attention, which returns the log-sum-exp ring attention merges by
 
 
@@ -76,13 +77,22 @@ def require_plan(kind: str, model: str, context: str = "") -> None:
                           "is absent), so ulysses=N and ring=N cannot shard it; tp=N shards it by its _tp_plan")
 
 
-def require_even_heads(text: str, kind: str, ranks: int, config: dict) -> None:
-    """A VerifyError when tensor or Ulysses parallelism cannot give every rank the same number of whole heads (each
-    rank computes its share of the heads; ring splits the sequence instead)."""
+def require_even_split(text: str, kind: str, ranks: int, model: str, config: dict, seed: int) -> None:
+    """A VerifyError when the ranks cannot share the work evenly: tensor and Ulysses parallelism give each rank the
+    same number of whole heads; context parallelism (Ulysses, ring) splits each fixture's sequences in equal shards."""
     heads = config["num_attention_heads"]
     if kind != "ring" and heads % ranks:
         raise VerifyError(f"--parallel {text}: {kind} shares the model's {heads} attention heads among the ranks, "
                           f"and {ranks} ranks cannot share them evenly; pick a degree that divides {heads}")
+    if kind == "tp":
+        return
+    lengths = {(name, k): inputs[k].shape[1] for name, (inputs, _) in _runs(models.load(model), config, seed).items()
+               for k in SPLIT_SEQUENCES if k in inputs}
+    uneven = [f"{name}'s {k} has {n} tokens" for (name, k), n in lengths.items() if n % ranks]
+    if uneven:
+        raise VerifyError(f"--parallel {text}: {kind} splits each sequence into {ranks} equal shards, and fixture "
+                          f"{uneven[0]}; pick a degree that divides all of "
+                          f"{', '.join(map(str, sorted(set(lengths.values()))))}")
 
 
 def tp_plan(model: torch.nn.Module, plan: str) -> dict:
