@@ -6,6 +6,7 @@ processor, whose round trip gives report's records bit for bit."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,20 @@ def test_save_outputs_never_replaces_a_file_without_force(tmp_path, capsys):
     (tmp_path / "mine.safetensors").write_bytes(b"keep")
     assert main(["report", "--save-outputs", str(tmp_path / "mine.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "exists" in capsys.readouterr().err and (tmp_path / "mine.safetensors").read_bytes() == b"keep"
+
+
+def test_the_readmes_out_of_process_commands_run_as_written_and_pass(tmp_path):
+    """README's "Judge an engine you cannot import" block, run by bash as a user runs it from the repository's root
+    (here a folder whose properties/ is the repository's): every attention entry of the manifest judged and passed."""
+    readme = (ENGINES.parents[1] / "README.md").read_text()
+    block = re.search(r"### Judge an engine you cannot import.*?```bash\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "properties").symlink_to(ENGINES.parent)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((tmp_path / "in" / "manifest.json").read_text())
+    summary = json.loads((tmp_path / "qkv-verify-judge" / "summary.json").read_text())
+    entries = {(e["case"], e["dtype"]) for e in manifest["entries"]}
+    assert entries and {e["component"] for e in manifest["entries"]} == {"attention"}
+    assert {(c["name"].split("/")[0], c["dtype"]) for c in summary["checks"]} == entries
+    assert summary["verdict"] == "pass" and all(c["passed"] and c["provided"] for c in summary["checks"])
