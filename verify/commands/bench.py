@@ -91,7 +91,7 @@ def register_bench(subparsers) -> None:
                    help="write each row's profiler timeline here, standard and merged (Chrome trace JSON)")
     p.add_argument("--append", type=Path,
                    help="an earlier bench JSON of this device: its rows not measured again are kept in --json")
-    add_model_argument(p, "the model benchmarked")
+    add_model_argument(p, "the model benchmarked", reads_checkpoints=False)
     p.set_defaults(func=_bench)
 
 

@@ -61,11 +61,12 @@ def _class_of(name: str) -> str:
     return next(c for c, m in CLASS_NAMES.items() if m == name)
 
 
-def add_model_argument(parser, what: str = "the model judged") -> None:
-    """`--model NAME` on a command: choices from MODELS; none given means the inputs' config.json, else qwen-image."""
-    parser.add_argument("--model", choices=list(MODELS),
-                        help=f"{what}: {' or '.join(MODELS)} (default: the model a given checkpoint's config.json "
-                             f"names, else {DEFAULT_MODEL})")
+def add_model_argument(parser, what: str = "the model judged", reads_checkpoints: bool = True) -> None:
+    """`--model NAME` on a command: choices from MODELS; none given means the inputs' config.json (on a command that
+    reads checkpoints), else qwen-image."""
+    default = f"the model a given checkpoint's config.json names, else {DEFAULT_MODEL}" if reads_checkpoints \
+        else DEFAULT_MODEL
+    parser.add_argument("--model", choices=list(MODELS), help=f"{what}: {' or '.join(MODELS)} (default: {default})")
 
 
 def config_of(path) -> dict | None:
