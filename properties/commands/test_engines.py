@@ -199,11 +199,12 @@ def test_save_outputs_never_replaces_a_file_without_force(tmp_path, capsys):
 
 def test_the_readmes_out_of_process_commands_run_as_written_and_pass(tmp_path):
     """README's "Judge an engine you cannot import" block, run by bash as a user runs it from the repository's root
-    (here a folder whose properties/ is the repository's): every attention entry of the manifest judged and passed."""
+    (here a folder whose properties/ and .venv/ are this run's): every attention entry of the manifest passes."""
     readme = (ENGINES.parents[1] / "README.md").read_text()
     block = re.search(r"### Judge an engine you cannot import.*?```bash\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "properties").symlink_to(ENGINES.parent)
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parents[1])  # the venv this suite runs in
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     done = subprocess.run(["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = json.loads((tmp_path / "in" / "manifest.json").read_text())
