@@ -37,6 +37,9 @@ def test_an_edit_passes_every_step_with_its_fused_path_running(tmp_path, capsys)
     s = summary["sampling"]
     assert s["fixture"] == "edit" and s["pipeline"] == "QwenImage21Pipeline" and s["kv_cache"].startswith("on")
     assert "image_pad_mask" in s["text_encoder"] and "1024 x 1024" in s["condition_image"]
+    # the pipeline is not run as it stands, and the line a report leads with says so
+    assert summary["compared"].startswith("qwen-image-2.1, QwenImage21Pipeline (edit) ")
+    assert "encode_prompt handed the embeddings with the condition images' slots" in summary["compared"]
     assert "verdict: pass (6/6 steps passed)" in capsys.readouterr().out
 
 

@@ -147,6 +147,7 @@ def compared_line(summary: dict) -> str:
             f"{','.join(dict.fromkeys(r['dtype'] for r in summary['trajectory']))}")
     line += f"; LoRA {summary['lora']['file']} swept over {len(summary['lora']['sweep'])} factors" \
         if summary.get("lora") else ""
+    line += f"; {s['stand_in']}" if s.get("stand_in") else ""  # where the pipeline is not run as it stands
     first = next((r for r in summary["trajectory"] if r["first_divergence"]), None)
     return line + (f"; first divergence [{first['dtype']}]: {first['first_divergence']}" if first else "")
 

@@ -446,6 +446,8 @@ _EDIT_SETUP = {
                        "(the same at --size 1024x1024); the seeded RGB image, as the pipeline hands it over (RGBA, in "
                        "the run's dtype), is encoded by the one fp64 VAE (argmax) and its latents cast to the run's "
                        "dtype",
+    "stand_in": "QwenImage21Pipeline's encode_prompt handed the embeddings with the condition images' slots (its "
+                "__call__ takes no image_pad_mask)",
 }
 
 
