@@ -3,6 +3,7 @@ test passes, strict turns that into a failure, and whoever closed it removes the
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -51,3 +52,16 @@ def test_the_fast_compiled_suite_runs_within_five_minutes():
     "in the suite (properties/checks/test_sharding.py)"))
 def test_ring_attention_is_checked_on_cpu_ranks_as_tp_and_ulysses_are():
     assert parse_parallel("ring=2", "cpu", "reference") == ("ring", 2)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "known gap: the full-width Qwen-Image 2.1 report on cuda fails the merged reference in fp64, 50 of 52 "
+    "(reports/gpu/report-21-full-h100.json): diffusers' 2.1 rounds its RoPE, RMSNorm and timestep embedding to fp32 "
+    "even in fp64, so its streamed fp64 oracle is fp32-precise and the fp64 bound collapses (reports/gpu/NOTES.md); "
+    "the judge does not yet take a reference's own precision into its fp64 bound"))
+def test_the_full_width_21_report_passes_the_merged_reference_on_a_gpu():
+    summary = json.loads((GPU / "report-21-full-h100.json").read_text())
+    if summary["candidate"]["spec"] != "reference" or not summary["checks"]:  # not an AssertionError: never the gap's
+        raise LookupError("report-21-full-h100.json is not the merged reference's full-width run")
+    failed = [c["name"] for c in summary["checks"] if not c["passed"]]
+    assert not failed, failed
