@@ -195,6 +195,8 @@ def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str,
 
     from verify.checks.runner import counting
     from verify.implementations.candidate import DEFAULT_FUSED_MODULES
+    from verify.implementations.loading import fuse_any
+    from verify.maths.naming import DEFAULT_NAMING
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -208,7 +210,7 @@ def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str,
         dtype = parallel_dtype(kind)
         unsharded = arch.build_model(config, seed).to(where)
         std = torch.nn.Module.to(copy.deepcopy(unsharded), dtype)  # diffusers' .to warns of an empty fp32 list
-        merged = fuse(copy.deepcopy(std), layout, processor)
+        merged = fuse_any(copy.deepcopy(std), DEFAULT_NAMING, layout, processor)
         keeps_config = plan != "drops-parallel-config"
         if device == "cuda":
             if kind == "tp":
@@ -237,16 +239,6 @@ def _rank(rank: int, ranks: int, init: str, folder: str, kind: str, layout: str,
         torch.save(out, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def fuse(model: torch.nn.Module, layout: str, processor: str) -> torch.nn.Module:
-    """`model` merged in place in `layout`, run by the fused `processor` (Qwen-Image 2.1 has one, the reference)."""
-    from verify.implementations import fused_21
-    from verify.implementations.fused import fuse_model
-
-    if fused_21.attentions(model):
-        return fused_21.fuse_model(model, layout)
-    return fuse_model(model, layout=layout, processor=processor)
 
 
 def _runs(arch, config: dict, seed: int) -> dict:

@@ -24,9 +24,12 @@ def empty_model(config: dict) -> nn.Module:
     return models.load(models.from_class_name(cls.__name__)).empty_model(config)
 
 
-def fuse_any(model: nn.Module, naming: str, layout: str) -> nn.Module:
-    """fuse_model for Qwen-Image (in `naming`); Qwen-Image 2.1's one stream has one naming."""
-    return fused_21.fuse_model(model, layout) if fused_21.attentions(model) else fuse_model(model, naming, layout)
+def fuse_any(model: nn.Module, naming: str, layout: str, processor: str | None = None) -> nn.Module:
+    """fuse_model for Qwen-Image (in `naming`, run by `processor`); Qwen-Image 2.1's one stream has one naming and
+    one fused processor, its reference."""
+    if fused_21.attentions(model):
+        return fused_21.fuse_model(model, layout)
+    return fuse_model(model, naming, layout, processor)
 
 
 def load_standard(ckpt: Checkpoint, dtype: torch.dtype = torch.float64) -> QwenImageTransformer2DModel:
