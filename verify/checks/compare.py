@@ -88,12 +88,15 @@ def compare(
     base: Mapping[str, torch.Tensor] | None = None,
     fused_calls: int | None = None,
     precision: str | None = None,
+    reference_precision: str | None = None,
 ) -> Record:
     """Judge `cand` against `ref` under `rule`; `base` (the standard model in `dtype`) sets the relative bound.
-    `precision`, the finest arithmetic the candidate declares it computes at ('fp32'), sets the floor of runs in
-    finer dtypes."""
-    judged_at = floor_dtype(dtype, precision)
-    described = rule.describe() + (f" at {dtype_name(judged_at)}'s floor (declared)" if judged_at != dtype else "")
+    `precision`, the finest arithmetic the candidate declares it computes at ('fp32'), and `reference_precision`, the
+    finest the oracle reaches (diffusers' Qwen-Image 2.1 rounds to fp32 in fp64), set the floor of runs in finer
+    dtypes."""
+    judged_at = floor_dtype(dtype, precision, reference_precision)
+    why = "declared" if floor_dtype(dtype, precision) == judged_at else "the reference's precision"
+    described = rule.describe() + (f" at {dtype_name(judged_at)}'s floor ({why})" if judged_at != dtype else "")
     missing = sorted(set(ref) ^ set(cand) | (set(ref) ^ set(base) if base is not None else set()))
     if missing:
         return Record(name, component, dtype_name(dtype), str(device), described, False,

@@ -12,12 +12,12 @@ import torch
 from verify import __version__, models
 from verify.checks.equivalence import cotangents, grad_inputs, judge_saved
 from verify.checks.probes import submodule_outputs
-from verify.checks.report import environment
+from verify.checks.report import environment, reference_precision
 from verify.checks.runner import build_component
 from verify.checks.tolerance import DTYPES, dtype_name
 from verify.errors import VerifyError
 from verify.files import saved
-from verify.implementations.candidate import Implementation, resolve
+from verify.implementations.candidate import Implementation, resolve, resolve_reference
 
 # How an entry's outputs come from the component, by the case's outputs function: one call with the manifest's
 # keyword arguments, or a protocol of several calls spelled out for the engine's author. A case whose outputs come
@@ -142,7 +142,7 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
                           f"in this qkv-verify (write the inputs again with this version)")
     engine = resolve(Implementation(f"outputs:{outputs}", lambda standard, component: None, f"outputs:{outputs}",
                                     str(outputs), None, ()), precision=precision)
-    ref = resolve(reference or "diffusers")
+    ref = resolve_reference(reference, module.REFERENCE_PRECISION)
     records = []
     for name in dict.fromkeys(e["case"] for e in manifest["entries"]):
         entries = [e for e in manifest["entries"] if e["case"] == name]
@@ -163,7 +163,7 @@ def judge_folder(outputs: Path, inputs: Path, reference: str | None = None, prec
         "compared": (f"{manifest['model']}, outputs {outputs} (sha256 {digest[:16]})"
                      + (f", declared {precision} precision (its fp64 outputs judged at {precision}'s floor)"
                         if engine.precision else "")
-                     + f" vs reference {ref.spec}"
+                     + f" vs reference {ref.spec}{reference_precision(manifest['model'], ref.describe())}"
                      + (f" (base: outputs {reference_outputs}, sha256 {base_digest[:16]})" if reference_outputs else "")
                      + f"; inputs {inputs} (seeded {manifest['config']} config, seed {manifest['seed']})"),
         "candidate": engine.describe() | {"default": None, "sha256": digest},

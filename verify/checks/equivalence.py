@@ -17,7 +17,7 @@ from verify.checks.probes import standard_parameters
 from verify.checks.runner import build_component, cast_copy, counting
 from verify.checks.tolerance import GRADIENTS, OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
-from verify.implementations.candidate import Build, Implementation, resolve
+from verify.implementations.candidate import Build, Implementation, oracle_precision, resolve
 from verify.implementations.fused import default_processor
 from verify.models.cases import Case, Outputs
 
@@ -74,7 +74,7 @@ def run_case(case: Case, dtypes: Iterable[torch.dtype] | None = None, device: st
             record = judge.compare(kind, ref, base, cand, dtype, fused_calls, (ref_impl, cand_impl), ref_module)
             if not record.passed and (record.mismatched or record.nonfinite):
                 record.first_divergence = judge.locate(ref_module, base_module, cand_module, dtype,
-                                                       floor_dtype(dtype, cand_impl.precision))
+                                                       judge.floor(dtype, ref_impl, cand_impl))
             records.append(record)
     return records
 
@@ -114,7 +114,7 @@ def judge_saved(case: Case, saved: dict[torch.dtype, Outputs | None], engine: Im
             seen = (modules or {}).get(dtype)
             if seen and not record.passed and (record.mismatched or record.nonfinite):
                 record.first_divergence = judge.locate_saved(ref_module, base_module, seen, dtype,
-                                                             floor_dtype(dtype, engine.precision))
+                                                             judge.floor(dtype, ref_impl, engine))
             records.append(record)
         if case.grads:
             given = (gradients or {}).get(dtype) or {}
@@ -153,7 +153,8 @@ def _saved_gradients(case: Case, judge: _Judge, standard: nn.Module, inputs: dic
         {k.removeprefix("input."): v for k, v in ref["gradients"].items() if k.startswith("input.")}, base, given)]
     judge.check_shapes(impls[1], sides[1], sides[2])
     record = compare(f"{case.name}/gradients", case.component, sides[0], sides[2], GRADIENTS, dtype, "cpu",
-                     base=sides[1], precision=impls[1].precision)
+                     base=sides[1], precision=impls[1].precision,
+                     reference_precision=oracle_precision(impls[0], case.reference_precision))
     record.weight_gradients = "not compared: an engine saves input gradients only"
     return record
 
@@ -204,7 +205,8 @@ class _Judge:
         name = f"{self.case.name}/{kind}"
         if kind == "outputs":
             return compare(name, self.case.component, ref[kind], cand[kind], OUTPUTS, dtype, self.device,
-                           base=base[kind], fused_calls=fused_calls, precision=impls[1].precision)
+                           base=base[kind], fused_calls=fused_calls, precision=impls[1].precision,
+                           reference_precision=self.oracle_precision(impls[0]))
         sides, why = {}, ""
         for role, grads, impl in (("ref", ref, impls[0]), ("base", base, impls[0]), ("cand", cand, impls[1])):
             mapped, problem = self.weight_gradients(grads[kind], impl)
@@ -214,9 +216,17 @@ class _Judge:
             sides = {role: {k: v for k, v in g.items() if k.startswith("input.")} for role, g in
                      (("ref", ref[kind]), ("base", base[kind]), ("cand", cand[kind]))}
         record = compare(name, self.case.component, sides["ref"], sides["cand"], GRADIENTS, dtype, self.device,
-                         base=sides["base"], fused_calls=fused_calls, precision=impls[1].precision)
+                         base=sides["base"], fused_calls=fused_calls, precision=impls[1].precision,
+                         reference_precision=self.oracle_precision(impls[0]))
         record.weight_gradients = f"not compared: {why}" if why else "compared"
         return record
+
+    def oracle_precision(self, reference: Implementation) -> str | None:
+        return oracle_precision(reference, self.case.reference_precision)
+
+    def floor(self, dtype: torch.dtype, reference: Implementation, candidate: Implementation) -> torch.dtype:
+        """The dtype whose floor locates a divergence: as compare judges, by the candidate's and oracle's precision."""
+        return floor_dtype(dtype, candidate.precision, self.oracle_precision(reference))
 
     def weight_gradients(self, gradients: Outputs, impl: Implementation) -> tuple[Outputs, str]:
         """Input gradients as they are, weight gradients renamed onto the standard's parameter names."""

@@ -25,7 +25,7 @@ from verify.errors import VerifyError
 from verify.files import lora_formats as formats
 from verify.files.checkpoint import Checkpoint
 from verify.files.model_config import is_merged, merge_recorded, model_config
-from verify.implementations.candidate import Implementation, resolve
+from verify.implementations.candidate import Implementation, oracle_precision, resolve, resolve_reference
 from verify.implementations.fused import default_processor
 from verify.implementations.loading import fuse_any
 from verify.maths.naming import NAMINGS
@@ -87,7 +87,7 @@ def load_subject(opts: Options) -> Subject:
     subject.model = model
     subject.candidate = resolve(opts.candidate or default_candidate(model, opts.device), opts.fused_modules,
                                 opts.candidate_precision)
-    subject.reference = resolve(opts.reference or "diffusers")
+    subject.reference = resolve_reference(opts.reference, models.load(model).REFERENCE_PRECISION)
     if opts.lora:
         subject.lora = _Lora(formats.read(opts.lora, opts.adapter_config), str(opts.lora), subject)
     elif embedded_lora(opts) and model == models.DEFAULT_MODEL:
@@ -269,7 +269,7 @@ def model_checks(subject: Subject, dtypes: list[torch.dtype], opts: Options) -> 
             run = run_streaming(subject.std, inputs, dtypes, opts.device, subject.candidate, subject.reference,
                                 subject.cand, *updates, model=subject.model)
             progress.update()
-            records += _records(f"{section}/{fixture}", run, opts.device, subject.candidate.precision)
+            records += _records(f"{section}/{fixture}", run, opts.device, subject)
             if section == "model":
                 stats += _stats(fixture, run)
                 samples += _samples(fixture, run)
@@ -343,8 +343,8 @@ def compared_line(summary: dict) -> str:
         declared += f", declared {cand['precision']} precision (its fp64 runs judged at {cand['precision']}'s floor)"
     model = inputs.get("model", models.DEFAULT_MODEL)
     line = (f"{model}, candidate {cand['spec']}{' (' + cand['default'] + ')' if cand['default'] else ''}{declared} vs "
-            f"reference {ref['spec']}; weights: {weights}; dtypes {','.join(inputs['dtypes'])}; "
-            f"device {inputs['device']}")
+            f"reference {ref['spec']}{reference_precision(model, ref)}; weights: {weights}; "
+            f"dtypes {','.join(inputs['dtypes'])}; device {inputs['device']}")
     cases = {name for name, case in models.load(model).CASES.items() if case.component == "model"}
     whole = sorted({c["name"].split("/")[0] for c in summary["checks"]} & cases)
     if whole:
@@ -356,6 +356,16 @@ def compared_line(summary: dict) -> str:
     return line
 
 
+def reference_precision(model: str, reference: dict) -> str:
+    """The compared line's words on a reference whose fp64 run, the oracle, computes coarser than fp64 (summary.json's
+    reference object): why, and that fp64 runs are judged at that precision's floor; empty for an fp64-precise one."""
+    precision = reference.get("precision")
+    if not precision:
+        return ""
+    why = models.load(model).REFERENCE_ROUNDING if reference["spec"] == "diffusers" else "declared"
+    return f" ({why}: the oracle is {precision}-precise, so fp64 runs are judged at {precision}'s floor)"
+
+
 def _implementation_notes(subject: Subject, records: list[Record]) -> list[str]:
     notes = []
     if not subject.candidate.fused:
@@ -363,20 +373,16 @@ def _implementation_notes(subject: Subject, records: list[Record]) -> list[str]:
                      "two implementations")
     absent = sorted({f"{r.name} ({r.message})" for r in records if not r.provided})
     notes += [f"not provided, not judged: {a}" for a in absent]
-    rounding = models.load(subject.model).REFERENCE_ROUNDING
-    at_fp32 = [r.name for r in records if not r.passed and r.dtype == "fp64" and r.effective_precision == "fp32"]
-    if rounding and at_fp32 and subject.reference.spec == "diffusers" and not subject.candidate.precision:
-        notes.append(f"{rounding}, so its fp64 run is fp32-precise there: an implementation that does not round "
-                     f"where it does differs at fp32's level in fp64 ({', '.join(sorted(set(at_fp32)))}); if yours "
-                     "computes at least as finely, judge it with --candidate-precision fp32")
     return notes
 
 
-def _records(name: str, run: StreamRun, device: str, precision: str | None) -> list[Record]:
+def _records(name: str, run: StreamRun, device: str, subject: Subject) -> list[Record]:
     records = []
+    reached = oracle_precision(subject.reference, models.load(subject.model).REFERENCE_PRECISION)
     for d in run.cand:
         record = compare(f"{name}/outputs", "model", run.ref, run.cand[d], OUTPUTS, d, device, base=run.base[d],
-                         fused_calls=run.fused_calls[d], precision=precision)
+                         fused_calls=run.fused_calls[d], precision=subject.candidate.precision,
+                         reference_precision=reached)
         if not record.passed:
             record.first_divergence = run.first_divergence[d]
         records.append(record)

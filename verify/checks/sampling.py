@@ -34,7 +34,7 @@ from verify.errors import VerifyError
 from verify.files import lora_formats as formats
 from verify.files import lora_mapping as mapping
 from verify.files.checkpoint import Checkpoint
-from verify.implementations.candidate import Implementation
+from verify.implementations.candidate import Implementation, oracle_precision
 
 
 class Fp64FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
@@ -102,6 +102,7 @@ def run_sampling(candidate: Implementation, reference: Implementation,
     cfg = module.TRUE_CFG_SCALE if opts.true_cfg_scale is None else opts.true_cfg_scale
     inputs = _inputs(module, config, size, cfg, opts.seed) | module.condition_inputs(opts.fixture, size, opts.seed)
     ref_model = _built(reference, standard, torch.float64, "cpu", "reference")
+    reached = oracle_precision(reference, module.REFERENCE_PRECISION)  # how finely the oracle computes
     oracle = _run(module, ref_model, vae, inputs, opts, torch.float64, "cpu", None, keep_calls=True)
     trajectory, final, single, images, pictures = [], [], [], [], {}
     for dtype in opts.dtypes:
@@ -112,13 +113,13 @@ def run_sampling(candidate: Implementation, reference: Implementation,
         cand = _run(module, cand_model, vae, inputs, opts, dtype, opts.device, candidate)
         records = [compare(f"step-{i + 1:02d}/latents", "sampling", {"latents": r}, {"latents": c}, OUTPUTS, dtype,
                            opts.device, base={"latents": b}, fused_calls=cand.fused_calls,
-                           precision=candidate.precision)
+                           precision=candidate.precision, reference_precision=reached)
                    for i, (r, b, c) in enumerate(zip(oracle.latents, base.latents, cand.latents))]
         first = next((i for i, r in enumerate(records) if not r.passed), None)
         if first is not None:
+            floor = floor_dtype(dtype, candidate.precision, reached)
             records[first].first_divergence = _locate(module, oracle, ref_model, base_model, cand_model, first,
-                                                      dtype, opts.device, floor_dtype(dtype, candidate.precision),
-                                                      standard, cfg > 1)
+                                                      dtype, opts.device, floor, standard, cfg > 1)
         trajectory += records
         single.append(_single_pass(module, oracle, reference, candidate, standard, merged, dtype, opts.device))
         last = records[-1]
@@ -227,7 +228,8 @@ def _single_pass(model, oracle: Run, reference: Implementation, candidate: Imple
             sides[role] = {"sample": transformer(**kwargs)[0]}
         fused_calls = calls()
     return compare("single-pass/sample", "sampling", sides["ref"], sides["cand"], OUTPUTS, dtype, device,
-                   base=sides["base"], fused_calls=fused_calls, precision=candidate.precision)
+                   base=sides["base"], fused_calls=fused_calls, precision=candidate.precision,
+                   reference_precision=oracle_precision(reference, model.REFERENCE_PRECISION))
 
 
 def _lora_plan(path: Path, standard: nn.Module) -> mapping.Plan:

@@ -24,7 +24,7 @@ from verify.checks.runner import counting, required
 from verify.checks.tolerance import floor_dtype
 from verify.files.checkpoint import Checkpoint
 from verify.files.model_config import is_merged
-from verify.implementations.candidate import Implementation
+from verify.implementations.candidate import Implementation, oracle_precision
 from verify.implementations.loading import check_fits, empty_model, merged_naming
 from verify.maths.state_dict import split_state_dict
 
@@ -131,6 +131,7 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
     `std_update` before.
     """
     config, arch = std.config, models.load(model)  # the model's module: its prologue, blocks, epilogue
+    floor_precisions = (candidate.precision, oracle_precision(reference, arch.REFERENCE_PRECISION))
     impls = [_Impl("ref", torch.float64)]
     impls += [_Impl(role, d) for d in dtypes for role in ("base", "cand")]
     top_std, top_cand = _on(std.top(), device), _on((cand or std).top(), device)
@@ -153,7 +154,7 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
             with torch.no_grad(), counting(impl.block, implementation.fused_modules) as calls:
                 impl.state = arch.stream_step(impl.block, impl.state)
             impl.fused_calls.append(calls())
-        _locate(run, impls, i, shared, candidate.precision, arch)
+        _locate(run, impls, i, shared, floor_precisions, arch)
         del w_std, w_cand
     for impl in impls:
         out = {"sample": arch.stream_epilogue(impl.top, config, impl.state)}
@@ -191,14 +192,15 @@ def _implementation_block(config: dict, impl: _Impl, weights: Weights, implement
     return built
 
 
-def _locate(run: StreamRun, impls: list[_Impl], i: int, shared: set[str], precision: str | None, arch) -> None:
+def _locate(run: StreamRun, impls: list[_Impl], i: int, shared: set[str], precisions: tuple[str | None, ...],
+            arch) -> None:
     """After block i: for each dtype whose candidate has not diverged yet, check both streams against the bound
     and, where they leave it, name block i and its first diverging submodule (among the names in `shared`)."""
     ref = impls[0]
     for base, cand in zip(impls[1::2], impls[2::2]):
         if run.first_divergence[cand.dtype] is not None:
             continue
-        floor = floor_dtype(cand.dtype, precision)
+        floor = floor_dtype(cand.dtype, *precisions)
         if not any(leaves_bound(ref.state[k], base.state[k], cand.state[k], floor) for k in arch.STREAMS):
             continue
         before = {id(x.block): x.before for x in (ref, base, cand)}

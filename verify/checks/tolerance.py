@@ -71,12 +71,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
 
-def floor_dtype(dtype: torch.dtype, precision: str | None) -> torch.dtype:
-    """Whose floor judges a run in `dtype` of an implementation declaring `precision`: the coarser of the two (an
-    fp32-declared candidate's fp64 runs at fp32's floor; its fp32, bf16 and fp16 runs as anyone's)."""
-    if precision is None:
-        return dtype
-    return max(dtype, DTYPES[precision], key=lambda d: PRECISIONS.index(dtype_name(d)))
+def floor_dtype(dtype: torch.dtype, *precisions: str | None) -> torch.dtype:
+    """Whose floor judges a run in `dtype` given the precisions declared (the candidate's, the oracle's; None: none):
+    the coarsest of them and `dtype` (an fp32-declared candidate's fp64 runs at fp32's floor; its fp32, bf16 and fp16
+    runs as anyone's). A bound finer than what the oracle computes at would fail correct reorderings."""
+    declared = [DTYPES[p] for p in precisions if p is not None]
+    return max([dtype, *declared], key=lambda d: PRECISIONS.index(dtype_name(d)))
 
 
 def parse_dtypes(text: str) -> list[torch.dtype]:

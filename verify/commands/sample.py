@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from verify.commands.report import _dtypes
-from verify.models import add_model_argument, choose
+from verify.models import add_model_argument, choose, load
 
 FIXTURES = ("text-to-image", "edit", "edit-2511", "edit-adjacent")
 
@@ -94,7 +94,7 @@ def _sample(args) -> int:
     from verify.commands.report import _refuse_foreign_out, _refuse_writing_into_inputs
     from verify.errors import VerifyError
     from verify.files.checkpoint import Checkpoint
-    from verify.implementations.candidate import resolve
+    from verify.implementations.candidate import resolve, resolve_reference
     from verify.present.sample import write_sample
 
     checkpoints = {flag: path for flag, path in (("--checkpoint", args.checkpoint),
@@ -109,7 +109,7 @@ def _sample(args) -> int:
     _refuse_foreign_out(args.out, args.force)
     candidate = resolve(args.candidate or default_candidate(model, args.device), args.fused_modules,
                         args.candidate_precision)
-    reference = resolve(args.reference or "diffusers")
+    reference = resolve_reference(args.reference, load(model).REFERENCE_PRECISION)
     dtypes = tuple(dict.fromkeys([*REQUIRED_DTYPES, *args.dtypes]))
     opts = SampleOptions(model=model, config=args.config, fixture=args.fixture, steps=args.steps,
                          true_cfg_scale=args.true_cfg_scale, size=args.size, dtypes=dtypes, device=args.device,
@@ -137,12 +137,15 @@ def _sample(args) -> int:
 def compared_line(summary: dict) -> str:
     """What was sampled (the user's checkpoint, merged checkpoint and VAE named when given), with what, and where
     cand first left the bound."""
+    from verify.checks.report import reference_precision
+
     s, cand = summary["sampling"], summary["candidate"]
     weights = f"checkpoint {s['checkpoint']}" if s.get("checkpoint") else f"seeded {s['config']} config"
     if s.get("merged_checkpoint"):
         weights += f", merged weights {s['merged_checkpoint']} ({s['layout']})"
     line = (f"{s['model']}, {s['pipeline']} ({s['fixture']}) {s['steps']} steps at {s['size'][0]}x{s['size'][1]}, "
-            f"true CFG {s['true_cfg_scale']:g}: candidate {cand['spec']} vs reference {summary['reference']['spec']}; "
+            f"true CFG {s['true_cfg_scale']:g}: candidate {cand['spec']} vs reference {summary['reference']['spec']}"
+            f"{reference_precision(s['model'], summary['reference'])}; "
             f"{weights} (seed {s['seed']}){'; VAE ' + s['vae_folder'] if 'vae_folder' in s else ''}; dtypes "
             f"{','.join(dict.fromkeys(r['dtype'] for r in summary['trajectory']))}")
     line += f"; LoRA {summary['lora']['file']} swept over {len(summary['lora']['sweep'])} factors" \

@@ -91,6 +91,20 @@ def resolve(spec: str | Build | Implementation, fused_modules: str | tuple[str, 
     return impl
 
 
+def resolve_reference(spec: str | Build | Implementation | None, standard_precision: str | None) -> Implementation:
+    """The reference a SPEC names (None: diffusers' standard model), its precision that of its fp64 run, the oracle
+    (`standard_precision`: the model's REFERENCE_PRECISION, for diffusers' own model)."""
+    reference = resolve(spec or "diffusers")
+    return replace(reference, precision=oracle_precision(reference, standard_precision))
+
+
+def oracle_precision(reference: Implementation, standard_precision: str | None) -> str | None:
+    """The finest arithmetic the reference's fp64 run, the oracle, computes at: for diffusers' own model what its
+    model declares (`standard_precision`, verify.models' REFERENCE_PRECISION), for any other reference its own
+    declaration."""
+    return standard_precision if reference.spec == "diffusers" else reference.precision
+
+
 def parse_fused_modules(text: str | tuple[str, ...]) -> tuple[str, ...]:
     """'to_qkv,add_qkv_proj' -> ('to_qkv', 'add_qkv_proj'); 'none' -> () (an unfused implementation)."""
     names = tuple(text) if isinstance(text, tuple) else tuple(t.strip() for t in text.split(",") if t.strip())

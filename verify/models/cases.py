@@ -25,6 +25,7 @@ class Case:
     spec: object  # the model's input spec (sizes of the fixture)
     dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     grads: bool = False  # also compare gradients w.r.t. inputs and weights
+    reference_precision: str | None = None  # the finest diffusers' component computes at (its REFERENCE_PRECISION)
 
 
 def model_outputs(model: nn.Module, inputs: dict) -> Outputs:

@@ -39,6 +39,7 @@ from verify.models.seeded import named_config, seeded
 MODEL_CLASS = QwenImageTransformer2DModel  # diffusers' class of the whole model
 CLASS_NAME = "QwenImageTransformer2DModel"  # the `_class_name` of its config.json
 REFERENCE_ROUNDING = None  # diffusers' model computes in the dtype it runs in (see qwen_image_21.REFERENCE_ROUNDING)
+REFERENCE_PRECISION = None  # so its fp64 run, the oracle, is fp64-precise
 
 # diffusers' own test config; "small" is wide enough for several heads per block; "full" is the real model.
 CONFIGS: dict[str, dict] = {
