@@ -50,7 +50,9 @@ SCOPE: dict[str, tuple[str, ...] | None] = dict.fromkeys([
     "verify/commands/convert.py", "verify/commands/lora.py", "verify/commands/regress.py", "verify/cli.py",
     "verify/present/render.py", "verify/testing.py", "verify/pytest_plugin.py", "verify/maths/qkv.py",
     "verify/maths/state_dict.py", "verify/maths/lora.py", "verify/bench/gate.py", "verify/bench/judge.py",
-    "verify/errors.py", "verify/models/__init__.py",
+    "verify/errors.py", "verify/models/__init__.py", "verify/checks/runner.py", "verify/checks/sampling.py",
+    "verify/checks/engines.py", "verify/commands/sample.py", "verify/commands/engines.py", "verify/files/saved.py",
+    "verify/files/folder.py",
 ])
 # Sampled share of a module's mutants: every mutant of a module with at most MIN_SAMPLE of them, else enough for
 # MIN_SAMPLE, and never below MIN_RATE (14,282 mutants in scope at b732055; the sample is about 900).
