@@ -74,12 +74,25 @@ class Options:
             raise VerifyError("--image-tokens, --text-tokens and --batch must be positive")
         if self.repeats < 1 or self.warmup < 1:
             raise VerifyError("--repeats and --warmup must be at least 1")
-        if self.full_model and self.model != "qwen-image":
-            raise VerifyError(f"--full-model: the whole-model rows time Qwen-Image only, not {self.model} "
-                              "(its block rows are timed without --full-model)")
+        if self.full_model:
+            self._validate_full_model()
         if self.lora_rank < 0 or (LORA_PHASE in self.phases) != (self.lora_rank > 0):
             raise VerifyError(f"--lora-rank must be positive exactly when the {LORA_PHASE!r} rows are asked for, got "
                               f"rank {self.lora_rank} with phases {', '.join(self.phases)}")
+
+    def _validate_full_model(self) -> None:
+        """--full-model needs the model's whole-model bench (verify.models: bench_full_model), and image tokens in
+        the multiples its inputs come in."""
+        from verify.models import load
+
+        model = load(self.model)
+        if not hasattr(model, "bench_full_model"):
+            raise VerifyError(f"--full-model: {self.model} has no whole-model bench (its block rows are timed "
+                              "without --full-model)")
+        step = model.BENCH_FULL_MODEL_TOKENS
+        if any(tokens % step for tokens in self.image_tokens):
+            raise VerifyError(f"--full-model: {self.model}'s image tokens come in multiples of {step}, got "
+                              f"--image-tokens {','.join(map(str, self.image_tokens))}")
 
     @property
     def lean_unfused(self) -> bool:

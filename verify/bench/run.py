@@ -1,7 +1,7 @@
 """`qkv-verify bench`: the speed of the merged-QKV block against diffusers' standard one, measured, never assumed.
 
 One seeded transformer block of the model (Qwen-Image, or Qwen-Image 2.1: what the block, its inputs, FLOPs and LoRA
-targets are comes from verify.models) in bf16 (or, with --full-model, Qwen-Image's whole model), standard vs merged (the
+targets are comes from verify.models) in bf16 (or, with --full-model, its whole model), standard vs merged (the
 chosen processor), forward and training step (forward + backward), eager and torch.compile. Qwen-Image's rows have a
 third arm, *lean-unfused* (verify.implementations.lean_unfused; Qwen-Image 2.1's processor has no counterpart, and its
 config.lean_unfused says so): the merged processor's own norm/RoPE/joint-layout arithmetic on the separate q/k/v

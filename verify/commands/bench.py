@@ -81,8 +81,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--check-tokens", type=int,
                    help="also judge (not time) the arms at N image tokens; every timed size is judged anyway")
     p.add_argument("--full-model", action="store_true",
-                   help="also the whole model (--layers blocks) forward, bf16, seeded on the device (~41 GB); "
-                        "qwen-image only")
+                   help="also the whole model (--layers blocks) forward, bf16, seeded on the device (~41 GB for "
+                        "qwen-image; qwen-image-2.1: no lean-unfused arm, image tokens in multiples of 4)")
     p.add_argument("--layers", type=int, default=60, help="blocks of --full-model (default 60)")
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="seconds; past it no new (mode, size) group starts, the JSON lists what was skipped")

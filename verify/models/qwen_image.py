@@ -441,3 +441,49 @@ def bench_flops(config: dict, image_tokens: int, text_tokens: int) -> tuple[floa
 def bench_sequence(inputs: dict) -> list[tuple[torch.Tensor, int]]:
     """The (tensor, dim) of the inputs that grow with the image tokens (compiled as one symbol)."""
     return [(inputs["hidden_states"], 1), (inputs["image_rotary_emb"][0], 0)]
+
+
+# The whole model (verify.bench.full_model, --full-model): built in the bench's dtype directly on the device, its
+# inputs at an image grid and a text length (no text padding), its matmul FLOPs.
+BENCH_FULL_MODEL_TOKENS = 1  # --full-model's image tokens come in multiples of this (any grid of patches)
+
+
+def bench_full_model(config: dict, seed: int, device: str, dtype: torch.dtype) -> QwenImageTransformer2DModel:
+    """The whole model of `config` with seeded weights, built in `dtype` directly on `device` (about 41 GB at the real
+    size in bf16; never fp32 or fp64 on the way)."""
+    from verify.models.seeded import randomise_norms
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = QwenImageTransformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(default)
+    randomise_norms(model, seed)
+    return model.eval()
+
+
+def bench_full_model_inputs(config: dict, grid: tuple[int, int], text_tokens: int, batch: int, seed: int, device: str,
+                            dtype: torch.dtype) -> dict:
+    """Seeded inputs (standard normal) of the whole model's forward for an image of `grid` (height, width) patches."""
+    g = torch.Generator(device=device).manual_seed(seed + prod(grid))
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+    return dict(hidden_states=randn(batch, prod(grid), config["in_channels"]),
+                encoder_hidden_states=randn(batch, text_tokens, config["joint_attention_dim"]),
+                encoder_hidden_states_mask=None, timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+                img_shapes=[[(1, *grid)]] * batch)
+
+
+def bench_full_model_flops(config: dict, image_tokens: int, text_tokens: int) -> float:
+    """One sample's forward FLOPs of the whole model's matrix multiplies: every block's (bench_flops), img_in and
+    txt_in, and proj_out over the image tokens (the time embedding and norm_out's, a row per sample, are negligible)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    out = config["patch_size"] ** 2 * config["out_channels"]
+    edges = 2 * (image_tokens * config["in_channels"] * d + text_tokens * config["joint_attention_dim"] * d
+                 + image_tokens * d * out)
+    return config["num_layers"] * sum(bench_flops(config, image_tokens, text_tokens)) + edges

@@ -644,3 +644,54 @@ def bench_flops(config: dict, image_tokens: int, text_tokens: int) -> tuple[floa
 def bench_sequence(inputs: dict) -> list[tuple[torch.Tensor, int]]:
     """The (tensor, dim) of the inputs that grow with the image tokens (compiled as one symbol)."""
     return [(inputs["hidden_states"], 1), (inputs["rotary_emb"], 0), (inputs["target_token_mask"], 0)]
+
+
+# The whole model (verify.bench.full_model, --full-model): built in the bench's dtype directly on the device, its
+# inputs for a text-to-image prefill as model_inputs lays them out, its matmul FLOPs.
+BENCH_FULL_MODEL_TOKENS = TOKENS_PER_SLOT  # --full-model's target image fills whole image slots of 2 x 2 tokens
+
+
+def bench_full_model(config: dict, seed: int, device: str, dtype: torch.dtype) -> QwenImage21Transformer2DModel:
+    """The whole model of `config` with seeded weights, built in `dtype` directly on `device` (never fp32 or fp64 on
+    the way)."""
+    from verify.models.seeded import randomise_norms
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = QwenImage21Transformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(default)
+    randomise_norms(model, seed)
+    return model.eval()
+
+
+def bench_full_model_inputs(config: dict, grid: tuple[int, int], text_tokens: int, batch: int, seed: int, device: str,
+                            dtype: torch.dtype) -> dict:
+    """Seeded inputs (standard normal) of the whole model's text-to-image prefill, laid out as model_inputs lays out
+    an InputSpec's: `text_tokens` of text, then the target image of `grid` (height, width) latent tokens, its slots
+    marked in img_mask; no text padding (pipelines pass None)."""
+    spec = InputSpec(batch=batch, text_len=text_tokens, target=grid)
+    g = torch.Generator(device=device).manual_seed(seed + math.prod(grid))
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+    return dict(hidden_states=randn(batch, spec.target_tokens, config["in_channels"]),
+                encoder_hidden_states=randn(batch, text_tokens, config["context_in_dim"]),
+                encoder_hidden_states_mask=None, timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+                img_shapes=spec.img_shapes(), img_mask=spec.img_mask().to(device))
+
+
+def bench_full_model_flops(config: dict, image_tokens: int, text_tokens: int) -> float:
+    """One sample's forward FLOPs of the whole model's matrix multiplies: every block's (bench_flops), img_in, txt_in's
+    two layers, and proj_out over the joint sequence (diffusers projects every token); the time embedding, the
+    shared modulation and norm_out's scale (a few rows per sample) are negligible."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    patch = config["patch_size"] ** 2
+    out = patch * (config.get("out_channels") or config["in_channels"])
+    edges = 2 * (image_tokens * patch * config["in_channels"] * d + text_tokens * (config["context_in_dim"] + d) * d
+                 + (image_tokens + text_tokens) * d * out)
+    return config["num_layers"] * sum(bench_flops(config, image_tokens, text_tokens)) + edges
