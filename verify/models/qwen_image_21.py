@@ -42,7 +42,7 @@ CLASS_NAME = "QwenImage21Transformer2DModel"  # the `_class_name` of its config.
 # What diffusers' own model rounds below the dtype it runs in (`x.float()` in its RoPE and RMSNorm,
 # `dtype=torch.float32` in its timestep embedding), so its fp64 run, the oracle, is fp32-precise: fp64 runs judged
 # against it are judged at fp32's floor (a correct fused GEMM's last-ulp differences cross its fp32 roundings and
-# land at fp32's level: reports/gpu/report-21-full-h100.json)
+# land at fp32's level on a GPU: reports/gpu/NOTES.md, report-21-full-h100.json)
 REFERENCE_ROUNDING = ("diffusers' Qwen-Image 2.1 computes its RoPE, RMSNorm and timestep embedding in fp32 whatever "
                       "the dtype")
 REFERENCE_PRECISION = "fp32"
