@@ -34,7 +34,7 @@ from torch import nn
 
 from verify.errors import VerifyError
 from verify.models.cases import Case, Outputs, model_outputs
-from verify.models.seeded import named_config, seeded
+from verify.models.seeded import named_config, seeded, seeded_on
 
 MODEL_CLASS = QwenImageTransformer2DModel  # diffusers' class of the whole model
 CLASS_NAME = "QwenImageTransformer2DModel"  # the `_class_name` of its config.json
@@ -451,18 +451,7 @@ BENCH_FULL_MODEL_TOKENS = 1  # --full-model's image tokens come in multiples of 
 def bench_full_model(config: dict, seed: int, device: str, dtype: torch.dtype) -> QwenImageTransformer2DModel:
     """The whole model of `config` with seeded weights, built in `dtype` directly on `device` (about 41 GB at the real
     size in bf16; never fp32 or fp64 on the way)."""
-    from verify.models.seeded import randomise_norms
-
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = QwenImageTransformer2DModel(**config)
-    finally:
-        torch.set_default_dtype(default)
-    randomise_norms(model, seed)
-    return model.eval()
+    return seeded_on(QwenImageTransformer2DModel, config, seed, device, dtype)
 
 
 def bench_full_model_inputs(config: dict, grid: tuple[int, int], text_tokens: int, batch: int, seed: int, device: str,

@@ -35,7 +35,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from verify.errors import VerifyError
 from verify.models.cases import Case, Outputs, model_outputs
-from verify.models.seeded import named_config, seeded
+from verify.models.seeded import named_config, seeded, seeded_on
 
 MODEL_CLASS = QwenImage21Transformer2DModel  # diffusers' class of the whole model
 CLASS_NAME = "QwenImage21Transformer2DModel"  # the `_class_name` of its config.json
@@ -654,18 +654,7 @@ BENCH_FULL_MODEL_TOKENS = TOKENS_PER_SLOT  # --full-model's target image fills w
 def bench_full_model(config: dict, seed: int, device: str, dtype: torch.dtype) -> QwenImage21Transformer2DModel:
     """The whole model of `config` with seeded weights, built in `dtype` directly on `device` (never fp32 or fp64 on
     the way)."""
-    from verify.models.seeded import randomise_norms
-
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = QwenImage21Transformer2DModel(**config)
-    finally:
-        torch.set_default_dtype(default)
-    randomise_norms(model, seed)
-    return model.eval()
+    return seeded_on(QwenImage21Transformer2DModel, config, seed, device, dtype)
 
 
 def bench_full_model_inputs(config: dict, grid: tuple[int, int], text_tokens: int, batch: int, seed: int, device: str,

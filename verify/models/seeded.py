@@ -28,6 +28,21 @@ def seeded(make: Callable[[], nn.Module], seed: int, dtype: torch.dtype = torch.
     return nn.Module.to(module, dtype).eval()
 
 
+def seeded_on(model_class: type[nn.Module], config: dict, seed: int, device: str, dtype: torch.dtype) -> nn.Module:
+    """model_class(**config) with seeded weights, built in `dtype` directly on `device` (a real-size model never passes
+    through fp32 or fp64, nor the CPU), its norms randomised, in eval mode."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(**config)
+    finally:
+        torch.set_default_dtype(default)
+    randomise_norms(model, seed)
+    return model.eval()
+
+
 def randomise_norms(module: nn.Module, seed: int) -> None:
     """Draw every RMSNorm weight of `module` from U(0.5, 1.5), seeded."""
     g = torch.Generator().manual_seed(seed + 1)
