@@ -6,8 +6,8 @@
 set -uo pipefail
 out=${1:?output folder}
 shift
-models=("${@:-qwen-image}" )
-[ $# -eq 0 ] && models=(qwen-image qwen-image-2.1)
+models=("$@")
+[ ${#models[@]} -eq 0 ] && models=(qwen-image qwen-image-2.1)
 mkdir -p "$out"
 source "$(dirname "$0")/preamble.sh"
 for model in "${models[@]}"; do
