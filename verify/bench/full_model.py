@@ -28,7 +28,7 @@ def full_model_rows(opts: Options, peaks: tuple[float, float], t0: float, rows: 
     """The whole transformer (opts.layers blocks) forward: standard, lean-unfused (its processors installed; a model
     without that arm gets None there and its reason in result["skipped"]), then fused in place (one copy fits in
     memory); rows are appended to `rows` as they complete."""
-    from verify.implementations.loading import fuse_any
+    from verify.implementations.loading import fuse_any, unfuse_any
     from verify.maths.naming import DEFAULT_NAMING
 
     model = build_full_model(opts)
@@ -74,7 +74,7 @@ def full_model_rows(opts: Options, peaks: tuple[float, float], t0: float, rows: 
             _uncompile_blocks(model)
             opts.log(f"[{time.time() - t0:6.1f}s] full model {format_row(row)}")
             opts.on_update(result)
-        _unfuse(model)
+        unfuse_any(model)
 
 
 def _lean_rows(model: nn.Module, opts: Options, rows: list[dict], std_out: dict, inputs: dict, tokens: int,
@@ -92,13 +92,6 @@ def _lean_rows(model: nn.Module, opts: Options, rows: list[dict], std_out: dict,
                    kernels_lean_unfused=count_kernels(forward_call(run, inputs), opts.device, calls=1),
                    lean_check=sanity_check(f"full-model/{mode}/{tokens}/lean-unfused", (std_out[mode],), (lean,)))
         _uncompile_blocks(model)
-
-
-def _unfuse(model: nn.Module) -> None:
-    """fuse_any undone, dispatched as it dispatches: Qwen-Image 2.1's attentions by fused_21, else Qwen-Image's."""
-    from verify.implementations import fused, fused_21
-
-    (fused_21 if fused_21.attentions(model) else fused).unfuse_model(model)
 
 
 def full_model_config(opts: Options) -> dict:

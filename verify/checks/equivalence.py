@@ -154,7 +154,7 @@ def _saved_gradients(case: Case, judge: _Judge, standard: nn.Module, inputs: dic
     judge.check_shapes(impls[1], sides[1], sides[2])
     record = compare(f"{case.name}/gradients", case.component, sides[0], sides[2], GRADIENTS, dtype, "cpu",
                      base=sides[1], precision=impls[1].precision,
-                     reference_precision=oracle_precision(impls[0], case.reference_precision))
+                     reference_precision=judge.oracle_precision(impls[0]))
     record.weight_gradients = "not compared: an engine saves input gradients only"
     return record
 

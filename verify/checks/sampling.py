@@ -121,7 +121,8 @@ def run_sampling(candidate: Implementation, reference: Implementation,
             records[first].first_divergence = _locate(module, oracle, ref_model, base_model, cand_model, first,
                                                       dtype, opts.device, floor, standard, cfg > 1)
         trajectory += records
-        single.append(_single_pass(module, oracle, reference, candidate, standard, merged, dtype, opts.device))
+        single.append(_single_pass(module, oracle, reference, candidate, standard, merged, dtype, opts.device,
+                                   reached))
         last = records[-1]
         final.append(Record(**{**last.__dict__, "name": "final/latents"}))
         pictures[dtype_name(dtype)] = {"oracle": oracle.image, "standard": base.image, "merged": cand.image}
@@ -213,7 +214,7 @@ def _weights_setup(opts: SampleOptions) -> dict:
 
 
 def _single_pass(model, oracle: Run, reference: Implementation, candidate: Implementation, standard: nn.Module,
-                 merged: nn.Module, dtype: torch.dtype, device: str) -> Record:
+                 merged: nn.Module, dtype: torch.dtype, device: str, reached: str | None) -> Record:
     """Step 1's first model call alone, by freshly built models on the oracle's inputs: the error that one forward
     pass shows, beside which the per-step records show how the error grows over the steps (informational: the
     trajectory decides the verdict)."""
@@ -229,7 +230,7 @@ def _single_pass(model, oracle: Run, reference: Implementation, candidate: Imple
         fused_calls = calls()
     return compare("single-pass/sample", "sampling", sides["ref"], sides["cand"], OUTPUTS, dtype, device,
                    base=sides["base"], fused_calls=fused_calls, precision=candidate.precision,
-                   reference_precision=oracle_precision(reference, model.REFERENCE_PRECISION))
+                   reference_precision=reached)
 
 
 def _lora_plan(path: Path, standard: nn.Module) -> mapping.Plan:

@@ -12,7 +12,7 @@ from verify.errors import VerifyError
 from verify.files.checkpoint import Checkpoint
 from verify.files.model_config import differing_fields, is_merged, merge_recorded, model_config
 from verify.implementations import fused_21
-from verify.implementations.fused import fuse_model
+from verify.implementations.fused import fuse_model, unfuse_model
 from verify.maths.naming import NAMINGS
 from verify.models.qwen_image import QwenImageTransformer2DModel
 
@@ -30,6 +30,13 @@ def fuse_any(model: nn.Module, naming: str, layout: str, processor: str | None =
     if fused_21.attentions(model):
         return fused_21.fuse_model(model, layout)
     return fuse_model(model, naming, layout, processor)
+
+
+def unfuse_any(model: nn.Module) -> nn.Module:
+    """fuse_any undone, dispatched as it dispatches: Qwen-Image 2.1's attentions by fused_21, else Qwen-Image's."""
+    if fused_21.attentions(model):
+        return fused_21.unfuse_model(model)
+    return unfuse_model(model)
 
 
 def load_standard(ckpt: Checkpoint, dtype: torch.dtype = torch.float64) -> QwenImageTransformer2DModel:
