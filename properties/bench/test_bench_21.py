@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from properties.bench import passing_bench
 from verify.bench import blocks as bench_blocks
 from verify.bench import options as bench_options
 from verify.bench import run as bench_run
@@ -37,16 +38,7 @@ def script_args() -> list[str]:
 
 @pytest.fixture(scope="module")
 def run21(tmp_path_factory) -> tuple[dict, str]:
-    out = tmp_path_factory.mktemp("bench21") / "bench.json"
-    capture = pytest.MonkeyPatch()
-    lines: list[str] = []
-    capture.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
-    try:
-        status = main(["bench", *script_args(), *TINY, "--json", str(out)])
-    finally:
-        capture.undo()
-    assert status == 0, "\n".join(lines[-20:])
-    return json.loads(out.read_text()), "\n".join(lines)
+    return passing_bench([*script_args(), *TINY], tmp_path_factory.mktemp("bench21") / "bench.json")
 
 
 def test_the_gpu_script_runs_the_real_width_model():

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from properties.bench import passing_bench
 from verify import planted
 from verify.bench import full_model as bench_full_model
 from verify.bench import options as bench_options
@@ -32,16 +33,7 @@ def bench(tmp_path, *extra: str) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def run21(tmp_path_factory) -> tuple[dict, str]:
-    out = tmp_path_factory.mktemp("bench21full") / "bench.json"
-    capture = pytest.MonkeyPatch()
-    lines: list[str] = []
-    capture.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
-    try:
-        status = main(["bench", *TINY, *FULL, "--json", str(out)])
-    finally:
-        capture.undo()
-    assert status == 0, "\n".join(lines[-20:])
-    return json.loads(out.read_text()), "\n".join(lines)
+    return passing_bench([*TINY, *FULL], tmp_path_factory.mktemp("bench21full") / "bench.json")
 
 
 def test_the_whole_2_1_model_is_timed_standard_then_fused(run21):
