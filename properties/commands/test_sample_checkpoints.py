@@ -163,10 +163,17 @@ def test_a_broken_vae_folder_is_refused(folders, tmp_path, capsys, edit, words):
     (["--model", "qwen-image-2.1", "--vae", "{f}/vae-0"],
      "config.json names AutoencoderKLQwenImage, not AutoencoderKLQwenImage21"),
     (["--vae", "{f}/no-such-folder"], "no such folder"),
-    (["--checkpoint", "{f}/transformer-wide"], "the seeded tiny VAE has z_dim 4, but the transformer of "
-     "{f}/transformer-wide (in_channels 64) samples latents of 16 channels; pass --vae DIR"),
     (["--checkpoint", "{f}/transformer-wide", "--vae", "{f}/vae-0"], "--vae {f}/vae-0 has z_dim 4, but"),
 ])
 def test_a_folder_of_the_wrong_kind_is_refused(folders, tmp_path, capsys, args, words):
     code, _ = sample(tmp_path / "out", *(a.format(f=folders) for a in args))
     assert_refused(code, tmp_path / "out", capsys.readouterr().err, words.format(f=folders))
+
+
+def test_a_checkpoint_of_the_real_latent_width_is_decoded_by_a_seeded_vae_of_its_width(folders, tmp_path):
+    """The seeded VAE takes the transformer's latent channels (in_channels 64 unpacked 2 x 2: z_dim 16, the real
+    VAE's), so a checkpoint of the real latent width samples without --vae."""
+    code, summary = sample(tmp_path / "out", "--checkpoint", str(folders / "transformer-wide"))
+    assert code == 0 and summary["verdict"] == "pass"
+    assert summary["sampling"]["vae"].startswith("seeded tiny AutoencoderKLQwenImage in fp64")
+    assert qwen_image.build_vae(qwen_image.model_config("full"), 0).config.z_dim == 64 // 4

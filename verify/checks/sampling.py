@@ -28,7 +28,7 @@ from verify.checks.compare import Record, compare
 from verify.checks.divergence import first_divergence
 from verify.checks.inputs import cast_inputs
 from verify.checks.runner import cast_copy, counting, required
-from verify.checks.streaming import BLOCKS, StateDictSource, _standard_weights
+from verify.checks.streaming import BLOCKS, SeededSource, StateDictSource, _standard_weights, streamed_model
 from verify.checks.tolerance import OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
 from verify.files import lora_formats as formats
@@ -81,6 +81,13 @@ class SampleOptions:
     merged_checkpoint: Path | None = None  # the user's merged weights: what the candidate builds from, split back
     layout: str = "blocked"  # of merged_checkpoint's fused tensors
     vae: Path | None = None  # a diffusers VAE folder (else a seeded tiny VAE)
+    stream: bool = False  # each block's weights held only while it runs (verify.checks.streaming.streamed_model)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether every run, the oracle included, holds one block's weights at a time, on `device`: asked for, or
+        the seeded real width (whose fp64 oracle, about 160 GB whole, fits no card)."""
+        return self.stream or (self.config == "full" and self.checkpoint is None)
 
 
 def run_sampling(candidate: Implementation, reference: Implementation,
@@ -91,24 +98,30 @@ def run_sampling(candidate: Implementation, reference: Implementation,
     if opts.fixture not in module.SAMPLING_FIXTURES:
         raise VerifyError(f"sample --model {opts.model} --fixture {opts.fixture}: not supported (it samples "
                           f"{', '.join(module.SAMPLING_FIXTURES)})")
+    if opts.lora and opts.streamed:
+        raise VerifyError("--lora cannot be sampled streamed (--stream, --config full): its sweep merges the LoRA "
+                          "into the whole model; sample it at a width whose model fits in memory")
     pipeline_class, overrides = module.SAMPLING_FIXTURES[opts.fixture]
     given_vae = _vae(module, opts.vae) if opts.vae else None  # refused before a transformer is read
     config, subject = _config(module, opts, overrides)
-    vae = given_vae if given_vae is not None else module.build_vae(config, opts.seed)
-    _refuse_unfit_vae(module, config, vae, opts)  # before a checkpoint is loaded whole
+    if given_vae is not None:
+        _refuse_unfit_vae(module, config, given_vae, opts)  # before a checkpoint is loaded whole
+    vae = given_vae if given_vae is not None else module.build_vae(config, opts.seed)  # built to fit
     standard, merged, weights = _transformers(module, opts, config, subject)
     lora = _lora_plan(opts.lora, standard) if opts.lora else None  # refused before anything runs
+    oracle_at = opts.device if opts.streamed else "cpu"  # a streamed oracle runs where the blocks are made
     size = opts.size or module.SAMPLE_SIZE
     cfg = module.TRUE_CFG_SCALE if opts.true_cfg_scale is None else opts.true_cfg_scale
     inputs = _inputs(module, config, size, cfg, opts.seed) | module.condition_inputs(opts.fixture, size, opts.seed)
-    ref_model = _built(reference, standard, torch.float64, "cpu", "reference")
+    ref_model = _built(module, reference, standard, torch.float64, oracle_at, "reference")
     reached = oracle_precision(reference, module.REFERENCE_PRECISION)  # how finely the oracle computes
-    oracle = _run(module, ref_model, vae, inputs, opts, torch.float64, "cpu", None, keep_calls=True)
+    oracle = _run(module, ref_model, vae, inputs, opts, torch.float64, oracle_at, None, keep_calls=True)
+    shared = {n for n, _ in module.empty_model(config).named_modules() if n}  # the standard model's module names
     trajectory, final, single, images, pictures = [], [], [], [], {}
     for dtype in opts.dtypes:
-        base_model = _built(reference, standard, dtype, opts.device, "reference")
-        cand_model = _built(candidate, merged, dtype, opts.device, "candidate")
-        same_as_oracle = dtype == torch.float64 and opts.device == "cpu"  # the same computation, run once
+        base_model = _built(module, reference, standard, dtype, opts.device, "reference")
+        cand_model = _built(module, candidate, merged, dtype, opts.device, "candidate")
+        same_as_oracle = dtype == torch.float64 and opts.device == oracle_at  # the same computation, run once
         base = oracle if same_as_oracle else _run(module, base_model, vae, inputs, opts, dtype, opts.device, None)
         cand = _run(module, cand_model, vae, inputs, opts, dtype, opts.device, candidate)
         records = [compare(f"step-{i + 1:02d}/latents", "sampling", {"latents": r}, {"latents": c}, OUTPUTS, dtype,
@@ -119,10 +132,10 @@ def run_sampling(candidate: Implementation, reference: Implementation,
         if first is not None:
             floor = floor_dtype(dtype, candidate.precision, reached)
             records[first].first_divergence = _locate(module, oracle, ref_model, base_model, cand_model, first,
-                                                      dtype, opts.device, floor, standard, cfg > 1)
+                                                      dtype, (oracle_at, opts.device), floor, shared, cfg > 1)
         trajectory += records
-        single.append(_single_pass(module, oracle, reference, candidate, standard, merged, dtype, opts.device,
-                                   reached))
+        single.append(_single_pass(module, oracle, reference, candidate, standard, merged, dtype,
+                                   (oracle_at, opts.device), reached))
         last = records[-1]
         final.append(Record(**{**last.__dict__, "name": "final/latents"}))
         pictures[dtype_name(dtype)] = {"oracle": oracle.image, "standard": base.image, "merged": cand.image}
@@ -130,7 +143,8 @@ def run_sampling(candidate: Implementation, reference: Implementation,
                                                                                            ("merged", cand))]
     setup = {"model": opts.model, "fixture": opts.fixture, "pipeline": pipeline_class.__name__, "steps": opts.steps,
              "true_cfg_scale": cfg, "size": list(size), "seed": opts.seed,
-             **_weights_setup(opts), "scheduler": "FlowMatchEulerDiscreteScheduler (fp64 runs step in fp64)",
+             **_weights_setup(opts), **_streamed_setup(opts),
+             "scheduler": "FlowMatchEulerDiscreteScheduler (fp64 runs step in fp64)",
              "vae": f"{opts.vae or 'seeded tiny'} {type(vae).__name__} in fp64, shared by every run",
              **({"vae_folder": str(opts.vae)} if opts.vae else {}),
              **({"transformer_config": overrides} if overrides else {}), **module.sampling_setup(opts.fixture)}
@@ -162,24 +176,34 @@ def _config(module, opts: SampleOptions, overrides: dict):
 
 
 def _refuse_unfit_vae(module, config: dict, vae: nn.Module, opts: SampleOptions) -> None:
-    """VerifyError when the VAE cannot decode the transformer's latents (its z_dim is not their channels)."""
+    """VerifyError when --vae cannot decode the transformer's latents (its z_dim is not their channels)."""
     channels = module.vae_latent_channels(config)
     if vae.config.z_dim != channels:
         source = opts.checkpoint or f"the seeded {opts.config} config"
-        raise VerifyError(f"{f'--vae {opts.vae}' if opts.vae else 'the seeded tiny VAE'} has z_dim {vae.config.z_dim}, "
-                          f"but the transformer of {source} (in_channels {config['in_channels']}) samples latents of "
-                          f"{channels} channels" + ("" if opts.vae else "; pass --vae DIR, a VAE of its width"))
+        raise VerifyError(f"--vae {opts.vae} has z_dim {vae.config.z_dim}, but the transformer of {source} "
+                          f"(in_channels {config['in_channels']}) samples latents of {channels} channels")
 
 
-def _transformers(module, opts: SampleOptions, config: dict, subject) -> tuple[nn.Module, nn.Module, list[Record]]:
-    """The standard model in fp64, the standard model the candidate builds from (the same, or --merged-checkpoint's
-    weights split back in --layout), and the records of the checkpoints' weights (finite, the merged weights split
-    equal to the standard ones)."""
-    if subject is None:
-        standard = module.build_model(config, opts.seed)
-        return standard, standard, []
-    standard = _whole(module, subject.std)
-    return standard, _whole(module, subject.cand) if subject.cand else standard, subject.weight_checks
+Weights = nn.Module | StateDictSource  # a whole fp64 model, or where a streamed model reads its blocks
+
+
+def _transformers(module, opts: SampleOptions, config: dict, subject) -> tuple[Weights, Weights, list[Record]]:
+    """The standard weights, those the candidate builds from (the same, or --merged-checkpoint's split back in
+    --layout), each a whole fp64 model or, streamed, a source of blocks; and the records of the checkpoints' weights
+    (finite, the merged weights split equal to the standard ones)."""
+    if subject is not None:
+        std, cand = subject.std, subject.cand or subject.std
+        if opts.streamed:
+            return std, cand, subject.weight_checks
+        standard = _whole(module, std)
+        return standard, _whole(module, cand) if subject.cand else standard, subject.weight_checks
+    if opts.config == "full":  # generated per tensor on the device, as the report's real width is
+        source = SeededSource(config, opts.seed, opts.device, opts.model)
+        return source, source, []
+    standard = module.build_model(config, opts.seed)
+    if opts.streamed:
+        standard = StateDictSource(standard.state_dict(), config)
+    return standard, standard, []
 
 
 def _whole(module, source: StateDictSource) -> nn.Module:
@@ -204,6 +228,15 @@ def _vae(module, path: Path) -> nn.Module:
         raise VerifyError(f"--vae {path}: {e}") from None
 
 
+def _streamed_setup(opts: SampleOptions) -> dict:
+    """How the weights were held, for summary.json's sampling: whole, or streamed (and where the oracle ran)."""
+    if not opts.streamed:
+        return {"streamed": None, "oracle_device": "cpu"}
+    return {"streamed": "every run, the fp64 oracle included, holds one block's weights at a time: read (or "
+                        "generated) and built by its implementation again before each model call",
+            "oracle_device": opts.device}
+
+
 def _weights_setup(opts: SampleOptions) -> dict:
     """Where the transformer's weights came from, for summary.json's sampling."""
     if not opts.checkpoint:
@@ -213,16 +246,16 @@ def _weights_setup(opts: SampleOptions) -> dict:
     return {"config": None, "checkpoint": str(opts.checkpoint), **merged}
 
 
-def _single_pass(model, oracle: Run, reference: Implementation, candidate: Implementation, standard: nn.Module,
-                 merged: nn.Module, dtype: torch.dtype, device: str, reached: str | None) -> Record:
+def _single_pass(model, oracle: Run, reference: Implementation, candidate: Implementation, standard: Weights,
+                 merged: Weights, dtype: torch.dtype, devices: tuple[str, str], reached: str | None) -> Record:
     """Step 1's first model call alone, by freshly built models on the oracle's inputs: the error that one forward
     pass shows, beside which the per-step records show how the error grows over the steps (informational: the
     trajectory decides the verdict)."""
-    sides = {}
-    for role, impl, weights, d, where in (("ref", reference, standard, torch.float64, "cpu"),
+    (oracle_at, device), sides = devices, {}
+    for role, impl, weights, d, where in (("ref", reference, standard, torch.float64, oracle_at),
                                           ("base", reference, standard, dtype, device),
                                           ("cand", candidate, merged, dtype, device)):
-        transformer = _built(impl, weights, d, where, "candidate" if role == "cand" else "reference")
+        transformer = _built(model, impl, weights, d, where, "candidate" if role == "cand" else "reference")
         cast = lambda kwargs, d=d, where=where: cast_inputs(kwargs, d, where)  # noqa: E731
         kwargs = cast(model.replay_caches(transformer, [], oracle.calls[:1], cast)[0]) | {"return_dict": False}
         with torch.no_grad(), counting(transformer, impl.fused_modules) as calls:
@@ -289,9 +322,12 @@ def _inputs(module, config: dict, size: tuple[int, int], cfg: float, seed: int) 
     return embeddings | {"latents": noise, "height": height, "width": width, "true_cfg_scale": cfg}
 
 
-def _built(impl: Implementation, standard: nn.Module, dtype: torch.dtype, device: str, role: str) -> nn.Module:
-    """impl's model (or the standard's with impl's blocks) from a copy of `standard` in `dtype` on `device`."""
-    return required(impl, cast_copy(standard, dtype, device), "model", role, "a sampling run needs one (or its blocks)")
+def _built(module, impl: Implementation, weights: Weights, dtype: torch.dtype, device: str, role: str) -> nn.Module:
+    """impl's model (or the standard's with impl's blocks) from a copy of the whole `weights` in `dtype` on `device`;
+    from a source, the standard model with impl's blocks, streamed."""
+    if isinstance(weights, StateDictSource):
+        return streamed_model(module, weights, impl, dtype, device, role)
+    return required(impl, cast_copy(weights, dtype, device), "model", role, "a sampling run needs one (or its blocks)")
 
 
 def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: SampleOptions, dtype: torch.dtype,
@@ -324,15 +360,15 @@ def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: Sam
 
 
 def _locate(model, oracle: Run, ref: nn.Module, base: nn.Module, cand: nn.Module, step: int, dtype: torch.dtype,
-            device: str, floor: torch.dtype, standard: nn.Module, cfg: bool) -> str:
+            devices: tuple[str, str], floor: torch.dtype, shared: set[str], cfg: bool) -> str:
     """Where cand first leaves the bound inside step `step`'s model calls, all three run on the oracle's inputs;
     state kept across steps (2.1's prefix KV cache) is rebuilt first for each by replaying the earlier calls that
     made it (`model.replay_caches`), outside what is compared."""
     per_step = 2 if cfg else 1
     history, step_calls = oracle.calls[:step * per_step], oracle.calls[step * per_step:(step + 1) * per_step]
-    runs = {}
+    (oracle_at, device), runs = devices, {}
     for module, d in ((ref, torch.float64), (base, dtype), (cand, dtype)):
-        where = "cpu" if d == torch.float64 and module is ref else device
+        where = oracle_at if module is ref else device
         cast = lambda kwargs, d=d, where=where: cast_inputs(kwargs, d, where)  # noqa: E731
         runs[id(module)] = [cast(kwargs) for kwargs in model.replay_caches(module, history, step_calls, cast)]
 
@@ -340,7 +376,6 @@ def _locate(model, oracle: Run, ref: nn.Module, base: nn.Module, cand: nn.Module
         for kwargs in runs[id(module)]:
             module(**kwargs)
 
-    shared = {n for n, _ in standard.named_modules() if n}
     where = first_divergence(ref, base, cand, forward, dtype, shared, floor)
     return f"step {step + 1}: {where}" if where else f"step {step + 1} (no submodule named by the standard model)"
 

@@ -168,6 +168,50 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
     return run
 
 
+def streamed_model(arch, source: StateDictSource, implementation: Implementation, dtype: torch.dtype, device: str,
+                   role: str) -> nn.Module:
+    """The model's own class over `source`'s weights with every block built by `implementation`, each block's
+    tensors held only while it runs: before each call they are read (or generated) again, in `dtype` on `device`,
+    and built by the implementation the same way; after it they are released. The model's forward runs as it is,
+    so a pipeline, a KV cache, the fused-call count and first divergence see an ordinary model whose largest
+    resident part is one block (the sampled fp64 oracle of the real model, about 160 GB whole, on one card)."""
+    config = source.config
+    model = _top_module(arch, config, _on(source.top(), device), dtype, device)
+    model.transformer_blocks = nn.ModuleList(_resident_block(arch, source, implementation, i, dtype, device, role)
+                                             for i in range(config["num_layers"]))
+    return model
+
+
+def _resident_block(arch, source: StateDictSource, implementation: Implementation, i: int, dtype: torch.dtype,
+                    device: str, role: str) -> nn.Module:
+    """Block i as `implementation` builds it, its tensors empty between calls (filled by a fresh build before each)."""
+    def build() -> nn.Module:
+        block = _block(arch, source.config, _on(_standard_weights(source, i), device), dtype)
+        return required(implementation, block, "block", role, "a streamed model builds one block at a time")
+
+    block = build()
+    _release(block)
+    block.register_forward_pre_hook(lambda module, _args: _fill(module, build()))
+    block.register_forward_hook(lambda module, _args, _out: _release(module))
+    return block
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+
+
+def _fill(block: nn.Module, fresh: nn.Module) -> None:
+    """block's tensors take the data of the same-named tensors of `fresh`, a new build of the same block."""
+    theirs = _tensors(fresh)
+    for name, tensor in _tensors(block).items():
+        tensor.data = theirs[name].data
+
+
+def _release(block: nn.Module) -> None:
+    for tensor in _tensors(block).values():
+        tensor.data = tensor.data.new_empty(0)
+
+
 def _standard_weights(cand: StateDictSource, i: int) -> Weights:
     """Block i of `cand` as standard weights: fused projections split back in the given (naming, layout)."""
     weights = cand.block(i)

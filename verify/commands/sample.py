@@ -49,9 +49,9 @@ def register_sample(subparsers) -> None:
                    help="layout of --merged-checkpoint's fused tensors (never guessed from the weights)")
     p.add_argument("--checkpoint", type=Path, metavar="DIR",
                    help="a diffusers transformer folder (config.json + safetensors, sharded or not): the standard "
-                        "weights, their config.json naming the model; loaded whole, so the fp64 oracle holds the "
-                        "model in fp64 (8 bytes a parameter: about 160 GB for Qwen-Image) beside a copy in each "
-                        "run's dtype")
+                        "weights, their config.json naming the model; loaded whole unless --stream, so the fp64 "
+                        "oracle holds the model in fp64 (8 bytes a parameter: about 160 GB for Qwen-Image) beside a "
+                        "copy in each run's dtype")
     p.add_argument("--merged-checkpoint", type=Path, metavar="DIR",
                    help="your merged weights (with --checkpoint): checked to split, in --layout, into "
                         "--checkpoint's bit for bit (as report's); the candidate is built from them split back, "
@@ -62,8 +62,13 @@ def register_sample(subparsers) -> None:
     p.add_argument("--vae", type=Path, metavar="DIR",
                    help="a diffusers VAE folder of the model's class (AutoencoderKLQwenImage, AutoencoderKLQwenImage21 "
                         "for qwen-image-2.1) that decodes every run in fp64 (default: a seeded tiny one)")
-    p.add_argument("--config", choices=("tiny", "small"), default="tiny",
-                   help="seeded-weights config when no --checkpoint is given (default tiny)")
+    p.add_argument("--config", choices=("tiny", "small", "full"), default="tiny",
+                   help="seeded-weights config when no --checkpoint is given (default tiny); full is the real width, "
+                        "its weights generated per tensor on --device and always streamed (--stream)")
+    p.add_argument("--stream", action="store_true",
+                   help="hold one block's weights at a time in every run, the fp64 oracle included (which then runs "
+                        "on --device): each block is read (or generated) and built again before each model call, so "
+                        "no model, and no checkpoint, is ever whole in memory; slower, the same numbers")
     p.add_argument("--fixture", choices=FIXTURES, default=FIXTURES[0],
                    help="what is sampled: text-to-image (default); edit, a seeded condition image "
                         "(QwenImageEditPipeline, or QwenImage21Pipeline with the image's slots in the prompt "
@@ -114,7 +119,8 @@ def _sample(args) -> int:
     opts = SampleOptions(model=model, config=args.config, fixture=args.fixture, steps=args.steps,
                          true_cfg_scale=args.true_cfg_scale, size=args.size, dtypes=dtypes, device=args.device,
                          seed=args.seed, lora=args.lora, checkpoint=args.checkpoint,
-                         merged_checkpoint=args.merged_checkpoint, layout=args.layout, vae=args.vae)
+                         merged_checkpoint=args.merged_checkpoint, layout=args.layout, vae=args.vae,
+                         stream=args.stream)
     result, pictures = run_sampling(candidate, reference, opts)
     failed = [r for r in result["trajectory"] if not r["passed"]]
     unequal = [r for r in result["weights"] if not r["passed"]]  # a checkpoint's NaN, merged weights not the standard
@@ -150,6 +156,7 @@ def compared_line(summary: dict) -> str:
             f"{','.join(dict.fromkeys(r['dtype'] for r in summary['trajectory']))}")
     line += f"; LoRA {summary['lora']['file']} swept over {len(summary['lora']['sweep'])} factors" \
         if summary.get("lora") else ""
+    line += f"; streamed block by block, the oracle on {s['oracle_device']}" if s.get("streamed") else ""
     line += f"; {s['stand_in']}" if s.get("stand_in") else ""  # where the pipeline is not run as it stands
     first = next((r for r in summary["trajectory"] if r["first_divergence"]), None)
     return line + (f"; first divergence [{first['dtype']}]: {first['first_divergence']}" if first else "")

@@ -296,8 +296,7 @@ SAMPLING_FIXTURES: dict[str, tuple[type, dict]] = {
 }
 TRUE_CFG_SCALE = 4.0  # the default of each of those pipelines
 SAMPLE_SIZE = (32, 32)  # pixels: 8 x 8 latents, 4 x 4 image tokens
-VAE_CONFIG = dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+VAE_CONFIG = dict(base_dim=24, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True])
 
 CONDITION_AREA = ("diffusers' edit pipelines size the condition image to a 1024 x 1024 area (and 384 x 384 for the "
                   "text encoder), whatever the output; here to the output's area, so that a tiny run stays tiny "
@@ -311,11 +310,13 @@ def sampling_setup(fixture: str) -> dict[str, str]:
 
 
 def build_vae(config: dict, seed: int) -> AutoencoderKLQwenImage:
-    """The seeded tiny VAE, in fp64: every run's latents decode through the same exact decoder (its 4 latent
-    channels packed 2 x 2 are the tiny and small configs' 16 input channels)."""
+    """The seeded tiny VAE, in fp64: every run's latents decode through the same exact decoder (its latent channels
+    packed 2 x 2 are the transformer's input channels: 4 for the tiny and small configs' 16, 16 for the real 64)."""
+    channels = vae_latent_channels(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 4)
-        vae = AutoencoderKLQwenImage(**VAE_CONFIG)
+        vae = AutoencoderKLQwenImage(**VAE_CONFIG, z_dim=channels, latents_mean=[0.0] * channels,
+                                     latents_std=[1.0] * channels)
     return torch.nn.Module.to(vae, torch.float64).eval()
 
 
