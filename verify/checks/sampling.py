@@ -290,8 +290,8 @@ def lora_effect(module, candidate: Implementation, reference: Implementation, st
         scaled = dataclasses.replace(plan, updates=[
             dataclasses.replace(u, factors=dataclasses.replace(u.factors, scale=factor * u.factors.scale))
             for u in plan.updates])
-        base, cand = (_run(module, _built(impl, _updated(weights, scaled), torch.float32, opts.device, role), vae,
-                           inputs, opts, torch.float32, opts.device, impl if role == "candidate" else None).image
+        base, cand = (_run(module, _built(module, impl, _updated(weights, scaled), torch.float32, opts.device, role),
+                           vae, inputs, opts, torch.float32, opts.device, impl if role == "candidate" else None).image
                       for role, impl, weights in (("reference", reference, standards[0]),
                                                   ("candidate", candidate, standards[1])))
         without = base if without is None else without  # factor 0 comes first: the image without the LoRA
