@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from verify.errors import VerifyError
+from verify.files.folder import refuse_output_file
 from verify.maths.naming import LAYOUTS, NAMINGS
 from verify.models import add_model_argument, choose, config_of
 
@@ -112,7 +113,7 @@ def audit_command(args) -> int:
     from verify.checks.lora_audit import audit, table
     from verify.files import lora_formats as formats
 
-    _refuse_json_target(args.json, {"LORA": args.lora, "--adapter-config": args.adapter_config})
+    refuse_output_file("--json", args.json, {"LORA": args.lora, "--adapter-config": args.adapter_config})
     lora = formats.read(args.lora, args.adapter_config)
     record = audit(lora, _plan(lora, _spec(args), args))
     if args.json is not None:  # first: the file is written even when a reader of the table goes away (| head)
@@ -173,7 +174,7 @@ def compare_command(args) -> int:
     from verify.files import lora_formats as formats
     from verify.files import lora_mapping as mapping
 
-    _refuse_json_target(args.json, {"A": args.a, "B": args.b})
+    refuse_output_file("--json", args.json, {"A": args.a, "B": args.b})
     a, b = formats.read(args.a), formats.read(args.b)
     spec = mapping.retarget(_spec(args, [a, b]), "standard")  # compared weight by weight on separate q, k, v
     record = compare.compare(a, b, _plan(a, spec, args), _plan(b, spec, args))
@@ -191,21 +192,6 @@ def _strict(value):
     if isinstance(value, list):
         return [_strict(v) for v in value]
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _refuse_json_target(path: Path | None, inputs: dict[str, Path | None]) -> None:
-    """VerifyError, before anything is read, where --json cannot take the record: no folder to hold it, a folder, or
-    one of the command's input files (which the record would replace)."""
-    if path is None:
-        return
-    if not path.parent.is_dir():
-        raise VerifyError(f"{path.parent}: no such folder for --json")
-    if path.is_dir():
-        raise VerifyError(f"--json {path}: a folder (expected the name of the JSON file to write)")
-    same = next((flag for flag, given in inputs.items() if given is not None and path.exists() and Path(given).exists()
-                 and path.samefile(given)), None)
-    if same:
-        raise VerifyError(f"--json {path} is {same}: the record would replace that input")
 
 
 def _write_text(path: Path, text: str) -> None:

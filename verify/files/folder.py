@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from verify.errors import VerifyError
+
 
 def write_folder(out: Path, files: dict[str, str | bytes]) -> None:
     """Write every file into a temporary folder beside `out`, then move them in: no half-written output."""
@@ -37,3 +39,18 @@ def write_file(path: Path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def refuse_output_file(flag: str, path: Path | None, inputs: dict[str, Path | None]) -> None:
+    """VerifyError, before anything is read, where `flag` PATH cannot take the file a command writes: no folder to
+    hold it, a folder, or one of the command's own input files (which the output would replace)."""
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise VerifyError(f"{path.parent}: no such folder for {flag}")
+    if path.is_dir():
+        raise VerifyError(f"{flag} {path}: a folder (expected the name of the file to write)")
+    same = next((name for name, given in inputs.items() if given is not None and path.exists() and Path(given).exists()
+                 and path.samefile(given)), None)
+    if same:
+        raise VerifyError(f"{flag} {path} is {same}: the output would replace that input")
