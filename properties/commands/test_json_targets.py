@@ -1,14 +1,16 @@
-"""`lora-audit`, `lora-compare` and `regress` refuse, before reading anything, a `--json FILE` that cannot take the
-record (a folder, or one of the command's own inputs, which it would replace: a regress baseline, a LoRA): exit 2,
-one line, every file as it was."""
+"""`lora-audit`, `lora-compare`, `regress` and `bench` refuse, before reading anything, a `--json FILE` that cannot
+take the record: a folder, one of the command's own inputs (a regress baseline, a LoRA: never, --force or not), or an
+existing file without --force. Exit 2, one line, every file as it was."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from properties.bench.test_bench import TINY
 from properties.commands.sampling_run import assert_refused
 from properties.files.test_lora_files import STANDARD, random_modules, write_lora
 from verify.cli import main
@@ -72,3 +74,36 @@ def test_regress_never_writes_its_json_over_a_summary_it_reads(tmp_path, capsys,
     code, err = run(capsys, ["regress", str(baseline), str(tmp_path / "cand.json"), "--json", str(tmp_path / target)])
     assert_refused(code, tmp_path / "never-written", err, words)
     assert {p: p.read_text() for p in inputs} == before
+
+
+def argv_of(command: str, loras: list[Path], tmp_path: Path) -> list[str]:
+    if command == "regress":
+        for name in ("base.json", "cand.json"):
+            shutil.copyfile(BASELINE, tmp_path / name)
+        return ["regress", str(tmp_path / "base.json"), str(tmp_path / "cand.json")]
+    if command == "bench":
+        return ["bench", *TINY, "--modes", "eager", "--phases", "forward"]
+    return [command, *map(str, loras if command == "lora-compare" else loras[:1]), "--config", "tiny"]
+
+
+@pytest.mark.parametrize("command", ["lora-audit", "lora-compare", "regress", "bench"])
+def test_an_existing_json_file_is_replaced_only_with_force(tmp_path, capsys, loras, command):
+    target = tmp_path / "earlier.json"
+    target.write_text("the user's own file")
+    argv = argv_of(command, loras, tmp_path) + ["--json", str(target)]
+    code, err = run(capsys, argv)
+    assert_refused(code, tmp_path / "never-written", err, f"--json {target}: exists; pass --force to replace it")
+    assert target.read_text() == "the user's own file"
+    if command == "bench":
+        return  # a bench run is not cheap; its --force is the same one-line path as the others'
+    code, _ = run(capsys, argv + ["--force"])
+    assert code in (0, 1) and json.loads(target.read_text())  # replaced by the record
+
+
+def test_bench_appends_to_its_own_json_without_force(tmp_path, capsys):
+    """--append FILE --json FILE extends that file, as asked: no --force needed (nor a refusal of the input)."""
+    target = tmp_path / "bench.json"
+    argv = argv_of("bench", [], tmp_path) + ["--json", str(target)]
+    assert run(capsys, argv)[0] == 0
+    code, _ = run(capsys, argv + ["--append", str(target)])
+    assert code == 0 and json.loads(target.read_text())["appended_from"]

@@ -34,7 +34,7 @@ MISSING = "transformer_blocks.7.attn.to_q"  # the tiny model has two blocks
 
 def audit_json(tmp_path: Path, *argv: str) -> tuple[int, dict | None]:
     out = tmp_path / "audit.json"
-    rc = main(["lora-audit", *argv, "--json", str(out)])
+    rc = main(["lora-audit", *argv, "--json", str(out), "--force"])  # one record file, rewritten by each call
     return rc, json.loads(out.read_text()) if out.exists() else None
 
 

@@ -11,7 +11,7 @@ from verify.bench.options import ALL_PHASES, DEFAULT_PROCESSORS, LORA_PHASE, MOD
 from verify.bench.run import BenchCheckFailed, run_bench
 from verify.bench.table import format_table
 from verify.errors import VerifyError, run_command
-from verify.files.folder import write_file
+from verify.files.folder import refuse_output_file, write_file
 from verify.models import add_model_argument, choose, load
 
 
@@ -87,6 +87,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="seconds; past it no new (mode, size) group starts, the JSON lists what was skipped")
     p.add_argument("--json", type=Path, help="write the result as JSON here (rewritten after every row)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json FILE (the --append FILE itself "
+                                                        "needs none)")
     p.add_argument("--trace", type=Path, metavar="DIR",
                    help="write each row's profiler timeline here, standard and merged (Chrome trace JSON)")
     p.add_argument("--append", type=Path,
@@ -96,6 +98,9 @@ def register_bench(subparsers) -> None:
 
 
 def _bench(args) -> int:
+    appending = args.json is not None and args.append is not None and args.json.exists() and args.append.exists() \
+        and args.json.samefile(args.append)  # extending that file is what --append asks for
+    refuse_output_file("--json", args.json, {}, args.force or appending)
     model = choose(args.model, {})
     full = load(model).model_config("full")
     heads = args.heads or full["num_attention_heads"]
@@ -165,7 +170,6 @@ def _write_json(result: dict, path: Path | None) -> None:
     """Write (or rewrite) the result, so that a run cut short still leaves every row it finished."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_file(path, (json.dumps(result, indent=2, default=_json_default) + "\n").encode())
 
 

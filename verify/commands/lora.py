@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     a.add_argument("lora", type=Path, metavar="LORA", help=LORA_HELP)
     _model_args(a, "the full-size Qwen-Image (--config full)")
     a.add_argument("--json", type=Path, metavar="FILE", help="write the audit record here as JSON")
+    a.add_argument("--force", action="store_true", help="replace an existing --json FILE")
     a.add_argument("--strict", action="store_true", help="exit 1 when the audit has any warning (for CI gates)")
     a.set_defaults(func=audit_command)
     c = subparsers.add_parser(
@@ -61,6 +62,7 @@ def register(subparsers) -> None:
     m.add_argument("b", type=Path, metavar="B", help=LORA_HELP + ": compared against A (e.g. a conversion of it)")
     _model_args(m, "the sizes the files themselves imply", adapter_config=False)
     m.add_argument("--json", type=Path, metavar="FILE", help="write the comparison record here as JSON")
+    m.add_argument("--force", action="store_true", help="replace an existing --json FILE")
     m.set_defaults(func=compare_command)
 
 
@@ -113,7 +115,8 @@ def audit_command(args) -> int:
     from verify.checks.lora_audit import audit, table
     from verify.files import lora_formats as formats
 
-    refuse_output_file("--json", args.json, {"LORA": args.lora, "--adapter-config": args.adapter_config})
+    refuse_output_file("--json", args.json, {"LORA": args.lora, "--adapter-config": args.adapter_config},
+                       args.force)
     lora = formats.read(args.lora, args.adapter_config)
     record = audit(lora, _plan(lora, _spec(args), args))
     if args.json is not None:  # first: the file is written even when a reader of the table goes away (| head)
@@ -174,7 +177,7 @@ def compare_command(args) -> int:
     from verify.files import lora_formats as formats
     from verify.files import lora_mapping as mapping
 
-    refuse_output_file("--json", args.json, {"A": args.a, "B": args.b})
+    refuse_output_file("--json", args.json, {"A": args.a, "B": args.b}, args.force)
     a, b = formats.read(args.a), formats.read(args.b)
     spec = mapping.retarget(_spec(args, [a, b]), "standard")  # compared weight by weight on separate q, k, v
     record = compare.compare(a, b, _plan(a, spec, args), _plan(b, spec, args))

@@ -32,6 +32,7 @@ def register_regress(subparsers) -> None:
     p.add_argument("candidate", type=Path, help="the new run's summary.json (or report folder)")
     add_threshold_arguments(p)
     p.add_argument("--json", type=Path, dest="json_out", help="also write the result as JSON to this file")
+    p.add_argument("--force", action="store_true", help="replace an existing --json FILE")
     p.set_defaults(func=_regress_command)
 
 
@@ -49,7 +50,7 @@ def thresholds_from(args) -> Thresholds:
 
 def _regress_command(args) -> int:
     refuse_output_file("--json", args.json_out, {"BASELINE": _summary_file(args.baseline),
-                                                  "CANDIDATE": _summary_file(args.candidate)})
+                                                  "CANDIDATE": _summary_file(args.candidate)}, args.force)
     baseline, candidate = load_summary(args.baseline), load_summary(args.candidate)
     result = regress(baseline, candidate, thresholds_from(args))
     if args.json_out:

@@ -41,9 +41,10 @@ def write_file(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def refuse_output_file(flag: str, path: Path | None, inputs: dict[str, Path | None]) -> None:
+def refuse_output_file(flag: str, path: Path | None, inputs: dict[str, Path | None], force: bool = False) -> None:
     """VerifyError, before anything is read, where `flag` PATH cannot take the file a command writes: no folder to
-    hold it, a folder, or one of the command's own input files (which the output would replace)."""
+    hold it, a folder, one of the command's own input files (which the output would replace, --force or not), or an
+    existing file without --force."""
     if path is None:
         return
     if not path.parent.is_dir():
@@ -54,3 +55,5 @@ def refuse_output_file(flag: str, path: Path | None, inputs: dict[str, Path | No
                  and path.samefile(given)), None)
     if same:
         raise VerifyError(f"{flag} {path} is {same}: the output would replace that input")
+    if path.exists() and not force:
+        raise VerifyError(f"{flag} {path}: exists; pass --force to replace it")
