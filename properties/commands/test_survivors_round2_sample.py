@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import verify.checks.sampling
+from properties.commands import help_paragraphs
 from verify.cli import main
 
 
@@ -89,11 +90,7 @@ def test_an_unknown_layout_is_a_usage_error_before_sampling(sample, capsys, monk
 
 def test_the_help_says_what_runs_and_the_default_candidate(capsys, monkeypatch):
     """Kills x_register_sample__mutmut_14, _21 (the description garbled) and _39 (--candidate's help garbled)."""
-    monkeypatch.setenv("COLUMNS", "400")
-    with pytest.raises(SystemExit) as done:
-        main(["sample", "--help"])
-    assert done.value.code == 0
-    paragraphs = [" ".join(p.split()) for p in capsys.readouterr().out.split("\n\n")]
+    paragraphs = help_paragraphs("sample", capsys, monkeypatch)
     assert paragraphs[1] == (
         "Runs diffusers' own pipeline three times from the same seeded noise, prompt embeddings (a padded negative "
         "prompt for true CFG) and scheduler: the oracle (the reference in fp64, its scheduler step in fp64), base "

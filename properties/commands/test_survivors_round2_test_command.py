@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from properties.commands import help_paragraphs
 from verify import pytest_plugin
 from verify.cli import main
 
@@ -46,11 +47,7 @@ def test_with_plugin_autoloading_on_the_installed_plugin_is_not_handed_over_twic
 def test_the_help_description_is_the_documented_paragraph_word_for_word(capsys, monkeypatch):
     """Kills x_register_test__mutmut_28, _30 and _40 (the sentence on Qwen-Image 2.1's inputs and the one on pytest's
     arguments garbled or shouted): `qkv-verify test --help` shows the whole description as written."""
-    monkeypatch.setenv("COLUMNS", "400")
-    with pytest.raises(SystemExit) as done:
-        main(["test", "--help"])
-    assert done.value.code == 0
-    paragraphs = [" ".join(p.split()) for p in capsys.readouterr().out.split("\n\n")]
+    paragraphs = help_paragraphs("test", capsys, monkeypatch)
     assert paragraphs[1] == (
         "Runs the Hypothesis property suite that ships with qkv-verify against SPEC: random head counts, head dims, "
         "sequence lengths, batch sizes and padded text masks, with zero_cond_t (Qwen-Image) or condition images, "
