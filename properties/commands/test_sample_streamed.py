@@ -102,3 +102,26 @@ def candidate_without_blocks(standard: nn.Module, component: str) -> nn.Module |
 def test_what_cannot_be_streamed_is_refused_in_one_line(tmp_path, capsys, args, words):
     code, _ = sample(tmp_path, "out", *args)
     assert_refused(code, tmp_path / "out", capsys.readouterr().err, words)
+
+
+def test_a_streamed_locate_watches_one_blocks_submodules_at_a_time(tmp_path, monkeypatch):
+    """A failing step is located in two passes, the blocks whole then the submodules of the first that left the
+    bound, so no more than one block's submodule outputs are ever held (at the real width, all of them in fp64 would
+    not fit a card); the whole model's locate watches every block's at once."""
+    from verify.checks import divergence
+
+    watched, real = {}, divergence.submodule_outputs
+
+    def spy(module: nn.Module):
+        inside = {n.split(".")[1] for n, _ in module.named_modules() if n.startswith("transformer_blocks.")
+                  and n.count(".") >= 2}  # blocks whose submodules are hooked
+        watched[mode].append(inside)
+        return real(module)
+
+    monkeypatch.setattr(divergence, "submodule_outputs", spy)
+    for mode, extra in (("whole", []), ("streamed", ["--stream"])):
+        watched[mode] = []
+        code, _ = sample(tmp_path, mode, "--candidate", "verify.planted:scale_error_1e3", *extra)
+        assert code == 1
+    assert max(len(blocks) for blocks in watched["whole"]) == 2  # the tiny model's two blocks
+    assert max(len(blocks) for blocks in watched["streamed"]) == 1

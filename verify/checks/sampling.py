@@ -132,7 +132,8 @@ def run_sampling(candidate: Implementation, reference: Implementation,
         if first is not None:
             floor = floor_dtype(dtype, candidate.precision, reached)
             records[first].first_divergence = _locate(module, oracle, ref_model, base_model, cand_model, first,
-                                                      dtype, (oracle_at, opts.device), floor, shared, cfg > 1)
+                                                      dtype, (oracle_at, opts.device), floor, shared, cfg > 1,
+                                                      opts.streamed)
         trajectory += records
         single.append(_single_pass(module, oracle, reference, candidate, standard, merged, dtype,
                                    (oracle_at, opts.device), reached))
@@ -360,24 +361,61 @@ def _run(module, transformer: nn.Module, vae: nn.Module, inputs: dict, opts: Sam
 
 
 def _locate(model, oracle: Run, ref: nn.Module, base: nn.Module, cand: nn.Module, step: int, dtype: torch.dtype,
-            devices: tuple[str, str], floor: torch.dtype, shared: set[str], cfg: bool) -> str:
+            devices: tuple[str, str], floor: torch.dtype, shared: set[str], cfg: bool, streamed: bool) -> str:
     """Where cand first leaves the bound inside step `step`'s model calls, all three run on the oracle's inputs;
     state kept across steps (2.1's prefix KV cache) is rebuilt first for each by replaying the earlier calls that
-    made it (`model.replay_caches`), outside what is compared."""
+    made it (`model.replay_caches`), outside what is compared. Streamed models are searched in two passes so that
+    no more than one block's submodule outputs are held: the first block (or non-block module) that leaves the
+    bound, then the first submodule inside it."""
     per_step = 2 if cfg else 1
     history, step_calls = oracle.calls[:step * per_step], oracle.calls[step * per_step:(step + 1) * per_step]
-    (oracle_at, device), runs = devices, {}
-    for module, d in ((ref, torch.float64), (base, dtype), (cand, dtype)):
-        where = oracle_at if module is ref else device
-        cast = lambda kwargs, d=d, where=where: cast_inputs(kwargs, d, where)  # noqa: E731
-        runs[id(module)] = [cast(kwargs) for kwargs in model.replay_caches(module, history, step_calls, cast)]
+    oracle_at, device = devices
 
-    def forward(module: nn.Module, d: torch.dtype) -> None:
-        for kwargs in runs[id(module)]:
-            module(**kwargs)
+    def search(watched, names: set[str]) -> str | None:
+        """first_divergence over the step's calls, replayed from fresh caches (a candidate's decode may write into
+        the cache it used), watching the modules `watched(model)` holds."""
+        views, runs = [], {}
+        for module, d in ((ref, torch.float64), (base, dtype), (cand, dtype)):
+            where = oracle_at if module is ref else device
+            cast = lambda kwargs, d=d, where=where: cast_inputs(kwargs, d, where)  # noqa: E731
+            views.append(watched(module))
+            runs[id(views[-1])] = module, [cast(kwargs) for kwargs in
+                                           model.replay_caches(module, history, step_calls, cast)]
 
-    where = first_divergence(ref, base, cand, forward, dtype, shared, floor)
+        def forward(view: nn.Module, _dtype: torch.dtype) -> None:
+            module, calls = runs[id(view)]
+            for kwargs in calls:
+                module(**kwargs)
+
+        return first_divergence(*views, forward, dtype, names, floor)
+
+    if not streamed:
+        where = search(lambda module: module, shared)
+    else:
+        where = search(_outline, {n for n in shared if "." not in n or n[len(BLOCKS):].isdigit()})
+        if where:
+            outer = where.split(" (call ")[0]
+            where = search(lambda module: _Watched(module.get_submodule(outer), prefix=f"{outer}."), shared) or where
     return f"step {step + 1}: {where}" if where else f"step {step + 1} (no submodule named by the standard model)"
+
+
+class _Watched(nn.Module):
+    """Modules under their names in a model, and no others: what first_divergence hooks (every module named_modules
+    yields). Built from a module's submodules (names after `prefix`), or given."""
+
+    def __init__(self, module: nn.Module | None = None, prefix: str = "", named: dict | None = None):
+        super().__init__()
+        named = named if named is not None else {f"{prefix}{n}": m for n, m in module.named_modules() if n}
+        object.__setattr__(self, "named", named)  # a plain attribute: nothing registered as a child
+
+    def named_modules(self, *args, **kwargs):
+        yield from self.named.items()
+
+
+def _outline(model: nn.Module) -> _Watched:
+    """The model's non-block modules and its blocks, each whole (none of their submodules)."""
+    top = {n: m for n, m in model.named_children() if n != BLOCKS.rstrip(".")}
+    return _Watched(named=top | {f"{BLOCKS}{i}": b for i, b in enumerate(model.transformer_blocks)})
 
 
 def _image_metrics(reference: np.ndarray, image: np.ndarray, role: str, dtype: torch.dtype) -> dict:
