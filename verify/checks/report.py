@@ -83,7 +83,7 @@ def load_subject(opts: Options) -> Subject:
                                        for flag, path in (("checkpoint", opts.checkpoint),
                                                           ("merged_checkpoint", opts.merged_checkpoint)) if path})
     streamed = opts.checkpoint or opts.merged_checkpoint or opts.lora or opts.config == "full"  # else case by case
-    subject = _weights(opts, model) if model == models.DEFAULT_MODEL or streamed else _seeded(model, opts)
+    subject = weights_subject(opts, model) if model == models.DEFAULT_MODEL or streamed else _seeded(model, opts)
     subject.model = model
     subject.candidate = resolve(opts.candidate or default_candidate(model, opts.device), opts.fused_modules,
                                 opts.candidate_precision)
@@ -117,7 +117,7 @@ def default_candidate(model: str, device: str) -> str:
     return default_processor(device) if model == models.DEFAULT_MODEL else "reference"
 
 
-def _weights(opts: Options, model: str = models.DEFAULT_MODEL) -> Subject:
+def weights_subject(opts: Options, model: str = models.DEFAULT_MODEL) -> Subject:
     """The standard weights (seeded or a checkpoint) and the user's merged weights, streamed by model_checks."""
     if opts.merged_checkpoint and not opts.checkpoint:
         raise VerifyError("--merged-checkpoint needs --checkpoint (the standard weights to compare against)")

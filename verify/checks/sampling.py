@@ -28,7 +28,7 @@ from verify.checks.compare import Record, compare
 from verify.checks.divergence import first_divergence
 from verify.checks.inputs import cast_inputs
 from verify.checks.runner import cast_copy, counting, required
-from verify.checks.streaming import BLOCKS, SeededSource, StateDictSource, _standard_weights, streamed_model
+from verify.checks.streaming import BLOCKS, SeededSource, StateDictSource, streamed_model
 from verify.checks.tolerance import OUTPUTS, dtype_name, floor_dtype
 from verify.errors import VerifyError
 from verify.files import lora_formats as formats
@@ -163,9 +163,9 @@ def _config(module, opts: SampleOptions, overrides: dict):
     opened and checked as the report does (verify.checks.report's Subject; None for seeded weights)."""
     if not (opts.checkpoint or opts.merged_checkpoint):
         return module.model_config(opts.config, **overrides), None
-    from verify.checks.report import Options, _weights
+    from verify.checks.report import Options, weights_subject
 
-    subject = _weights(Options(checkpoint=opts.checkpoint, merged_checkpoint=opts.merged_checkpoint,
+    subject = weights_subject(Options(checkpoint=opts.checkpoint, merged_checkpoint=opts.merged_checkpoint,
                                layout=opts.layout, device=opts.device), opts.model)
     config = subject.std.config
     differ = {k: v for k, v in overrides.items() if config.get(k) != v}
@@ -210,7 +210,7 @@ def _transformers(module, opts: SampleOptions, config: dict, subject) -> tuple[W
 def _whole(module, source: StateDictSource) -> nn.Module:
     """The whole standard model in fp64 from a checkpoint's weights (a merged one's fused projections split back)."""
     state = source.top() | {f"{BLOCKS}{i}.{k}": v for i in range(source.config["num_layers"])
-                            for k, v in _standard_weights(source, i).items()}
+                            for k, v in source.standard_block(i).items()}
     model = module.empty_model(source.config)
     model.load_state_dict({k: v.to(torch.float64) for k, v in state.items()}, strict=True, assign=True)
     return nn.Module.to(model, torch.float64).eval()

@@ -46,6 +46,14 @@ class StateDictSource:
         prefix = f"{BLOCKS}{i}."
         return {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
 
+    def standard_block(self, i: int) -> Weights:
+        """Block i as standard weights: fused projections split back in the given (naming, layout)."""
+        weights = self.block(i)
+        if not self.fused:
+            return weights
+        naming, layout = self.fused
+        return split_state_dict(weights, naming, layout, self.config["attention_head_dim"])
+
 
 class CheckpointSource(StateDictSource):
     """Weights read lazily from a checkpoint, one block at a time; fused (naming detected, layout as told) or not."""
@@ -145,7 +153,7 @@ def run_streaming(std: StateDictSource, inputs: dict, dtypes: Iterable[torch.dty
     shared = {n for n, _ in arch.block_shell(config).named_modules() if n}
     for i in range(config["num_layers"]):
         w_std = _on(std.block(i), device)
-        w_cand = _on(_standard_weights(cand, i), device) if cand else w_std
+        w_cand = _on(cand.standard_block(i), device) if cand else w_std
         for impl in impls:
             implementation = candidate if impl.role == "cand" else reference
             impl.block = _implementation_block(config, impl, w_cand if impl.role == "cand" else w_std, implementation,
@@ -186,7 +194,7 @@ def _resident_block(arch, source: StateDictSource, implementation: Implementatio
                     device: str, role: str) -> nn.Module:
     """Block i as `implementation` builds it, its tensors empty between calls (filled by a fresh build before each)."""
     def build() -> nn.Module:
-        block = _block(arch, source.config, _on(_standard_weights(source, i), device), dtype)
+        block = _block(arch, source.config, _on(source.standard_block(i), device), dtype)
         return required(implementation, block, "block", role, "a streamed model builds one block at a time")
 
     block = build()
@@ -210,15 +218,6 @@ def _fill(block: nn.Module, fresh: nn.Module) -> None:
 def _release(block: nn.Module) -> None:
     for tensor in _tensors(block).values():
         tensor.data = tensor.data.new_empty(0)
-
-
-def _standard_weights(cand: StateDictSource, i: int) -> Weights:
-    """Block i of `cand` as standard weights: fused projections split back in the given (naming, layout)."""
-    weights = cand.block(i)
-    if not cand.fused:
-        return weights
-    naming, layout = cand.fused
-    return split_state_dict(weights, naming, layout, cand.config["attention_head_dim"])
 
 
 def _implementation_block(config: dict, impl: _Impl, weights: Weights, implementation: Implementation, i: int,
