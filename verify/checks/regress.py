@@ -53,11 +53,15 @@ class Thresholds:
     atol: float = 0.0
 
 
+def summary_file(path: Path) -> Path:
+    """The summary.json that `path` names: itself, or the one a report folder holds."""
+    path = Path(path)
+    return path / "summary.json" if path.is_dir() else path
+
+
 def load_summary(path: Path) -> dict:
     """A summary.json (or a report folder holding one), validated as a summary; VerifyError says what is wrong."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "summary.json"
+    path = summary_file(path)
     data = read_json(path)
     problem = _summary_problem(data)
     if problem:

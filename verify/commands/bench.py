@@ -11,7 +11,7 @@ from verify.bench.options import ALL_PHASES, DEFAULT_PROCESSORS, LORA_PHASE, MOD
 from verify.bench.run import BenchCheckFailed, run_bench
 from verify.bench.table import format_table
 from verify.errors import VerifyError, run_command
-from verify.files.folder import refuse_output_file, write_file
+from verify.files.folder import refuse_output_file, same_file, write_file
 from verify.models import add_model_argument, choose, load
 
 
@@ -98,8 +98,7 @@ def register_bench(subparsers) -> None:
 
 
 def _bench(args) -> int:
-    appending = args.json is not None and args.append is not None and args.json.exists() and args.append.exists() \
-        and args.json.samefile(args.append)  # extending that file is what --append asks for
+    appending = same_file(args.json, args.append)  # extending that file is what --append asks for
     refuse_output_file("--json", args.json, {}, args.force or appending)
     model = choose(args.model, {})
     full = load(model).model_config("full")

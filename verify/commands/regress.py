@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from verify.checks.regress import Thresholds, format_result, load_summary, regress
+from verify.checks.regress import Thresholds, format_result, load_summary, regress, summary_file
 from verify.errors import VerifyError
 from verify.files.folder import refuse_output_file, write_file
 
@@ -49,8 +49,8 @@ def thresholds_from(args) -> Thresholds:
 
 
 def _regress_command(args) -> int:
-    refuse_output_file("--json", args.json_out, {"BASELINE": _summary_file(args.baseline),
-                                                  "CANDIDATE": _summary_file(args.candidate)}, args.force)
+    refuse_output_file("--json", args.json_out, {"BASELINE": summary_file(args.baseline),
+                                                  "CANDIDATE": summary_file(args.candidate)}, args.force)
     baseline, candidate = load_summary(args.baseline), load_summary(args.candidate)
     result = regress(baseline, candidate, thresholds_from(args))
     if args.json_out:
@@ -60,8 +60,3 @@ def _regress_command(args) -> int:
             raise VerifyError(f"--json {args.json_out}: cannot write: {e.strerror}") from None
     print(format_result(result, str(args.baseline), str(args.candidate)))
     return 0 if result["passed"] else 1
-
-
-def _summary_file(path: Path) -> Path:
-    """The summary.json a BASELINE or CANDIDATE names (a report folder holds one)."""
-    return path / "summary.json" if path.is_dir() else path

@@ -41,6 +41,11 @@ def write_file(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def same_file(a: Path | None, b: Path | None) -> bool:
+    """Whether `a` and `b` both exist and are one file (links and relative paths resolved)."""
+    return a is not None and b is not None and Path(a).exists() and Path(b).exists() and Path(a).samefile(b)
+
+
 def refuse_output_file(flag: str, path: Path | None, inputs: dict[str, Path | None], force: bool = False) -> None:
     """VerifyError, before anything is read, where `flag` PATH cannot take the file a command writes: no folder to
     hold it, a folder, one of the command's own input files (which the output would replace, --force or not), or an
@@ -51,8 +56,7 @@ def refuse_output_file(flag: str, path: Path | None, inputs: dict[str, Path | No
         raise VerifyError(f"{path.parent}: no such folder for {flag}")
     if path.is_dir():
         raise VerifyError(f"{flag} {path}: a folder (expected the name of the file to write)")
-    same = next((name for name, given in inputs.items() if given is not None and path.exists() and Path(given).exists()
-                 and path.samefile(given)), None)
+    same = next((name for name, given in inputs.items() if same_file(path, given)), None)
     if same:
         raise VerifyError(f"{flag} {path} is {same}: the output would replace that input")
     if path.exists() and not force:
