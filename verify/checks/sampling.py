@@ -395,27 +395,31 @@ def _locate(model, oracle: Run, ref: nn.Module, base: nn.Module, cand: nn.Module
         where = search(_outline, {n for n in shared if "." not in n or n[len(BLOCKS):].isdigit()})
         if where:
             outer = where.split(" (call ")[0]
-            where = search(lambda module: _Watched(module.get_submodule(outer), prefix=f"{outer}."), shared) or where
+            where = search(lambda module: _inside(module, outer), shared) or where
     return f"step {step + 1}: {where}" if where else f"step {step + 1} (no submodule named by the standard model)"
 
 
 class _Watched(nn.Module):
     """Modules under their names in a model, and no others: what first_divergence hooks (every module named_modules
-    yields). Built from a module's submodules (names after `prefix`), or given."""
+    yields)."""
 
-    def __init__(self, module: nn.Module | None = None, prefix: str = "", named: dict | None = None):
+    def __init__(self, named: dict[str, nn.Module]):
         super().__init__()
-        named = named if named is not None else {f"{prefix}{n}": m for n, m in module.named_modules() if n}
         object.__setattr__(self, "named", named)  # a plain attribute: nothing registered as a child
 
     def named_modules(self, *args, **kwargs):
         yield from self.named.items()
 
 
+def _inside(model: nn.Module, name: str) -> _Watched:
+    """Every submodule of the model's module `name`, under its name in the model."""
+    return _Watched({f"{name}.{n}": m for n, m in model.get_submodule(name).named_modules() if n})
+
+
 def _outline(model: nn.Module) -> _Watched:
     """The model's non-block modules and its blocks, each whole (none of their submodules)."""
     top = {n: m for n, m in model.named_children() if n != BLOCKS.rstrip(".")}
-    return _Watched(named=top | {f"{BLOCKS}{i}": b for i, b in enumerate(model.transformer_blocks)})
+    return _Watched(top | {f"{BLOCKS}{i}": b for i, b in enumerate(model.transformer_blocks)})
 
 
 def _image_metrics(reference: np.ndarray, image: np.ndarray, role: str, dtype: torch.dtype) -> dict:
